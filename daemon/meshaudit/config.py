@@ -1,0 +1,277 @@
+"""Typed, strict configuration: one frozen model per section, defaults in one place (here),
+unknown keys are errors naming the key, the file and the line.
+
+``load(path)`` returns a :class:`Config` or raises :class:`ConfigError` whose message is ready to
+print. The policy (what traffic is allowed) may live inline under ``policy:`` or in its own file
+(``policy_file:``, relative to the config file) so a security team can review it on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from meshaudit.sinks.jsonl import JsonlConfig
+
+Severity = Literal["info", "warning", "high", "critical"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names file, line and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class ListenConfig(_Strict):
+    grpc: str = Field("127.0.0.1:4317", description="Envoy ALS + OTLP/gRPC traces and logs.")
+    http: str = Field("127.0.0.1:4318", description="OTLP/HTTP: /v1/traces and /v1/logs.")
+    metrics: str = Field("127.0.0.1:9464", description="/metrics, /healthz, /readyz.")
+
+    _check = field_validator("grpc", "http", "metrics")(_host_port)
+
+
+class ReceiversConfig(_Strict):
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    ingest_queue_batches: int = Field(1024, ge=1, description="Hop batches buffered before dropping.")
+    grpc_max_connection_age_secs: float = Field(
+        300, gt=0, description="Envoy's ALS streams never end; closing them lets clients rebalance."
+    )
+    grpc_max_connection_age_grace_secs: float = Field(30, ge=0)
+
+
+class WorkloadRef(_Strict):
+    service: str
+    namespace: str | None = None
+    workload: str | None = None
+
+
+class MeshConfig(_Strict):
+    trust_domain: str = "cluster.local"
+    service_account_is_service: bool = Field(
+        True, description="Name a SPIFFE peer's service after its service account (Istio's usual layout)."
+    )
+    addresses: dict[str, WorkloadRef] = Field(
+        default_factory=dict, description="Address (ip or ip:port) -> workload, the last resort for naming."
+    )
+    clusters: dict[str, WorkloadRef] = Field(
+        default_factory=dict, description="Envoy node cluster -> workload, for plain Envoy without Istio."
+    )
+    log_name_direction: dict[str, Literal["inbound", "outbound"]] = Field(
+        default_factory=dict, description="ALS log_name -> direction, for Envoy without Istio cluster names."
+    )
+
+
+class EngineConfig(_Strict):
+    window_secs: int = Field(60, ge=1, description="Aggregation window reported in evidence.")
+    suppress_secs: int = Field(300, ge=0, description="After an alert, later violations are only counted.")
+    examples: int = Field(3, ge=0, le=20)
+    tick_ms: int = Field(200, ge=10)
+    store_max_items: int = Field(200_000, ge=100, description="Upper bound of every window store.")
+
+
+class RuleBase(_Strict):
+    enabled: bool = True
+
+
+class PlaintextHopConfig(RuleBase):
+    severity: Severity = "high"
+    attribution_wait_ms: int = Field(
+        1500,
+        ge=0,
+        description="How long a plaintext inbound entry with no known source waits for the client "
+        "sidecar's entry of the same request before it alerts with the address alone.",
+    )
+
+
+class UnexpectedEdgeConfig(RuleBase):
+    severity: Severity = "high"
+    mode: Literal["policy", "learn"] = "policy"
+    learn_secs: int = Field(600, ge=1, description="In learn mode: edges seen this long after start are the baseline.")
+
+
+class UnexpectedPathConfig(RuleBase):
+    severity: Severity = "warning"
+
+
+class MissingAccessLogConfig(RuleBase):
+    severity: Severity = "high"
+    grace_ms: int = Field(
+        3000, ge=0, description="Wait for the access log this long: Envoy flushes every 1 s, plus clock skew."
+    )
+    silent_secs: int = Field(30, ge=1, description="A sidecar silent this long while spans show traffic alerts.")
+
+
+class RulesConfig(_Strict):
+    plaintext_hop: PlaintextHopConfig = PlaintextHopConfig()
+    unexpected_edge: UnexpectedEdgeConfig = UnexpectedEdgeConfig()
+    unexpected_path: UnexpectedPathConfig = UnexpectedPathConfig()
+    missing_access_log: MissingAccessLogConfig = MissingAccessLogConfig()
+
+
+RuleName = Literal["plaintext_hop", "unexpected_edge", "unexpected_path", "missing_access_log"]
+
+
+class EdgeRule(_Strict):
+    from_: list[str] = Field(alias="from", min_length=1, description="Source patterns.")
+    to: list[str] = Field(min_length=1, description="Destination patterns.")
+
+
+class RouteAllow(_Strict):
+    methods: list[str] = Field(default_factory=lambda: ["*"])
+    paths: list[str] = Field(min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [m.upper() for m in v]
+
+
+class RouteRule(_Strict):
+    to: list[str] = Field(min_length=1)
+    allow: list[RouteAllow] = Field(min_length=1)
+
+
+class Exemption(_Strict):
+    rules: list[RuleName] = Field(min_length=1)
+    from_: list[str] = Field(default_factory=lambda: ["*"], alias="from")
+    to: list[str] = Field(default_factory=lambda: ["*"])
+    paths: list[str] = Field(default_factory=lambda: ["*"])
+    reason: str = ""
+
+
+class Policy(_Strict):
+    """What traffic is allowed. Patterns are shell globs matched against a party's
+    ``service.namespace``, service, SPIFFE principal, workload or address."""
+
+    mesh_services: list[str] = Field(
+        default_factory=list,
+        description="Services that must have sidecars (missing_access_log); services whose sidecar "
+        "has been seen are added automatically.",
+    )
+    edges: list[EdgeRule] | None = Field(None, description="None: no edge policy (unexpected_edge idle).")
+    routes: list[RouteRule] = Field(default_factory=list)
+    exemptions: list[Exemption] = Field(default_factory=list)
+
+
+class Config(_Strict):
+    listen: ListenConfig = ListenConfig()
+    receivers: ReceiversConfig = ReceiversConfig()
+    mesh: MeshConfig = MeshConfig()
+    engine: EngineConfig = EngineConfig()
+    rules: RulesConfig = RulesConfig()
+    policy: Policy = Policy()
+    policy_file: str | None = None
+    sinks: SinksConfig = Field(default_factory=lambda: SinksConfig())
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> Config:
+        if self.policy_file and self.policy != Policy():
+            raise ValueError("set either policy or policy_file, not both")
+        return self
+
+
+class SinksConfig(_Strict):
+    jsonl: JsonlConfig = JsonlConfig()
+
+
+Config.model_rebuild()
+
+
+# --- loading --------------------------------------------------------------------------------
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    index: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, str(k.value))
+                index[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = (*path, i)
+                index[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _format_errors(exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int]) -> str:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        for n in range(len(loc), 0, -1):
+            line = lines.get(loc[:n])
+            if line:
+                break
+        where = f"{source}:{line}" if line else source
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}: unknown key '{key}'")
+        else:
+            out.append(f"{where}: {key}: {err['msg']}")
+    return "\n".join(out)
+
+
+def _read_yaml(path: Path) -> tuple[Any, str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return ({} if data is None else data), text
+
+
+def load_policy(path: Path) -> Policy:
+    data, text = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the policy must be a mapping")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path), _line_index(text))) from None
+
+
+def load(path: str | os.PathLike[str] | None) -> tuple[Config, Policy]:
+    """Load and validate a config file (None: built-in defaults). Returns config and policy."""
+    if path is None:
+        cfg = Config()
+        return cfg, cfg.policy
+    p = Path(path)
+    data, text = _read_yaml(p)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the configuration must be a mapping of sections")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(p), _line_index(text))) from None
+    if cfg.policy_file:
+        return cfg, load_policy((p.parent / cfg.policy_file).resolve())
+    return cfg, cfg.policy

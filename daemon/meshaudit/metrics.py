@@ -1,0 +1,122 @@
+"""Every Prometheus metric meshaudit exports, in one registry.
+
+Naming: prefix ``meshaudit_``, counters end ``_total``, base units (seconds, bytes), and
+bounded label sets only (receiver, kind, reason, rule, severity, sink, store). Never a label
+per request, path or service pair.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- receivers ---------------------------------------------------------------------------
+RECEIVED = Counter(
+    "meshaudit_received_total",
+    "Items received, by receiver (envoy_als, otlp_grpc, otlp_http) and kind (http, tcp, span, log).",
+    ["receiver", "kind"],
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "meshaudit_rejected_total",
+    "Items or requests rejected as invalid, by receiver and reason.",
+    ["receiver", "reason"],
+    registry=REGISTRY,
+)
+DROPPED = Counter(
+    "meshaudit_dropped_total",
+    "Items received but not evaluated, by receiver and reason (queue_full, ...).",
+    ["receiver", "reason"],
+    registry=REGISTRY,
+)
+MESSAGES = Counter(
+    "meshaudit_messages_total",
+    "Transport messages received (ALS stream messages, OTLP export requests), by receiver.",
+    ["receiver"],
+    registry=REGISTRY,
+)
+STREAMS_OPENED = Counter(
+    "meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY
+)
+STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams open now.", registry=REGISTRY)
+INGEST_QUEUE_DEPTH = Gauge(
+    "meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY
+)
+
+# --- engine --------------------------------------------------------------------------------
+HOPS_EVALUATED = Counter(
+    "meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY
+)
+VIOLATIONS = Counter(
+    "meshaudit_violations_total",
+    "Rule violations observed (before aggregation), by rule.",
+    ["rule"],
+    registry=REGISTRY,
+)
+ALERTS = Counter(
+    "meshaudit_alerts_total",
+    "Alerts emitted (after aggregation and suppression), by rule and severity.",
+    ["rule", "severity"],
+    registry=REGISTRY,
+)
+STORE_ITEMS = Gauge(
+    "meshaudit_store_items", "Items held in a bounded window store.", ["store"], registry=REGISTRY
+)
+STORE_EVICTIONS = Counter(
+    "meshaudit_store_evictions_total",
+    "Items removed from a window store, by store and reason (expired, capacity).",
+    ["store", "reason"],
+    registry=REGISTRY,
+)
+LOOP_LAG = Histogram(
+    "meshaudit_event_loop_lag_seconds",
+    "How late the event loop ran a periodic timer: a saturated daemon shows here first.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+CONFIG_RELOADS = Counter(
+    "meshaudit_config_reloads_total",
+    "Configuration reloads on SIGHUP, by result (ok, invalid).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+# --- sinks -----------------------------------------------------------------------------------
+SINK_SENT = Counter(
+    "meshaudit_sink_sent_total", "Alerts acknowledged by the sink's backend.", ["sink"], registry=REGISTRY
+)
+SINK_FAILED = Counter(
+    "meshaudit_sink_failed_total", "Delivery attempts that failed.", ["sink"], registry=REGISTRY
+)
+SINK_RETRIED = Counter(
+    "meshaudit_sink_retried_total", "Delivery attempts that were retries.", ["sink"], registry=REGISTRY
+)
+SINK_SPOOLED = Counter(
+    "meshaudit_sink_spooled_total", "Alerts written to the sink's on-disk spool.", ["sink"], registry=REGISTRY
+)
+SINK_DROPPED = Counter(
+    "meshaudit_sink_dropped_total",
+    "Alerts a sink gave up on, by reason (queue_full, spool_full, permanent_error, shutdown).",
+    ["sink", "reason"],
+    registry=REGISTRY,
+)
+SINK_QUEUE_DEPTH = Gauge(
+    "meshaudit_sink_queue_alerts", "Alerts waiting in a sink's in-memory queue.", ["sink"], registry=REGISTRY
+)
+SINK_SPOOL_DEPTH = Gauge(
+    "meshaudit_sink_spool_alerts", "Alerts waiting in a sink's on-disk spool.", ["sink"], registry=REGISTRY
+)
+SINK_SPOOL_BYTES = Gauge(
+    "meshaudit_sink_spool_bytes", "Size of a sink's on-disk spool.", ["sink"], registry=REGISTRY
+)
+SINK_READY = Gauge(
+    "meshaudit_sink_ready", "1 when the sink can deliver, 0 when it cannot.", ["sink"], registry=REGISTRY
+)
+SINK_LATENCY = Histogram(
+    "meshaudit_sink_delivery_seconds",
+    "From alert emitted to backend acknowledgement.",
+    ["sink"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+    registry=REGISTRY,
+)

@@ -1,0 +1,331 @@
+"""The one model every receiver normalizes into (``Hop``), the identities it names, and the
+alert record the engine produces.
+
+``Hop`` is built once per access-log entry or span on the hot path: a plain slotted class
+with positional construction, no validation and no per-instance dicts. Identities repeat
+endlessly (a mesh has few services and many requests), so they are interned: the same
+party is the same object, which makes comparisons and dict keys cheap.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from typing import Any, Final
+
+import orjson
+
+# --- Hop origins and directions (small ints: cheap to compare, cheap to store) -------------
+ALS_HTTP: Final = 1  # Envoy gRPC access log, HTTP entry
+ALS_TCP: Final = 2  # Envoy gRPC access log, TCP entry
+OTEL_LOG: Final = 3  # Envoy OpenTelemetry access logger (OTLP log record)
+SPAN: Final = 4  # OTLP span (Envoy tracer or an application SDK)
+
+ORIGIN_NAMES: Final = {ALS_HTTP: "als_http", ALS_TCP: "als_tcp", OTEL_LOG: "otel_log", SPAN: "span"}
+
+UNKNOWN: Final = 0
+INBOUND: Final = 1  # observed by the destination's sidecar
+OUTBOUND: Final = 2  # observed by the source's sidecar
+
+DIRECTION_NAMES: Final = {UNKNOWN: "unknown", INBOUND: "inbound", OUTBOUND: "outbound"}
+
+# Span kinds (OTLP enum values)
+SPAN_KIND_SERVER: Final = 2
+SPAN_KIND_CLIENT: Final = 3
+
+
+class Identity:
+    """One party of a hop. Use :func:`identity` to get the interned instance."""
+
+    __slots__ = ("__weakref__", "address", "key", "namespace", "principal", "service", "workload")
+
+    service: str | None
+    namespace: str | None
+    workload: str | None
+    principal: str | None
+    address: str | None
+    key: str  # stable, readable aggregation key: "svc.ns", else principal, else address
+
+    def __init__(
+        self,
+        service: str | None,
+        namespace: str | None,
+        workload: str | None,
+        principal: str | None,
+        address: str | None,
+    ) -> None:
+        self.service = service
+        self.namespace = namespace
+        self.workload = workload
+        self.principal = principal
+        self.address = address
+        if service:
+            self.key = f"{service}.{namespace}" if namespace else service
+        elif principal:
+            self.key = principal
+        elif address:
+            self.key = address
+        else:
+            self.key = "unknown"
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "service": self.service,
+            "namespace": self.namespace,
+            "workload": self.workload,
+            "principal": self.principal,
+            "address": self.address,
+        }
+
+    def __repr__(self) -> str:
+        return f"Identity({self.key!r})"
+
+
+_IDENTITIES: dict[tuple[str | None, ...], Identity] = {}
+# Identities are interned without bound by default; a pathological input (random addresses)
+# must not grow memory forever, so past this size the table is cleared and rebuilt lazily.
+_IDENTITY_LIMIT: Final = 100_000
+
+
+def identity(
+    service: str | None = None,
+    namespace: str | None = None,
+    workload: str | None = None,
+    principal: str | None = None,
+    address: str | None = None,
+) -> Identity:
+    k = (service, namespace, workload, principal, address)
+    found = _IDENTITIES.get(k)
+    if found is not None:
+        return found
+    if len(_IDENTITIES) >= _IDENTITY_LIMIT:
+        _IDENTITIES.clear()
+    ident = Identity(service, namespace, workload, principal, address)
+    _IDENTITIES[k] = ident
+    return ident
+
+
+NOBODY: Final = identity()
+
+
+class Hop:
+    """One observed request or connection between two parties, from one observer.
+
+    TLS facts are about the hop into the observer (the downstream connection): ``tls_version``
+    None means plaintext. ``peer_principal`` is the peer certificate's URI SAN (SPIFFE id).
+    """
+
+    __slots__ = (
+        "attempts",
+        "authority",
+        "direction",
+        "dst",
+        "local_principal",
+        "method",
+        "observer",
+        "observer_service",
+        "origin",
+        "parent_span_id",
+        "path",
+        "peer_principal",
+        "request_id",
+        "response_code_details",
+        "response_flags",
+        "route_name",
+        "span_id",
+        "span_kind",
+        "src",
+        "start",
+        "status",
+        "tls_cipher",
+        "tls_version",
+        "trace_id",
+        "upstream_cluster",
+    )
+
+    def __init__(
+        self,
+        origin: int,
+        observer: str,
+        observer_service: Identity,
+        direction: int,
+        src: Identity,
+        dst: Identity,
+        start: float,
+        *,
+        tls_version: str | None = None,
+        tls_cipher: int | None = None,
+        peer_principal: str | None = None,
+        local_principal: str | None = None,
+        method: str | None = None,
+        authority: str | None = None,
+        path: str | None = None,
+        status: int = 0,
+        response_flags: str = "",
+        response_code_details: str = "",
+        route_name: str = "",
+        upstream_cluster: str = "",
+        attempts: int = 0,
+        trace_id: str | None = None,
+        span_id: str | None = None,
+        parent_span_id: str | None = None,
+        request_id: str | None = None,
+        span_kind: int = 0,
+    ) -> None:
+        self.origin = origin
+        self.observer = observer  # sidecar node id, or "span:<service>"
+        self.observer_service = observer_service  # the workload whose proxy/SDK observed it
+        self.direction = direction
+        self.src = src
+        self.dst = dst
+        self.start = start  # epoch seconds
+        self.tls_version = tls_version  # "TLSv1.3", ...; None = plaintext
+        self.tls_cipher = tls_cipher
+        self.peer_principal = peer_principal
+        self.local_principal = local_principal
+        self.method = method  # None for TCP
+        self.authority = authority
+        self.path = path
+        self.status = status
+        self.response_flags = response_flags  # Envoy short flags, comma separated: "NR,URX"
+        self.response_code_details = response_code_details
+        self.route_name = route_name
+        self.upstream_cluster = upstream_cluster
+        self.attempts = attempts
+        self.trace_id = trace_id  # 32 lowercase hex
+        self.span_id = span_id  # 16 lowercase hex
+        self.parent_span_id = parent_span_id
+        self.request_id = request_id
+        self.span_kind = span_kind
+
+    @property
+    def is_http(self) -> bool:
+        return self.method is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"Hop({ORIGIN_NAMES.get(self.origin)}, {DIRECTION_NAMES.get(self.direction)}, "
+            f"{self.src.key} -> {self.dst.key}, tls={self.tls_version}, {self.method} {self.path})"
+        )
+
+
+# --- Alerts ------------------------------------------------------------------------------
+SCHEMA: Final = "meshaudit.alert.v1"
+SEVERITIES: Final = ("info", "warning", "high", "critical")
+
+
+def rfc3339(ts: float) -> str:
+    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T03:26:39.123Z."""
+    d = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+def alert_id(rule: str, source_key: str, destination_key: str, window_start: float, seq: int) -> str:
+    """Deterministic id: the same rule, key and window give the same id on replay."""
+    raw = f"{rule}|{source_key}|{destination_key}|{int(window_start * 1000)}|{seq}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+class Example:
+    __slots__ = ("method", "observer", "path", "request_id", "trace_id")
+
+    def __init__(self, hop: Hop) -> None:
+        self.trace_id = hop.trace_id
+        self.request_id = hop.request_id
+        self.method = hop.method
+        self.path = hop.path
+        self.observer = hop.observer
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "trace_id": self.trace_id,
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "observer": self.observer,
+        }
+
+
+class Alert:
+    """One aggregated alert, ready for the sinks. Immutable once emitted."""
+
+    __slots__ = (
+        "_payload",
+        "count",
+        "destination",
+        "detail",
+        "emitted_at",
+        "examples",
+        "first_seen",
+        "id",
+        "last_seen",
+        "rule",
+        "severity",
+        "source",
+        "summary",
+        "window_secs",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        rule: str,
+        severity: str,
+        summary: str,
+        source: Identity,
+        destination: Identity,
+        count: int,
+        first_seen: float,
+        last_seen: float,
+        window_secs: int,
+        examples: list[Example],
+        detail: str | None,
+        emitted_at: float,
+    ) -> None:
+        self.id = id
+        self.rule = rule
+        self.severity = severity
+        self.summary = summary
+        self.source = source
+        self.destination = destination
+        self.count = count
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.window_secs = window_secs
+        self.examples = examples
+        self.detail = detail
+        self.emitted_at = emitted_at
+        self._payload: bytes | None = None
+
+    def encode(self) -> bytes:
+        """The JSON record (orjson), computed once and shared by every sink."""
+        if self._payload is None:
+            self._payload = orjson.dumps(self.to_json())
+        return self._payload
+
+    @property
+    def key(self) -> str:
+        """Kafka key and dedup key: ``rule|source|destination``."""
+        return f"{self.rule}|{self.source.key}|{self.destination.key}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The alert record, schema meshaudit.alert.v1 (proto/meshaudit/alert/v1/alert.proto)."""
+        return {
+            "schema": SCHEMA,
+            "id": self.id,
+            "rule": self.rule,
+            "severity": self.severity,
+            "summary": self.summary,
+            "source": self.source.to_json(),
+            "destination": self.destination.to_json(),
+            "evidence": {
+                "count": self.count,
+                "first_seen": rfc3339(self.first_seen),
+                "last_seen": rfc3339(self.last_seen),
+                "window_secs": self.window_secs,
+                "examples": [e.to_json() for e in self.examples],
+                "detail": self.detail,
+            },
+            "emitted_at": rfc3339(self.emitted_at),
+        }
