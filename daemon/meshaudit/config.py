@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshaudit.sinks.jsonl import JsonlConfig
+from meshaudit.sinks.kafka import KafkaConfig
+from meshaudit.sinks.mqtt import MqttConfig
 
 Severity = Literal["info", "warning", "high", "critical"]
 
@@ -75,8 +77,12 @@ class MeshConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    window_secs: int = Field(60, ge=1, description="Aggregation window reported in evidence.")
-    suppress_secs: int = Field(300, ge=0, description="After an alert, later violations are only counted.")
+    suppress_secs: int = Field(
+        300,
+        ge=1,
+        description="Aggregation window: the first violation of a (rule, source, destination) alerts at "
+        "once; later ones in this window are counted, and one summary alert closes the window.",
+    )
     examples: int = Field(3, ge=0, le=20)
     tick_ms: int = Field(200, ge=10)
     store_max_items: int = Field(200_000, ge=100, description="Upper bound of every window store.")
@@ -166,6 +172,12 @@ class Policy(_Strict):
     exemptions: list[Exemption] = Field(default_factory=list)
 
 
+class SinksConfig(_Strict):
+    jsonl: JsonlConfig = JsonlConfig()
+    kafka: KafkaConfig | None = Field(None, description="Absent: no Kafka sink.")
+    mqtt: MqttConfig | None = Field(None, description="Absent: no MQTT sink.")
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     receivers: ReceiversConfig = ReceiversConfig()
@@ -174,7 +186,7 @@ class Config(_Strict):
     rules: RulesConfig = RulesConfig()
     policy: Policy = Policy()
     policy_file: str | None = None
-    sinks: SinksConfig = Field(default_factory=lambda: SinksConfig())
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -182,10 +194,6 @@ class Config(_Strict):
         if self.policy_file and self.policy != Policy():
             raise ValueError("set either policy or policy_file, not both")
         return self
-
-
-class SinksConfig(_Strict):
-    jsonl: JsonlConfig = JsonlConfig()
 
 
 Config.model_rebuild()

@@ -36,18 +36,12 @@ MESSAGES = Counter(
     ["receiver"],
     registry=REGISTRY,
 )
-STREAMS_OPENED = Counter(
-    "meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY
-)
+STREAMS_OPENED = Counter("meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY)
 STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams open now.", registry=REGISTRY)
-INGEST_QUEUE_DEPTH = Gauge(
-    "meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY
-)
+INGEST_QUEUE_DEPTH = Gauge("meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY)
 
 # --- engine --------------------------------------------------------------------------------
-HOPS_EVALUATED = Counter(
-    "meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY
-)
+HOPS_EVALUATED = Counter("meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY)
 VIOLATIONS = Counter(
     "meshaudit_violations_total",
     "Rule violations observed (before aggregation), by rule.",
@@ -60,9 +54,7 @@ ALERTS = Counter(
     ["rule", "severity"],
     registry=REGISTRY,
 )
-STORE_ITEMS = Gauge(
-    "meshaudit_store_items", "Items held in a bounded window store.", ["store"], registry=REGISTRY
-)
+STORE_ITEMS = Gauge("meshaudit_store_items", "Items held in a bounded window store.", ["store"], registry=REGISTRY)
 STORE_EVICTIONS = Counter(
     "meshaudit_store_evictions_total",
     "Items removed from a window store, by store and reason (expired, capacity).",
@@ -86,9 +78,7 @@ CONFIG_RELOADS = Counter(
 SINK_SENT = Counter(
     "meshaudit_sink_sent_total", "Alerts acknowledged by the sink's backend.", ["sink"], registry=REGISTRY
 )
-SINK_FAILED = Counter(
-    "meshaudit_sink_failed_total", "Delivery attempts that failed.", ["sink"], registry=REGISTRY
-)
+SINK_FAILED = Counter("meshaudit_sink_failed_total", "Delivery attempts that failed.", ["sink"], registry=REGISTRY)
 SINK_RETRIED = Counter(
     "meshaudit_sink_retried_total", "Delivery attempts that were retries.", ["sink"], registry=REGISTRY
 )
@@ -107,9 +97,7 @@ SINK_QUEUE_DEPTH = Gauge(
 SINK_SPOOL_DEPTH = Gauge(
     "meshaudit_sink_spool_alerts", "Alerts waiting in a sink's on-disk spool.", ["sink"], registry=REGISTRY
 )
-SINK_SPOOL_BYTES = Gauge(
-    "meshaudit_sink_spool_bytes", "Size of a sink's on-disk spool.", ["sink"], registry=REGISTRY
-)
+SINK_SPOOL_BYTES = Gauge("meshaudit_sink_spool_bytes", "Size of a sink's on-disk spool.", ["sink"], registry=REGISTRY)
 SINK_READY = Gauge(
     "meshaudit_sink_ready", "1 when the sink can deliver, 0 when it cannot.", ["sink"], registry=REGISTRY
 )
@@ -118,5 +106,11 @@ SINK_LATENCY = Histogram(
     "From alert emitted to backend acknowledgement.",
     ["sink"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+    registry=REGISTRY,
+)
+SINK_IDEMPOTENCE_FALLBACKS = Counter(
+    "meshaudit_sink_idempotence_fallbacks_total",
+    "Times a Kafka broker refused the idempotent producer and the sink fell back to acks=all alone.",
+    ["sink"],
     registry=REGISTRY,
 )

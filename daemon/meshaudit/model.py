@@ -118,6 +118,7 @@ class Hop:
     __slots__ = (
         "attempts",
         "authority",
+        "conn",
         "direction",
         "dst",
         "local_principal",
@@ -171,6 +172,7 @@ class Hop:
         parent_span_id: str | None = None,
         request_id: str | None = None,
         span_kind: int = 0,
+        conn: str | None = None,
     ) -> None:
         self.origin = origin
         self.observer = observer  # sidecar node id, or "span:<service>"
@@ -197,6 +199,11 @@ class Hop:
         self.parent_span_id = parent_span_id
         self.request_id = request_id
         self.span_kind = span_kind
+        # The client-side socket of the mesh connection, "ip:port": the downstream remote
+        # address on an inbound entry, the upstream local address on an outbound one. The two
+        # sidecars' entries of one connection share it, which pairs them even without a
+        # request id (TCP).
+        self.conn = conn
 
     @property
     def is_http(self) -> bool:

@@ -1,0 +1,5 @@
+import sys
+
+from meshaudit.cli import main
+
+sys.exit(main())

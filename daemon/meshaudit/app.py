@@ -1,0 +1,285 @@
+"""The daemon's lifecycle: start sinks, then the engine, then receivers; on SIGTERM stop in
+reverse with a deadline (stop intake, drain the ingest queue through the engine, flush the
+sinks), then cancel. SIGHUP reloads the configuration as a dry run first: an invalid file
+keeps the old configuration, is logged, counted and raised as an alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from meshaudit import __version__, health, metrics
+from meshaudit.config import Config, ConfigError, ListenConfig, Policy, load
+from meshaudit.engine.core import Engine
+from meshaudit.engine.store import TTLStore
+from meshaudit.model import Alert, Hop, alert_id, identity
+from meshaudit.receivers.grpc_server import build_server
+from meshaudit.receivers.ingest import IngestQueue
+from meshaudit.receivers.otlp.http import OtlpHttp
+from meshaudit.sinks import build_sinks
+from meshaudit.sinks.base import Sink
+
+log = logging.getLogger("meshaudit")
+
+SHUTDOWN_SECS = 10.0
+
+
+def check_protobuf_backend() -> str:
+    """The upb backend is ~10x faster than pure Python; warn loudly when it is not in use."""
+    from google.protobuf.internal import api_implementation
+
+    kind = str(api_implementation.Type())
+    if kind != "upb":
+        log.warning(
+            "protobuf is using the %r backend, not upb: decoding will be several times slower. "
+            "Install protobuf from PyPI wheels (not Debian's python3-protobuf).",
+            kind,
+        )
+    return kind
+
+
+class Daemon:
+    def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
+        self.config = config
+        self.policy = policy
+        self.config_path = config_path
+        self.engine = Engine(config, policy)
+        self.queue = IngestQueue(config.receivers.ingest_queue_batches)
+        self.sinks: list[Sink] = build_sinks(config.sinks)
+        self._stop = asyncio.Event()
+        self._listening = False
+        self._violations_seen: dict[str, int] = {}
+        self._store_seen: dict[tuple[str, str], int] = {}
+        self.bound: dict[str, str] = {}
+
+    # --- readiness -------------------------------------------------------------------------
+    def readiness(self) -> dict[str, str]:
+        state = {"receivers": "ok" if self._listening else "not listening"}
+        for s in self.sinks:
+            state[f"sink:{s.name}"] = s.ready_reason
+        return state
+
+    # --- alerts ----------------------------------------------------------------------------
+    def dispatch(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            metrics.ALERTS.labels(a.rule, a.severity).inc()
+            for s in self.sinks:
+                s.offer(a)
+
+    # --- engine tasks ------------------------------------------------------------------------
+    async def _engine_loop(self) -> None:
+        queue = self.queue
+        hops_metric = metrics.HOPS_EVALUATED
+        while True:
+            batch = await queue.get()
+            # Evaluate what is already waiting in one go: fewer wake-ups and engine calls under load.
+            while len(batch) < 4096:
+                more = queue.get_nowait()
+                if more is None:
+                    break
+                batch.extend(more)
+            self._evaluate(batch)
+            hops_metric.inc(len(batch))
+
+    def _evaluate(self, batch: list[Hop]) -> None:
+        alerts = self.engine.evaluate(batch, time.time())
+        if alerts:
+            self.dispatch(alerts)
+
+    async def _tick_loop(self) -> None:
+        interval = self.config.engine.tick_ms / 1000
+        loop = asyncio.get_running_loop()
+        last_stats = 0.0
+        while True:
+            expected = loop.time() + interval
+            await asyncio.sleep(interval)
+            metrics.LOOP_LAG.observe(max(0.0, loop.time() - expected))
+            now = time.time()
+            alerts = self.engine.tick(now)
+            if alerts:
+                self.dispatch(alerts)
+            if now - last_stats >= 1.0:
+                last_stats = now
+                self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        self.queue.qsize()
+        for rule, n in self.engine.agg.violations.items():
+            seen = self._violations_seen.get(rule, 0)
+            if n > seen:
+                metrics.VIOLATIONS.labels(rule).inc(n - seen)
+                self._violations_seen[rule] = n
+        stores: list[TTLStore[Any, Any]] = self.engine.stores()
+        for st in stores:
+            metrics.STORE_ITEMS.labels(st.name).set(len(st))
+            for reason, n in (("expired", st.expired), ("capacity", st.evicted_capacity)):
+                k = (st.name, reason)
+                seen = self._store_seen.get(k, 0)
+                if n > seen:
+                    metrics.STORE_EVICTIONS.labels(st.name, reason).inc(n - seen)
+                    self._store_seen[k] = n
+
+    # --- reload --------------------------------------------------------------------------------
+    def reload(self) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the daemon runs on built-in defaults, there is no file to reload.")
+            return
+        try:
+            config, policy = load(self.config_path)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
+            now = time.time()
+            me = identity("meshaudit")
+            self.dispatch(
+                [
+                    Alert(
+                        id=alert_id("config_invalid", me.key, me.key, now, 0),
+                        rule="config_invalid",
+                        severity="warning",
+                        summary=f"Reloading {self.config_path} failed; the previous configuration stays in force.",
+                        source=me,
+                        destination=me,
+                        count=1,
+                        first_seen=now,
+                        last_seen=now,
+                        window_secs=0,
+                        examples=[],
+                        detail=str(exc)[:2000],
+                        emitted_at=now,
+                    )
+                ]
+            )
+            return
+        if config.listen != self.config.listen or config.sinks != self.config.sinks:
+            log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
+        self.engine = Engine(config, policy)
+        self.config, self.policy = config, policy
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        log.info("Configuration reloaded from %s; rule windows start afresh.", self.config_path)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready_message: bool = True) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for s in self.sinks:
+            await s.start()
+        tasks = [
+            asyncio.create_task(self._engine_loop(), name="engine"),
+            asyncio.create_task(self._tick_loop(), name="tick"),
+        ]
+        grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
+        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers.max_message_bytes)
+        runners: list[web.AppRunner] = []
+        try:
+            await grpc_server.start()
+            self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
+            for name, app, addr in (
+                ("http", otlp_http.app(), cfg.listen.http),
+                ("metrics", health.build_app(self.readiness), cfg.listen.metrics),
+            ):
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                await runner.setup()
+                runners.append(runner)
+                host, _, port = addr.rpartition(":")
+                site = web.TCPSite(runner, host, int(port), reuse_address=True)
+                await site.start()
+                server = site._server
+                sockets = getattr(server, "sockets", None) or ()
+                bound_port = sockets[0].getsockname()[1] if sockets else int(port)
+                self.bound[name] = f"{host}:{bound_port}"
+        except OSError as exc:
+            log.error("Cannot listen: %s", exc)
+            await self._shutdown(grpc_server, runners, tasks)
+            return 1
+        self._listening = True
+        for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
+            loop.add_signal_handler(sig, handler)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if ready_message:
+            out = "stdout" if self.config.sinks.jsonl.path == "-" else self.config.sinks.jsonl.path
+            print(
+                f"meshaudit {__version__} running.\n"
+                f"  Envoy access logs (ALS) and OTLP/gRPC -> {self.bound['grpc']}\n"
+                f"  OTLP/HTTP                             -> http://{self.bound['http']}/v1/traces, /v1/logs\n"
+                f"  metrics and health                    -> http://{self.bound['metrics']}/metrics, /healthz, /readyz"
+                "\n"
+                f"  alerts (JSON lines)                   -> {out}",
+                file=sys.stderr,
+                flush=True,
+            )
+        await self._stop.wait()
+        log.info("Stopping: receivers first, then the engine, then the sinks.")
+        await self._shutdown(grpc_server, runners, tasks)
+        return 0
+
+    async def _shutdown(
+        self, grpc_server: grpc.aio.Server, runners: list[web.AppRunner], tasks: list[asyncio.Task[None]]
+    ) -> None:
+        deadline = time.monotonic() + SHUTDOWN_SECS
+        self._listening = False
+        # Receivers first: no new data; open ALS streams are cut (Envoy reconnects elsewhere).
+        await grpc_server.stop(grace=1.0)
+        for r in runners[:1]:
+            await r.cleanup()
+        self.queue.closed = True
+        # Engine: evaluate what was accepted, then stop its tasks.
+        batch = self.queue.get_nowait()
+        while batch is not None:
+            self._evaluate(batch)
+            batch = self.queue.get_nowait()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        # Sinks last, each with the remaining time.
+        await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
+        for r in runners[1:]:
+            await r.cleanup()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run(config_path: str | None, overrides: dict[str, str]) -> int:
+    """Load, validate and run; returns the process exit code (2 for a bad configuration)."""
+    try:
+        config, policy = load(config_path)
+        if overrides:
+            listen = ListenConfig.model_validate({**config.listen.model_dump(), **overrides})
+            config = config.model_copy(update={"listen": listen})
+    except ConfigError as exc:
+        print(f"meshaudit: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"meshaudit: invalid listen address: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    check_protobuf_backend()
+    import uvloop
+
+    path = str(Path(config_path).resolve()) if config_path else None
+    return uvloop.run(_main(config, policy, path))
+
+
+async def _main(config: Config, policy: Policy, path: str | None) -> int:
+    return await Daemon(config, policy, path).run()

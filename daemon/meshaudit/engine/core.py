@@ -1,0 +1,299 @@
+"""The rule engine: pure, no I/O, no asyncio; the clock is passed in.
+
+``Engine.evaluate(hops, now)`` and ``Engine.tick(now)`` return alerts. Per batch the engine
+first indexes every hop into the shared :class:`Correlation` (so both sidecars' entries of
+one request pair up even when they arrive in one batch), then runs each enabled rule.
+Violations go through the :class:`Aggregator`: one alert per (rule, source, destination) at
+once, later violations counted and summarized when the window closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from meshaudit.config import Config, Policy, RuleName
+from meshaudit.engine.policy import CompiledPolicy
+from meshaudit.engine.store import TTLStore
+from meshaudit.model import (
+    ALS_HTTP,
+    ALS_TCP,
+    INBOUND,
+    OTEL_LOG,
+    OUTBOUND,
+    SPAN,
+    Alert,
+    Example,
+    Hop,
+    Identity,
+    alert_id,
+)
+from meshaudit.naming import Namer
+
+
+class Violation:
+    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "when")
+
+    def __init__(
+        self,
+        rule: RuleName,
+        severity: str,
+        src: Identity,
+        dst: Identity,
+        hop: Hop | None,
+        detail: str,
+        when: float,
+    ) -> None:
+        self.rule = rule
+        self.severity = severity
+        self.src = src
+        self.dst = dst
+        self.hop = hop
+        self.detail = detail
+        self.when = when  # observed time (data time, so replays give the same alert id)
+
+
+Emit = Callable[[Violation], None]
+
+
+class Correlation:
+    """What the access logs showed recently, shared by all rules. Bounded stores only."""
+
+    def __init__(self, ttl: float, max_items: int) -> None:
+        # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
+        self.outbound_by_rid: TTLStore[str, Hop] = TTLStore("outbound_by_request_id", ttl, max_items)
+        # connection key -> outbound hop (pairs TCP entries, which have no request id)
+        self.outbound_by_conn: TTLStore[str, Hop] = TTLStore("outbound_by_conn", ttl, max_items)
+        # (request_id, observer) and (trace_id, observer service key) seen in access logs
+        self.logged_rid: TTLStore[tuple[str, str], bool] = TTLStore("logged_request_ids", ttl, max_items)
+        self.logged_trace: TTLStore[tuple[str, str], bool] = TTLStore("logged_trace_ids", ttl, max_items)
+        # service key -> last time its sidecar logged anything; bounded by the number of services
+        self.sidecar_last_log: TTLStore[str, float] = TTLStore("sidecar_last_log", 86_400, max_items)
+        self.stores: list[TTLStore[Any, Any]] = [
+            self.outbound_by_rid,
+            self.outbound_by_conn,
+            self.logged_rid,
+            self.logged_trace,
+            self.sidecar_last_log,
+        ]
+
+    def index(self, hops: list[Hop], now: float) -> None:
+        last_log = self.sidecar_last_log
+        for h in hops:
+            if h.origin == SPAN:
+                continue
+            rid = h.request_id
+            if h.direction == OUTBOUND:
+                if rid:
+                    self.outbound_by_rid.put(rid, h, now)
+                if h.conn:
+                    self.outbound_by_conn.put(h.conn, h, now)
+            if rid:
+                self.logged_rid.put((rid, h.observer), True, now)
+                self.logged_rid.put((rid, h.observer_service.key), True, now)
+            if h.trace_id:
+                self.logged_trace.put((h.trace_id, h.observer_service.key), True, now)
+            last_log.put(h.observer_service.key, now, now)
+
+    def source_of(self, h: Hop) -> Identity | None:
+        """The client of an inbound hop, from the client sidecar's entry of the same request."""
+        if h.request_id:
+            out = self.outbound_by_rid.get(h.request_id)
+            if out is not None:
+                return out.src
+        if h.conn:
+            out = self.outbound_by_conn.get(h.conn)
+            if out is not None:
+                return out.src
+        return None
+
+
+class EngineContext:
+    def __init__(self, config: Config, policy: CompiledPolicy, namer: Namer, corr: Correlation) -> None:
+        self.config = config
+        self.policy = policy
+        self.namer = namer
+        self.corr = corr
+        self.max_items = config.engine.store_max_items
+        self.started: float | None = None  # time of the first hop seen
+
+
+class Rule(Protocol):
+    name: RuleName
+
+    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None: ...
+
+    def on_tick(self, now: float, emit: Emit) -> None: ...
+
+    def stores(self) -> list[TTLStore[Any, Any]]: ...
+
+
+LOGGED_ORIGINS = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
+
+
+class _AggState:
+    __slots__ = (
+        "count",
+        "detail",
+        "dst",
+        "emitted_count",
+        "examples",
+        "first_seen",
+        "last_seen",
+        "rule",
+        "seq",
+        "severity",
+        "src",
+    )
+
+    def __init__(self, v: Violation) -> None:
+        self.rule = v.rule
+        self.severity = v.severity
+        self.src = v.src
+        self.dst = v.dst
+        self.detail = v.detail
+        self.first_seen = v.when
+        self.last_seen = v.when
+        self.count = 0
+        self.emitted_count = 0
+        self.seq = 0
+        self.examples: list[Example] = []
+
+
+SUMMARIES: dict[str, str] = {
+    "plaintext_hop": "Plaintext traffic from {src} to {dst}: the destination sidecar saw no TLS",
+    "unexpected_edge": "Traffic from {src} to {dst} is not allowed by policy",
+    "unexpected_path": "Request from {src} to {dst} on a method or path not allowed by policy",
+    "missing_access_log": "Traffic from {src} reached {dst} with no access log from its sidecar",
+}
+
+
+class Aggregator:
+    """One alert per (rule, source, destination) per window of ``suppress_secs``."""
+
+    def __init__(self, suppress_secs: int, max_examples: int, max_items: int) -> None:
+        self.window = suppress_secs
+        self.max_examples = max_examples
+        self.states: TTLStore[tuple[str, str, str], _AggState] = TTLStore(
+            "alert_windows", suppress_secs, max_items, self._close
+        )
+        # One request seen by both sidecars must count once: (rule, request id) recently counted.
+        self.counted: TTLStore[tuple[str, str], bool] = TTLStore("counted_requests", 300, max_items)
+        self.out: list[Alert] = []
+        self.violations: dict[str, int] = {}
+
+    def add(self, v: Violation, now: float) -> None:
+        h = v.hop
+        if h is not None and h.request_id and not self.counted.add((v.rule, h.request_id), True, now):
+            return
+        self.violations[v.rule] = self.violations.get(v.rule, 0) + 1
+        key = (v.rule, v.src.key, v.dst.key)
+        st = self.states.get(key)
+        fresh = st is None
+        if st is None:
+            st = _AggState(v)
+            self.states.put(key, st, now)  # the TTL is the window: closing it is the expire hook
+        st.count += 1
+        st.last_seen = max(st.last_seen, v.when)
+        st.first_seen = min(st.first_seen, v.when)
+        if h is not None and len(st.examples) < self.max_examples:
+            st.examples.append(Example(h))
+        if fresh:
+            self._emit(st, now)
+
+    def _emit(self, st: _AggState, now: float) -> None:
+        src, dst = st.src, st.dst
+        summary = SUMMARIES.get(st.rule, "{rule} from {src} to {dst}").format(rule=st.rule, src=src.key, dst=dst.key)
+        if st.count > 1:
+            summary += f" ({st.count} times in {self.window} s)"
+        self.out.append(
+            Alert(
+                id=alert_id(st.rule, src.key, dst.key, st.first_seen, st.seq),
+                rule=st.rule,
+                severity=st.severity,
+                summary=summary + ".",
+                source=src,
+                destination=dst,
+                count=st.count,
+                first_seen=st.first_seen,
+                last_seen=st.last_seen,
+                window_secs=self.window,
+                examples=list(st.examples),
+                detail=st.detail,
+                emitted_at=now,
+            )
+        )
+        st.emitted_count = st.count
+        st.seq += 1
+
+    def _close(self, key: tuple[str, str, str], st: _AggState, now: float) -> None:
+        if st.count > st.emitted_count:
+            self._emit(st, now)  # the window's summary: the full count
+
+    def drain(self) -> list[Alert]:
+        out, self.out = self.out, []
+        return out
+
+
+class Engine:
+    """Owns all window state. Not thread-safe; one engine per process."""
+
+    def __init__(self, config: Config, policy: Policy) -> None:
+        from meshaudit.engine.rules import build_rules
+
+        self.config = config
+        corr_ttl = max(60.0, config.rules.missing_access_log.grace_ms / 1000 * 4)
+        self.corr = Correlation(corr_ttl, config.engine.store_max_items)
+        self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
+        self.rules: list[Rule] = build_rules(self.ctx)
+        self.agg = Aggregator(config.engine.suppress_secs, config.engine.examples, config.engine.store_max_items)
+        self._emit = self._on_violation
+        self._now = 0.0
+        self.hops_evaluated = 0
+
+    @property
+    def namer(self) -> Namer:
+        return self.ctx.namer
+
+    def _on_violation(self, v: Violation) -> None:
+        self.agg.add(v, self._now)
+
+    def evaluate(self, hops: list[Hop], now: float) -> list[Alert]:
+        if self.ctx.started is None:
+            self.ctx.started = now
+        self._now = now
+        self.corr.index(hops, now)
+        for rule in self.rules:
+            rule.on_hops(hops, now, self._emit)
+        self.hops_evaluated += len(hops)
+        return self.agg.drain()
+
+    def tick(self, now: float) -> list[Alert]:
+        self._now = now
+        for rule in self.rules:
+            rule.on_tick(now, self._emit)
+        for s in self.corr.stores:
+            s.expire(now)
+        self.agg.counted.expire(now)
+        self.agg.states.expire(now)
+        return self.agg.drain()
+
+    def stores(self) -> list[TTLStore[Any, Any]]:
+        out: list[TTLStore[Any, Any]] = [*self.corr.stores, self.agg.states, self.agg.counted]
+        for r in self.rules:
+            out.extend(r.stores())
+        return out
+
+
+__all__ = [
+    "INBOUND",
+    "LOGGED_ORIGINS",
+    "OUTBOUND",
+    "Aggregator",
+    "Correlation",
+    "Emit",
+    "Engine",
+    "EngineContext",
+    "Rule",
+    "Violation",
+]

@@ -1,0 +1,122 @@
+"""missing_access_log: traffic that traces show reaching a mesh destination with no access log
+from that destination's sidecar within ``grace_ms`` — a bypassed or broken sidecar.
+
+Joins, best first:
+- an Envoy span (it carries ``node_id``) expects an entry from that same node with the request
+  id of its ``guid:x-request-id`` tag;
+- an application's SERVER span (OpenTelemetry SDK) on a mesh service expects an entry from that
+  service's sidecar in the same trace (W3C ``traceparent`` logged with
+  ``additional_request_headers_to_log``, or the trace id of an OpenTelemetry access-log record),
+  or with the same x-request-id when the span has one.
+
+A span waits in a bounded store; the access log arriving removes it; expiry is the violation
+(the store's on-expire hook). Also: a sidecar whose logs went silent for ``silent_secs`` while
+spans show its service still serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
+from meshaudit.engine.store import TTLStore
+from meshaudit.model import NOBODY, SPAN, SPAN_KIND_SERVER, Hop, identity
+
+
+class MissingAccessLog:
+    name = "missing_access_log"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.rules.missing_access_log
+        grace = self.cfg.grace_ms / 1000
+        self._emit: Emit | None = None
+        self.pending: TTLStore[tuple[str, str], Hop] = TTLStore(
+            "spans_awaiting_access_log", grace, ctx.max_items, self._expired
+        )
+        # service key -> last time a span showed it serving
+        self.last_span: TTLStore[str, float] = TTLStore("service_last_span", 86_400, ctx.max_items)
+        self.silence_reported: dict[str, float] = {}
+
+    def stores(self) -> list[TTLStore[Any, Any]]:
+        return [self.pending, self.last_span]
+
+    def _is_mesh(self, h: Hop) -> bool:
+        dst = h.dst
+        if dst.key in self.ctx.corr.sidecar_last_log:
+            return True
+        policy = self.ctx.policy
+        return policy.has_mesh_services and policy.mesh_services(dst)
+
+    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
+        self._emit = emit
+        corr = self.ctx.corr
+        pending = self.pending
+        for h in hops:
+            if h.origin in LOGGED_ORIGINS:
+                if len(pending):
+                    # The log arrived after its span: the span is satisfied.
+                    if h.request_id:
+                        pending.pop((h.request_id, h.observer))
+                        pending.pop((h.request_id, h.observer_service.key))
+                    if h.trace_id:
+                        pending.pop((h.trace_id, h.observer_service.key))
+                continue
+            if h.origin != SPAN:
+                continue
+            if h.observer.startswith("span:"):  # an application's span (SDK)
+                if h.span_kind != SPAN_KIND_SERVER:
+                    continue
+                svc = h.dst.key
+                self.last_span.put(svc, now, now)
+                if not self._is_mesh(h):
+                    continue
+                if h.request_id and (h.request_id, svc) in corr.logged_rid:
+                    continue
+                if h.trace_id and (h.trace_id, svc) in corr.logged_trace:
+                    continue
+                key = (h.trace_id or h.request_id or str(id(h)), svc)
+                pending.add(key, h, now)
+            else:  # a sidecar's own span: that sidecar must have logged the request
+                self.last_span.put(h.observer_service.key, now, now)
+                rid = h.request_id
+                if not rid or (rid, h.observer) in corr.logged_rid:
+                    continue
+                pending.add((rid, h.observer), h, now)
+
+    def _expired(self, key: tuple[str, str], h: Hop, now: float) -> None:
+        if self._emit is None:
+            return
+        if self.ctx.policy.exempt("missing_access_log", h.src, h.dst, h.path):
+            return
+        if h.observer.startswith("span:"):
+            detail = "the application traced this request, but its sidecar did not log it (bypassed?)"
+        else:
+            detail = "the sidecar traced this request but sent no access log for it"
+        self._emit(Violation("missing_access_log", self.cfg.severity, h.src, h.dst, h, detail, h.start))
+
+    def on_tick(self, now: float, emit: Emit) -> None:
+        self._emit = emit
+        self.pending.expire(now)
+        last_log = self.ctx.corr.sidecar_last_log
+        silent = self.cfg.silent_secs
+        for svc, span_at in self.last_span.items():
+            logged_at = last_log.get(svc)
+            if logged_at is None or now - logged_at < silent or span_at <= logged_at:
+                continue
+            if self.silence_reported.get(svc) == logged_at:
+                continue
+            self.silence_reported[svc] = logged_at
+            name, _, ns = svc.partition(".")
+            emit(
+                Violation(
+                    "missing_access_log",
+                    self.cfg.severity,
+                    NOBODY,
+                    identity(name, ns or None),
+                    None,
+                    f"the sidecar has sent no access log for {int(now - logged_at)} s "
+                    "while spans show the service serving",
+                    now,
+                )
+            )

@@ -1,0 +1,104 @@
+"""unexpected_edge and unexpected_path: traffic the policy does not allow.
+
+- unexpected_edge: a (source -> destination) edge not in ``policy.edges``; in ``learn`` mode,
+  an edge not in the baseline learned during the first ``learn_secs``. Traffic to
+  PassthroughCluster/BlackHoleCluster is an edge out of the mesh, named by its host.
+- unexpected_path: an HTTP method + path not allowed for a destination that has a route policy.
+
+Both sidecars of one request may log it; the aggregator counts a request id once per rule.
+Hops whose source cannot be named (plaintext with no pairing yet) are left to plaintext_hop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
+from meshaudit.engine.store import TTLStore
+from meshaudit.model import UNKNOWN, Hop, Identity
+
+
+def _source(ctx: EngineContext, h: Hop) -> Identity | None:
+    src = h.src
+    if src.service is None and src.principal is None:
+        paired = ctx.corr.source_of(h)
+        return paired
+    return src
+
+
+class UnexpectedEdge:
+    name = "unexpected_edge"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.rules.unexpected_edge
+        self.learn = self.cfg.mode == "learn"
+        # Baseline edges: kept for the daemon's life (bounded; a full baseline stops learning).
+        self.baseline: TTLStore[tuple[str, str], bool] = TTLStore("learned_edges", float("inf"), ctx.max_items)
+
+    def stores(self) -> list[TTLStore[Any, Any]]:
+        return [self.baseline]
+
+    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
+        ctx = self.ctx
+        policy = ctx.policy
+        if not self.learn and not policy.has_edges:
+            return
+        learning = self.learn and ctx.started is not None and now - ctx.started < self.cfg.learn_secs
+        sev = self.cfg.severity
+        for h in hops:
+            if h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
+                continue
+            src = _source(ctx, h)
+            if src is None:
+                continue
+            dst = h.dst
+            if self.learn:
+                k = (src.key, dst.key)
+                if learning:
+                    if len(self.baseline) < self.baseline.max_items:
+                        self.baseline.put(k, True, now)
+                    continue
+                if k in self.baseline:
+                    continue
+                detail = "edge not in the baseline learned at start-up"
+            else:
+                if policy.edge_allowed(src, dst):
+                    continue
+                detail = "no policy edge allows it"
+            if policy.exempt("unexpected_edge", src, dst, h.path):
+                continue
+            emit(Violation("unexpected_edge", sev, src, dst, h, detail, h.start))
+
+    def on_tick(self, now: float, emit: Emit) -> None:
+        return
+
+
+class UnexpectedPath:
+    name = "unexpected_path"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.rules.unexpected_path
+
+    def stores(self) -> list[TTLStore[Any, Any]]:
+        return []
+
+    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
+        ctx = self.ctx
+        policy = ctx.policy
+        sev = self.cfg.severity
+        for h in hops:
+            method = h.method
+            if method is None or h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
+                continue
+            allowed = policy.path_allowed(h.dst, method, h.path)
+            if allowed is None or allowed:
+                continue
+            src = _source(ctx, h) or h.src
+            if policy.exempt("unexpected_path", src, h.dst, h.path):
+                continue
+            emit(Violation("unexpected_path", sev, src, h.dst, h, f"{method} {h.path} is not allowed", h.start))
+
+    def on_tick(self, now: float, emit: Emit) -> None:
+        return

@@ -1,0 +1,143 @@
+"""Mesh naming conventions: who is who, from the strings Envoy and Istio put on the wire.
+
+- Istio node id ``sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local``; node cluster ``<svc>.<ns>``.
+- Clusters ``inbound|<port>||`` and ``outbound|<port>|<subset>|<svc>.<ns>.svc.cluster.local``;
+  ``PassthroughCluster`` and ``BlackHoleCluster`` are traffic leaving the mesh.
+- SPIFFE URI SAN ``spiffe://<trust-domain>/ns/<ns>/sa/<sa>``.
+
+Plain Envoy without Istio works too: the node cluster is the service name, or config maps it.
+Every parser here is cached: the inputs repeat (one node per stream, few clusters).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from meshaudit.config import MeshConfig
+from meshaudit.model import INBOUND, OUTBOUND, UNKNOWN, Identity, identity
+
+PASSTHROUGH = "PassthroughCluster"
+BLACKHOLE = "BlackHoleCluster"
+
+
+@lru_cache(maxsize=65_536)
+def parse_spiffe(uri: str) -> tuple[str | None, str | None]:
+    """``spiffe://td/ns/<ns>/sa/<sa>`` -> (namespace, service account); (None, None) if not."""
+    if not uri.startswith("spiffe://"):
+        return None, None
+    parts = uri[9:].split("/")
+    ns = sa = None
+    for i in range(1, len(parts) - 1, 2):
+        if parts[i] == "ns":
+            ns = parts[i + 1]
+        elif parts[i] == "sa":
+            sa = parts[i + 1]
+    return ns, sa
+
+
+def cluster_direction(cluster: str) -> int:
+    if cluster.startswith("inbound|"):
+        return INBOUND
+    if cluster.startswith("outbound|") or cluster in (PASSTHROUGH, BLACKHOLE):
+        return OUTBOUND
+    return UNKNOWN
+
+
+@lru_cache(maxsize=65_536)
+def outbound_cluster_target(cluster: str) -> tuple[str | None, str | None]:
+    """``outbound|9080||reviews.default.svc.cluster.local`` -> ("reviews", "default")."""
+    if not cluster.startswith("outbound|"):
+        return None, None
+    fqdn = cluster.rsplit("|", 1)[-1]
+    if not fqdn:
+        return None, None
+    labels = fqdn.split(".")
+    if len(labels) >= 2:
+        return labels[0], labels[1]
+    return labels[0], None
+
+
+def strip_pod_hash(pod: str) -> str:
+    """``reviews-v1-5d8f7c9b6-x2kq4`` -> ``reviews-v1`` (Deployment pods); other names unchanged."""
+    parts = pod.split("-")
+    if len(parts) >= 3 and len(parts[-1]) == 5 and 8 <= len(parts[-2]) <= 10:
+        return "-".join(parts[:-2])
+    return pod
+
+
+class Namer:
+    """Resolves identities from node ids, clusters, principals and addresses, with the
+    user's mapping (``mesh:`` config) taking precedence. Caches per input string."""
+
+    def __init__(self, mesh: MeshConfig) -> None:
+        self.mesh = mesh
+        self._nodes: dict[tuple[str, str], Identity] = {}
+        self._principals: dict[str, Identity] = {}
+        self._addresses: dict[str, Identity] = {}
+        # Pod IPs learned from Istio node ids, to name the source of plaintext hops.
+        self.learned_ips: dict[str, Identity] = {}
+
+    def node(self, node_id: str, node_cluster: str) -> Identity:
+        """The workload a sidecar belongs to."""
+        key = (node_id, node_cluster)
+        found = self._nodes.get(key)
+        if found is not None:
+            return found
+        service = namespace = workload = None
+        ip = None
+        mapped = self.mesh.clusters.get(node_cluster)
+        parts = node_id.split("~")
+        if len(parts) == 4:  # Istio: type~ip~pod.ns~ns.svc.cluster.local
+            ip = parts[1]
+            pod, _, pod_ns = parts[2].partition(".")
+            workload = pod or None
+            namespace = pod_ns or parts[3].split(".", 1)[0] or None
+        if mapped is not None:
+            service, namespace = mapped.service, mapped.namespace or namespace
+            workload = mapped.workload or workload
+        elif node_cluster:
+            svc, _, ns = node_cluster.partition(".")
+            service = svc
+            namespace = ns or namespace
+        elif workload:
+            service = strip_pod_hash(workload)
+        ident = identity(service, namespace, workload, None, None)
+        if len(self._nodes) < 100_000:
+            self._nodes[key] = ident
+        if ip:
+            self.learned_ips[ip] = ident
+        return ident
+
+    def principal(self, uri: str) -> Identity:
+        """The party named by a peer certificate's URI SAN."""
+        found = self._principals.get(uri)
+        if found is not None:
+            return found
+        ns, sa = parse_spiffe(uri)
+        service = sa if (sa and self.mesh.service_account_is_service) else None
+        ident = identity(service, ns if service else None, None, uri, None)
+        if len(self._principals) < 100_000:
+            self._principals[uri] = ident
+        return ident
+
+    def address(self, addr: str) -> Identity:
+        """The party at ``ip:port``: the user's map, then learned pod IPs, else the bare address."""
+        found = self._addresses.get(addr)
+        if found is not None:
+            return found
+        ip = addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
+        ref = self.mesh.addresses.get(addr) or self.mesh.addresses.get(ip)
+        if ref is not None:
+            ident = identity(ref.service, ref.namespace, ref.workload, None, addr)
+        else:
+            learned = self.learned_ips.get(ip)
+            if learned is not None and ip not in ("127.0.0.1", "::1"):
+                ident = identity(learned.service, learned.namespace, learned.workload, None, addr)
+            else:
+                ident = identity(None, None, None, None, addr)
+        if len(self._addresses) < 100_000:
+            self._addresses[addr] = ident
+        return ident
+
+    def service(self, name: str, namespace: str | None) -> Identity:
+        return identity(name, namespace, None, None, None)

@@ -1,0 +1,171 @@
+"""Build real Envoy ALS protobuf messages (our wire-compatible subset) the way an Istio sidecar
+sends them, and stream them to a server with a real grpc.aio client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+
+from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
+from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+TLSProperties = accesslog_pb2.TLSProperties
+METHODS = {"GET": 1, "HEAD": 2, "POST": 3, "PUT": 4, "DELETE": 5, "OPTIONS": 7, "PATCH": 9}
+
+
+def node_id(svc: str, ns: str = "default", ip: str = "10.0.0.1") -> str:
+    return f"sidecar~{ip}~{svc}-v1-5d8f7c9b6-x2kq4.{ns}~{ns}.svc.cluster.local"
+
+
+def identifier(svc: str, ns: str = "default", ip: str = "10.0.0.1", log_name: str = "als") -> Any:
+    ident = als_pb2.StreamAccessLogsMessage.Identifier(log_name=log_name)
+    ident.node.id = node_id(svc, ns, ip)
+    ident.node.cluster = f"{svc}.{ns}"
+    return ident
+
+
+def spiffe(svc: str, ns: str = "default") -> str:
+    return f"spiffe://cluster.local/ns/{ns}/sa/{svc}"
+
+
+def _common(
+    c: Any,
+    *,
+    cluster: str,
+    peer: str | None,
+    local: str | None,
+    remote: str,
+    upstream_local: str | None,
+    start: float | None,
+    tls: bool,
+) -> None:
+    t = start if start is not None else time.time()
+    c.start_time.seconds = int(t)
+    c.start_time.nanos = int((t % 1) * 1e9)
+    c.upstream_cluster = cluster
+    ip, port = remote.rsplit(":", 1)
+    c.downstream_remote_address.socket_address.address = ip
+    c.downstream_remote_address.socket_address.port_value = int(port)
+    if upstream_local:
+        uip, uport = upstream_local.rsplit(":", 1)
+        c.upstream_local_address.socket_address.address = uip
+        c.upstream_local_address.socket_address.port_value = int(uport)
+    if tls:
+        c.tls_properties.tls_version = TLSProperties.TLSv1_3
+        c.tls_properties.tls_cipher_suite.value = 0x1301
+        if peer:
+            c.tls_properties.peer_certificate_properties.subject_alt_name.add(uri=peer)
+        if local:
+            c.tls_properties.local_certificate_properties.subject_alt_name.add(uri=local)
+
+
+def http_entry(
+    *,
+    cluster: str,
+    method: str = "GET",
+    path: str = "/",
+    authority: str = "svc",
+    status: int = 200,
+    request_id: str | None = None,
+    peer: str | None = None,
+    local: str | None = None,
+    tls: bool = True,
+    remote: str = "10.0.0.9:40000",
+    upstream_local: str | None = None,
+    traceparent: str | None = None,
+    start: float | None = None,
+    route_name: str = "default",
+) -> Any:
+    e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
+    _common(
+        e.common_properties,
+        cluster=cluster,
+        peer=peer,
+        local=local,
+        remote=remote,
+        upstream_local=upstream_local,
+        start=start,
+        tls=tls,
+    )
+    e.common_properties.route_name = route_name
+    r = e.request
+    r.request_method = METHODS[method]
+    r.path = path
+    r.authority = authority
+    r.request_id = request_id or str(uuid.uuid4())
+    if traceparent:
+        r.request_headers["traceparent"] = traceparent
+    e.response.response_code.value = status
+    return e
+
+
+def tcp_entry(
+    *,
+    cluster: str,
+    peer: str | None = None,
+    tls: bool = True,
+    remote: str = "10.0.0.9:40000",
+    upstream_local: str | None = None,
+    start: float | None = None,
+) -> Any:
+    e = accesslog_pb2.TCPAccessLogEntry()
+    _common(
+        e.common_properties,
+        cluster=cluster,
+        peer=peer,
+        local=None,
+        remote=remote,
+        upstream_local=upstream_local,
+        start=start,
+        tls=tls,
+    )
+    e.connection_properties.received_bytes = 100
+    e.connection_properties.sent_bytes = 200
+    return e
+
+
+def http_message(entries: Sequence[Any], ident: Any | None = None) -> Any:
+    msg = als_pb2.StreamAccessLogsMessage()
+    if ident is not None:
+        msg.identifier.CopyFrom(ident)
+    msg.http_logs.log_entry.extend(entries)
+    return msg
+
+
+def tcp_message(entries: Sequence[Any], ident: Any | None = None) -> Any:
+    msg = als_pb2.StreamAccessLogsMessage()
+    if ident is not None:
+        msg.identifier.CopyFrom(ident)
+    msg.tcp_logs.log_entry.extend(entries)
+    return msg
+
+
+async def stream(target: str, messages: Iterable[Any], timeout: float = 10.0) -> grpc.StatusCode:
+    """Send ``messages`` on one StreamAccessLogs stream and close it; returns the status code."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = als_pb2_grpc.AccessLogServiceStub(channel)
+
+        async def gen() -> Any:
+            for m in messages:
+                yield m
+
+        try:
+            await stub.StreamAccessLogs(gen(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def inbound_http(src: str | None, **kw: Any) -> Any:
+    """A server sidecar's entry for a request it received: mTLS from ``src``, plaintext if None.
+    The server is named by the stream's identifier."""
+    return http_entry(cluster="inbound|9080||", peer=spiffe(src) if src else None, tls=src is not None, **kw)
+
+
+def outbound_http(dst: str, ns: str = "default", **kw: Any) -> Any:
+    """An entry from a client sidecar for a request it sent to ``dst``."""
+    return http_entry(cluster=f"outbound|9080||{dst}.{ns}.svc.cluster.local", tls=False, **kw)
