@@ -1,0 +1,5 @@
+"""Shared pytest plugins: each test library registers its fixtures here, one line each."""
+
+pytest_plugins = [
+    "infra.brokers",
+]

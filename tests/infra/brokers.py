@@ -1,0 +1,205 @@
+"""Real message brokers for tests: Tansu (Kafka wire protocol) and Mosquitto (MQTT), each a
+subprocess on 127.0.0.1 and a free port, started and stopped by PID.
+
+Session fixtures ``tansu`` and ``mosquitto`` share one broker per test run; the factories
+``tansu_factory`` and ``mosquitto_factory`` start private brokers for tests that stop, freeze or
+restart them. Every broker a fixture started is stopped at teardown, also when the test failed.
+
+Tansu keeps data only in memory, so an outage is simulated by freezing it (SIGSTOP, then
+SIGCONT): the broker stops answering but keeps its data and its port. It also lacks
+SO_REUSEADDR, so it cannot be restarted on the same port for about a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.tools import mosquitto_binary, tansu_binary
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (the kernel picks it; a tiny race is accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_accepting(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on the port, or fail with the broker's log."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"broker not accepting on {HOST}:{port} after {timeout}s: {log.read_text()[-2000:]}")
+
+
+class BrokerProcess:
+    """One broker subprocess we started; every signal goes to its PID and nowhere else."""
+
+    def __init__(self, name: str, argv: list[str], port: int, workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.workdir = workdir
+        self.log = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        assert not self.running, f"{self.name} already running"
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
+            )
+        self.paused = False
+        try:
+            wait_accepting(self.port, self.proc, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (SIGKILL after ``timeout``) our process; safe when never started or stopped twice."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if self.paused:
+            self.resume()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def pause(self) -> None:
+        """Freeze the broker: connections stay open and nothing is answered (a hung broker)."""
+        os.kill(self.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.paused = False
+
+
+class Tansu(BrokerProcess):
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+class Mosquitto(BrokerProcess):
+    pass
+
+
+def make_tansu(workdir: Path, port: int | None = None, extra: list[str] | None = None) -> Tansu:
+    port = port or free_port()
+    url = f"tcp://{HOST}:{port}"
+    argv = [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+        *(extra or []),
+    ]
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Tansu("tansu", argv, port, workdir)
+
+
+def make_mosquitto(workdir: Path, port: int | None = None, persistence: bool = False) -> Mosquitto:
+    """Mosquitto with a config of our own. ``persistence`` keeps sessions and queued QoS 1
+    messages across a restart (saved on SIGTERM), which an outage test needs for its subscriber."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = [f"listener {port} {HOST}", "allow_anonymous true", f"persistence {str(persistence).lower()}"]
+    if persistence:
+        lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
+    conf = workdir / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return Mosquitto("mosquitto", [str(mosquitto_binary()), "-c", str(conf)], port, workdir)
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
+    """One Tansu for the session. Do not pause or stop it: use ``tansu_factory`` for that."""
+    broker = make_tansu(tmp_path_factory.mktemp("tansu"))
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One Mosquitto for the session. Do not stop it: use ``mosquitto_factory`` for that."""
+    broker = make_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def tansu_factory(tmp_path: Path) -> Iterator[Callable[..., Tansu]]:
+    """Start private Tansu brokers (started already); all are stopped at teardown."""
+    started: list[Tansu] = []
+
+    def factory(port: int | None = None, extra: list[str] | None = None) -> Tansu:
+        broker = make_tansu(tmp_path / f"tansu{len(started)}", port, extra)
+        started.append(broker)
+        broker.start()
+        return broker
+
+    try:
+        yield factory
+    finally:
+        for broker in started:
+            broker.stop()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Start private Mosquitto brokers (started already); all are stopped at teardown."""
+    started: list[Mosquitto] = []
+
+    def factory(port: int | None = None, persistence: bool = False) -> Mosquitto:
+        broker = make_mosquitto(tmp_path / f"mosquitto{len(started)}", port, persistence)
+        started.append(broker)
+        broker.start()
+        return broker
+
+    try:
+        yield factory
+    finally:
+        for broker in started:
+            broker.stop()
