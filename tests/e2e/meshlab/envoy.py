@@ -1,0 +1,541 @@
+"""Istio-like Envoy sidecar bootstraps, and the Envoy processes that run them.
+
+Names follow what a daemon sees from an Istio sidecar: node id
+``sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local``, node cluster ``<svc>.<ns>``, clusters
+``inbound|<port>||`` and ``outbound|<port>||<svc>.<ns>.svc.cluster.local``, route configs named
+after the port (outbound ``9080``, inbound ``inbound|9080||``), ``BlackHoleCluster`` for hosts
+outside the registry. Every sidecar streams HTTP and TCP access logs with Envoy's gRPC access
+loggers (``buffer_flush_interval`` 0.2 s) and spans with ``envoy.tracers.opentelemetry`` to the
+collector. Each access logger carries a runtime filter on ``meshlab.access_log_percent`` so a
+test can silence one sidecar's access logs through its admin API while it keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# `mypy tests/e2e` alone does not see tests/ as a root; the full `mypy` run checks this import.
+from infra import tools  # type: ignore[import-not-found,unused-ignore]
+
+from meshlab.pki import CertFiles
+from meshlab.procs import Proc, ProcGroup, http_ok, wait_until
+
+HTTP_SERVICE_PORT = 9080  # the logical (Kubernetes Service) ports cluster names carry
+TCP_SERVICE_PORT = 5432
+ALS_FLUSH = "0.2s"
+SPAN_FLUSH_MS = 200  # runtime tracing.opentelemetry.flush_interval_ms (Envoy's default is 5000)
+SILENCE_KEY = "meshlab.access_log_percent"
+HTTP_LOG_NAME = "http_envoy_accesslog"
+TCP_LOG_NAME = "tcp_envoy_accesslog"
+COLLECTOR_CLUSTER = "meshaudit_collector"
+REQUEST_HEADERS_TO_LOG = ["traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-request-id"]
+
+
+def envoy_binary() -> Path:
+    """The Envoy ELF binary: ``$ENVOY_BINARY`` if set, else the one ``make tools`` installed."""
+    if os.environ.get("ENVOY_BINARY"):
+        return Path(os.environ["ENVOY_BINARY"])
+    return Path(tools.envoy_binary())
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A peer this sidecar sends to: its service, where its sidecar listens, whether to originate mTLS."""
+
+    service: str
+    namespace: str
+    port: int  # the peer sidecar's inbound listener on 127.0.0.1
+    tls: bool
+    spiffe: str
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.service}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass
+class SidecarSpec:
+    service: str
+    namespace: str
+    pod: str
+    certs: CertFiles
+    ca_cert: Path
+    admin_port: int
+    collector_port: int
+    app_port: int
+    inbound_port: int
+    outbound_port: int
+    inbound_mode: Literal["strict", "permissive"] = "permissive"
+    http_upstreams: list[Upstream] = field(default_factory=list)
+    tcp_app_port: int | None = None
+    tcp_inbound_port: int | None = None
+    tcp_upstreams: dict[int, Upstream] = field(default_factory=dict)  # local outbound port -> peer
+
+    @property
+    def node_id(self) -> str:
+        return f"sidecar~127.0.0.1~{self.pod}.{self.namespace}~{self.namespace}.svc.cluster.local"
+
+    @property
+    def node_cluster(self) -> str:
+        return f"{self.service}.{self.namespace}"
+
+
+def _addr(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _static_cluster(name: str, port: int | None, **extra: Any) -> dict[str, Any]:
+    endpoints = [{"endpoint": {"address": _addr(port)}}] if port is not None else []
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        **extra,
+    }
+
+
+def _runtime_filter() -> dict[str, Any]:
+    return {
+        "runtime_filter": {
+            "runtime_key": SILENCE_KEY,
+            "percent_sampled": {"numerator": 100, "denominator": "HUNDRED"},
+            # Independent of x-request-id, so "0" silences every entry, not a hash bucket.
+            "use_independent_randomness": True,
+        }
+    }
+
+
+def _common_log_config(log_name: str) -> dict[str, Any]:
+    return {
+        "log_name": log_name,
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER}},
+        "buffer_flush_interval": ALS_FLUSH,
+    }
+
+
+def _http_access_log() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": _runtime_filter(),
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": _common_log_config(HTTP_LOG_NAME),
+                "additional_request_headers_to_log": REQUEST_HEADERS_TO_LOG,
+            },
+        }
+    ]
+
+
+def _tcp_access_log() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.tcp_grpc",
+            "filter": _runtime_filter(),
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig",
+                "common_config": _common_log_config(TCP_LOG_NAME),
+            },
+        }
+    ]
+
+
+def _tracing(spec: SidecarSpec) -> dict[str, Any]:
+    return {
+        "random_sampling": {"value": 100},
+        "custom_tags": [
+            {"tag": "istio.canonical_service", "literal": {"value": spec.service}},
+            {"tag": "istio.namespace", "literal": {"value": spec.namespace}},
+        ],
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER}, "timeout": "1s"},
+                "service_name": spec.node_cluster,
+            },
+        },
+    }
+
+
+def _hcm(spec: SidecarSpec, stat_prefix: str, route_config: dict[str, Any], inbound: bool) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "stat_prefix": stat_prefix,
+        "route_config": route_config,
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+        "tracing": _tracing(spec),
+        "access_log": _http_access_log(),
+        "use_remote_address": False,
+        "normalize_path": True,
+        "request_id_extension": {
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                "use_request_id_for_trace_sampling": True,
+            }
+        },
+    }
+    if inbound:
+        hcm["forward_client_cert_details"] = "APPEND_FORWARD"
+        hcm["set_current_client_cert_details"] = {"subject": True, "dns": True, "uri": True}
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+            ".HttpConnectionManager",
+            **hcm,
+        },
+    }
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": stat_prefix,
+            "cluster": cluster,
+            "access_log": _tcp_access_log(),
+        },
+    }
+
+
+def _downstream_tls(spec: SidecarSpec, trust_domain: str) -> dict[str, Any]:
+    """Terminate mTLS: require a client certificate from the mesh CA with a SPIFFE id."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(spec.certs.cert)},
+                        "private_key": {"filename": str(spec.certs.key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(spec.ca_cert)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"prefix": f"spiffe://{trust_domain}/"}}
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _upstream_tls(spec: SidecarSpec, peer: Upstream, service_port: int) -> dict[str, Any]:
+    """Originate mTLS with this sidecar's certificate, accepting only the peer's SPIFFE id."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": f"outbound_.{service_port}_._.{peer.fqdn}",
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(spec.certs.cert)},
+                        "private_key": {"filename": str(spec.certs.key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(spec.ca_cert)},
+                    "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer.spiffe}}],
+                },
+            },
+        },
+    }
+
+
+def _inbound_filter_chains(
+    spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str
+) -> list[dict[str, Any]]:
+    chains: list[dict[str, Any]] = [
+        {
+            "filter_chain_match": {"transport_protocol": "tls"},
+            "transport_socket": _downstream_tls(spec, trust_domain),
+            "filters": [network_filter],
+        }
+    ]
+    if spec.inbound_mode == "permissive":
+        # Istio PERMISSIVE: the same port also accepts plaintext (probes, legacy clients).
+        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [network_filter]})
+    return chains
+
+
+def bootstrap(spec: SidecarSpec, trust_domain: str = "cluster.local") -> dict[str, Any]:
+    inbound_cluster = f"inbound|{HTTP_SERVICE_PORT}||"
+    listeners: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = [
+        _static_cluster(
+            COLLECTOR_CLUSTER,
+            spec.collector_port,
+            typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+        ),
+        _static_cluster(inbound_cluster, spec.app_port),
+        _static_cluster("BlackHoleCluster", None),
+    ]
+
+    inbound_routes = {
+        "name": inbound_cluster,
+        "validate_clusters": False,
+        "virtual_hosts": [
+            {
+                "name": f"inbound|http|{HTTP_SERVICE_PORT}",
+                "domains": ["*"],
+                "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": inbound_cluster}}],
+            }
+        ],
+    }
+    inbound_tls_inspector = {
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+        },
+    }
+    listeners.append(
+        {
+            "name": "virtualInbound",
+            "address": _addr(spec.inbound_port),
+            "traffic_direction": "INBOUND",
+            "listener_filters": [inbound_tls_inspector],
+            "filter_chains": _inbound_filter_chains(
+                spec,
+                _hcm(spec, f"inbound_0.0.0.0_{HTTP_SERVICE_PORT}", inbound_routes, inbound=True),
+                trust_domain,
+            ),
+        }
+    )
+
+    vhosts: list[dict[str, Any]] = []
+    for peer in spec.http_upstreams:
+        name = f"outbound|{HTTP_SERVICE_PORT}||{peer.fqdn}"
+        cluster = _static_cluster(name, peer.port)
+        if peer.tls:
+            cluster["transport_socket"] = _upstream_tls(spec, peer, HTTP_SERVICE_PORT)
+        clusters.append(cluster)
+        short = [
+            peer.service,
+            f"{peer.service}.{peer.namespace}",
+            f"{peer.service}.{peer.namespace}.svc",
+            peer.fqdn,
+        ]
+        domains = [*short, *(f"{d}:{HTTP_SERVICE_PORT}" for d in short)]
+        vhosts.append(
+            {
+                "name": f"{peer.fqdn}:{HTTP_SERVICE_PORT}",
+                "domains": domains,
+                "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": name}}],
+            }
+        )
+    vhosts.append(
+        {
+            "name": "block_all",
+            "domains": ["*"],
+            "routes": [{"name": "block_all", "match": {"prefix": "/"}, "route": {"cluster": "BlackHoleCluster"}}],
+        }
+    )
+    listeners.append(
+        {
+            "name": f"0.0.0.0_{HTTP_SERVICE_PORT}",
+            "address": _addr(spec.outbound_port),
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [
+                {
+                    "filters": [
+                        _hcm(
+                            spec,
+                            f"outbound_0.0.0.0_{HTTP_SERVICE_PORT}",
+                            {
+                                "name": str(HTTP_SERVICE_PORT),
+                                "validate_clusters": False,
+                                "virtual_hosts": vhosts,
+                            },
+                            inbound=False,
+                        )
+                    ]
+                }
+            ],
+        }
+    )
+
+    if spec.tcp_app_port is not None and spec.tcp_inbound_port is not None:
+        tcp_inbound = f"inbound|{TCP_SERVICE_PORT}||"
+        clusters.append(_static_cluster(tcp_inbound, spec.tcp_app_port))
+        listeners.append(
+            {
+                "name": f"virtualInbound-tcp-{TCP_SERVICE_PORT}",
+                "address": _addr(spec.tcp_inbound_port),
+                "traffic_direction": "INBOUND",
+                "listener_filters": [inbound_tls_inspector],
+                "filter_chains": _inbound_filter_chains(spec, _tcp_proxy(tcp_inbound, tcp_inbound), trust_domain),
+            }
+        )
+    for local_port, peer in spec.tcp_upstreams.items():
+        name = f"outbound|{TCP_SERVICE_PORT}||{peer.fqdn}"
+        cluster = _static_cluster(name, peer.port)
+        if peer.tls:
+            cluster["transport_socket"] = _upstream_tls(spec, peer, TCP_SERVICE_PORT)
+        clusters.append(cluster)
+        listeners.append(
+            {
+                "name": f"{peer.fqdn}_{TCP_SERVICE_PORT}",
+                "address": _addr(local_port),
+                "traffic_direction": "OUTBOUND",
+                "filter_chains": [{"filters": [_tcp_proxy(name, name)]}],
+            }
+        )
+
+    return {
+        "node": {
+            "id": spec.node_id,
+            "cluster": spec.node_cluster,
+            "metadata": {
+                "NAME": spec.pod,
+                "NAMESPACE": spec.namespace,
+                "WORKLOAD_NAME": spec.pod.rsplit("-", 1)[0],
+                "SERVICE_ACCOUNT": spec.service,
+                "CLUSTER_ID": "Kubernetes",
+                "MESH_ID": trust_domain,
+                "LABELS": {"app": spec.service, "service.istio.io/canonical-name": spec.service},
+                "INSTANCE_IPS": "127.0.0.1",
+            },
+        },
+        "admin": {"address": _addr(spec.admin_port)},
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {
+                        # Envoy's OpenTelemetry tracer flushes every 5 s and after 5 spans by
+                        # default; both are runtime keys, lowered so tests need not wait.
+                        "tracing.opentelemetry.flush_interval_ms": SPAN_FLUSH_MS,
+                        "tracing.opentelemetry.min_flush_spans": 1,
+                    },
+                },
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+@dataclass(frozen=True)
+class AccessLogStats:
+    """Envoy's own word on its gRPC access loggers. In 1.40 ``logs_written`` counts HTTP
+    entries only; ``grpc_entries_flushed`` counts every entry (HTTP and TCP) sent on a stream."""
+
+    written: int
+    dropped: int
+    flushed: int
+    flush_failed: int
+
+
+class Envoy:
+    """One running sidecar Envoy, addressed by its admin port."""
+
+    def __init__(self, spec: SidecarSpec, proc: Proc, config_path: Path) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.config_path = config_path
+
+    @classmethod
+    def start(cls, spec: SidecarSpec, run_dir: Path, group: ProcGroup, base_id: int) -> Envoy:
+        config_path = run_dir / f"envoy-{spec.service}.{spec.namespace}.yaml"
+        config_path.write_text(yaml.safe_dump(bootstrap(spec), sort_keys=False))
+        argv = [
+            str(envoy_binary()),
+            "-c",
+            str(config_path),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--base-id",
+            str(base_id),
+            "--log-level",
+            os.environ.get("MESHLAB_ENVOY_LOG_LEVEL", "warning"),
+            "--service-node",
+            spec.node_id,
+            "--service-cluster",
+            spec.node_cluster,
+        ]
+        proc = group.start(f"envoy-{spec.service}", argv, run_dir / f"envoy-{spec.service}.{spec.namespace}.log")
+        return cls(spec, proc, config_path)
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.spec.admin_port}"
+
+    def ready(self) -> bool:
+        return self.proc.alive() and http_ok(f"{self.admin}/ready")
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        if not wait_until(self.ready, timeout, 0.05):
+            raise RuntimeError(
+                f"Envoy for {self.spec.service} not ready within {timeout}s\n--- log ---\n{self.proc.log_tail()}"
+            )
+
+    def stats(self, filter_regex: str = "") -> dict[str, int]:
+        """Counters and gauges from ``/stats?format=json`` (histograms left out)."""
+        query = urllib.parse.urlencode({"format": "json", **({"filter": filter_regex} if filter_regex else {})})
+        with urllib.request.urlopen(f"{self.admin}/stats?{query}", timeout=2) as resp:
+            body = json.load(resp)
+        out: dict[str, int] = {}
+        for stat in body.get("stats", []):
+            if "value" in stat:
+                out[str(stat["name"])] = int(stat["value"])
+        return out
+
+    def access_log_stats(self) -> AccessLogStats:
+        s = self.stats(r"^access_logs\.grpc_access_log\.")
+        p = "access_logs.grpc_access_log."
+        return AccessLogStats(
+            written=s.get(p + "logs_written", 0),
+            dropped=s.get(p + "logs_dropped", 0),
+            flushed=s.get(p + "grpc_entries_flushed", 0),
+            flush_failed=s.get(p + "grpc_entries_flush_failed", 0),
+        )
+
+    def set_runtime(self, key: str, value: str) -> None:
+        req = urllib.request.Request(
+            f"{self.admin}/runtime_modify?{urllib.parse.urlencode({key: value})}", method="POST", data=b""
+        )
+        with urllib.request.urlopen(req, timeout=2) as resp:
+            resp.read()
+
+    def silence_access_logs(self, silent: bool = True) -> None:
+        """Stop (or resume) this sidecar's access logs; it keeps proxying and tracing."""
+        self.set_runtime(SILENCE_KEY, "0" if silent else "100")
+
+    def describe(self) -> str:
+        return f"{self.spec.node_id} admin={self.admin} log={self.proc.log_path}"
+
+
+def dump_logs(envoys: list[Envoy], out: Any = None) -> None:
+    """Print every Envoy's log tail (called when a test fails)."""
+    stream = out or sys.stderr
+    for e in envoys:
+        print(f"\n===== Envoy {e.spec.service}.{e.spec.namespace}: {e.describe()} =====", file=stream)
+        print(e.proc.log_tail(), file=stream)

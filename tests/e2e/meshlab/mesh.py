@@ -1,0 +1,319 @@
+"""The loopback mesh: services, each a tiny app plus a sidecar Envoy, wired like Istio.
+
+:func:`default_topology` is the mesh the end-to-end tests and ``make demo`` use. A
+:class:`Mesh` generates the CA and certificates, allocates ports, starts apps and sidecars,
+waits until every one is ready, and stops them all (by PID) on :meth:`Mesh.stop`. Traffic
+helpers ask an app (through its control port) to call a peer, so requests in the mesh are
+always app -> own sidecar -> peer sidecar -> peer app, as in a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from meshlab.envoy import AccessLogStats, Envoy, SidecarSpec, Upstream, dump_logs
+from meshlab.pki import CertificateAuthority
+from meshlab.procs import Proc, ProcGroup, child_env, free_ports, http_ok, wait_until
+
+MESHLAB_PARENT = Path(__file__).resolve().parents[1]  # tests/e2e, so children can import meshlab
+
+
+def _app_up(control_url: str, app: Proc) -> bool:
+    return http_ok(control_url) or not app.alive()  # a dead app ends the wait too
+
+
+@dataclass(frozen=True)
+class Peer:
+    service: str
+    tls: bool = True  # False: the caller's sidecar sends plaintext (a DestinationRule with tls: DISABLE)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    namespace: str = "default"
+    inbound: Literal["strict", "permissive"] = "permissive"
+    otel: Literal["grpc", "http"] | None = None  # OpenTelemetry SDK in the app, and its OTLP transport
+    peers: tuple[Peer, ...] = ()
+    tcp_server: bool = False  # the app echoes lines on a TCP port behind a TCP inbound listener
+    tcp_peers: tuple[Peer, ...] = ()
+    direct_peers: tuple[str, ...] = ()  # peers whose app port this app may call, skipping sidecars
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+
+def default_topology() -> list[ServiceSpec]:
+    """frontend (OTel SDK over OTLP/HTTP) calls reviews, ratings, details and inventory; reviews
+    (OTel SDK over OTLP/gRPC) calls ratings and the TCP service db. frontend -> ratings and
+    reviews -> db are plaintext; details accepts only mTLS (STRICT); the rest are PERMISSIVE."""
+    return [
+        ServiceSpec(
+            "frontend",
+            otel="http",
+            peers=(Peer("reviews"), Peer("ratings", tls=False), Peer("details"), Peer("inventory")),
+            direct_peers=("reviews",),
+        ),
+        ServiceSpec(
+            "reviews",
+            otel="grpc",
+            peers=(Peer("ratings"),),
+            tcp_peers=(Peer("db", tls=False),),
+        ),
+        ServiceSpec("ratings"),
+        ServiceSpec("details", inbound="strict"),
+        ServiceSpec("inventory"),
+        ServiceSpec("db", tcp_server=True),
+    ]
+
+
+@dataclass
+class Service:
+    spec: ServiceSpec
+    pod: str
+    app_port: int
+    control_port: int
+    inbound_port: int
+    outbound_port: int
+    admin_port: int
+    tcp_app_port: int | None = None
+    tcp_inbound_port: int | None = None
+    tcp_outbound: dict[str, int] = field(default_factory=dict)
+    envoy: Envoy | None = None
+    app: Proc | None = None
+
+    @property
+    def sidecar(self) -> Envoy:
+        assert self.envoy is not None
+        return self.envoy
+
+
+class Mesh:
+    def __init__(
+        self,
+        run_dir: Path,
+        collector_grpc_port: int,
+        collector_http_port: int,
+        topology: list[ServiceSpec] | None = None,
+        base_id_start: int = 0,
+    ) -> None:
+        self.run_dir = run_dir
+        self.collector_grpc_port = collector_grpc_port
+        self.collector_http_port = collector_http_port
+        self.topology = topology or default_topology()
+        # Unique Envoy --base-id per instance; offset by the collector port so concurrent meshes differ.
+        self.base_id_start = base_id_start or (collector_grpc_port % 5000) * 10
+        self.group = ProcGroup()
+        self.services: dict[str, Service] = {}
+        self.ca: CertificateAuthority | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> Mesh:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.dump_logs()
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ca = CertificateAuthority(self.run_dir / "pki")
+        for spec in self.topology:
+            n = 5 + (2 if spec.tcp_server else 0) + len(spec.tcp_peers)
+            ports = free_ports(n)
+            svc = Service(
+                spec=spec,
+                pod=f"{spec.name}-v1-{zlib.crc32(spec.key.encode()) % 100000:05d}",
+                app_port=ports[0],
+                control_port=ports[1],
+                inbound_port=ports[2],
+                outbound_port=ports[3],
+                admin_port=ports[4],
+            )
+            rest = ports[5:]
+            if spec.tcp_server:
+                svc.tcp_app_port, svc.tcp_inbound_port = rest[0], rest[1]
+                rest = rest[2:]
+            for peer, port in zip(spec.tcp_peers, rest, strict=True):
+                svc.tcp_outbound[peer.service] = port
+            self.services[spec.name] = svc
+
+        for i, svc in enumerate(self.services.values()):
+            svc.envoy = Envoy.start(self._sidecar_spec(svc), self.run_dir, self.group, self.base_id_start + i)
+            svc.app = self._start_app(svc)
+        deadline = time.monotonic() + timeout
+        for svc in self.services.values():
+            svc.sidecar.wait_ready(max(1.0, deadline - time.monotonic()))
+            control = f"http://127.0.0.1:{svc.control_port}/healthz"
+            app = svc.app
+            assert app is not None
+            if not wait_until(partial(_app_up, control, app), max(1.0, deadline - time.monotonic())):
+                raise RuntimeError(f"app {svc.spec.name} did not start\n{app.log_tail()}")
+            if not app.alive():
+                raise RuntimeError(f"app {svc.spec.name} exited\n{app.log_tail()}")
+        # Readiness comes from each Envoy's admin /ready, never from connecting to a listener: a
+        # probe connection through a TCP proxy would itself be a (plaintext) hop in the audit.
+
+    def stop(self) -> None:
+        self.group.stop_all()
+
+    def __enter__(self) -> Mesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- wiring --------------------------------------------------------------------------------
+    def _upstream(self, peer: Peer, tcp: bool) -> Upstream:
+        target = self.services[peer.service]
+        assert self.ca is not None
+        from meshlab.pki import spiffe_id
+
+        port = target.tcp_inbound_port if tcp else target.inbound_port
+        assert port is not None, f"{peer.service} has no {'TCP' if tcp else 'HTTP'} inbound listener"
+        return Upstream(
+            service=target.spec.name,
+            namespace=target.spec.namespace,
+            port=port,
+            tls=peer.tls,
+            spiffe=spiffe_id(target.spec.namespace, target.spec.name, self.ca.trust_domain),
+        )
+
+    def _sidecar_spec(self, svc: Service) -> SidecarSpec:
+        assert self.ca is not None
+        certs = self.ca.issue(svc.spec.namespace, svc.spec.name)
+        return SidecarSpec(
+            service=svc.spec.name,
+            namespace=svc.spec.namespace,
+            pod=svc.pod,
+            certs=certs,
+            ca_cert=self.ca.cert_path,
+            admin_port=svc.admin_port,
+            collector_port=self.collector_grpc_port,
+            app_port=svc.app_port,
+            inbound_port=svc.inbound_port,
+            outbound_port=svc.outbound_port,
+            inbound_mode=svc.spec.inbound,
+            http_upstreams=[self._upstream(p, tcp=False) for p in svc.spec.peers],
+            tcp_app_port=svc.tcp_app_port,
+            tcp_inbound_port=svc.tcp_inbound_port,
+            tcp_upstreams={svc.tcp_outbound[p.service]: self._upstream(p, tcp=True) for p in svc.spec.tcp_peers},
+        )
+
+    def _start_app(self, svc: Service) -> Proc:
+        otel: dict[str, str] | None = None
+        if svc.spec.otel == "grpc":
+            otel = {"protocol": "grpc", "endpoint": f"127.0.0.1:{self.collector_grpc_port}"}
+        elif svc.spec.otel == "http":
+            otel = {"protocol": "http", "endpoint": f"http://127.0.0.1:{self.collector_http_port}/v1/traces"}
+        cfg = {
+            "service": svc.spec.name,
+            "namespace": svc.spec.namespace,
+            "pod": svc.pod,
+            "app_port": svc.app_port,
+            "control_port": svc.control_port,
+            "tcp_app_port": svc.tcp_app_port,
+            "outbound_port": svc.outbound_port,
+            "tcp_outbound": svc.tcp_outbound,
+            "direct": {p: self.services[p].app_port for p in svc.spec.direct_peers},
+            "otel": otel,
+        }
+        path = self.run_dir / f"app-{svc.spec.key}.json"
+        path.write_text(json.dumps(cfg, indent=2))
+        return self.group.start(
+            f"app-{svc.spec.name}",
+            [sys.executable, "-m", "meshlab.app", str(path)],
+            self.run_dir / f"app-{svc.spec.key}.log",
+            env=child_env([MESHLAB_PARENT]),
+        )
+
+    # --- traffic -----------------------------------------------------------------------------
+    def _control(self, service: str, path: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        svc = self.services[service]
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{svc.control_port}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            result: dict[str, Any] = json.load(resp)
+        return result
+
+    def call(
+        self,
+        src: str,
+        dst: str,
+        path: str,
+        method: str = "GET",
+        count: int = 1,
+        via: Literal["sidecar", "direct"] = "sidecar",
+        headers: dict[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """``src``'s app calls ``dst`` ``count`` times; returns one result per call
+        (``status``, ``request_id``, ``trace_id``, ``body``)."""
+        body = {"peer": dst, "method": method, "path": path, "via": via, "count": count, "headers": headers or {}}
+        results: list[dict[str, Any]] = self._control(src, "/call", body)["results"]
+        return results
+
+    def tcp(self, src: str, dst: str, payload: str = "ping", count: int = 1) -> list[dict[str, Any]]:
+        """``src``'s app opens ``count`` TCP connections to ``dst`` through its sidecar."""
+        results: list[dict[str, Any]] = self._control(src, "/tcp", {"peer": dst, "payload": payload, "count": count})[
+            "results"
+        ]
+        return results
+
+    def probe(self, dst: str, path: str = "/healthz") -> int:
+        """A kubelet-style probe: plaintext HTTP from outside the mesh to ``dst``'s sidecar."""
+        port = self.services[dst].inbound_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status)
+
+    # --- introspection -------------------------------------------------------------------------
+    @property
+    def envoys(self) -> list[Envoy]:
+        return [s.sidecar for s in self.services.values() if s.envoy is not None]
+
+    def envoy(self, service: str) -> Envoy:
+        return self.services[service].sidecar
+
+    def access_log_stats(self) -> dict[str, AccessLogStats]:
+        """service -> its sidecar's gRPC access-logger counters, from the admin stats."""
+        return {name: svc.sidecar.access_log_stats() for name, svc in self.services.items()}
+
+    def wait_access_logs_stable(self, quiet_secs: float = 0.6, timeout: float = 10.0) -> dict[str, AccessLogStats]:
+        """Wait until no sidecar's access-log counters change for ``quiet_secs`` (Envoy's
+        ``timer_flushed`` keeps ticking, so the counters themselves are what to watch)."""
+        last = self.access_log_stats()
+        stable_since = time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.access_log_stats()
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= quiet_secs:
+                break
+        return last
+
+    def dead(self) -> list[str]:
+        return [p.name for p in self.group.dead()]
+
+    def dump_logs(self, out: Any = None) -> None:
+        stream = out or sys.stderr
+        dump_logs(self.envoys, stream)
+        for svc in self.services.values():
+            if svc.app is not None:
+                print(f"\n===== app {svc.spec.key} ({svc.app.log_path}) =====", file=stream)
+                print(svc.app.log_tail(5000), file=stream)
