@@ -9,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
-
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -93,7 +92,7 @@ def http_entry(
     )
     e.common_properties.route_name = route_name
     r = e.request
-    r.request_method = METHODS[method]
+    r.request_method = METHODS[method]  # type: ignore[assignment]  # enum fields take ints
     r.path = path
     r.authority = authority
     r.request_id = request_id or str(uuid.uuid4())

@@ -101,9 +101,7 @@ class Daemon:
             return []
         return [orjson.loads(line) for line in data.splitlines() if line.strip()]
 
-    def wait_alerts(
-        self, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
-    ) -> list[dict[str, Any]]:
+    def wait_alerts(self, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
             got = self.alerts()
@@ -112,7 +110,8 @@ class Daemon:
             time.sleep(0.05)
 
     def scrape(self) -> str:
-        return urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5).read().decode()
+        with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5) as r:
+            return str(r.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``; 0 when absent."""

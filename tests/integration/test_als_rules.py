@@ -50,13 +50,15 @@ async def test_plaintext_inbound_alerts_once_aggregated(daemon: Daemon) -> None:
 async def test_plaintext_without_pairing_waits_then_names_the_address(daemon: Daemon) -> None:
     e = als.inbound_http(None, path="/reviews/2", remote="10.9.9.9:5555")
     await als.stream(daemon.grpc, [als.http_message([e], als.identifier("reviews"))])
-    got = daemon.wait_alerts(lambda a: bool(a), timeout=5)
+    got = daemon.wait_alerts(bool, timeout=5)
     assert [a["rule"] for a in got] == ["plaintext_hop"]
     assert got[0]["source"]["address"] == "10.9.9.9:5555"
 
 
 async def test_plaintext_tcp_entry_alerts(daemon: Daemon) -> None:
-    out = als.tcp_entry(cluster="outbound|5432||ratings.default.svc.cluster.local", tls=False, upstream_local="10.0.0.7:4100")
+    out = als.tcp_entry(
+        cluster="outbound|5432||ratings.default.svc.cluster.local", tls=False, upstream_local="10.0.0.7:4100"
+    )
     inb = als.tcp_entry(cluster="inbound|5432||", tls=False, remote="10.0.0.7:4100")
     await als.stream(daemon.grpc, [als.tcp_message([out], als.identifier("reviews"))])
     await als.stream(daemon.grpc, [als.tcp_message([inb], als.identifier("ratings"))])

@@ -32,7 +32,7 @@ from meshaudit.naming import Namer
 
 
 class Violation:
-    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "when")
+    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
 
     def __init__(
         self,
@@ -43,8 +43,10 @@ class Violation:
         hop: Hop | None,
         detail: str,
         when: float,
+        summary: str | None = None,
     ) -> None:
         self.rule = rule
+        self.summary = summary  # overrides the rule's summary template
         self.severity = severity
         self.src = src
         self.dst = dst
@@ -144,9 +146,11 @@ class _AggState:
         "seq",
         "severity",
         "src",
+        "summary",
     )
 
     def __init__(self, v: Violation) -> None:
+        self.summary = v.summary
         self.rule = v.rule
         self.severity = v.severity
         self.src = v.src
@@ -203,7 +207,9 @@ class Aggregator:
 
     def _emit(self, st: _AggState, now: float) -> None:
         src, dst = st.src, st.dst
-        summary = SUMMARIES.get(st.rule, "{rule} from {src} to {dst}").format(rule=st.rule, src=src.key, dst=dst.key)
+        summary = st.summary or SUMMARIES.get(st.rule, "{rule} from {src} to {dst}").format(
+            rule=st.rule, src=src.key, dst=dst.key
+        )
         if st.count > 1:
             summary += f" ({st.count} times in {self.window} s)"
         self.out.append(

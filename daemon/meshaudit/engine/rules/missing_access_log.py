@@ -20,7 +20,10 @@ from typing import Any
 
 from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
 from meshaudit.engine.store import TTLStore
-from meshaudit.model import NOBODY, SPAN, SPAN_KIND_SERVER, Hop, identity
+from meshaudit.model import SPAN, SPAN_KIND_SERVER, Hop, identity
+
+# A silent sidecar is about all of its traffic, whoever the clients are.
+ANY_SOURCE = identity("*")
 
 
 class MissingAccessLog:
@@ -108,15 +111,17 @@ class MissingAccessLog:
                 continue
             self.silence_reported[svc] = logged_at
             name, _, ns = svc.partition(".")
+            silent_for = int(now - logged_at)
             emit(
                 Violation(
                     "missing_access_log",
                     self.cfg.severity,
-                    NOBODY,
+                    ANY_SOURCE,
                     identity(name, ns or None),
                     None,
-                    f"the sidecar has sent no access log for {int(now - logged_at)} s "
-                    "while spans show the service serving",
+                    f"the sidecar has sent no access log for {silent_for} s while spans show the service serving",
                     now,
+                    summary=f"The sidecar of {svc} has sent no access log for {silent_for} s "
+                    "while traces show the service serving",
                 )
             )

@@ -1,0 +1,83 @@
+"""Strict configuration: one typo per section is an error naming the file, line and key;
+`meshaudit validate` and `meshaudit run` report it with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from meshaudit.config import ConfigError, load
+
+REPO = Path(__file__).resolve().parents[2]
+MESHAUDIT = str(Path(sys.executable).with_name("meshaudit"))
+
+TYPOS = {
+    "listen": "listen:\n  grcp: 127.0.0.1:1\n",
+    "receivers": "receivers:\n  max_mesage_bytes: 10\n",
+    "mesh": "mesh:\n  trust_domian: x\n",
+    "engine": "engine:\n  supress_secs: 5\n",
+    "rules": "rules:\n  plaintext_hop:\n    severty: high\n",
+    "policy": "policy:\n  edges:\n    - {from: [a], too: [b]}\n",
+    "sinks": "sinks:\n  jsonl:\n    paht: x\n",
+    "top": "log_levle: info\n",
+}
+
+
+@pytest.mark.parametrize("section", sorted(TYPOS))
+def test_typo_in_each_section_names_file_line_and_key(tmp_path: Path, section: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("# comment\n" + TYPOS[section])
+    with pytest.raises(ConfigError) as exc:
+        load(f)
+    msg = str(exc.value)
+    assert str(f) in msg
+    assert "unknown key" in msg
+    bad_line = 1 + len(TYPOS[section].splitlines())
+    assert f":{bad_line}:" in msg or f":{bad_line - 1}:" in msg, msg
+
+
+def test_shipped_config_and_policy_are_valid() -> None:
+    cfg, _policy = load(REPO / "config" / "default.yaml")
+    assert cfg.listen.grpc == "127.0.0.1:4317"
+    _, example = load(REPO / "config" / "example.yaml")
+    assert example.edges, "the example points at the example policy"
+
+
+def test_wrong_value_is_explained(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("listen:\n  grpc: nowhere\nrules:\n  plaintext_hop:\n    severity: urgent\n")
+    with pytest.raises(ConfigError) as exc:
+        load(f)
+    msg = str(exc.value)
+    assert "listen.grpc" in msg and "HOST:PORT" in msg
+    assert "rules.plaintext_hop.severity" in msg
+
+
+def test_policy_file_errors_name_the_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text("edges:\n  - from: [a]\n    to: [b]\n    unless: x\n")
+    (tmp_path / "c.yaml").write_text("policy_file: policy.yaml\n")
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path / "c.yaml")
+    assert "policy.yaml:4" in str(exc.value) and "unknown key 'edges.0.unless'" in str(exc.value)
+
+
+def test_validate_command(tmp_path: Path) -> None:
+    ok = subprocess.run([MESHAUDIT, "validate", str(REPO / "config" / "example.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  tick_ms: 1\n")
+    res = subprocess.run([MESHAUDIT, "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "engine.tick_ms" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: [oops\n")
+    res = subprocess.run([MESHAUDIT, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert "invalid YAML" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([MESHAUDIT, "run", "--grpc", "nohost"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "HOST:PORT" in res.stderr

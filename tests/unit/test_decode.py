@@ -1,0 +1,150 @@
+"""Decoders from protobuf bytes, as Envoy sends them: full entries, entries with fields missing
+(unset fields are defaults, optional submessages absent), and fuzzed bytes."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from infra import als
+from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
+from meshaudit._proto.meshaudit.alert.v1 import alert_pb2
+from meshaudit.config import Config, MeshConfig
+from meshaudit.engine.core import Engine
+from meshaudit.model import INBOUND, OUTBOUND, UNKNOWN, Hop
+from meshaudit.naming import Namer
+from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
+from meshaudit.receivers.otlp.decode import ExportTraceServiceRequest, OtlpJsonError, decode_traces, parse_json
+
+NAMER = Namer(MeshConfig())
+
+
+def _decode(msg: als_pb2.StreamAccessLogsMessage) -> list[Hop]:
+    wire = als_pb2.StreamAccessLogsMessage.FromString(msg.SerializeToString())
+    node = wire.identifier.node
+    ctx = StreamContext(NAMER, node.id, node.cluster, wire.identifier.log_name)
+    out: list[Hop] = []
+    if wire.WhichOneof("log_entries") == "http_logs":
+        decode_http(wire.http_logs.log_entry, ctx, NAMER, out)
+    else:
+        decode_tcp(wire.tcp_logs.log_entry, ctx, NAMER, out)
+    return out
+
+
+def test_inbound_mtls_entry() -> None:
+    e = als.inbound_http(
+        "frontend", path="/reviews/1", request_id="rid", traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    )
+    [h] = _decode(als.http_message([e], als.identifier("reviews")))
+    assert h.direction == INBOUND
+    assert (
+        h.dst.service == "reviews" and h.dst.namespace == "default" and h.dst.workload == "reviews-v1-5d8f7c9b6-x2kq4"
+    )
+    assert h.src.principal == "spiffe://cluster.local/ns/default/sa/frontend" and h.src.service == "frontend"
+    assert h.tls_version == "TLSv1.3" and h.method == "GET" and h.path == "/reviews/1" and h.status == 200
+    assert h.request_id == "rid" and h.trace_id == "a" * 32 and h.conn == "10.0.0.9:40000"
+
+
+def test_outbound_entry_names_destination_from_cluster() -> None:
+    e = als.outbound_http("ratings", ns="prod", upstream_local="10.0.0.1:5555")
+    [h] = _decode(als.http_message([e], als.identifier("reviews")))
+    assert h.direction == OUTBOUND and h.src.service == "reviews"
+    assert h.dst.service == "ratings" and h.dst.namespace == "prod" and h.conn == "10.0.0.1:5555"
+
+
+def test_passthrough_is_an_edge_out_of_the_mesh() -> None:
+    e = als.http_entry(cluster="PassthroughCluster", authority="api.example.com:443", tls=False)
+    [h] = _decode(als.http_message([e], als.identifier("reviews")))
+    assert h.direction == OUTBOUND and h.dst.service == "api.example.com" and h.dst.workload == "PassthroughCluster"
+
+
+def test_entry_with_every_optional_part_missing() -> None:
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.identifier.node.id = "envoy-1"
+    msg.http_logs.log_entry.add()
+    msg.tcp_logs.log_entry.add()  # oneof: replaces http_logs
+    [h] = _decode(msg)
+    assert h.direction == UNKNOWN and h.tls_version is None and h.start == 0.0 and h.conn is None
+    msg2 = als_pb2.StreamAccessLogsMessage()
+    msg2.identifier.node.cluster = "plain-envoy"
+    msg2.http_logs.log_entry.add()
+    [h2] = _decode(msg2)
+    assert h2.method == "OTHER" and h2.path is None and h2.status == 0 and h2.observer == "plain-envoy"
+
+
+def test_plain_envoy_log_name_mapping() -> None:
+    namer = Namer(
+        MeshConfig.model_validate(
+            {
+                "clusters": {"edge": {"service": "gateway", "namespace": "infra"}},
+                "log_name_direction": {"ingress": "inbound"},
+            }
+        )
+    )
+    ctx = StreamContext(namer, "edge-1", "edge", "ingress")
+    out: list[Hop] = []
+    decode_http([als.http_entry(cluster="backend", tls=False)], ctx, namer, out)
+    assert out[0].direction == INBOUND and out[0].dst.service == "gateway" and out[0].dst.namespace == "infra"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzzed_bytes_never_crash_the_decoder(data: bytes) -> None:
+    try:
+        msg = als_pb2.StreamAccessLogsMessage.FromString(data)
+    except DecodeError:
+        return
+    _decode(msg)
+
+
+def test_otlp_json_ids_and_unknown_fields() -> None:
+    req = ExportTraceServiceRequest()
+    parse_json(
+        orjson.dumps(
+            {
+                "resourceSpans": [
+                    {
+                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "reviews"}}]},
+                        "scopeSpans": [
+                            {
+                                "spans": [
+                                    {
+                                        "traceId": "5B8EFFF798038103D269B633813FC60C",
+                                        "spanId": "eee19b7ec3c1b174",
+                                        "kind": 2,
+                                        "startTimeUnixNano": "1700000000000000000",
+                                        "futureField": 1,
+                                    }
+                                ]
+                            }
+                        ],
+                    }
+                ]
+            }
+        ),
+        req,
+    )
+    out: list[Hop] = []
+    assert decode_traces(req, NAMER, out) == 1
+    assert out[0].trace_id == "5b8efff798038103d269b633813fc60c" and out[0].dst.service == "reviews"
+    assert out[0].start == 1_700_000_000.0
+    with pytest.raises(OtlpJsonError, match="expected 32 hex digits"):
+        parse_json(b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"abcd"}]}]}]}', ExportTraceServiceRequest())
+
+
+def test_alert_record_matches_the_published_schema() -> None:
+    e = Engine(Config(), Config().policy)
+    alerts = e.evaluate(
+        _decode(als.http_message([als.inbound_http(None, path="/x", remote="1.2.3.4:5")], als.identifier("reviews"))),
+        1.0,
+    )
+    alerts += e.tick(10.0)
+    assert alerts
+    for a in alerts:
+        record = orjson.loads(a.encode())
+        # Unknown fields rejected: the JSON has exactly the schema's fields.
+        json_format.ParseDict(record, alert_pb2.Alert(), ignore_unknown_fields=False)
+        assert record["emitted_at"].endswith("Z") and len(record["id"]) == 32

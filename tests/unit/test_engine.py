@@ -1,0 +1,249 @@
+"""The pure engine with a fake clock: hops in, alerts out, for every rule, including the
+aggregation window, suppression, pairing of both sidecars' entries and bounded stores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshaudit.config import Config, Policy
+from meshaudit.engine.core import Engine
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, SPAN, SPAN_KIND_SERVER, Alert, Hop, identity
+
+T0 = 1_800_000_000.0
+FRONTEND = identity("frontend", "default")
+REVIEWS = identity("reviews", "default")
+RATINGS = identity("ratings", "default")
+FRONTEND_SA = identity("frontend", "default", None, "spiffe://cluster.local/ns/default/sa/frontend")
+ADDR = identity(None, None, None, None, "10.0.0.9:4000")
+NODE_REVIEWS = "sidecar~10.0.0.2~reviews-v1-1.default~default.svc.cluster.local"
+NODE_FRONTEND = "sidecar~10.0.0.1~frontend-1.default~default.svc.cluster.local"
+
+POLICY = Policy.model_validate(
+    {
+        "edges": [{"from": ["frontend.default"], "to": ["reviews.default"]}],
+        "routes": [{"to": ["reviews.default"], "allow": [{"methods": ["GET"], "paths": ["/reviews/*"]}]}],
+        "exemptions": [{"rules": ["plaintext_hop", "unexpected_path"], "paths": ["/healthz"]}],
+    }
+)
+
+
+def engine(policy: Policy = POLICY, **over: Any) -> Engine:
+    cfg = Config.model_validate(
+        {
+            "engine": {"suppress_secs": 60, "store_max_items": 1000},
+            "rules": {"missing_access_log": {"grace_ms": 2000, "silent_secs": 10}, **over},
+        }
+    )
+    return Engine(cfg, policy)
+
+
+def inbound(
+    src: Any = FRONTEND_SA, tls: str | None = "TLSv1.3", path: str = "/reviews/1", rid: str | None = "r1", **kw: Any
+) -> Hop:
+    return Hop(
+        ALS_HTTP,
+        NODE_REVIEWS,
+        REVIEWS,
+        INBOUND,
+        src,
+        REVIEWS,
+        T0,
+        tls_version=tls,
+        method=kw.pop("method", "GET"),
+        path=path,
+        request_id=rid,
+        upstream_cluster="inbound|9080||",
+        **kw,
+    )
+
+
+def outbound(dst: Any = REVIEWS, rid: str | None = "r1", **kw: Any) -> Hop:
+    return Hop(
+        ALS_HTTP,
+        NODE_FRONTEND,
+        FRONTEND,
+        OUTBOUND,
+        FRONTEND,
+        dst,
+        T0,
+        method="GET",
+        path="/reviews/1",
+        request_id=rid,
+        upstream_cluster="outbound|9080||reviews.default.svc.cluster.local",
+        **kw,
+    )
+
+
+def app_span(service: Any = REVIEWS, trace: str = "ab" * 16) -> Hop:
+    return Hop(
+        SPAN,
+        "span:" + service.key,
+        service,
+        INBOUND,
+        identity(),
+        service,
+        T0,
+        method="GET",
+        path="/reviews/1",
+        trace_id=trace,
+        span_kind=SPAN_KIND_SERVER,
+    )
+
+
+def rules(alerts: list[Alert]) -> list[str]:
+    return [a.rule for a in alerts]
+
+
+def test_mtls_inside_policy_is_silent() -> None:
+    e = engine()
+    assert e.evaluate([outbound(), inbound()], T0) == []
+    assert e.tick(T0 + 120) == []
+
+
+def test_plaintext_inbound_named_by_client_sidecar_entry_in_same_batch() -> None:
+    e = engine()
+    alerts = e.evaluate([inbound(src=ADDR, tls=None), outbound()], T0)
+    assert rules(alerts) == ["plaintext_hop"]
+    assert alerts[0].source is FRONTEND and alerts[0].destination is REVIEWS
+    assert alerts[0].to_json()["evidence"]["count"] == 1
+
+
+def test_plaintext_waits_for_attribution_then_alerts_with_address() -> None:
+    e = engine()
+    assert e.evaluate([inbound(src=ADDR, tls=None, rid="x")], T0) == []
+    assert e.tick(T0 + 1.0) == []
+    late = e.tick(T0 + 1.6)  # attribution_wait_ms = 1500
+    assert rules(late) == ["plaintext_hop"] and late[0].source is ADDR
+
+
+def test_plaintext_pairing_after_the_fact_names_the_source() -> None:
+    e = engine()
+    assert e.evaluate([inbound(src=ADDR, tls=None, rid="late")], T0) == []
+    got = e.evaluate([outbound(rid="late")], T0 + 0.5)
+    assert rules(got) == ["plaintext_hop"] and got[0].source is FRONTEND
+    assert e.tick(T0 + 5) == []  # no second alert when the wait expires
+
+
+def test_plaintext_tcp_paired_by_connection() -> None:
+    e = engine()
+    inb = Hop(ALS_TCP, NODE_REVIEWS, REVIEWS, INBOUND, ADDR, REVIEWS, T0, conn="10.0.0.1:5000")
+    out = Hop(ALS_TCP, NODE_FRONTEND, FRONTEND, OUTBOUND, FRONTEND, REVIEWS, T0, tls_version=None, conn="10.0.0.1:5000")
+    got = e.evaluate([inb], T0) + e.evaluate([out], T0 + 0.1)
+    assert rules(got) == ["plaintext_hop"] and got[0].source is FRONTEND
+
+
+def test_exempt_health_check() -> None:
+    e = engine()
+    assert e.evaluate([inbound(src=FRONTEND, tls=None, path="/healthz")], T0) == []
+
+
+def test_aggregation_one_alert_then_summary_when_window_closes() -> None:
+    e = engine()
+    first = e.evaluate([inbound(src=FRONTEND, tls=None, rid=f"r{i}") for i in range(5)], T0)
+    assert rules(first) == ["plaintext_hop"] and first[0].count == 1
+    more = e.evaluate([inbound(src=FRONTEND, tls=None, rid=f"s{i}") for i in range(3)], T0 + 30)
+    assert more == []  # suppressed, counted
+    assert e.tick(T0 + 59) == []
+    summary = e.tick(T0 + 61)
+    assert rules(summary) == ["plaintext_hop"]
+    assert summary[0].count == 8 and summary[0].id != first[0].id
+    assert len(summary[0].examples) == 3
+    # A new window alerts at once again.
+    again = e.evaluate([inbound(src=FRONTEND, tls=None, rid="t")], T0 + 62)
+    assert rules(again) == ["plaintext_hop"]
+
+
+def test_alert_ids_are_deterministic() -> None:
+    a = engine().evaluate([inbound(src=FRONTEND, tls=None)], T0)[0]
+    b = engine().evaluate([inbound(src=FRONTEND, tls=None)], T0 + 3)[0]
+    assert a.id == b.id  # same rule, key and observed time: a replay deduplicates
+
+
+def test_both_sidecars_of_one_request_count_once() -> None:
+    e = engine()
+    got = e.evaluate(
+        [
+            outbound(dst=RATINGS, rid="q"),
+            Hop(
+                ALS_HTTP,
+                "n",
+                RATINGS,
+                INBOUND,
+                FRONTEND,
+                RATINGS,
+                T0,
+                tls_version="TLSv1.3",
+                method="GET",
+                path="/",
+                request_id="q",
+            ),
+        ],
+        T0,
+    )
+    assert rules(got) == ["unexpected_edge"]
+    assert e.tick(T0 + 61) == []  # no summary: the second entry was the same request
+
+
+def test_unexpected_path() -> None:
+    e = engine()
+    got = e.evaluate([inbound(method="DELETE", rid="d"), inbound(path="/admin", rid="a"), inbound(rid="ok")], T0)
+    assert rules(got) == ["unexpected_path"]
+    assert got[0].examples[0].method == "DELETE"
+
+
+def test_learn_mode_alerts_on_new_edges_only_after_learning() -> None:
+    e = engine(Policy(), unexpected_edge={"mode": "learn", "learn_secs": 60})
+    assert e.evaluate([outbound()], T0) == []
+    assert e.evaluate([outbound(dst=RATINGS, rid="z")], T0 + 61) != []
+    assert e.evaluate([outbound(rid="y")], T0 + 62) == []
+
+
+def test_no_edge_policy_means_no_edge_alerts() -> None:
+    assert engine(Policy()).evaluate([outbound(dst=RATINGS)], T0) == []
+
+
+def test_missing_access_log_after_grace() -> None:
+    e = engine()
+    e.evaluate([inbound(rid="seen")], T0)  # reviews' sidecar is known to log
+    assert e.evaluate([app_span()], T0 + 1) == []
+    assert e.tick(T0 + 2.5) == []
+    got = e.tick(T0 + 3.1)
+    assert rules(got) == ["missing_access_log"] and got[0].destination is REVIEWS
+
+
+def test_access_log_after_span_satisfies_it() -> None:
+    e = engine()
+    e.evaluate([inbound(rid="seen")], T0)
+    e.evaluate([app_span(trace="cd" * 16)], T0 + 1)
+    e.evaluate([inbound(rid="r2", trace_id="cd" * 16)], T0 + 1.5)
+    assert e.tick(T0 + 10) == []
+
+
+def test_envoy_span_expects_its_own_sidecar_log() -> None:
+    e = engine()
+    span = Hop(SPAN, NODE_REVIEWS, REVIEWS, INBOUND, identity(), REVIEWS, T0, request_id="abc", span_kind=2)
+    e.evaluate([span], T0)
+    got = e.tick(T0 + 2.1)
+    assert rules(got) == ["missing_access_log"]
+    assert "sent no access log" in (got[0].detail or "")
+
+
+def test_silent_sidecar() -> None:
+    e = engine(unexpected_path={"enabled": False})
+    e.evaluate([inbound(rid="1")], T0)
+    alerts: list[Alert] = []
+    for i in range(1, 25):
+        if i % 5 == 0:
+            e.evaluate([app_span(trace=f"{i:032x}")], T0 + i)
+        alerts += e.tick(T0 + i)
+    silent = [a for a in alerts if a.source.key == "*"]
+    assert len(silent) == 1 and "no access log for" in (silent[0].detail or "")
+    assert silent[0].summary.startswith("The sidecar of reviews.default has sent no access log")
+
+
+def test_stores_are_bounded_and_count_evictions() -> None:
+    e = engine()
+    for i in range(5000):
+        e.evaluate([outbound(rid=f"r{i}")], T0)
+    st = e.corr.outbound_by_rid
+    assert len(st) == 1000 and st.evicted_capacity == 4000
