@@ -7,11 +7,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tempfile
+
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from meshaudit.config import ConfigError, load
 
 REPO = Path(__file__).resolve().parents[2]
 MESHAUDIT = str(Path(sys.executable).with_name("meshaudit"))
+
+SECTION_KEYS = [
+    "listen",
+    "grpc",
+    "engine",
+    "tick_ms",
+    "rules",
+    "plaintext_hop",
+    "policy",
+    "edges",
+    "from",
+    "to",
+    "sinks",
+    "jsonl",
+    "path",
+    "mesh",
+    "addresses",
+    "policy_file",
+    "enabled",
+    "severity",
+]
 
 TYPOS = {
     "listen": "listen:\n  grcp: 127.0.0.1:1\n",
@@ -81,3 +107,21 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "invalid YAML" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([MESHAUDIT, "run", "--grpc", "nohost"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "HOST:PORT" in res.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(SECTION_KEYS), kids, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_fuzzed_configs_fail_only_with_config_error(data: object) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "c.yaml"
+        f.write_text(yaml.safe_dump(data))
+        try:
+            load(f)
+        except ConfigError:
+            pass
