@@ -3,9 +3,11 @@ reload (a bad file keeps the old configuration and raises an alert), SIGTERM exi
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
+
 from infra import als
 from infra.daemon import MESHAUDIT, Daemon, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +17,7 @@ async def test_metrics_cover_every_component(daemon: Daemon) -> None:
     await als.stream(
         daemon.grpc, [als.http_message([als.inbound_http("frontend", path="/reviews/1")], als.identifier("reviews"))]
     )
-    time.sleep(1.2)  # stores are published once a second
+    await asyncio.sleep(1.2)  # stores are published once a second
     families = {f.name: f for f in text_string_to_metric_families(daemon.scrape())}
     for name in (
         "meshaudit_received",
