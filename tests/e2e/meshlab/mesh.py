@@ -129,9 +129,12 @@ class Mesh:
     def _start(self, timeout: float) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ca = CertificateAuthority(self.run_dir / "pki")
-        for spec in self.topology:
-            n = 5 + (2 if spec.tcp_server else 0) + len(spec.tcp_peers)
-            ports = free_ports(n)
+        # All ports in one allocation (no duplicates among them); apps bind theirs before the
+        # Envoys start, so an Envoy's outgoing connections cannot take an app's port meanwhile.
+        counts = [5 + (2 if spec.tcp_server else 0) + len(spec.tcp_peers) for spec in self.topology]
+        pool = iter(free_ports(sum(counts)))
+        for spec, n in zip(self.topology, counts, strict=True):
+            ports = [next(pool) for _ in range(n)]
             svc = Service(
                 spec=spec,
                 pod=f"{spec.name}-v1-{zlib.crc32(spec.key.encode()) % 100000:05d}",
@@ -149,9 +152,10 @@ class Mesh:
                 svc.tcp_outbound[peer.service] = port
             self.services[spec.name] = svc
 
+        for svc in self.services.values():
+            svc.app = self._start_app(svc)
         for i, svc in enumerate(self.services.values()):
             svc.envoy = Envoy.start(self._sidecar_spec(svc), self.run_dir, self.group, self.base_id_start + i)
-            svc.app = self._start_app(svc)
         deadline = time.monotonic() + timeout
         for svc in self.services.values():
             svc.sidecar.wait_ready(max(1.0, deadline - time.monotonic()))

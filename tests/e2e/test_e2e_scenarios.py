@@ -1,0 +1,151 @@
+"""End to end: the meshaudit daemon audits a loopback mesh of real Envoy 1.40 sidecars and
+OpenTelemetry SDK apps. Each scenario drives real traffic and must raise exactly its expected
+alerts (read from the daemon's JSON-lines sink, as a user would) and no others; at the end
+every Envoy's own stats must show no access log dropped, and the daemon's metrics must agree.
+
+One daemon and one mesh serve the whole module (wall time); scenarios use disjoint
+(rule, source, destination) keys, and each waits until the daemon has settled before the next.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from meshlab.mesh import Mesh
+from meshlab.procs import wait_until
+from meshlab.scenarios import (
+    ATTRIBUTION_WAIT_MS,
+    GRACE_MS,
+    SCENARIOS,
+    Scenario,
+    daemon_config,
+    one_line,
+    party_key,
+)
+
+pytestmark = pytest.mark.e2e
+
+# After the expected alerts are in, this long without another one means the scenario raised
+# nothing else: the missing-access-log grace and the plaintext attribution wait, two Envoy
+# flushes (0.2 s) and engine ticks, with margin.
+QUIET_SECS = max(GRACE_MS, ATTRIBUTION_WAIT_MS) / 1000 + 1.2
+EXPECT_TIMEOUT = 15.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("meshaudit"), daemon_config()).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    grpc_port = int(daemon.grpc.rsplit(":", 1)[1])
+    http_port = int(daemon.http.rsplit(":", 1)[1])
+    run_dir: Path = tmp_path_factory.mktemp("mesh")
+    m = Mesh(run_dir, grpc_port, http_port).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, mesh: Mesh, daemon: Daemon) -> Iterator[None]:
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        print("\n===== alerts so far =====", file=sys.stderr)
+        for a in daemon.alerts():
+            print(one_line(a), file=sys.stderr)
+        print(f"\n===== meshaudit stderr ({daemon.stderr_path}) =====", file=sys.stderr)
+        print(daemon.stderr()[-8000:], file=sys.stderr)
+        mesh.dump_logs()
+
+
+def _is_idle_silence(alert: dict[str, Any], scenario: Scenario) -> bool:
+    """A "silent sidecar" alert for a service this scenario did not silence: what the daemon
+    raises today for a sidecar that merely went idle (see the xfail test below)."""
+    return _is_silence(alert) and not any(e.matches(alert) for e in scenario.expected)
+
+
+def _is_silence(alert: dict[str, Any]) -> bool:
+    """A "silent sidecar" alert (about a sidecar, not a request: it has no examples)."""
+    return alert["rule"] == "missing_access_log" and not alert["evidence"].get("examples")
+
+
+def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[str, Any]]:
+    return [a for a in daemon.alerts()[before:] if not _is_idle_silence(a, scenario)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
+    before = len(daemon.alerts())
+    scenario.drive(mesh)
+
+    def all_expected_in() -> bool:
+        got = _new_alerts(daemon, before, scenario)
+        return all(any(e.matches(a) for a in got) for e in scenario.expected if e.required)
+
+    assert wait_until(all_expected_in, EXPECT_TIMEOUT, 0.1), (
+        f"{scenario.title}: expected {scenario.expected}, got:\n"
+        + "\n".join(one_line(a) for a in _new_alerts(daemon, before, scenario))
+    )
+    time.sleep(QUIET_SECS)
+    got = _new_alerts(daemon, before, scenario)
+    unexpected = [a for a in got if not any(e.matches(a) for e in scenario.expected)]
+    assert not unexpected, f"{scenario.title}: unexpected alerts:\n" + "\n".join(one_line(a) for a in unexpected)
+    for a in got:
+        assert a["schema"] == "meshaudit.alert.v1"
+        assert a["evidence"]["count"] >= 1
+    # One alert per (rule, source, destination): repeats are counted, not re-sent.
+    keys = [(a["rule"], party_key(a["source"]), party_key(a["destination"])) for a in got]
+    assert len(keys) == len(set(keys)), keys
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon: a sidecar that logged all its traffic and then went idle for silent_secs is "
+    "reported silent, because spans of the same requests arrive after their access logs "
+    "(missing_access_log.on_tick compares arrival times). Remove this marker and "
+    "_is_idle_silence once fixed.",
+)
+def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
+    idle = [
+        one_line(a) for a in daemon.alerts() if _is_silence(a) and party_key(a["destination"]) != "inventory.default"
+    ]
+    assert not idle, "\n".join(idle)
+
+
+def test_envoy_stats_and_daemon_metrics_agree(mesh: Mesh, daemon: Daemon) -> None:
+    stats = mesh.wait_access_logs_stable()
+    # Envoy's own word: nothing dropped, nothing failed, and every sidecar wrote access logs.
+    for service, s in stats.items():
+        assert s.dropped == 0, (service, s)
+        assert s.flush_failed == 0, (service, s)
+        assert s.flushed > 0, (service, s)
+        if service != "db":  # a TCP-only sidecar: Envoy counts TCP entries as flushed, not written
+            assert s.written > 0, (service, s)
+    # ... and the daemon received every entry the sidecars flushed.
+    flushed = sum(s.flushed for s in stats.values())
+
+    def received() -> float:
+        return float(daemon.metric("meshaudit_received_total", receiver="envoy_als"))
+
+    wait_until(lambda: received() >= flushed, 5.0, 0.1)
+    assert received() == flushed
+    assert daemon.metric("meshaudit_received_total", receiver="otlp_grpc", kind="span") > 0
+    assert daemon.metric("meshaudit_received_total", receiver="otlp_http", kind="span") > 0
+    assert daemon.metric("meshaudit_dropped_total") == 0
+    # Every alert line the user read was counted on /metrics under its rule.
+    alerts = daemon.alerts()
+    for rule in ("plaintext_hop", "unexpected_edge", "unexpected_path", "missing_access_log"):
+        lines = sum(1 for a in alerts if a["rule"] == rule)
+        assert lines > 0, rule
+        assert daemon.metric("meshaudit_alerts_total", rule=rule) == lines, rule
+    assert not mesh.dead(), f"processes exited early: {mesh.dead()}"
