@@ -49,6 +49,8 @@ from bench.procs import (
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
 MESHAUDIT = REPO / ".venv" / "bin" / "meshaudit"
+# How the daemon is started; ``--gc-tuned`` swaps in bench/gc_tuned.py (an experiment).
+DAEMON_ARGV: list[str] = [str(MESHAUDIT)]
 RESULTS = REPO / "bench" / "results"
 SERVER_CPU = "1" if NCPU > 1 else None
 LOAD_CPU = "0" if NCPU > 1 else None
@@ -75,8 +77,8 @@ def tansu_binary() -> Path | None:
 @dataclass
 class Settings:
     runs: int = 3
-    warmup: float = 3.0
-    measure: float = 8.0
+    warmup: float = 2.0
+    measure: float = 6.0
     streams: int = 16
     otlp_inflight: int = 8
     latency_secs: float = 20.0
@@ -84,9 +86,9 @@ class Settings:
     soak_secs: float = 300.0
     overload_secs: float = 60.0
     recover_secs: float = 20.0
-    envoy_secs: float = 15.0
+    envoy_secs: float = 10.0
     envoy_runs: int = 3
-    profile_secs: float = 15.0
+    profile_secs: float = 12.0
     workers: int = 2
     out: Path = RESULTS
     stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
@@ -257,7 +259,7 @@ class Meshaudit(Target):
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         gp, hp, mp = free_port(), free_port(), free_port()
         argv = [
-            str(MESHAUDIT),
+            *DAEMON_ARGV,
             "run",
             "--config",
             str(cfg_path),
@@ -381,9 +383,14 @@ def scenario_throughput(s: Settings, results: dict[str, Any]) -> None:
                 say(f"run {r + 1} {name:9s} {kind}@{per}: {rate:,.0f}/s cpu {cpu:.2f} rss {rss:.0f} MiB")
                 row.append(m)
         runs.append(row)
-    if s.workers > 1 and _workers_path() is not None:
-        _workers_runs(s, runs)
-    results["throughput"] = {"runs": runs, "summary": summarize_throughput(runs)}
+    workers_note = None
+    if s.workers > 1:
+        if _workers_path() is not None:
+            _workers_runs(s, runs)
+        else:
+            workers_note = "not measured: this meshaudit has no `workers` setting"
+            say(f"workers: {workers_note}")
+    results["throughput"] = {"runs": runs, "summary": summarize_throughput(runs), "workers": workers_note}
 
 
 def _workers_runs(s: Settings, runs: list[list[dict[str, Any]]]) -> None:
@@ -487,16 +494,10 @@ async def _consume_kafka(bootstrap: str, seen: dict[int, float], stop: asyncio.E
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5, enable_auto_commit=False)
     await consumer.start()
     try:
-        parts: set[int] | None = None
-        while not stop.is_set() and not parts:
-            # The daemon's first alert creates the topic: wait for it, then read from the start.
-            parts = await consumer.partitions_for_topic("meshaudit.alerts")
-            if not parts:
-                await asyncio.sleep(0.1)
-        tps = [TopicPartition("meshaudit.alerts", p) for p in sorted(parts or {0})]
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, 0)
+        # The daemon creates the one-partition topic at start-up (create_topic: true).
+        tp = TopicPartition("meshaudit.alerts", 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=20)
             now = time.time()
@@ -575,10 +576,15 @@ async def _latency_run(s: Settings, t: Meshaudit, r: int, bg: float, kafka: str 
     res = await asyncio.to_thread(loadgen_result, lg, s.latency_secs + 60)
     await asyncio.sleep(2.0)
     stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    for res_t in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(res_t, BaseException):
+            say(f"latency reader failed: {res_t!r}")
+    m = t.metrics()
+    sink_sent = {k: v for k, v in m.items() if k.startswith(("meshaudit_sink_sent_total", "meshaudit_sink_failed"))}
     counts = t.counts()
     out: dict[str, Any] = {"probes": len(res["probes"]), "loadgen_dropped": res["dropped_items"]}
     out["daemon_dropped"] = counts.dropped
+    out["sinks"] = sink_sent
     for name, seen in (("jsonl", seen_file), ("kafka", seen_kafka)):
         if name == "kafka" and not kafka:
             continue
@@ -589,6 +595,7 @@ async def _latency_run(s: Settings, t: Meshaudit, r: int, bg: float, kafka: str 
             "p50_ms": _percentile(lat, 0.50),
             "p99_ms": _percentile(lat, 0.99),
             "max_ms": max(lat) if lat else float("nan"),
+            "latencies_ms": [round(x, 2) for x in lat],
         }
     j, k = out["jsonl"], out.get("kafka")
     out["summary"] = f"jsonl p50 {j['p50_ms']:.1f} ms p99 {j['p99_ms']:.1f} ms ({j['alerts']}/{out['probes']})" + (
@@ -941,6 +948,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     """Collapsed stacks -> self and inclusive shares per function (``name (file:line)``)."""
     self_n: dict[str, int] = {}
     incl_n: dict[str, int] = {}
+    line_n: dict[str, int] = {}
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n_s = line.rpartition(" ")
@@ -948,6 +956,8 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             continue
         n = int(n_s)
         total += n
+        leaf = stack.rsplit(";", 1)[-1]
+        line_n[leaf] = line_n.get(leaf, 0) + n
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # drop the process frame
         if not frames:
             continue
@@ -958,7 +968,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     def top_of(d: dict[str, int]) -> list[tuple[str, float]]:
         return [(k, 100.0 * v / total) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"samples": total, "self": top_of(self_n), "inclusive": top_of(incl_n)}
+    return {"samples": total, "self": top_of(self_n), "inclusive": top_of(incl_n), "self_lines": top_of(line_n)}
 
 
 # --- report --------------------------------------------------------------------------------
@@ -1043,13 +1053,14 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# In this order: throughput first (latency and overload load relative to its capacity).
 SCENARIOS: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "throughput": scenario_throughput,
+    "profile": scenario_profile,
     "latency": scenario_latency,
-    "soak": scenario_soak,
     "overload": scenario_overload,
     "envoy": scenario_envoy,
-    "profile": scenario_profile,
+    "soak": scenario_soak,
 }
 
 
@@ -1064,6 +1075,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overload-secs", type=float, default=d.overload_secs)
     p.add_argument("--latency-secs", type=float, default=d.latency_secs)
     p.add_argument("--workers", type=int, default=d.workers, help="also measure workers: N (if supported)")
+    p.add_argument("--gc-tuned", action="store_true", help="experiment: run the daemon via bench/gc_tuned.py")
     p.add_argument("--capacity-from", type=Path, help="a previous results JSON for capacity (latency, overload)")
     a = p.parse_args(argv)
     s = Settings(
@@ -1075,11 +1087,19 @@ def main(argv: list[str] | None = None) -> None:
         latency_secs=min(a.latency_secs, 300.0),
         workers=a.workers,
     )
+    if a.gc_tuned:
+        DAEMON_ARGV[:] = [PY, "-m", "bench.gc_tuned"]
     chosen = list(SCENARIOS) if "all" in a.scenarios else a.scenarios
     unknown = [x for x in chosen if x not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s): {unknown}")
-    results: dict[str, Any] = {"machine": machine(), "settings": asdict(s) | {"out": str(s.out)}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": asdict(s) | {"out": str(s.out), "daemon": DAEMON_ARGV},
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip(),
+    }
     if a.capacity_from:
         prev = json.loads(a.capacity_from.read_text())
         if "throughput" in prev:
