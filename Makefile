@@ -61,3 +61,10 @@ bench: install tools
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      util-linux wrk >/dev/null; }
 	$(PY) -m bench.run all --soak-secs $(SOAK_SECS)
+
+# A live demo: the daemon auditing a loopback mesh of real Envoy sidecars (tests/e2e/meshlab),
+# good traffic mixed with every kind of violation, alerts printed one per line as they arrive.
+# Stops cleanly on Ctrl-C or after DEMO_SECS seconds (0: until Ctrl-C). Run files: var/demo/.
+DEMO_SECS ?= 60
+demo: install tools
+	DEMO_SECS=$(DEMO_SECS) PYTHONPATH=tests:tests/e2e $(PY) -m meshlab.demo

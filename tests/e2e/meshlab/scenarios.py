@@ -200,7 +200,7 @@ def one_line(alert: dict[str, Any]) -> str:
     example = ""
     if examples:
         ex = examples[0]
-        what = " ".join(x for x in (ex.get("method"), ex.get("path")) if x) or "connection"
+        what = " ".join(x for x in (ex.get("method"), ex.get("path")) if x) or "a TCP connection"
         ids = ex.get("trace_id") or ex.get("request_id") or ""
         example = f"  e.g. {what}" + (f" (trace {ids[:16]})" if ids else "")
     elif ev.get("detail"):
