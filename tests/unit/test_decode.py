@@ -45,14 +45,19 @@ def test_inbound_mtls_entry() -> None:
     )
     assert h.src.principal == "spiffe://cluster.local/ns/default/sa/frontend" and h.src.service == "frontend"
     assert h.tls_version == "TLSv1.3" and h.method == "GET" and h.path == "/reviews/1" and h.status == 200
-    assert h.request_id == "rid" and h.trace_id == "a" * 32 and h.conn == "10.0.0.9:40000"
+    assert h.request_id == "rid" and h.trace_id == "a" * 32
+    assert h.conn is None  # the certificate names the source: the address is not read (hot path)
 
 
 def test_outbound_entry_names_destination_from_cluster() -> None:
     e = als.outbound_http("ratings", ns="prod", upstream_local="10.0.0.1:5555")
     [h] = _decode(als.http_message([e], als.identifier("reviews")))
     assert h.direction == OUTBOUND and h.src.service == "reviews"
-    assert h.dst.service == "ratings" and h.dst.namespace == "prod" and h.conn == "10.0.0.1:5555"
+    assert h.dst.service == "ratings" and h.dst.namespace == "prod"
+    assert h.conn is None  # HTTP pairs by request id; the connection key is read for TCP only
+    t = als.tcp_entry(cluster="outbound|5432||db.prod.svc.cluster.local", tls=False, upstream_local="10.0.0.1:6")
+    [th] = _decode(als.tcp_message([t], als.identifier("reviews")))
+    assert th.conn == "10.0.0.1:6" and th.dst.service == "db"
 
 
 def test_passthrough_is_an_edge_out_of_the_mesh() -> None:

@@ -81,21 +81,28 @@ class Correlation:
 
     def index(self, hops: list[Hop], now: float) -> None:
         last_log = self.sidecar_last_log
+        logged_rid = self.logged_rid.put
+        logged_trace = self.logged_trace.put
+        last_observer = None
         for h in hops:
             if h.origin == SPAN:
                 continue
             rid = h.request_id
+            svc = h.observer_service.key
             if h.direction == OUTBOUND:
                 if rid:
                     self.outbound_by_rid.put(rid, h, now)
                 if h.conn:
                     self.outbound_by_conn.put(h.conn, h, now)
             if rid:
-                self.logged_rid.put((rid, h.observer), True, now)
-                self.logged_rid.put((rid, h.observer_service.key), True, now)
+                # Keyed by the observer's service, not its node id: any replica's sidecar
+                # logging the request satisfies a span of that service.
+                logged_rid((rid, svc), True, now)
             if h.trace_id:
-                self.logged_trace.put((h.trace_id, h.observer_service.key), True, now)
-            last_log.put(h.observer_service.key, now, now)
+                logged_trace((h.trace_id, svc), True, now)
+            if svc is not last_observer:  # batches come from one stream: one update per run
+                last_log.put(svc, now, now)
+                last_observer = svc
 
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""

@@ -60,7 +60,6 @@ class MissingAccessLog:
                 if len(pending):
                     # The log arrived after its span: the span is satisfied.
                     if h.request_id:
-                        pending.pop((h.request_id, h.observer))
                         pending.pop((h.request_id, h.observer_service.key))
                     if h.trace_id:
                         pending.pop((h.trace_id, h.observer_service.key))
@@ -81,11 +80,12 @@ class MissingAccessLog:
                 key = (h.trace_id or h.request_id or str(id(h)), svc)
                 pending.add(key, h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
-                self.last_span.put(h.observer_service.key, now, now)
+                svc = h.observer_service.key
+                self.last_span.put(svc, now, now)
                 rid = h.request_id
-                if not rid or (rid, h.observer) in corr.logged_rid:
+                if not rid or (rid, svc) in corr.logged_rid:
                     continue
-                pending.add((rid, h.observer), h, now)
+                pending.add((rid, svc), h, now)
 
     def _expired(self, key: tuple[str, str], h: Hop, now: float) -> None:
         if self._emit is None:

@@ -109,6 +109,7 @@ def _common(
     ctx: StreamContext,
     namer: Namer,
     authority: str | None,
+    need_conn: bool,
 ) -> tuple[int, Identity, Identity, str | None, str | None, str | None, str | None, str, float]:
     """Fields every entry has: direction, src, dst, TLS facts, conn key, cluster, start time."""
     cluster = c.upstream_cluster
@@ -135,11 +136,14 @@ def _common(
     start = ts.seconds + ts.nanos * 1e-9
     observer = ctx.observer
     if direction == INBOUND:
+        if peer:  # mTLS: the certificate names the source; the address is not needed
+            return direction, namer.principal(peer), observer, tls_version, peer, local, None, cluster, start
         remote = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
-        src = namer.principal(peer) if peer else (namer.address(remote) if remote else identity())
+        src = namer.address(remote) if remote else identity()
         return direction, src, observer, tls_version, peer, local, remote, cluster, start
-    # Outbound: the source is this sidecar's workload; the downstream is the local app.
-    upstream_local = _addr(c.upstream_local_address) if c.HasField("upstream_local_address") else None
+    # Outbound: the source is this sidecar's workload; the downstream is the local app. The
+    # connection key pairs entries only where no request id does (TCP).
+    upstream_local = _addr(c.upstream_local_address) if need_conn and c.HasField("upstream_local_address") else None
     if out_dst is None:
         upstream = _addr(c.upstream_remote_address) if c.HasField("upstream_remote_address") else None
         if cluster in (PASSTHROUGH, BLACKHOLE) or direction == OUTBOUND:
@@ -173,7 +177,9 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             if resp.HasField("response_code"):
                 status = resp.response_code.value
             details = resp.response_code_details
-        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(c, ctx, namer, authority)
+        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(
+            c, ctx, namer, authority, rid is None
+        )
         out.append(
             Hop(
                 ALS_HTTP,
@@ -205,7 +211,7 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
 def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
     for e in entries:
         c = e.common_properties
-        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(c, ctx, namer, None)
+        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(c, ctx, namer, None, True)
         out.append(
             Hop(
                 ALS_TCP,
