@@ -142,6 +142,10 @@ def make_mosquitto(workdir: Path, port: int | None = None, persistence: bool = F
     lines = [f"listener {port} {HOST}", "allow_anonymous true", f"persistence {str(persistence).lower()}"]
     if persistence:
         lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
+    if os.geteuid() == 0:
+        # Started as root, Mosquitto switches to the "mosquitto" user, which cannot write the
+        # persistence file in a root-owned temporary directory: stay the user that started it.
+        lines.append("user root")
     conf = workdir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return Mosquitto("mosquitto", [str(mosquitto_binary()), "-c", str(conf)], port, workdir)

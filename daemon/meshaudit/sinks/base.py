@@ -236,16 +236,18 @@ class Sink(ABC):
             self._set_connected(True, "ok")
             log.info("Sink %s connected.", self.name)
         except FatalSinkError:
-            with contextlib.suppress(Exception):
-                await self._close()
+            await self._close_quietly()
             self._close_spool()
             raise
         except Exception as exc:
             reason = _describe(exc)
             self._set_connected(False, f"cannot connect: {reason}")
-            log.error("Sink %s cannot reach its backend; alerts go to its spool until it can: %s", self.name, reason)
-            with contextlib.suppress(Exception):
-                await self._close()
+            log.error(
+                "Sink %s cannot deliver yet; alerts go to its spool (if any) and delivery is retried: %s",
+                self.name,
+                reason,
+            )
+            await self._close_quietly()
         self._worker = asyncio.create_task(self._run(), name=f"sink-{self.name}")
 
     async def shutdown(self, deadline: float) -> None:
@@ -284,11 +286,17 @@ class Sink(ABC):
             else:
                 metrics.SINK_DROPPED.labels(self.name, "shutdown").inc(len(left))
                 log.warning("Sink %s stopped with %d undelivered alerts and no spool.", self.name, len(left))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.config.attempt_timeout_ms / 1000):
-                await self._close()
+        await self._close_quietly()
         self._close_spool()
         self._set_connected(False, "stopped")
+
+    async def _close_quietly(self) -> None:
+        """Close the backend connection, bounded in time; a failure to close changes nothing."""
+        try:
+            async with asyncio.timeout(self.config.attempt_timeout_ms / 1000):
+                await self._close()
+        except Exception as exc:
+            log.debug("Sink %s: closing the connection failed: %s", self.name, _describe(exc))
 
     # --- spool ------------------------------------------------------------------------------
     def _open_spool(self) -> None:
@@ -401,9 +409,7 @@ class Sink(ABC):
                 self._delivered(batch, spool_end)
                 attempt = 0
                 continue
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.config.attempt_timeout_ms / 1000):
-                    await self._close()
+            await self._close_quietly()
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
             self._retried.inc()
@@ -423,9 +429,7 @@ class Sink(ABC):
             if self._connected:
                 log.warning("Sink %s lost its backend: %s", self.name, _describe(exc))
                 self._set_connected(False, f"health check failed: {_describe(exc)}")
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.config.attempt_timeout_ms / 1000):
-                    await self._close()
+            await self._close_quietly()
 
     async def _attempt(self, batch: Sequence[Outgoing]) -> None:
         async with asyncio.timeout(self.config.attempt_timeout_ms / 1000):

@@ -42,6 +42,7 @@ class MqttConfig(SinkConfigBase):
     keepalive_secs: int = Field(30, ge=5, description="MQTT keep-alive: how soon a silent broker is noticed.")
     mqtt_version: Literal[3, 5] = Field(3, description="3: MQTT 3.1.1; 5: MQTT 5.")
     retain: bool = Field(False, description="Publish with the retain flag (last alert per topic kept).")
+    max_inflight: int = Field(10, ge=1, le=100, description="QoS 1 publishes awaiting PUBACK at once.")
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
@@ -63,6 +64,7 @@ class MqttSink(Sink):
         super().__init__(name, config)
         self._cfg = config
         self._client: aiomqtt.Client | None = None
+        self._up = False  # the CONNACK arrived: a graceful DISCONNECT makes sense
 
     async def _connect(self) -> None:
         cfg = self._cfg
@@ -79,20 +81,26 @@ class MqttSink(Sink):
             # Our worker bounds every attempt (attempt_timeout_ms); no second clock here.
             timeout=math.inf,
         )
-        self._client = client
+        # aiomqtt warns past 10 pending publishes; our window is the bound that matters.
+        client.pending_calls_threshold = cfg.max_inflight + 1
+        self._client, self._up = client, False
         await client.__aenter__()
+        self._up = True
 
     async def _send(self, items: Sequence[Outgoing]) -> None:
         client = self._client
         if client is None:
             raise ConnectionError("not connected")
         prefix, retain = self._cfg.topic_prefix, self._cfg.retain
+        window = self._cfg.max_inflight
         try:
-            # QoS 1 publishes are independent; paho keeps them in order on the wire.
-            async with asyncio.TaskGroup() as tg:
-                for item in items:
-                    topic = topic_for(prefix, item.rule, item.destination_service)
-                    tg.create_task(client.publish(topic, item.payload, qos=1, retain=retain))
+            # A window of QoS 1 publishes awaits its PUBACKs together (paho keeps them in order
+            # on the wire): one round trip per window instead of per alert.
+            for start in range(0, len(items), window):
+                async with asyncio.TaskGroup() as tg:
+                    for item in items[start : start + window]:
+                        topic = topic_for(prefix, item.rule, item.destination_service)
+                        tg.create_task(client.publish(topic, item.payload, qos=1, retain=retain))
         except ExceptionGroup as group:  # report the first failure as the delivery error
             raise group.exceptions[0] from None
 
@@ -103,5 +111,25 @@ class MqttSink(Sink):
 
     async def _close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await client.__aexit__(None, None, None)
+        up, self._up = self._up, False
+        if client is None:
+            return
+        try:
+            if up:
+                async with asyncio.timeout(2):  # a broker that does not answer DISCONNECT
+                    await client.__aexit__(None, None, None)
+        finally:
+            _force_close(client)
+
+
+def _force_close(client: aiomqtt.Client) -> None:
+    """Release the socket of a client whatever state it is in.
+
+    aiomqtt 2.5 leaves a half-open connection behind when connecting is cancelled (our attempt
+    timeout against a broker that accepts and never answers): its CONNACK future is cancelled,
+    so paho's later disconnect callback raises and ``__aexit__`` would wait forever. A fresh
+    future makes that callback a no-op; paho's own reset closes the socket, which also stops
+    aiomqtt's reader and housekeeping task. Private names: pinned versions (pyproject.toml).
+    """
+    client._connected = asyncio.get_running_loop().create_future()
+    client._client._reset_sockets()
