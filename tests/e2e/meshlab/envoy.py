@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 # `mypy tests/e2e` alone does not see tests/ as a root; the full `mypy` run checks this import.
-from infra import tools  # type: ignore[import-not-found,unused-ignore]
+from infra.tools import envoy_binary as tools_envoy_binary  # type: ignore[import-not-found,unused-ignore]
 
 from meshlab.pki import CertFiles
 from meshlab.procs import Proc, ProcGroup, http_ok, wait_until
@@ -44,7 +44,7 @@ def envoy_binary() -> Path:
     """The Envoy ELF binary: ``$ENVOY_BINARY`` if set, else the one ``make tools`` installed."""
     if os.environ.get("ENVOY_BINARY"):
         return Path(os.environ["ENVOY_BINARY"])
-    return Path(tools.envoy_binary())
+    return Path(tools_envoy_binary())
 
 
 @dataclass(frozen=True)
