@@ -5,10 +5,8 @@ shutdown flushes or spools."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -170,39 +168,6 @@ async def test_a_full_spool_drops_per_policy_counts_it_and_keeps_going(
             await wait_for(lambda: extra.id in reader.ids(), 10, "a later alert")
     finally:
         await stop_all(sink)
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers: the fault a real broker cannot
-    produce on demand."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(2)
-        for c in held:
-            c.close()
-        srv.close()
 
 
 async def test_a_hanging_backend_delays_neither_the_jsonl_sink_nor_the_caller(

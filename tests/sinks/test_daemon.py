@@ -1,0 +1,143 @@
+"""The sinks inside the real daemon (``meshaudit run`` as a subprocess): violating Envoy access
+logs in, alerts out on Kafka and MQTT; SIGTERM flushes; SIGKILL loses nothing spooled; a hanging
+backend delays neither the JSON-lines sink nor ingestion; a refused required idempotence stops
+start-up with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from infra import als
+from infra.brokers import Mosquitto, Tansu, free_port
+from infra.daemon import Daemon
+
+from sinks.support import KafkaReader, create_topic, mqtt_reader, unique, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAST = {"retry_initial_ms": 100, "retry_max_ms": 1000, "attempt_timeout_ms": 1000, "health_check_secs": 0.5}
+
+
+def config(**sinks: Any) -> dict[str, Any]:
+    return {
+        "engine": {"tick_ms": 50},
+        "rules": {"plaintext_hop": {"attribution_wait_ms": 50}},
+        "sinks": sinks,
+    }
+
+
+async def violate(d: Daemon, n: int, first: int = 0) -> None:
+    """n plaintext requests into "reviews", each from its own address: n distinct alerts."""
+    entries = [
+        als.inbound_http(None, path="/reviews/1", remote=f"10.7.{i // 200}.{i % 200 + 1}:5555")
+        for i in range(first, first + n)
+    ]
+    await als.stream(d.grpc, [als.http_message(entries, als.identifier("reviews"))])
+
+
+def ids(alerts: list[dict[str, Any]]) -> set[str]:
+    return {a["id"] for a in alerts}
+
+
+async def test_alerts_reach_kafka_and_mqtt_and_sigterm_flushes_before_exit_0(
+    tansu: Tansu, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    topic = unique("daemon")
+    prefix = f"test/{unique('d')}"
+    await create_topic(tansu.bootstrap, topic, partitions=2)
+    d = Daemon(
+        tmp_path,
+        config(
+            kafka={"bootstrap_servers": [tansu.bootstrap], "topic": topic},
+            mqtt={"port": mosquitto.port, "topic_prefix": prefix},
+        ),
+    ).start()
+    try:
+        status, body = d.readyz()
+        assert status == 200, body
+        async with mqtt_reader(mosquitto.port, f"{prefix}/#") as got:
+            await violate(d, 60)
+            alerts = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 60, 10)
+            assert len(alerts) == 60
+            d.signal(signal.SIGTERM)  # at once: whatever is still queued must be flushed
+            assert await asyncio.to_thread(d.stop) == 0
+            await wait_for(lambda: len(got) >= 60, 10, "60 MQTT messages")
+        assert {orjson.loads(m.payload)["id"] for m in got} == ids(alerts)
+        assert {str(m.topic) for m in got} == {f"{prefix}/plaintext_hop/reviews"}
+        async with KafkaReader(tansu.bootstrap, topic) as reader:
+            await wait_for(lambda: len(reader.records) >= 60, 10, "60 Kafka records")
+        assert set(reader.ids()) == ids(alerts)
+        assert "delivery failed" not in d.stderr()
+    finally:
+        d.stop()
+
+
+async def test_sigkill_with_alerts_in_the_spool_then_restart_delivers_them(
+    tansu_factory: Callable[..., Tansu], tmp_path: Path
+) -> None:
+    port = free_port()  # no broker yet: every alert goes to the spool
+    topic = unique("crash")
+    cfg = config(kafka={"bootstrap_servers": [f"127.0.0.1:{port}"], "topic": topic, **FAST})
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        status, body = d.readyz()
+        assert status == 503 and "sink:kafka" in orjson.dumps(body).decode(), body
+        await violate(d, 40)
+        alerts = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 40, 10)
+        assert len(alerts) == 40
+        await wait_for(lambda: d.metric("meshaudit_sink_spool_alerts", sink="kafka") == 40, 5, "40 spooled")
+        d.kill()  # SIGKILL: no shutdown code runs
+    finally:
+        d.stop()
+    broker = tansu_factory(port=port)
+    await create_topic(broker.bootstrap, topic)
+    again = Daemon(tmp_path, cfg).start()  # same working directory: same spool
+    try:
+        await wait_for(lambda: again.readyz()[0] == 200, 15, "the restarted daemon to be ready")
+        async with KafkaReader(broker.bootstrap, topic) as reader:
+            await wait_for(lambda: len(set(reader.ids())) >= 40, 15, "the spooled alerts on Kafka")
+        assert set(reader.ids()) == ids(alerts)
+        await wait_for(lambda: again.metric("meshaudit_sink_spool_alerts", sink="kafka") == 0, 5, "empty spool")
+        assert again.stop() == 0
+    finally:
+        again.stop()
+
+
+async def test_a_hanging_kafka_delays_neither_ingestion_nor_the_jsonl_sink(silent_server: int, tmp_path: Path) -> None:
+    cfg = config(kafka={"bootstrap_servers": [f"127.0.0.1:{silent_server}"], **FAST})
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        t0 = time.monotonic()
+        await violate(d, 30)
+        alerts = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 30, 5)
+        elapsed = time.monotonic() - t0
+        assert len(alerts) == 30
+        # attribution_wait_ms (50) + ticks: well under a second unless something stalls
+        assert elapsed < 2.0, f"JSON lines took {elapsed:.2f}s"
+        status, body = d.readyz()
+        assert status == 503 and "sink:kafka" in orjson.dumps(body).decode(), body
+        assert d.metric("meshaudit_received_total", receiver="envoy_als", kind="http") == 30
+        print(f"\nhanging Kafka: 30 alerts in the JSON-lines file {elapsed * 1000:.0f} ms after sending")
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 12  # the shutdown deadline bounds a hanging sink
+    finally:
+        d.stop()
+
+
+async def test_required_idempotence_refused_stops_start_up_with_a_clear_error(tansu: Tansu, tmp_path: Path) -> None:
+    topic = unique("idem")
+    await create_topic(tansu.bootstrap, topic)
+    d = Daemon(tmp_path, config(kafka={"bootstrap_servers": [tansu.bootstrap], "topic": topic, "idempotence": True}))
+    with pytest.raises(RuntimeError, match=r"exited with [1-9]") as err:
+        d.start()
+    d.stop()
+    assert "refused the idempotent producer" in str(err.value)
+    assert "idempotence: auto" in str(err.value)
