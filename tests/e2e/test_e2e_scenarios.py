@@ -68,19 +68,13 @@ def _logs_on_failure(request: pytest.FixtureRequest, mesh: Mesh, daemon: Daemon)
         mesh.dump_logs()
 
 
-def _is_idle_silence(alert: dict[str, Any], scenario: Scenario) -> bool:
-    """A "silent sidecar" alert for a service this scenario did not silence: what the daemon
-    raises today for a sidecar that merely went idle (see the xfail test below)."""
-    return _is_silence(alert) and not any(e.matches(alert) for e in scenario.expected)
-
-
 def _is_silence(alert: dict[str, Any]) -> bool:
     """A "silent sidecar" alert (about a sidecar, not a request: it has no examples)."""
     return alert["rule"] == "missing_access_log" and not alert["evidence"].get("examples")
 
 
 def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[str, Any]]:
-    return [a for a in daemon.alerts()[before:] if not _is_idle_silence(a, scenario)]
+    return daemon.alerts()[before:]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
@@ -108,17 +102,12 @@ def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
     assert len(keys) == len(set(keys)), keys
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon: a sidecar that logged all its traffic and then went idle for silent_secs is "
-    "reported silent, because spans of the same requests arrive after their access logs "
-    "(missing_access_log.on_tick compares arrival times). Remove this marker and "
-    "_is_idle_silence once fixed.",
-)
 def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
-    idle = [
-        one_line(a) for a in daemon.alerts() if _is_silence(a) and party_key(a["destination"]) != "inventory.default"
-    ]
+    # inventory's sidecar is silenced on purpose; reviews serves a request that bypasses its
+    # sidecar (sidecar_bypass), which may legitimately read as silence. Every other sidecar
+    # only went idle between scenarios, and idleness is not silence.
+    legit = {"inventory.default", "reviews.default"}
+    idle = [one_line(a) for a in daemon.alerts() if _is_silence(a) and party_key(a["destination"]) not in legit]
     assert not idle, "\n".join(idle)
 
 

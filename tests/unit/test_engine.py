@@ -7,7 +7,18 @@ from typing import Any
 
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
-from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, SPAN, SPAN_KIND_SERVER, Alert, Hop, identity
+from meshaudit.model import (
+    ALS_HTTP,
+    ALS_TCP,
+    INBOUND,
+    OUTBOUND,
+    SPAN,
+    SPAN_KIND_CLIENT,
+    SPAN_KIND_SERVER,
+    Alert,
+    Hop,
+    identity,
+)
 
 T0 = 1_800_000_000.0
 FRONTEND = identity("frontend", "default")
@@ -74,7 +85,7 @@ def outbound(dst: Any = REVIEWS, rid: str | None = "r1", **kw: Any) -> Hop:
     )
 
 
-def app_span(service: Any = REVIEWS, trace: str = "ab" * 16) -> Hop:
+def app_span(service: Any = REVIEWS, trace: str = "ab" * 16, start: float = T0, parent: str | None = None) -> Hop:
     return Hop(
         SPAN,
         "span:" + service.key,
@@ -82,7 +93,8 @@ def app_span(service: Any = REVIEWS, trace: str = "ab" * 16) -> Hop:
         INBOUND,
         identity(),
         service,
-        T0,
+        start,
+        parent_span_id=parent,
         method="GET",
         path="/reviews/1",
         trace_id=trace,
@@ -234,7 +246,7 @@ def test_silent_sidecar() -> None:
     alerts: list[Alert] = []
     for i in range(1, 25):
         if i % 5 == 0:
-            e.evaluate([app_span(trace=f"{i:032x}")], T0 + i)
+            e.evaluate([app_span(trace=f"{i:032x}", start=T0 + i - 0.2)], T0 + i)
         alerts += e.tick(T0 + i)
     silent = [a for a in alerts if a.source.key == "*"]
     assert len(silent) == 1 and "no access log for" in (silent[0].detail or "")
@@ -247,3 +259,34 @@ def test_stores_are_bounded_and_count_evictions() -> None:
         e.evaluate([outbound(rid=f"r{i}")], T0)
     st = e.corr.outbound_by_rid
     assert len(st) == 1000 and st.evicted_capacity == 4000
+
+
+def test_idle_sidecar_is_not_silent() -> None:
+    """Spans of the last requests arrive after their access logs; then traffic stops."""
+    e = engine(unexpected_path={"enabled": False})
+    e.evaluate([inbound(rid="1", trace_id="ef" * 16)], T0)
+    e.evaluate([app_span(trace="ef" * 16, start=T0 - 0.01)], T0 + 0.3)
+    alerts: list[Alert] = []
+    for i in range(1, 40):
+        alerts += e.tick(T0 + i)
+    assert alerts == []
+
+
+def test_bypassed_request_is_named_after_the_parent_span() -> None:
+    e = engine()
+    e.evaluate([inbound(rid="seen")], T0)
+    client = Hop(
+        SPAN,
+        "span:frontend.default",
+        FRONTEND,
+        OUTBOUND,
+        FRONTEND,
+        identity(),
+        T0,
+        span_id="1" * 16,
+        trace_id="ab" * 16,
+        span_kind=SPAN_KIND_CLIENT,
+    )
+    e.evaluate([client, app_span(parent="1" * 16)], T0 + 1)
+    got = e.tick(T0 + 3.1)
+    assert rules(got) == ["missing_access_log"] and got[0].source is FRONTEND

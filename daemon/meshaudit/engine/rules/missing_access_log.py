@@ -20,7 +20,7 @@ from typing import Any
 
 from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
 from meshaudit.engine.store import TTLStore
-from meshaudit.model import SPAN, SPAN_KIND_SERVER, Hop, identity
+from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
 
 # A silent sidecar is about all of its traffic, whoever the clients are.
 ANY_SOURCE = identity("*")
@@ -37,12 +37,21 @@ class MissingAccessLog:
         self.pending: TTLStore[tuple[str, str], Hop] = TTLStore(
             "spans_awaiting_access_log", grace, ctx.max_items, self._expired
         )
-        # service key -> last time a span showed it serving
+        self.grace = grace
+        # service key -> latest start time (the span's own clock) of a span showing it serving
         self.last_span: TTLStore[str, float] = TTLStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
+        # span id -> the service that made the call: names the source of a bypassed request
+        # from the parent span in the same trace.
+        self.client_spans: TTLStore[str, Identity] = TTLStore("client_spans", max(60.0, grace * 4), ctx.max_items)
 
     def stores(self) -> list[TTLStore[Any, Any]]:
-        return [self.pending, self.last_span]
+        return [self.pending, self.last_span, self.client_spans]
+
+    def _seen_serving(self, svc: str, h: Hop, now: float) -> None:
+        last = self.last_span.get(svc)
+        if last is None or h.start > last:
+            self.last_span.put(svc, h.start, now)
 
     def _is_mesh(self, h: Hop) -> bool:
         dst = h.dst
@@ -66,11 +75,13 @@ class MissingAccessLog:
                 continue
             if h.origin != SPAN:
                 continue
+            if h.span_kind == SPAN_KIND_CLIENT and h.span_id:
+                self.client_spans.put(h.span_id, h.observer_service, now)
             if h.observer.startswith("span:"):  # an application's span (SDK)
                 if h.span_kind != SPAN_KIND_SERVER:
                     continue
                 svc = h.dst.key
-                self.last_span.put(svc, now, now)
+                self._seen_serving(svc, h, now)
                 if not self._is_mesh(h):
                     continue
                 if h.request_id and (h.request_id, svc) in corr.logged_rid:
@@ -81,22 +92,37 @@ class MissingAccessLog:
                 pending.add(key, h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
                 svc = h.observer_service.key
-                self.last_span.put(svc, now, now)
+                if h.direction == INBOUND:
+                    self._seen_serving(svc, h, now)
                 rid = h.request_id
                 if not rid or (rid, svc) in corr.logged_rid:
                     continue
                 pending.add((rid, svc), h, now)
 
+    def _source(self, h: Hop) -> Identity:
+        """Who sent the unlogged request: the client sidecar's entry for the same request id,
+        else the parent span's service in the same trace, else the span's peer address."""
+        if h.src.service is None:
+            paired = self.ctx.corr.source_of(h)
+            if paired is not None:
+                return paired
+            if h.parent_span_id:
+                parent = self.client_spans.get(h.parent_span_id)
+                if parent is not None and parent is not h.dst:
+                    return parent
+        return h.src
+
     def _expired(self, key: tuple[str, str], h: Hop, now: float) -> None:
         if self._emit is None:
             return
-        if self.ctx.policy.exempt("missing_access_log", h.src, h.dst, h.path):
+        src = self._source(h)
+        if self.ctx.policy.exempt("missing_access_log", src, h.dst, h.path):
             return
         if h.observer.startswith("span:"):
             detail = "the application traced this request, but its sidecar did not log it (bypassed?)"
         else:
             detail = "the sidecar traced this request but sent no access log for it"
-        self._emit(Violation("missing_access_log", self.cfg.severity, h.src, h.dst, h, detail, h.start))
+        self._emit(Violation("missing_access_log", self.cfg.severity, src, h.dst, h, detail, h.start))
 
     def on_tick(self, now: float, emit: Emit) -> None:
         self._emit = emit
@@ -105,7 +131,14 @@ class MissingAccessLog:
         silent = self.cfg.silent_secs
         for svc, span_at in self.last_span.items():
             logged_at = last_log.get(svc)
-            if logged_at is None or now - logged_at < silent or span_at <= logged_at:
+            # Silent: no log for silent_secs, yet a span shows traffic that *started* after the
+            # last log arrived, by more than the grace (flush interval plus clock skew). An idle
+            # sidecar's last spans are older than its last log, so idleness is not silence.
+            # And the newest span's own access log has had the grace to arrive: spans may be
+            # flushed sooner than access logs.
+            if logged_at is None or now - logged_at < silent or span_at <= logged_at + self.grace:
+                continue
+            if now - span_at < self.grace:
                 continue
             if self.silence_reported.get(svc) == logged_at:
                 continue
