@@ -27,7 +27,7 @@ from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.http import OtlpHttp
 from meshaudit.sinks import build_sinks
-from meshaudit.sinks.base import Sink
+from meshaudit.sinks.base import FatalSinkError, Sink
 
 log = logging.getLogger("meshaudit")
 
@@ -175,8 +175,16 @@ class Daemon:
     async def run(self, ready_message: bool = True) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        for s in self.sinks:
-            await s.start()
+        # Concurrently: a backend that is down or hangs delays start-up once, not once per sink.
+        results = await asyncio.gather(*(s.start() for s in self.sinks), return_exceptions=True)
+        fatal = [(s, r) for s, r in zip(self.sinks, results, strict=True) if isinstance(r, BaseException)]
+        if fatal:
+            for s, r in fatal:
+                log.error("Sink %s cannot start: %s", s.name, r)
+                if not isinstance(r, FatalSinkError):
+                    log.error("Unexpected error starting sink %s", s.name, exc_info=r)
+            await asyncio.gather(*(s.shutdown(time.monotonic() + 2) for s in self.sinks))
+            return 1
         tasks = [
             asyncio.create_task(self._engine_loop(), name="engine"),
             asyncio.create_task(self._tick_loop(), name="tick"),
