@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -681,6 +682,27 @@ def scenario_soak(s: Settings, results: dict[str, Any]) -> None:
     )
 
 
+def scenario_steady(s: Settings, results: dict[str, Any]) -> None:
+    """Opt-in: full-rate ALS 25/msg for 60 s, the rate per 5 s: does it hold once the stores are full?"""
+    try:
+        t = Meshaudit.start(s, "steady-mesh")
+    except RuntimeError as exc:
+        results["steady"] = {"error": str(exc)[:500]}
+        return
+    try:
+        lg = loadgen(s, "steady", t.grpc_addr, "als", 25, 60.0)
+        samples = _sample_loop(t, lg, 60.0, 5.0)
+        loadgen_result(lg, 60)
+    finally:
+        t.stop()
+    rates = [
+        (round(b["t"]), (b["processed"] - a["processed"]) / (b["t"] - a["t"]), b["rss_mb"])
+        for a, b in itertools.pairwise(samples)
+    ]
+    results["steady"] = {"rate_per_5s": rates, "samples": samples}
+    say("steady: " + ", ".join(f"{t_:.0f}s {r:,.0f}/s {m:.0f} MiB" for t_, r, m in rates))
+
+
 def scenario_overload(s: Settings, results: dict[str, Any]) -> None:
     capacity = _capacity(results, "als", 100, default=120_000.0)
     high, low = 3 * capacity, 0.5 * capacity
@@ -972,6 +994,15 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 
 
 # --- report --------------------------------------------------------------------------------
+def _daemon_version() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    commit = git("log", "-1", "--format=%h", "--", "daemon")
+    dirty = git("status", "--porcelain", "--", "daemon")
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -1062,11 +1093,12 @@ SCENARIOS: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "envoy": scenario_envoy,
     "soak": scenario_soak,
 }
+OPT_IN: dict[str, Callable[[Settings, dict[str, Any]], None]] = {"steady": scenario_steady}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="meshaudit benchmarks (see BENCHMARKS.md)")
-    p.add_argument("scenarios", nargs="*", default=["all"], help=f"all, or some of: {', '.join(SCENARIOS)}")
+    p.add_argument("scenarios", nargs="*", default=["all"], help=f"all, or some of: {', '.join(SCENARIOS | OPT_IN)}")
     d = Settings()
     p.add_argument("--runs", type=int, default=d.runs)
     p.add_argument("--measure", type=float, default=d.measure, help="seconds measured per throughput case")
@@ -1090,7 +1122,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.gc_tuned:
         DAEMON_ARGV[:] = [PY, "-m", "bench.gc_tuned"]
     chosen = list(SCENARIOS) if "all" in a.scenarios else a.scenarios
-    unknown = [x for x in chosen if x not in SCENARIOS]
+    every = SCENARIOS | OPT_IN
+    unknown = [x for x in chosen if x not in every]
     if unknown:
         p.error(f"unknown scenario(s): {unknown}")
     results: dict[str, Any] = {
@@ -1110,8 +1143,10 @@ def main(argv: list[str] | None = None) -> None:
     out_json = s.out / f"{s.stamp}.json"
     for name in chosen:
         say(f"scenario {name}")
+        # Other engineers change the daemon while benchmarks run: record what each scenario ran.
+        results.setdefault("daemon_version", {})[name] = _daemon_version()
         try:
-            SCENARIOS[name](s, results)
+            every[name](s, results)
         except Exception as exc:  # a scenario's failure is a figure too; keep going
             say(f"scenario {name} failed: {exc!r}")
             results.setdefault("errors", {})[name] = repr(exc)[:1000]
