@@ -63,9 +63,10 @@ class Correlation:
 
     def __init__(self, ttl: float, max_items: int) -> None:
         # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
-        self.outbound_by_rid: TTLStore[str, Hop] = TTLStore("outbound_by_request_id", ttl, max_items)
+        # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
+        self.outbound_by_rid: TTLStore[str, Identity] = TTLStore("outbound_by_request_id", ttl, max_items)
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
-        self.outbound_by_conn: TTLStore[str, Hop] = TTLStore("outbound_by_conn", ttl, max_items)
+        self.outbound_by_conn: TTLStore[str, Identity] = TTLStore("outbound_by_conn", ttl, max_items)
         # (request_id, observer) and (trace_id, observer service key) seen in access logs
         self.logged_rid: TTLStore[tuple[str, str], bool] = TTLStore("logged_request_ids", ttl, max_items)
         self.logged_trace: TTLStore[tuple[str, str], bool] = TTLStore("logged_trace_ids", ttl, max_items)
@@ -91,9 +92,9 @@ class Correlation:
             svc = h.observer_service.key
             if h.direction == OUTBOUND:
                 if rid:
-                    self.outbound_by_rid.put(rid, h, now)
+                    self.outbound_by_rid.put(rid, h.src, now)
                 if h.conn:
-                    self.outbound_by_conn.put(h.conn, h, now)
+                    self.outbound_by_conn.put(h.conn, h.src, now)
             if rid:
                 # Keyed by the observer's service, not its node id: any replica's sidecar
                 # logging the request satisfies a span of that service.
@@ -107,13 +108,11 @@ class Correlation:
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""
         if h.request_id:
-            out = self.outbound_by_rid.get(h.request_id)
-            if out is not None:
-                return out.src
+            src = self.outbound_by_rid.get(h.request_id)
+            if src is not None:
+                return src
         if h.conn:
-            out = self.outbound_by_conn.get(h.conn)
-            if out is not None:
-                return out.src
+            return self.outbound_by_conn.get(h.conn)
         return None
 
 
