@@ -18,7 +18,6 @@ from meshaudit.engine.store import TTLStore
 from meshaudit.model import (
     ALS_HTTP,
     ALS_TCP,
-    INBOUND,
     OTEL_LOG,
     OUTBOUND,
     SPAN,
@@ -298,9 +297,7 @@ class Engine:
 
 
 __all__ = [
-    "INBOUND",
     "LOGGED_ORIGINS",
-    "OUTBOUND",
     "Aggregator",
     "Correlation",
     "Emit",

@@ -78,6 +78,28 @@ class OtlpGrpc:
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
+def _service(
+    service: str,
+    method: str,
+    kind: Callable[..., Any],
+    handler: Callable[..., Any],
+    request: Any,
+    response: Any,
+    receiver: str,
+) -> Any:
+    """One gRPC method whose undecodable requests are counted under ``receiver``."""
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            method: kind(
+                handler,
+                request_deserializer=_counting(request.FromString, receiver),
+                response_serializer=response.SerializeToString,
+            )
+        },
+    )
+
+
 def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) -> tuple[grpc.aio.Server, int]:
     r = config.receivers
     options = [
@@ -93,35 +115,32 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
     otlp = OtlpGrpc(queue, namer)
     server.add_generic_rpc_handlers(
         (
-            grpc.method_handlers_generic_handler(
+            _service(
                 "envoy.service.accesslog.v3.AccessLogService",
-                {
-                    "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
-                        als.StreamAccessLogs,
-                        request_deserializer=_counting(als_pb2.StreamAccessLogsMessage.FromString, ALS),
-                        response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
-                    )
-                },
+                "StreamAccessLogs",
+                grpc.stream_unary_rpc_method_handler,
+                als.StreamAccessLogs,
+                als_pb2.StreamAccessLogsMessage,
+                als_pb2.StreamAccessLogsResponse,
+                ALS,
             ),
-            grpc.method_handlers_generic_handler(
+            _service(
                 "opentelemetry.proto.collector.trace.v1.TraceService",
-                {
-                    "Export": grpc.unary_unary_rpc_method_handler(
-                        otlp.export_traces,
-                        request_deserializer=_counting(trace_service_pb2.ExportTraceServiceRequest.FromString, OTLP),
-                        response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
-                    )
-                },
+                "Export",
+                grpc.unary_unary_rpc_method_handler,
+                otlp.export_traces,
+                trace_service_pb2.ExportTraceServiceRequest,
+                trace_service_pb2.ExportTraceServiceResponse,
+                OTLP,
             ),
-            grpc.method_handlers_generic_handler(
+            _service(
                 "opentelemetry.proto.collector.logs.v1.LogsService",
-                {
-                    "Export": grpc.unary_unary_rpc_method_handler(
-                        otlp.export_logs,
-                        request_deserializer=_counting(logs_service_pb2.ExportLogsServiceRequest.FromString, OTLP),
-                        response_serializer=logs_service_pb2.ExportLogsServiceResponse.SerializeToString,
-                    )
-                },
+                "Export",
+                grpc.unary_unary_rpc_method_handler,
+                otlp.export_logs,
+                logs_service_pb2.ExportLogsServiceRequest,
+                logs_service_pb2.ExportLogsServiceResponse,
+                OTLP,
             ),
         )
     )

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, UNKNOWN, Hop, Identity, identity
-from meshaudit.naming import BLACKHOLE, PASSTHROUGH, Namer, cluster_direction, outbound_cluster_target
+from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 TLS_VERSIONS = ("unknown", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -146,7 +146,7 @@ def _common(
     upstream_local = _addr(c.upstream_local_address) if need_conn and c.HasField("upstream_local_address") else None
     if out_dst is None:
         upstream = _addr(c.upstream_remote_address) if c.HasField("upstream_remote_address") else None
-        if cluster in (PASSTHROUGH, BLACKHOLE) or direction == OUTBOUND:
+        if direction == OUTBOUND:  # PassthroughCluster, BlackHoleCluster, or a plain-Envoy egress
             host = authority.rsplit(":", 1)[0] if authority else None
             out_dst = identity(host or upstream, None, cluster or None, None, upstream)
         else:
