@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -21,7 +20,7 @@ from aiohttp import web
 from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, load
 from meshaudit.engine.core import Engine
-from meshaudit.engine.store import TTLStore
+from meshaudit.engine.store import Store
 from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
@@ -119,7 +118,7 @@ class Daemon:
             if n > seen:
                 metrics.VIOLATIONS.labels(rule).inc(n - seen)
                 self._violations_seen[rule] = n
-        stores: list[TTLStore[Any, Any]] = self.engine.stores()
+        stores: list[Store] = self.engine.stores()
         for st in stores:
             metrics.STORE_ITEMS.labels(st.name).set(len(st))
             for reason, n in (("expired", st.expired), ("capacity", st.evicted_capacity)):

@@ -72,7 +72,7 @@ class Namer:
     def __init__(self, mesh: MeshConfig) -> None:
         self.mesh = mesh
         self._nodes: dict[tuple[str, str], Identity] = {}
-        self._principals: dict[str, Identity] = {}
+        self.principals: dict[str, Identity] = {}  # read directly on the hot path
         self._addresses: dict[str, Identity] = {}
         # Pod IPs learned from Istio node ids, to name the source of plaintext hops.
         self.learned_ips: dict[str, Identity] = {}
@@ -110,14 +110,14 @@ class Namer:
 
     def principal(self, uri: str) -> Identity:
         """The party named by a peer certificate's URI SAN."""
-        found = self._principals.get(uri)
+        found = self.principals.get(uri)
         if found is not None:
             return found
         ns, sa = parse_spiffe(uri)
         service = sa if (sa and self.mesh.service_account_is_service) else None
         ident = identity(service, ns if service else None, None, uri, None)
-        if len(self._principals) < 100_000:
-            self._principals[uri] = ident
+        if len(self.principals) < 100_000:
+            self.principals[uri] = ident
         return ident
 
     def address(self, addr: str) -> Identity:

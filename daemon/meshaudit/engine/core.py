@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from meshaudit.config import Config, Policy, RuleName
 from meshaudit.engine.policy import CompiledPolicy
-from meshaudit.engine.store import TTLStore
+from meshaudit.engine.store import GenStore, Store, TTLStore
 from meshaudit.model import (
     ALS_HTTP,
     ALS_TCP,
@@ -63,15 +63,15 @@ class Correlation:
     def __init__(self, ttl: float, max_items: int) -> None:
         # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
         # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
-        self.outbound_by_rid: TTLStore[str, Identity] = TTLStore("outbound_by_request_id", ttl, max_items)
+        self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
-        self.outbound_by_conn: TTLStore[str, Identity] = TTLStore("outbound_by_conn", ttl, max_items)
+        self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
         # (request_id, observer) and (trace_id, observer service key) seen in access logs
-        self.logged_rid: TTLStore[tuple[str, str], bool] = TTLStore("logged_request_ids", ttl, max_items)
-        self.logged_trace: TTLStore[tuple[str, str], bool] = TTLStore("logged_trace_ids", ttl, max_items)
+        self.logged_rid: GenStore[tuple[str, str], bool] = GenStore("logged_request_ids", ttl, max_items)
+        self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
-        self.sidecar_last_log: TTLStore[str, float] = TTLStore("sidecar_last_log", 86_400, max_items)
-        self.stores: list[TTLStore[Any, Any]] = [
+        self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
+        self.stores: list[GenStore[Any, Any]] = [
             self.outbound_by_rid,
             self.outbound_by_conn,
             self.logged_rid,
@@ -80,9 +80,12 @@ class Correlation:
         ]
 
     def index(self, hops: list[Hop], now: float) -> None:
-        last_log = self.sidecar_last_log
-        logged_rid = self.logged_rid.put
-        logged_trace = self.logged_trace.put
+        # Batch-local dicts, merged once per store: a dict store per fact instead of a call.
+        by_rid: dict[str, Identity] = {}
+        by_conn: dict[str, Identity] = {}
+        rids: dict[tuple[str, str], bool] = {}
+        traces: dict[tuple[str, str], bool] = {}
+        observers: dict[str, float] = {}
         last_observer = None
         for h in hops:
             if h.origin == SPAN:
@@ -91,18 +94,29 @@ class Correlation:
             svc = h.observer_service.key
             if h.direction == OUTBOUND:
                 if rid:
-                    self.outbound_by_rid.put(rid, h.src, now)
+                    by_rid[rid] = h.src
                 if h.conn:
-                    self.outbound_by_conn.put(h.conn, h.src, now)
+                    by_conn[h.conn] = h.src
             if rid:
                 # Keyed by the observer's service, not its node id: any replica's sidecar
                 # logging the request satisfies a span of that service.
-                logged_rid((rid, svc), True, now)
-            if h.trace_id:
-                logged_trace((h.trace_id, svc), True, now)
+                rids[rid, svc] = True
+            tid = h.trace_id
+            if tid:
+                traces[tid, svc] = True
             if svc is not last_observer:  # batches come from one stream: one update per run
-                last_log.put(svc, now, now)
+                observers[svc] = now
                 last_observer = svc
+        if by_rid:
+            self.outbound_by_rid.put_many(by_rid, now)
+        if by_conn:
+            self.outbound_by_conn.put_many(by_conn, now)
+        if rids:
+            self.logged_rid.put_many(rids, now)
+        if traces:
+            self.logged_trace.put_many(traces, now)
+        if observers:
+            self.sidecar_last_log.put_many(observers, now)
 
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""
@@ -132,7 +146,7 @@ class Rule(Protocol):
 
     def on_tick(self, now: float, emit: Emit) -> None: ...
 
-    def stores(self) -> list[TTLStore[Any, Any]]: ...
+    def stores(self) -> list[Store]: ...
 
 
 LOGGED_ORIGINS = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
@@ -187,14 +201,17 @@ class Aggregator:
             "alert_windows", suppress_secs, max_items, self._close
         )
         # One request seen by both sidecars must count once: (rule, request id) recently counted.
-        self.counted: TTLStore[tuple[str, str], bool] = TTLStore("counted_requests", 300, max_items)
+        self.counted: GenStore[tuple[str, str], bool] = GenStore("counted_requests", 300, max_items)
         self.out: list[Alert] = []
         self.violations: dict[str, int] = {}
 
     def add(self, v: Violation, now: float) -> None:
         h = v.hop
-        if h is not None and h.request_id and not self.counted.add((v.rule, h.request_id), True, now):
-            return
+        if h is not None and h.request_id:
+            k = (v.rule, h.request_id)
+            if k in self.counted:
+                return
+            self.counted.put(k, True, now)
         self.violations[v.rule] = self.violations.get(v.rule, 0) + 1
         key = (v.rule, v.src.key, v.dst.key)
         st = self.states.get(key)
@@ -289,8 +306,8 @@ class Engine:
         self.agg.states.expire(now)
         return self.agg.drain()
 
-    def stores(self) -> list[TTLStore[Any, Any]]:
-        out: list[TTLStore[Any, Any]] = [*self.corr.stores, self.agg.states, self.agg.counted]
+    def stores(self) -> list[Store]:
+        out: list[Store] = [*self.corr.stores, self.agg.states, self.agg.counted]
         for r in self.rules:
             out.extend(r.stores())
         return out

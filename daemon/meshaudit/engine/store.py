@@ -1,7 +1,13 @@
-"""Bounded window store: time-to-live plus a maximum size, with an on-expire hook and
-eviction counters (after the OpenTelemetry Collector servicegraph store).
+"""Bounded window stores, with eviction counters (after the OpenTelemetry Collector
+servicegraph store). Two kinds, for two access patterns:
 
-Entries expire in insertion order: every entry of one store has the same TTL, so the oldest
+- :class:`TTLStore`: exact time-to-live plus a maximum size, with an on-expire hook. For state
+  whose expiry *is* an event (a span whose access log never came, a window that closes).
+- :class:`GenStore`: evidence looked up by key (which client sent request X, was trace Y
+  logged), written once per access-log entry. Two generations of plain dicts: a put is one dict
+  store, and expiry drops the older generation whole. An entry lives between one and two TTLs.
+
+TTLStore entries expire in insertion order: every entry of one store has the same TTL, so the oldest
 insertion is always the first to expire and ``expire`` is O(expired). Refreshing an entry
 moves it to the back. When full, the oldest entry is evicted and counted as ``capacity``;
 the expire hook is *not* called for it (a capacity eviction is a loss of evidence, never a
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -89,3 +95,90 @@ class TTLStore(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         return [(k, v) for k, (v, _) in self._data.items()]
+
+
+class GenStore(Generic[K, V]):
+    """Generational store: ``put`` writes the current dict; every ``ttl`` (checked by ``expire``,
+    which the engine calls on its tick) the previous generation is dropped and the current one
+    becomes the previous. When the current dict reaches half of ``max_items`` it is rotated early
+    and the dropped generation counts as evicted for capacity. No on-expire hook: nothing in a
+    GenStore is an event when it goes. Values must not be None (None means absent)."""
+
+    __slots__ = ("_cur", "_half", "_old", "_rotated_at", "evicted_capacity", "expired", "max_items", "name", "ttl")
+
+    def __init__(self, name: str, ttl: float, max_items: int) -> None:
+        self.name = name
+        self.ttl = ttl
+        self.max_items = max_items
+        self._half = max(1, max_items // 2)
+        self._cur: dict[K, V] = {}
+        self._old: dict[K, V] = {}
+        self._rotated_at: float | None = None
+        self.expired = 0
+        self.evicted_capacity = 0
+
+    def __len__(self) -> int:
+        return len(self._cur) + len(self._old)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._cur or key in self._old
+
+    def get(self, key: K) -> V | None:
+        v = self._cur.get(key)
+        return self._old.get(key) if v is None else v
+
+    def put(self, key: K, value: V, now: float) -> None:
+        cur = self._cur
+        cur[key] = value
+        if len(cur) >= self._half:
+            self.evicted_capacity += len(self._old)
+            self._old = cur
+            self._cur = {}
+            self._rotated_at = now
+
+    def put_many(self, items: dict[K, V], now: float) -> None:
+        """``put`` for a batch (one capacity check)."""
+        cur = self._cur
+        cur.update(items)
+        if len(cur) >= self._half:
+            self.evicted_capacity += len(self._old)
+            self._old = cur
+            self._cur = {}
+            self._rotated_at = now
+
+    def pop(self, key: K) -> V | None:
+        v = self._cur.pop(key, None)
+        w = self._old.pop(key, None)
+        return w if v is None else v
+
+    def expire(self, now: float) -> int:
+        """Rotate when a TTL has passed since the last rotation; returns the entries dropped."""
+        if self._rotated_at is None:
+            self._rotated_at = now
+            return 0
+        if now - self._rotated_at < self.ttl:
+            return 0
+        n = len(self._old)
+        self._old = self._cur
+        self._cur = {}
+        self._rotated_at = now
+        self.expired += n
+        return n
+
+    def items(self) -> list[tuple[K, V]]:
+        merged = dict(self._old)
+        merged.update(self._cur)
+        return list(merged.items())
+
+    def values(self) -> list[V]:
+        return [v for _, v in self.items()]
+
+
+class Store(Protocol):
+    """What the metrics need of any store."""
+
+    name: str
+    expired: int
+    evicted_capacity: int
+
+    def __len__(self) -> int: ...

@@ -16,10 +16,8 @@ spans show its service still serving.
 
 from __future__ import annotations
 
-from typing import Any
-
 from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
-from meshaudit.engine.store import TTLStore
+from meshaudit.engine.store import GenStore, Store, TTLStore
 from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
 
 # A silent sidecar is about all of its traffic, whoever the clients are.
@@ -39,13 +37,13 @@ class MissingAccessLog:
         )
         self.grace = grace
         # service key -> latest start time (the span's own clock) of a span showing it serving
-        self.last_span: TTLStore[str, float] = TTLStore("service_last_span", 86_400, ctx.max_items)
+        self.last_span: GenStore[str, float] = GenStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
         # span id -> the service that made the call: names the source of a bypassed request
         # from the parent span in the same trace.
-        self.client_spans: TTLStore[str, Identity] = TTLStore("client_spans", max(60.0, grace * 4), ctx.max_items)
+        self.client_spans: GenStore[str, Identity] = GenStore("client_spans", max(60.0, grace * 4), ctx.max_items)
 
-    def stores(self) -> list[TTLStore[Any, Any]]:
+    def stores(self) -> list[Store]:
         return [self.pending, self.last_span, self.client_spans]
 
     def _seen_serving(self, svc: str, h: Hop, now: float) -> None:

@@ -11,10 +11,8 @@ independently) and then alerts with the bare address.
 
 from __future__ import annotations
 
-from typing import Any
-
 from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
-from meshaudit.engine.store import TTLStore
+from meshaudit.engine.store import Store, TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
 
 
@@ -34,7 +32,7 @@ class PlaintextHop:
         self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", self.wait, ctx.max_items)
         self._seq = 0
 
-    def stores(self) -> list[TTLStore[Any, Any]]:
+    def stores(self) -> list[Store]:
         return [self.pending, self.by_rid, self.by_conn]
 
     def _violation(self, h: Hop, src: Identity) -> Violation:

@@ -11,10 +11,8 @@ Hops whose source cannot be named (plaintext with no pairing yet) are left to pl
 
 from __future__ import annotations
 
-from typing import Any
-
 from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
-from meshaudit.engine.store import TTLStore
+from meshaudit.engine.store import Store, TTLStore
 from meshaudit.model import UNKNOWN, Hop, Identity
 
 
@@ -36,7 +34,7 @@ class UnexpectedEdge:
         # Baseline edges: kept for the daemon's life (bounded; a full baseline stops learning).
         self.baseline: TTLStore[tuple[str, str], bool] = TTLStore("learned_edges", float("inf"), ctx.max_items)
 
-    def stores(self) -> list[TTLStore[Any, Any]]:
+    def stores(self) -> list[Store]:
         return [self.baseline]
 
     def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
@@ -81,7 +79,7 @@ class UnexpectedPath:
         self.ctx = ctx
         self.cfg = ctx.config.rules.unexpected_path
 
-    def stores(self) -> list[TTLStore[Any, Any]]:
+    def stores(self) -> list[Store]:
         return []
 
     def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:

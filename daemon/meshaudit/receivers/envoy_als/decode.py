@@ -5,10 +5,10 @@ principals, addresses) resolve through caches, and no per-entry dict or f-string
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, UNKNOWN, Hop, Identity, identity
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, OUTBOUND, UNKNOWN, Hop, Identity, identity
 from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -104,129 +104,238 @@ def _cluster(cluster: str, namer: Namer) -> tuple[int, Identity | None]:
     return found
 
 
-def _common(
-    c: Any,
-    ctx: StreamContext,
-    namer: Namer,
-    authority: str | None,
-    need_conn: bool,
-) -> tuple[int, Identity, Identity, str | None, str | None, str | None, str | None, str, float]:
-    """Fields every entry has: direction, src, dst, TLS facts, conn key, cluster, start time."""
-    cluster = c.upstream_cluster
-    direction, out_dst = _cluster(cluster, namer)
-    if direction == UNKNOWN:
-        direction = ctx.default_direction
-    tls_version = peer = local = None
-    if c.HasField("tls_properties"):
-        t = c.tls_properties
-        tls_version = TLS_VERSIONS[t.tls_version] if t.tls_version < 5 else "unknown"
-        if t.HasField("peer_certificate_properties"):
-            for san in t.peer_certificate_properties.subject_alt_name:
-                uri = san.uri
-                if uri:
-                    peer = uri
-                    break
-        if t.HasField("local_certificate_properties"):
-            for san in t.local_certificate_properties.subject_alt_name:
-                uri = san.uri
-                if uri:
-                    local = uri
-                    break
-    ts = c.start_time
-    start = ts.seconds + ts.nanos * 1e-9
-    observer = ctx.observer
-    if direction == INBOUND:
-        if peer:  # mTLS: the certificate names the source; the address is not needed
-            return direction, namer.principal(peer), observer, tls_version, peer, local, None, cluster, start
-        remote = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
-        src = namer.address(remote) if remote else identity()
-        return direction, src, observer, tls_version, peer, local, remote, cluster, start
-    # Outbound: the source is this sidecar's workload; the downstream is the local app. The
-    # connection key pairs entries only where no request id does (TCP).
-    upstream_local = _addr(c.upstream_local_address) if need_conn and c.HasField("upstream_local_address") else None
-    if out_dst is None:
-        upstream = _addr(c.upstream_remote_address) if c.HasField("upstream_remote_address") else None
-        if direction == OUTBOUND:  # PassthroughCluster, BlackHoleCluster, or a plain-Envoy egress
-            host = authority.rsplit(":", 1)[0] if authority else None
-            out_dst = identity(host or upstream, None, cluster or None, None, upstream)
-        else:
-            out_dst = identity(cluster or None, None, None, None, upstream)
-    return direction, observer, out_dst, tls_version, peer, local, upstream_local, cluster, start
+def _uri_san(sans: Any) -> str | None:
+    """The first URI SAN (the SPIFFE id); Istio certificates carry it first."""
+    if not sans:
+        return None
+    uri: str = sans[0].uri
+    if uri:
+        return uri
+    for san in sans:
+        uri = san.uri
+        if uri:
+            return uri
+    return None
+
+
+def _start(e: Any) -> float:
+    ts = e.common_properties.start_time
+    return float(ts.seconds + ts.nanos * 1e-9)
+
+
+def _local_principal(e: Any) -> str | None:
+    c = e.common_properties
+    if not c.HasField("tls_properties"):
+        return None
+    t = c.tls_properties
+    return (
+        _uri_san(t.local_certificate_properties.subject_alt_name)
+        if t.HasField("local_certificate_properties")
+        else None
+    )
+
+
+def _tls_cipher(e: Any) -> int | None:
+    c = e.common_properties
+    if not c.HasField("tls_properties"):
+        return None
+    t = c.tls_properties
+    return int(t.tls_cipher_suite.value) if t.HasField("tls_cipher_suite") else None
+
+
+def _status(e: Any) -> int:
+    if not e.HasField("response"):
+        return 0
+    resp = e.response
+    return int(resp.response_code.value) if resp.HasField("response_code") else 0
+
+
+def _details(e: Any) -> str:
+    return str(e.response.response_code_details) if e.HasField("response") else ""
+
+
+def _response_flags(e: Any) -> str:
+    c = e.common_properties
+    return _flags(c.response_flags) if c.HasField("response_flags") else ""
+
+
+# Hop fields an ALS entry fills only when something reads them (a rule that uses them, an
+# alert's evidence): most entries never need them, and each protobuf read costs.
+_LAZY: dict[str, Callable[[Any], Any]] = {
+    "start": _start,
+    "local_principal": _local_principal,
+    "tls_cipher": _tls_cipher,
+    "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
+    "status": _status,
+    "response_code_details": _details,
+    "response_flags": _response_flags,
+    "route_name": lambda e: str(e.common_properties.route_name),
+    "attempts": lambda e: int(e.common_properties.upstream_request_attempt_count),
+    "span_id": lambda e: None,
+    "parent_span_id": lambda e: None,
+    "span_kind": lambda e: 0,
+}
+
+
+class AlsHop(Hop):
+    """A Hop from an Envoy access-log entry: the fields every rule reads are set at once, the rest
+    (see ``_LAZY``) are read from the entry on first use. The entry is immutable once parsed."""
+
+    __slots__ = ("_e",)
+
+    def __init__(
+        self,
+        e: Any,
+        origin: int,
+        observer: str,
+        observer_service: Identity,
+        direction: int,
+        src: Identity,
+        dst: Identity,
+        tls_version: str | None,
+        peer_principal: str | None,
+        method: str | None,
+        path: str | None,
+        request_id: str | None,
+        trace_id: str | None,
+        conn: str | None,
+        upstream_cluster: str,
+    ) -> None:
+        self._e = e
+        self.origin = origin
+        self.observer = observer
+        self.observer_service = observer_service
+        self.direction = direction
+        self.src = src
+        self.dst = dst
+        self.tls_version = tls_version
+        self.peer_principal = peer_principal
+        self.method = method
+        self.path = path
+        self.request_id = request_id
+        self.trace_id = trace_id
+        self.conn = conn
+        self.upstream_cluster = upstream_cluster
+
+    def __getattr__(self, name: str) -> Any:  # called only for a field not set yet
+        read = _LAZY.get(name)
+        if read is None:
+            raise AttributeError(name)
+        value = read(self._e)
+        setattr(self, name, value)
+        return value
+
+
+def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | None) -> Identity:
+    """Destination of an outbound entry whose cluster names no service."""
+    c = e.common_properties
+    upstream = _addr(c.upstream_remote_address) if c.HasField("upstream_remote_address") else None
+    if direction == OUTBOUND:  # PassthroughCluster, BlackHoleCluster, or a plain-Envoy egress
+        host = authority.rsplit(":", 1)[0] if authority else None
+        return identity(host or upstream, None, cluster or None, None, upstream)
+    return identity(cluster or None, None, None, None, upstream)
 
 
 def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
+    node_id = ctx.node_id
+    observer = ctx.observer
+    default_direction = ctx.default_direction
+    clusters = _CLUSTER_CACHE
+    principals = namer.principals
+    append = out.append
     for e in entries:
         c = e.common_properties
-        if e.HasField("request"):
-            r = e.request
-            m = r.request_method
-            method = METHODS[m] if 0 < m < 10 else "OTHER"
-            authority = r.authority or None
-            path = r.path or None
-            rid = r.request_id or None
-            headers = r.request_headers
-            tp = headers.get("traceparent") if headers else None
-            trace_id = traceparent_trace_id(tp) if tp else None
+        cluster = c.upstream_cluster
+        found = clusters.get(cluster) or _cluster(cluster, namer)
+        direction = found[0] or default_direction
+        r = e.request
+        m = r.request_method
+        rid = r.request_id or None
+        tp = r.request_headers.get("traceparent")
+        trace_id = traceparent_trace_id(tp) if tp else None
+        if c.HasField("tls_properties"):
+            t = c.tls_properties
+            tv = t.tls_version
+            tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
+            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
         else:
-            method = "OTHER"
-            authority = path = rid = trace_id = None
-        status = 0
-        details = ""
-        if e.HasField("response"):
-            resp = e.response
-            if resp.HasField("response_code"):
-                status = resp.response_code.value
-            details = resp.response_code_details
-        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(
-            c, ctx, namer, authority, rid is None
-        )
-        out.append(
-            Hop(
+            tls_version = peer = None
+        conn = None
+        if direction == INBOUND:
+            dst = observer
+            if peer:  # mTLS: the certificate names the source; the address is not needed
+                src = principals.get(peer) or namer.principal(peer)
+            else:
+                conn = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
+                src = namer.address(conn) if conn else NOBODY
+        else:
+            # Outbound: the source is this sidecar's workload; the downstream is the local app.
+            # The connection key pairs entries only where no request id does.
+            src = observer
+            dst = found[1] or _outbound_fallback(e, direction, cluster, r.authority or None)
+            if rid is None and c.HasField("upstream_local_address"):
+                conn = _addr(c.upstream_local_address)
+        append(
+            AlsHop(
+                e,
                 ALS_HTTP,
-                ctx.node_id,
-                ctx.observer,
+                node_id,
+                observer,
                 direction,
                 src,
                 dst,
-                start,
-                tls_version=tls_version,
-                peer_principal=peer,
-                local_principal=local,
-                method=method,
-                authority=authority,
-                path=path,
-                status=status,
-                response_flags=_flags(c.response_flags) if c.HasField("response_flags") else "",
-                response_code_details=details,
-                route_name=c.route_name,
-                upstream_cluster=cluster,
-                attempts=c.upstream_request_attempt_count,
-                trace_id=trace_id,
-                request_id=rid,
-                conn=conn,
+                tls_version,
+                peer,
+                METHODS[m] if 0 < m < 10 else "OTHER",
+                r.path or None,
+                rid,
+                trace_id,
+                conn,
+                cluster,
             )
         )
 
 
 def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
+    node_id = ctx.node_id
+    observer = ctx.observer
+    default_direction = ctx.default_direction
     for e in entries:
         c = e.common_properties
-        direction, src, dst, tls_version, peer, local, conn, cluster, start = _common(c, ctx, namer, None, True)
+        cluster = c.upstream_cluster
+        found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
+        direction = found[0] or default_direction
+        if c.HasField("tls_properties"):
+            t = c.tls_properties
+            tv = t.tls_version
+            tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
+            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
+        else:
+            tls_version = peer = None
+        if direction == INBOUND:
+            dst = observer
+            conn = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
+            src = namer.principal(peer) if peer else namer.address(conn) if conn else NOBODY
+        else:
+            src = observer
+            dst = found[1] or _outbound_fallback(e, direction, cluster, None)
+            conn = _addr(c.upstream_local_address) if c.HasField("upstream_local_address") else None
         out.append(
-            Hop(
+            AlsHop(
+                e,
                 ALS_TCP,
-                ctx.node_id,
-                ctx.observer,
+                node_id,
+                observer,
                 direction,
                 src,
                 dst,
-                start,
-                tls_version=tls_version,
-                peer_principal=peer,
-                local_principal=local,
-                response_flags=_flags(c.response_flags) if c.HasField("response_flags") else "",
-                upstream_cluster=cluster,
-                attempts=c.upstream_request_attempt_count,
-                conn=conn,
+                tls_version,
+                peer,
+                None,
+                None,
+                None,
+                None,
+                conn,
+                cluster,
             )
         )
