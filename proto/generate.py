@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover - grpc_tools always has it
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "daemon" / "meshaudit" / "_proto"
 PACKAGE = "meshaudit._proto"
-IMPORT_RE = re.compile(r"^from (envoy|meshaudit\.alert)((?:\.\w+)*) import (\w+)", re.MULTILINE)
+IMPORT_RE = re.compile(r"^from (envoy|meshaudit\.\w+)((?:\.\w+)*) import (\w+)", re.MULTILINE)
 
 
 def generate(out: Path) -> list[Path]:

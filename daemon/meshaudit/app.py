@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -31,6 +32,7 @@ from meshaudit.sinks.base import FatalSinkError, Sink
 log = logging.getLogger("meshaudit")
 
 SHUTDOWN_SECS = 10.0
+GC_THRESHOLD_0 = 20_000  # young objects between collections (CPython default: 700)
 
 
 def check_protobuf_backend() -> str:
@@ -45,6 +47,16 @@ def check_protobuf_backend() -> str:
             kind,
         )
     return kind
+
+
+def tune_gc() -> None:
+    """After start-up: freeze what exists (modules, config, policy: never garbage) so no later
+    collection walks it again, and collect young objects less often. Under load the daemon
+    allocates a Hop per entry; with the default threshold (700) the collector runs every ~30
+    messages and its full passes showed as the alert-latency tail (BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, 20, 10)
 
 
 class Daemon:
@@ -213,6 +225,7 @@ class Daemon:
             await self._shutdown(grpc_server, runners, tasks)
             return 1
         self._listening = True
+        tune_gc()
         for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
             loop.add_signal_handler(sig, handler)
         loop.add_signal_handler(signal.SIGHUP, self.reload)

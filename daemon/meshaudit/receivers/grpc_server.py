@@ -26,7 +26,12 @@ from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.server import RECEIVER as ALS
 from meshaudit.receivers.envoy_als.server import AccessLogService
 from meshaudit.receivers.ingest import IngestQueue
-from meshaudit.receivers.otlp.decode import decode_logs, decode_traces
+from meshaudit.receivers.otlp.decode import (
+    ExportLogsServiceRequest,
+    ExportTraceServiceRequest,
+    decode_logs,
+    decode_traces,
+)
 
 log = logging.getLogger("meshaudit.receivers.grpc")
 OTLP = "otlp_grpc"
@@ -129,7 +134,7 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
                 "Export",
                 grpc.unary_unary_rpc_method_handler,
                 otlp.export_traces,
-                trace_service_pb2.ExportTraceServiceRequest,
+                ExportTraceServiceRequest,  # the map view: same bytes, attributes indexed in C
                 trace_service_pb2.ExportTraceServiceResponse,
                 OTLP,
             ),
@@ -138,7 +143,7 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
                 "Export",
                 grpc.unary_unary_rpc_method_handler,
                 otlp.export_logs,
-                logs_service_pb2.ExportLogsServiceRequest,
+                ExportLogsServiceRequest,
                 logs_service_pb2.ExportLogsServiceResponse,
                 OTLP,
             ),

@@ -21,8 +21,10 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from meshaudit._proto.meshaudit.otlpview.v1 import view_pb2
 from meshaudit.model import (
     INBOUND,
+    NOBODY,
     OTEL_LOG,
     OUTBOUND,
     SPAN,
@@ -35,8 +37,10 @@ from meshaudit.model import (
 )
 from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
 
-ExportTraceServiceRequest = trace_service_pb2.ExportTraceServiceRequest
-ExportLogsServiceRequest = logs_service_pb2.ExportLogsServiceRequest
+# The daemon parses OTLP into a wire-compatible view whose attributes are maps (see
+# proto/meshaudit/otlpview/v1/view.proto): attributes are looked up by key in C.
+ExportTraceServiceRequest = view_pb2.ExportTraceServiceRequest
+ExportLogsServiceRequest = view_pb2.ExportLogsServiceRequest
 
 
 class OtlpJsonError(ValueError):
@@ -68,37 +72,30 @@ def _int(v: Any) -> int:
         return 0
 
 
-def _resource(res: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in res.attributes}
+def _attr(attrs: Any, key: str) -> Any:
+    """One attribute's value: a string (nearly always) or another scalar; None when absent,
+    empty or "-" (Envoy's "unset")."""
+    v = attrs.get(key)
+    if v is None:
+        return None
+    s = v.string_value
+    if s:
+        return None if s == "-" else s
+    x = _value(v)
+    return None if x == "" else x
 
 
-# --- traces ----------------------------------------------------------------------------------
-# Span attribute keys meshaudit reads; every other key is skipped without decoding its value.
-_SPAN_KEYS = frozenset(
-    (
-        "guid:x-request-id",
-        "node_id",
-        "upstream_cluster",
-        "upstream_cluster.name",
-        "peer.address",
-        "istio.canonical_service",
-        "istio.namespace",
-        "http.method",
-        "http.request.method",
-        "http.url",
-        "url.full",
-        "url.path",
-        "http.target",
-        "http.route",
-        "http.status_code",
-        "http.response.status_code",
-        "client.address",
-        "net.peer.ip",
-        "network.peer.address",
-        "server.address",
-        "http.request.header.x-request-id",
-    )
-)
+def _first(attrs: Any, *keys: str) -> Any:
+    for k in keys:
+        v = _attr(attrs, k)
+        if v is not None:
+            return v
+    return None
+
+
+def _first_str(attrs: Any, *keys: str) -> str | None:
+    v = _first(attrs, *keys)
+    return None if v is None else str(v)
 
 
 def _path_of(url: str | None) -> str | None:
@@ -111,48 +108,46 @@ def _path_of(url: str | None) -> str | None:
     return url
 
 
+# --- traces ----------------------------------------------------------------------------------
 def decode_traces(req: Any, namer: Namer, out: list[Hop]) -> int:
     """Append one hop per span; returns the number of spans read."""
     n = 0
+    append = out.append
     for rs in req.resource_spans:
-        res = _resource(rs.resource) if rs.HasField("resource") else {}
-        res_service = _str(res.get("service.name"))
-        res_ns = _str(res.get("service.namespace")) or _str(res.get("k8s.namespace.name"))
+        res = rs.resource.attributes
+        res_service = _first_str(res, "service.name")
+        res_ns = _first_str(res, "service.namespace", "k8s.namespace.name")
         for ss in rs.scope_spans:
             for sp in ss.spans:
                 n += 1
-                a: dict[str, Any] = {}
-                for kv in sp.attributes:
-                    if kv.key in _SPAN_KEYS:
-                        a[kv.key] = _value(kv.value)
-                out.append(_span_hop(sp, a, res_service, res_ns, namer))
+                append(_span_hop(sp, res_service, res_ns, namer))
     return n
 
 
-def _span_hop(sp: Any, a: dict[str, Any], res_service: str | None, res_ns: str | None, namer: Namer) -> Hop:
+def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer) -> Hop:
+    """Envoy's tracer tags (node_id, upstream_cluster, guid:x-request-id, http.url, peer.address)
+    are looked up first; OpenTelemetry semantic-convention names are the fallbacks."""
+    a = sp.attributes
     kind = sp.kind
-    trace_id = sp.trace_id.hex() or None
-    span_id = sp.span_id.hex() or None
-    parent = sp.parent_span_id.hex() or None
-    start = sp.start_time_unix_nano / 1e9
-    rid = _str(a.get("guid:x-request-id")) or _str(a.get("http.request.header.x-request-id"))
-    method = _str(a.get("http.method")) or _str(a.get("http.request.method"))
-    path = _str(a.get("url.path")) or _path_of(_str(a.get("http.url")) or _str(a.get("url.full")))
-    path = path or _str(a.get("http.target"))
-    status = _int(a.get("http.status_code") or a.get("http.response.status_code"))
-    node_id = _str(a.get("node_id"))
-    cluster = _str(a.get("upstream_cluster")) or _str(a.get("upstream_cluster.name")) or ""
-    svc = _str(a.get("istio.canonical_service")) or res_service
-    ns = _str(a.get("istio.namespace")) or res_ns
-    peer_addr = _str(a.get("peer.address")) or _str(a.get("client.address")) or _str(a.get("network.peer.address"))
+    node_id = _attr(a, "node_id")
+    rid = _attr(a, "guid:x-request-id") or _attr(a, "http.request.header.x-request-id")
+    url = _attr(a, "http.url")
+    if url is not None:
+        path = _path_of(str(url))
+    else:
+        path = _attr(a, "url.path") or _path_of(_first_str(a, "url.full")) or _attr(a, "http.target")
+    cluster = _first_str(a, "upstream_cluster", "upstream_cluster.name") or ""
+    svc = _attr(a, "istio.canonical_service") or res_service
+    ns = _attr(a, "istio.namespace") or res_ns
     if node_id:  # a sidecar's own span
-        me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
+        node_id = str(node_id)
+        me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else str(svc or ""))
         observer = node_id
         direction = cluster_direction(cluster) if cluster else UNKNOWN
         if direction == UNKNOWN:
             direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     else:
-        me = identity(svc, ns) if svc else identity(None, None, None, None, None)
+        me = identity(str(svc), _str(ns)) if svc else NOBODY
         observer = "span:" + (me.key if svc else "unknown")
         direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     src: Identity
@@ -160,9 +155,10 @@ def _span_hop(sp: Any, a: dict[str, Any], res_service: str | None, res_ns: str |
     if direction == OUTBOUND:
         src = me
         tsvc, tns = outbound_cluster_target(cluster)
-        dst = namer.service(tsvc, tns) if tsvc else identity(_str(a.get("server.address")))
+        dst = namer.service(tsvc, tns) if tsvc else identity(_first_str(a, "server.address"))
     else:
-        src = namer.address(peer_addr) if peer_addr else identity()
+        peer_addr = _first_str(a, "peer.address", "client.address", "network.peer.address", "net.peer.ip")
+        src = namer.address(peer_addr) if peer_addr else NOBODY
         dst = me
     return Hop(
         SPAN,
@@ -171,55 +167,47 @@ def _span_hop(sp: Any, a: dict[str, Any], res_service: str | None, res_ns: str |
         direction,
         src,
         dst,
-        start,
-        method=method,
-        path=path,
-        status=status,
+        sp.start_time_unix_nano / 1e9,
+        method=_first_str(a, "http.method", "http.request.method"),
+        path=_str(path),
+        status=_int(_first(a, "http.status_code", "http.response.status_code")),
         upstream_cluster=cluster,
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent,
-        request_id=rid,
+        trace_id=sp.trace_id.hex() or None,
+        span_id=sp.span_id.hex() or None,
+        parent_span_id=sp.parent_span_id.hex() or None,
+        request_id=_str(rid),
         span_kind=kind,
     )
 
 
 # --- logs (Envoy's OpenTelemetry access logger) -------------------------------------------------
-def _first(a: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        v = a.get(k)
-        if v is not None and v not in {"", "-"}:
-            return v
-    return None
-
-
 def decode_logs(req: Any, namer: Namer, out: list[Hop]) -> int:
     """Append one hop per access-log record; returns the number of records read."""
     n = 0
     for rl in req.resource_logs:
-        res = _resource(rl.resource) if rl.HasField("resource") else {}
-        node_id = _str(res.get("node_name")) or _str(res.get("node_id")) or ""
-        node_cluster = _str(res.get("cluster_name")) or _str(res.get("service.name")) or ""
+        res = rl.resource.attributes
+        node_id = _first_str(res, "node_name", "node_id") or ""
+        node_cluster = _first_str(res, "cluster_name", "service.name") or ""
         observer_id = node_id or node_cluster or "unknown-node"
         me = namer.node(node_id, node_cluster)
         for sl in rl.scope_logs:
             for lr in sl.log_records:
                 n += 1
-                a = {kv.key: _value(kv.value) for kv in lr.attributes}
-                out.append(_log_hop(lr, a, me, observer_id, namer))
+                out.append(_log_hop(lr, me, observer_id, namer))
     return n
 
 
-def _log_hop(lr: Any, a: dict[str, Any], me: Identity, observer: str, namer: Namer) -> Hop:
-    cluster = _str(_first(a, "upstream_cluster", "upstream.cluster", "envoy.upstream_cluster")) or ""
+def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer) -> Hop:
+    a = lr.attributes
+    cluster = _first_str(a, "upstream_cluster", "upstream.cluster", "envoy.upstream_cluster") or ""
     direction = cluster_direction(cluster)
-    tls = _str(_first(a, "downstream_tls_version", "tls.protocol.version", "tls_version"))
-    peer = _str(_first(a, "downstream_peer_uri_san", "tls.client.subject_alt_name", "peer_uri_san"))
-    remote = _str(_first(a, "downstream_remote_address", "client.address", "source.address"))
-    method = _str(_first(a, "http.request.method", "http.method", "method"))
-    path = _str(_first(a, "url.path", "http.target", "path"))
-    authority = _str(_first(a, "authority", "server.address", "http.host"))
-    rid = _str(_first(a, "x-request-id", "request_id", "http.request.header.x-request-id"))
+    tls = _first_str(a, "downstream_tls_version", "tls.protocol.version", "tls_version")
+    peer = _first_str(a, "downstream_peer_uri_san", "tls.client.subject_alt_name", "peer_uri_san")
+    remote = _first_str(a, "downstream_remote_address", "client.address", "source.address")
+    method = _first_str(a, "http.request.method", "http.method", "method")
+    path = _first_str(a, "url.path", "http.target", "path")
+    authority = _first_str(a, "authority", "server.address", "http.host")
+    rid = _first_str(a, "x-request-id", "request_id", "http.request.header.x-request-id")
     trace_id = lr.trace_id.hex() or None
     start = (lr.time_unix_nano or lr.observed_time_unix_nano) / 1e9
     src: Identity
@@ -228,7 +216,7 @@ def _log_hop(lr: Any, a: dict[str, Any], me: Identity, observer: str, namer: Nam
         src = me
         tsvc, tns = outbound_cluster_target(cluster)
         dst = namer.service(tsvc, tns) if tsvc else identity(authority, None, cluster or None)
-        conn = _str(_first(a, "upstream_local_address"))
+        conn = _first_str(a, "upstream_local_address")
     else:
         src = namer.principal(peer) if peer else (namer.address(remote) if remote else identity())
         dst = me
@@ -247,9 +235,9 @@ def _log_hop(lr: Any, a: dict[str, Any], me: Identity, observer: str, namer: Nam
         authority=authority,
         path=path,
         status=_int(_first(a, "http.response.status_code", "response_code", "http.status_code")),
-        response_flags=_str(_first(a, "response_flags")) or "",
-        response_code_details=_str(_first(a, "response_code_details")) or "",
-        route_name=_str(_first(a, "route_name")) or "",
+        response_flags=_first_str(a, "response_flags") or "",
+        response_code_details=_first_str(a, "response_code_details") or "",
+        route_name=_first_str(a, "route_name") or "",
         upstream_cluster=cluster,
         attempts=_int(_first(a, "upstream_request_attempt_count")),
         trace_id=trace_id,
@@ -285,8 +273,16 @@ def _fix_ids(node: Any, where: str) -> None:
             _fix_ids(v, f"{where}[{i}]")
 
 
+_OFFICIAL: dict[Any, Any] = {
+    ExportTraceServiceRequest: trace_service_pb2.ExportTraceServiceRequest,
+    ExportLogsServiceRequest: logs_service_pb2.ExportLogsServiceRequest,
+}
+
+
 def parse_json(body: bytes, message: Any) -> None:
-    """Parse an OTLP/JSON body into ``message`` (a fresh Export*ServiceRequest)."""
+    """Parse an OTLP/JSON body into ``message`` (a fresh view Export*ServiceRequest). The JSON
+    mapping follows the official messages (attributes are arrays of key/value objects there), so
+    the body is parsed into the official message and its bytes re-read as the view."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -294,7 +290,9 @@ def parse_json(body: bytes, message: Any) -> None:
     if not isinstance(data, dict):
         raise OtlpJsonError("the body must be a JSON object")
     _fix_ids(data, "$")
+    official = _OFFICIAL[type(message)]()
     try:
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+        json_format.ParseDict(data, official, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise OtlpJsonError(str(exc)) from None
+    message.ParseFromString(official.SerializeToString())

@@ -22,7 +22,14 @@ from meshaudit import metrics
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.ingest import IngestQueue
-from meshaudit.receivers.otlp.decode import OtlpJsonError, decode_logs, decode_traces, parse_json
+from meshaudit.receivers.otlp.decode import (
+    ExportLogsServiceRequest,
+    ExportTraceServiceRequest,
+    OtlpJsonError,
+    decode_logs,
+    decode_traces,
+    parse_json,
+)
 
 log = logging.getLogger("meshaudit.receivers.otlp_http")
 RECEIVER = "otlp_http"
@@ -86,7 +93,7 @@ class OtlpHttp:
     async def traces(self, request: web.Request) -> web.Response:
         return await self._handle(
             request,
-            trace_service_pb2.ExportTraceServiceRequest(),
+            ExportTraceServiceRequest(),
             trace_service_pb2.ExportTraceServiceResponse(),
             "traces",
         )
@@ -94,7 +101,7 @@ class OtlpHttp:
     async def logs(self, request: web.Request) -> web.Response:
         return await self._handle(
             request,
-            logs_service_pb2.ExportLogsServiceRequest(),
+            ExportLogsServiceRequest(),
             logs_service_pb2.ExportLogsServiceResponse(),
             "logs",
         )
