@@ -205,6 +205,10 @@ class Hop:
         # request id (TCP).
         self.conn = conn
 
+    def detach(self) -> None:
+        """Called before a hop is kept past the batch it came in (a rule parks it): a hop that
+        reads fields lazily from its source message reads them now and lets the message go."""
+
     @property
     def is_http(self) -> bool:
         return self.method is not None

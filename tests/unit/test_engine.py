@@ -293,3 +293,24 @@ def test_bypassed_request_is_named_after_the_parent_span() -> None:
     e.evaluate([client, app_span(parent="1" * 16)], T0 + 1)
     got = e.tick(T0 + 3.1)
     assert rules(got) == ["missing_access_log"] and got[0].source is FRONTEND
+
+
+def test_without_spans_the_logged_index_pauses_and_resumes_without_false_alarms() -> None:
+    """No span for a TTL: the access-log index used only by span joins stops being written.
+    When spans resume, a span of a request logged while the index was off is not judged (no
+    false missing_access_log); a later span with no access log still alerts."""
+    e = engine(unexpected_path={"enabled": False})
+    ttl = e.corr.ttl
+    e.evaluate([inbound(rid="a", trace_id="11" * 16)], T0)
+    assert ("11" * 16, "reviews.default") in e.corr.logged_trace
+    t = T0 + ttl + 1  # no span for a TTL
+    e.evaluate([inbound(rid="b", trace_id="22" * 16)], t)
+    assert ("22" * 16, "reviews.default") not in e.corr.logged_trace
+    # A span of request b (logged while paused) arrives: not judged.
+    e.evaluate([app_span(trace="22" * 16, start=t)], t + 0.5)
+    assert e.tick(t + 5) == []
+    # Indexing is on again: a request logged now satisfies its span; one never logged alerts.
+    e.evaluate([inbound(rid="c", trace_id="33" * 16)], t + 6)
+    e.evaluate([app_span(trace="33" * 16, start=t + 6), app_span(trace="44" * 16, start=t + 6)], t + 6.5)
+    got = e.tick(t + 9)
+    assert rules(got) == ["missing_access_log"] and got[0].examples[0].trace_id == "44" * 16

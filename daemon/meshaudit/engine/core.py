@@ -71,6 +71,12 @@ class Correlation:
         self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
+        # The logged_* stores serve only span joins (missing_access_log). While no span has come
+        # for a TTL they are not written; when spans resume, spans that started before the
+        # index did are not judged (their access logs may have come while it was off).
+        self.ttl = ttl
+        self.index_logged_until: float | None = None  # None: not started yet
+        self.logged_since = float("-inf")
         self.stores: list[GenStore[Any, Any]] = [
             self.outbound_by_rid,
             self.outbound_by_conn,
@@ -78,6 +84,17 @@ class Correlation:
             self.logged_trace,
             self.sidecar_last_log,
         ]
+
+    def saw_spans(self, now: float) -> None:
+        """A span arrived: keep (or start again) indexing what the access logs showed."""
+        until = self.index_logged_until
+        if until is not None and now >= until:
+            self.logged_since = now
+        self.index_logged_until = now + self.ttl
+
+    def judgeable(self, span_start: float) -> bool:
+        """Whether a span's access log, if it came, was indexed (1 s allowed for clock skew)."""
+        return span_start >= self.logged_since + 1.0
 
     def index(self, hops: list[Hop], now: float) -> None:
         # Batch-local dicts, merged once per store: a dict store per fact instead of a call.
@@ -87,6 +104,9 @@ class Correlation:
         traces: dict[tuple[str, str], bool] = {}
         observers: dict[str, float] = {}
         last_observer = None
+        if self.index_logged_until is None:
+            self.index_logged_until = now + self.ttl
+        logged = now < self.index_logged_until
         for h in hops:
             if h.origin == SPAN:
                 continue
@@ -97,13 +117,14 @@ class Correlation:
                     by_rid[rid] = h.src
                 if h.conn:
                     by_conn[h.conn] = h.src
-            if rid:
-                # Keyed by the observer's service, not its node id: any replica's sidecar
-                # logging the request satisfies a span of that service.
-                rids[rid, svc] = True
-            tid = h.trace_id
-            if tid:
-                traces[tid, svc] = True
+            if logged:
+                if rid:
+                    # Keyed by the observer's service, not its node id: any replica's sidecar
+                    # logging the request satisfies a span of that service.
+                    rids[rid, svc] = True
+                tid = h.trace_id
+                if tid:
+                    traces[tid, svc] = True
             if svc is not last_observer:  # batches come from one stream: one update per run
                 observers[svc] = now
                 last_observer = svc

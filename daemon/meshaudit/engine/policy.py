@@ -50,11 +50,28 @@ class PartyMatcher:
 
 
 class PathMatcher:
-    __slots__ = ("_match_all", "_re")
+    """Path globs, matched without the query string. The common shapes skip the regex: exact
+    paths are a set lookup and ``prefix*`` patterns one ``str.startswith`` over all prefixes."""
+
+    __slots__ = ("_exact", "_match_all", "_prefixes", "_re", "patterns")
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self._re = _compile(patterns)
+        self.patterns = tuple(patterns)
         self._match_all = "*" in patterns
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        rest: list[str] = []
+        for p in patterns:
+            body = p[:-1] if p.endswith("*") else p
+            if any(ch in body for ch in "*?["):
+                rest.append(p)
+            elif p.endswith("*"):
+                prefixes.append(body)
+            else:
+                exact.add(p)
+        self._exact = frozenset(exact)
+        self._prefixes = tuple(prefixes)
+        self._re = _compile(rest) if rest else None
 
     def __call__(self, path: str | None) -> bool:
         if self._match_all:
@@ -62,7 +79,11 @@ class PathMatcher:
         if path is None:
             return False
         q = path.find("?")
-        return self._re.match(path if q < 0 else path[:q]) is not None
+        if q >= 0:
+            path = path[:q]
+        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+            return True
+        return self._re is not None and self._re.match(path) is not None
 
 
 class _Exemption:
@@ -88,7 +109,11 @@ class CompiledPolicy:
         self.policy = policy
         self.has_edges = policy.edges is not None
         self._edges = [(PartyMatcher(e.from_), PartyMatcher(e.to)) for e in policy.edges or ()]
-        self._edge_cache: dict[tuple[Identity, Identity], bool] = {}
+        # source -> destination -> allowed: two lookups, no key tuple per hop
+        self.edge_cache: dict[Identity, dict[Identity, bool]] = {}
+        # destination -> method -> the paths allowed for it (None key: any other method), or
+        # NO_ROUTES when no route policy covers the destination
+        self.route_cache: dict[Identity, dict[str | None, PathMatcher] | None] = {}
         self._routes = [
             _Route(PartyMatcher(r.to), [(frozenset(a.methods), PathMatcher(a.paths)) for a in r.allow])
             for r in policy.routes
@@ -102,15 +127,39 @@ class CompiledPolicy:
         self.has_mesh_services = bool(policy.mesh_services)
 
     def edge_allowed(self, src: Identity, dst: Identity) -> bool:
-        k = (src, dst)
-        found = self._edge_cache.get(k)
-        if found is not None:
-            return found
+        by_dst = self.edge_cache.get(src)
+        if by_dst is not None:
+            found = by_dst.get(dst)
+            if found is not None:
+                return found
+        else:
+            if len(self.edge_cache) >= _CACHE_LIMIT:
+                self.edge_cache.clear()
+            by_dst = self.edge_cache[src] = {}
         ok = any(f(src) and t(dst) for f, t in self._edges)
-        if len(self._edge_cache) >= _CACHE_LIMIT:
-            self._edge_cache.clear()
-        self._edge_cache[k] = ok
+        if len(by_dst) >= _CACHE_LIMIT:
+            by_dst.clear()
+        by_dst[dst] = ok
         return ok
+
+    def route_check(self, dst: Identity) -> dict[str | None, PathMatcher] | None:
+        """The paths allowed on ``dst`` per method (cached); None when no route covers it."""
+        if dst in self.route_cache:
+            return self.route_cache[dst]
+        allows = [(methods, paths) for r in self.routes_for(dst) for methods, paths in r.allow]
+        check: dict[str | None, PathMatcher] | None = None
+        if allows:
+            named = {m for methods, _ in allows for m in methods if m != "*"}
+            check = {}
+            for method in [*named, None]:
+                patterns = [
+                    p for methods, paths in allows if "*" in methods or method in methods for p in paths.patterns
+                ]
+                check[method] = PathMatcher(patterns)
+        if len(self.route_cache) >= _CACHE_LIMIT:
+            self.route_cache.clear()
+        self.route_cache[dst] = check
+        return check
 
     def routes_for(self, dst: Identity) -> list[_Route]:
         found = self._route_cache.get(dst)
@@ -123,14 +172,11 @@ class CompiledPolicy:
 
     def path_allowed(self, dst: Identity, method: str, path: str | None) -> bool | None:
         """True/False when a route policy covers ``dst``; None when none does."""
-        routes = self.routes_for(dst)
-        if not routes:
+        check = self.route_check(dst)
+        if check is None:
             return None
-        for r in routes:
-            for methods, paths in r.allow:
-                if ("*" in methods or method in methods) and paths(path):
-                    return True
-        return False
+        matcher = check.get(method) or check[None]
+        return matcher(path)
 
     def exempt(self, rule: RuleName, src: Identity, dst: Identity, path: str | None) -> bool:
         return any(rule in x.rules and x.src(src) and x.dst(dst) and x.paths(path) for x in self._exemptions)

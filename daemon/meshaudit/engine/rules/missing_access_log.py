@@ -62,6 +62,7 @@ class MissingAccessLog:
         self._emit = emit
         corr = self.ctx.corr
         pending = self.pending
+        spans = False
         for h in hops:
             if h.origin in LOGGED_ORIGINS:
                 if len(pending):
@@ -73,6 +74,9 @@ class MissingAccessLog:
                 continue
             if h.origin != SPAN:
                 continue
+            if not spans:
+                spans = True
+                corr.saw_spans(now)
             if h.span_kind == SPAN_KIND_CLIENT and h.span_id:
                 self.client_spans.put(h.span_id, h.observer_service, now)
             if h.observer.startswith("span:"):  # an application's span (SDK)
@@ -80,21 +84,23 @@ class MissingAccessLog:
                     continue
                 svc = h.dst.key
                 self._seen_serving(svc, h, now)
-                if not self._is_mesh(h):
+                if not self._is_mesh(h) or not corr.judgeable(h.start):
                     continue
                 if h.request_id and (h.request_id, svc) in corr.logged_rid:
                     continue
                 if h.trace_id and (h.trace_id, svc) in corr.logged_trace:
                     continue
                 key = (h.trace_id or h.request_id or str(id(h)), svc)
+                h.detach()
                 pending.add(key, h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
                 svc = h.observer_service.key
                 if h.direction == INBOUND:
                     self._seen_serving(svc, h, now)
                 rid = h.request_id
-                if not rid or (rid, svc) in corr.logged_rid:
+                if not rid or (rid, svc) in corr.logged_rid or not corr.judgeable(h.start):
                     continue
+                h.detach()
                 pending.add((rid, svc), h, now)
 
     def _source(self, h: Hop) -> Identity:

@@ -66,6 +66,7 @@ class PlaintextHop:
             if src is None:
                 if h.src.service is None and self.wait > 0:
                     self._seq += 1
+                    h.detach()
                     pending.put(self._seq, h, now)
                     if h.request_id:
                         self.by_rid.put(h.request_id, self._seq, now)

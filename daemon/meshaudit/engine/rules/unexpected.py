@@ -44,12 +44,16 @@ class UnexpectedEdge:
             return
         learning = self.learn and ctx.started is not None and now - ctx.started < self.cfg.learn_secs
         sev = self.cfg.severity
+        edge_cache = policy.edge_cache
         for h in hops:
             if h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
                 continue
-            src = _source(ctx, h)
-            if src is None:
-                continue
+            src = h.src
+            if src.service is None and src.principal is None:
+                paired = ctx.corr.source_of(h)
+                if paired is None:
+                    continue
+                src = paired
             dst = h.dst
             if self.learn:
                 k = (src.key, dst.key)
@@ -61,7 +65,9 @@ class UnexpectedEdge:
                     continue
                 detail = "edge not in the baseline learned at start-up"
             else:
-                if policy.edge_allowed(src, dst):
+                by_dst = edge_cache.get(src)
+                ok = by_dst.get(dst) if by_dst is not None else None
+                if ok or (ok is None and policy.edge_allowed(src, dst)):
                     continue
                 detail = "no policy edge allows it"
             if policy.exempt("unexpected_edge", src, dst, h.path):
@@ -85,18 +91,22 @@ class UnexpectedPath:
     def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
         ctx = self.ctx
         policy = ctx.policy
+        cache = policy.route_cache
         sev = self.cfg.severity
         for h in hops:
             method = h.method
             if method is None or h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
                 continue
-            allowed = policy.path_allowed(h.dst, method, h.path)
-            if allowed is None or allowed:
+            dst = h.dst
+            check = cache[dst] if dst in cache else policy.route_check(dst)
+            if check is None:
+                continue
+            if (check.get(method) or check[None])(h.path):
                 continue
             src = _source(ctx, h) or h.src
-            if policy.exempt("unexpected_path", src, h.dst, h.path):
+            if policy.exempt("unexpected_path", src, dst, h.path):
                 continue
-            emit(Violation("unexpected_path", sev, src, h.dst, h, f"{method} {h.path} is not allowed", h.start))
+            emit(Violation("unexpected_path", sev, src, dst, h, f"{method} {h.path} is not allowed", h.start))
 
     def on_tick(self, now: float, emit: Emit) -> None:
         return

@@ -217,6 +217,14 @@ class AlsHop(Hop):
         self.conn = conn
         self.upstream_cluster = upstream_cluster
 
+    def detach(self) -> None:
+        """Read every lazy field now and drop the entry: a hop kept past its batch must not keep
+        the whole message it came in alive (25-100 entries, 12-50 KB)."""
+        if self._e is not None:
+            for name in _LAZY:
+                getattr(self, name)
+            self._e = None
+
     def __getattr__(self, name: str) -> Any:  # called only for a field not set yet
         read = _LAZY.get(name)
         if read is None:
