@@ -97,12 +97,12 @@ class Correlation:
         return span_start >= self.logged_since + 1.0
 
     def index(self, hops: list[Hop], now: float) -> None:
-        # Batch-local dicts, merged once per store: a dict store per fact instead of a call.
-        by_rid: dict[str, Identity] = {}
-        by_conn: dict[str, Identity] = {}
-        rids: dict[tuple[str, str], bool] = {}
-        traces: dict[tuple[str, str], bool] = {}
-        observers: dict[str, float] = {}
+        # Written in place into each store's current generation; capacity checked once per batch.
+        by_rid = self.outbound_by_rid.writable()
+        by_conn = self.outbound_by_conn.writable()
+        rids = self.logged_rid.writable()
+        traces = self.logged_trace.writable()
+        observers = self.sidecar_last_log.writable()
         last_observer = None
         if self.index_logged_until is None:
             self.index_logged_until = now + self.ttl
@@ -128,16 +128,8 @@ class Correlation:
             if svc is not last_observer:  # batches come from one stream: one update per run
                 observers[svc] = now
                 last_observer = svc
-        if by_rid:
-            self.outbound_by_rid.put_many(by_rid, now)
-        if by_conn:
-            self.outbound_by_conn.put_many(by_conn, now)
-        if rids:
-            self.logged_rid.put_many(rids, now)
-        if traces:
-            self.logged_trace.put_many(traces, now)
-        if observers:
-            self.sidecar_last_log.put_many(observers, now)
+        for store in self.stores:
+            store.settle(now)
 
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""

@@ -65,9 +65,13 @@ class TTLStore(Generic[K, V]):
 
     def add(self, key: K, value: V, now: float) -> bool:
         """Insert only if absent (no refresh); True when inserted."""
-        if key in self._data:
+        data = self._data
+        if key in data:
             return False
-        self.put(key, value, now)
+        if len(data) >= self.max_items:
+            data.popitem(last=False)
+            self.evicted_capacity += 1
+        data[key] = (value, now + self.ttl)
         return True
 
     def pop(self, key: K) -> V | None:
@@ -136,10 +140,13 @@ class GenStore(Generic[K, V]):
             self._cur = {}
             self._rotated_at = now
 
-    def put_many(self, items: dict[K, V], now: float) -> None:
-        """``put`` for a batch (one capacity check)."""
+    def writable(self) -> dict[K, V]:
+        """The current generation, for a batch of writes in place; call ``settle`` after."""
+        return self._cur
+
+    def settle(self, now: float) -> None:
+        """The capacity check after writes through ``writable``."""
         cur = self._cur
-        cur.update(items)
         if len(cur) >= self._half:
             self.evicted_capacity += len(self._old)
             self._old = cur

@@ -60,13 +60,7 @@ class StreamContext:
         self.default_direction = INBOUND if d == "inbound" else OUTBOUND if d == "outbound" else UNKNOWN
 
 
-def traceparent_trace_id(value: str) -> str | None:
-    """W3C ``traceparent`` ``00-<32 hex trace id>-<16 hex parent id>-<flags>`` -> trace id."""
-    if len(value) >= 55 and value[2] == "-" and value[35] == "-":
-        tid = value[3:35].lower()
-        if tid != "0" * 32:
-            return tid
-    return None
+ZERO_TRACE = "0" * 32
 
 
 def _addr(a: Any) -> str | None:
@@ -260,12 +254,17 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
         m = r.request_method
         rid = r.request_id or None
         tp = r.request_headers.get("traceparent")
-        trace_id = traceparent_trace_id(tp) if tp else None
+        trace_id = None
+        if tp and len(tp) >= 55 and tp[2] == "-" and tp[35] == "-":  # W3C traceparent: 00-<trace id>-<parent>-<flags>
+            trace_id = tp[3:35].lower()
+            if trace_id == ZERO_TRACE:
+                trace_id = None
         if c.HasField("tls_properties"):
             t = c.tls_properties
             tv = t.tls_version
             tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
-            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
+            sans = t.peer_certificate_properties.subject_alt_name
+            peer = (sans[0].uri or _uri_san(sans)) if sans else None
         else:
             tls_version = peer = None
         conn = None

@@ -124,30 +124,38 @@ def decode_traces(req: Any, namer: Namer, out: list[Hop]) -> int:
     return n
 
 
+def _sv(v: Any) -> str | None:
+    """A string attribute value (``attrs.get(key)``): None when absent, empty or "-"."""
+    if v is None:
+        return None
+    s: str = v.string_value
+    return s if s and s != "-" else None
+
+
 def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer) -> Hop:
     """Envoy's tracer tags (node_id, upstream_cluster, guid:x-request-id, http.url, peer.address)
-    are looked up first; OpenTelemetry semantic-convention names are the fallbacks."""
-    a = sp.attributes
+    are looked up first; OpenTelemetry semantic-convention names are the fallbacks. The keys
+    meshaudit needs hold strings, but for the status code, which may be an int."""
+    g = sp.attributes.get
     kind = sp.kind
-    node_id = _attr(a, "node_id")
-    rid = _attr(a, "guid:x-request-id") or _attr(a, "http.request.header.x-request-id")
-    url = _attr(a, "http.url")
+    node_id = _sv(g("node_id"))
+    rid = _sv(g("guid:x-request-id")) or _sv(g("http.request.header.x-request-id"))
+    url = _sv(g("http.url"))
     if url is not None:
-        path = _path_of(str(url))
+        path = _path_of(url)
     else:
-        path = _attr(a, "url.path") or _path_of(_first_str(a, "url.full")) or _attr(a, "http.target")
-    cluster = _first_str(a, "upstream_cluster", "upstream_cluster.name") or ""
-    svc = _attr(a, "istio.canonical_service") or res_service
-    ns = _attr(a, "istio.namespace") or res_ns
+        path = _sv(g("url.path")) or _path_of(_sv(g("url.full"))) or _sv(g("http.target"))
+    cluster = _sv(g("upstream_cluster")) or _sv(g("upstream_cluster.name")) or ""
+    svc = _sv(g("istio.canonical_service")) or res_service
+    ns = _sv(g("istio.namespace")) or res_ns
     if node_id:  # a sidecar's own span
-        node_id = str(node_id)
-        me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else str(svc or ""))
+        me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
         observer = node_id
         direction = cluster_direction(cluster) if cluster else UNKNOWN
         if direction == UNKNOWN:
             direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     else:
-        me = identity(str(svc), _str(ns)) if svc else NOBODY
+        me = identity(svc, ns) if svc else NOBODY
         observer = "span:" + (me.key if svc else "unknown")
         direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     src: Identity
@@ -155,9 +163,14 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
     if direction == OUTBOUND:
         src = me
         tsvc, tns = outbound_cluster_target(cluster)
-        dst = namer.service(tsvc, tns) if tsvc else identity(_first_str(a, "server.address"))
+        dst = namer.service(tsvc, tns) if tsvc else identity(_sv(g("server.address")))
     else:
-        peer_addr = _first_str(a, "peer.address", "client.address", "network.peer.address", "net.peer.ip")
+        peer_addr = (
+            _sv(g("peer.address"))
+            or _sv(g("client.address"))
+            or _sv(g("network.peer.address"))
+            or _sv(g("net.peer.ip"))
+        )
         src = namer.address(peer_addr) if peer_addr else NOBODY
         dst = me
     return Hop(
@@ -168,14 +181,14 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         src,
         dst,
         sp.start_time_unix_nano / 1e9,
-        method=_first_str(a, "http.method", "http.request.method"),
-        path=_str(path),
-        status=_int(_first(a, "http.status_code", "http.response.status_code")),
+        method=_sv(g("http.method")) or _sv(g("http.request.method")),
+        path=path,
+        status=_int(_first(sp.attributes, "http.status_code", "http.response.status_code")),
         upstream_cluster=cluster,
         trace_id=sp.trace_id.hex() or None,
         span_id=sp.span_id.hex() or None,
         parent_span_id=sp.parent_span_id.hex() or None,
-        request_id=_str(rid),
+        request_id=rid,
         span_kind=kind,
     )
 
