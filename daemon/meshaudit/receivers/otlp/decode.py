@@ -124,6 +124,20 @@ def decode_traces(req: Any, namer: Namer, out: list[Hop]) -> int:
     return n
 
 
+_SHARED: dict[str, str] = {}
+
+
+def _shared(s: str) -> str:
+    """One copy of a string that repeats across spans (node id, cluster, method): spans wait
+    in missing_access_log's store, so each copy would cost ~60-100 bytes for seconds."""
+    found = _SHARED.get(s)
+    if found is None:
+        if len(_SHARED) >= 10_000:
+            _SHARED.clear()
+        found = _SHARED[s] = s
+    return found
+
+
 def _sv(v: Any) -> str | None:
     """A string attribute value (``attrs.get(key)``): None when absent, empty or "-"."""
     if v is None:
@@ -148,7 +162,9 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
     cluster = _sv(g("upstream_cluster")) or _sv(g("upstream_cluster.name")) or ""
     svc = _sv(g("istio.canonical_service")) or res_service
     ns = _sv(g("istio.namespace")) or res_ns
+    cluster = _shared(cluster)
     if node_id:  # a sidecar's own span
+        node_id = _shared(node_id)
         me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
         observer = node_id
         direction = cluster_direction(cluster) if cluster else UNKNOWN
@@ -156,7 +172,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
             direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     else:
         me = identity(svc, ns) if svc else NOBODY
-        observer = "span:" + (me.key if svc else "unknown")
+        observer = _shared("span:" + (me.key if svc else "unknown"))
         direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
     src: Identity
     dst: Identity
@@ -173,6 +189,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         )
         src = namer.address(peer_addr) if peer_addr else NOBODY
         dst = me
+    method = _sv(g("http.method")) or _sv(g("http.request.method"))
     return Hop(
         SPAN,
         observer,
@@ -181,7 +198,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         src,
         dst,
         sp.start_time_unix_nano / 1e9,
-        method=_sv(g("http.method")) or _sv(g("http.request.method")),
+        method=_shared(method) if method else None,
         path=path,
         status=_int(_first(sp.attributes, "http.status_code", "http.response.status_code")),
         upstream_cluster=cluster,
