@@ -134,7 +134,8 @@ class Namer:
             if learned is not None and ip not in ("127.0.0.1", "::1"):
                 ident = identity(learned.service, learned.namespace, learned.workload, None, addr)
             else:
-                ident = identity(None, None, None, None, addr)
+                # Not cached: the pod's sidecar may connect later and teach us its IP.
+                return identity(None, None, None, None, addr)
         if len(self._addresses) < 100_000:
             self._addresses[addr] = ident
         return ident

@@ -153,3 +153,12 @@ def test_alert_record_matches_the_published_schema() -> None:
         # Unknown fields rejected: the JSON has exactly the schema's fields.
         json_format.ParseDict(record, alert_pb2.Alert(), ignore_unknown_fields=False)
         assert record["emitted_at"].endswith("Z") and len(record["id"]) == 32
+
+
+def test_an_address_is_named_once_its_pod_ip_is_learned() -> None:
+    """A plaintext source seen before its pod's sidecar connected is named after it has."""
+    namer = Namer(MeshConfig())
+    assert namer.address("10.7.0.5:41000").service is None
+    namer.node("sidecar~10.7.0.5~ratings-v1-5d8f7c9b6-x2kq4.prod~prod.svc.cluster.local", "ratings.prod")
+    got = namer.address("10.7.0.5:41000")
+    assert (got.service, got.namespace, got.address) == ("ratings", "prod", "10.7.0.5:41000")
