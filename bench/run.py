@@ -50,7 +50,7 @@ from bench.procs import (
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
 MESHAUDIT = REPO / ".venv" / "bin" / "meshaudit"
-# How the daemon is started; ``--gc-tuned`` swaps in bench/gc_tuned.py (an experiment).
+# How the daemon is started.
 DAEMON_ARGV: list[str] = [str(MESHAUDIT)]
 RESULTS = REPO / "bench" / "results"
 SERVER_CPU = "1" if NCPU > 1 else None
@@ -1107,7 +1107,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overload-secs", type=float, default=d.overload_secs)
     p.add_argument("--latency-secs", type=float, default=d.latency_secs)
     p.add_argument("--workers", type=int, default=d.workers, help="also measure workers: N (if supported)")
-    p.add_argument("--gc-tuned", action="store_true", help="experiment: run the daemon via bench/gc_tuned.py")
     p.add_argument("--capacity-from", type=Path, help="a previous results JSON for capacity (latency, overload)")
     a = p.parse_args(argv)
     s = Settings(
@@ -1119,8 +1118,6 @@ def main(argv: list[str] | None = None) -> None:
         latency_secs=min(a.latency_secs, 300.0),
         workers=a.workers,
     )
-    if a.gc_tuned:
-        DAEMON_ARGV[:] = [PY, "-m", "bench.gc_tuned"]
     chosen = list(SCENARIOS) if "all" in a.scenarios else a.scenarios
     every = SCENARIOS | OPT_IN
     unknown = [x for x in chosen if x not in every]
