@@ -114,7 +114,12 @@ class Daemon:
             hops_metric.inc(len(batch))
 
     def _evaluate(self, batch: list[Hop]) -> None:
-        alerts = self.engine.evaluate(batch, time.time())
+        try:
+            alerts = self.engine.evaluate(batch, time.time())
+        except Exception:  # a bug must cost one batch, not the engine task: counted and logged
+            metrics.ENGINE_ERRORS.inc()
+            log.exception("The engine failed on a batch of %d hops; the batch is skipped.", len(batch))
+            return
         if alerts:
             self.dispatch(alerts)
 
@@ -127,7 +132,12 @@ class Daemon:
             await asyncio.sleep(interval)
             metrics.LOOP_LAG.observe(max(0.0, loop.time() - expected))
             now = time.time()
-            alerts = self.engine.tick(now)
+            try:
+                alerts = self.engine.tick(now)
+            except Exception:
+                metrics.ENGINE_ERRORS.inc()
+                log.exception("The engine failed on its tick; windows are checked again on the next one.")
+                continue
             if alerts:
                 self.dispatch(alerts)
             if now - last_stats >= 1.0:

@@ -41,6 +41,9 @@ STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams
 INGEST_QUEUE_DEPTH = Gauge("meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY)
 
 # --- engine --------------------------------------------------------------------------------
+ENGINE_ERRORS = Counter(
+    "meshaudit_engine_errors_total", "Engine calls that raised (a bug: see the daemon's log).", registry=REGISTRY
+)
 HOPS_EVALUATED = Counter("meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY)
 VIOLATIONS = Counter(
     "meshaudit_violations_total",

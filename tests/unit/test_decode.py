@@ -162,3 +162,42 @@ def test_an_address_is_named_once_its_pod_ip_is_learned() -> None:
     namer.node("sidecar~10.7.0.5~ratings-v1-5d8f7c9b6-x2kq4.prod~prod.svc.cluster.local", "ratings.prod")
     got = namer.address("10.7.0.5:41000")
     assert (got.service, got.namespace, got.address) == ("ratings", "prod", "10.7.0.5:41000")
+
+
+def test_hops_kept_past_their_batch_read_every_field_first() -> None:
+    """A parked hop lets its message go (detach); HTTP and TCP entries each give their fields."""
+    [t] = _decode(
+        als.tcp_message(
+            [als.tcp_entry(cluster="inbound|5432||", tls=False, start=1_700_000_001.5)], als.identifier("db")
+        )
+    )
+    [h] = _decode(als.http_message([als.inbound_http("frontend", path="/x")], als.identifier("reviews")))
+    for hop in (t, h):
+        hop.detach()
+    assert (t.status, t.authority, t.response_code_details, t.start, t.conn) == (0, None, "", 1_700_000_001.5, t.conn)
+    assert t.conn == "10.0.0.9:40000" and t.method is None
+    assert h.status == 200 and h.method == "GET" and h.path == "/x"
+
+
+def test_a_plaintext_tcp_connection_waiting_for_its_client_alerts() -> None:
+    """Decoded TCP entries through the engine, inbound first: the inbound waits for the client
+    sidecar's entry, then alerts named by it; with no client entry it alerts with the address."""
+    e = Engine(Config(), Config().policy)
+    [inb] = _decode(als.tcp_message([als.tcp_entry(cluster="inbound|5432||", tls=False)], als.identifier("db")))
+    assert e.evaluate([inb], 1_700_000_000.0) == []
+    assert [a.rule for a in e.tick(1_700_000_010.0)] == ["plaintext_hop"]
+    inb2 = _decode(als.tcp_message([als.tcp_entry(cluster="inbound|5432||", tls=False)], als.identifier("db")))
+    out = _decode(
+        als.tcp_message(
+            [
+                als.tcp_entry(
+                    cluster="outbound|5432||db.default.svc.cluster.local", tls=False, upstream_local="10.0.0.9:40000"
+                )
+            ],
+            als.identifier("reviews"),
+        )
+    )
+    e2 = Engine(Config(), Config().policy)
+    assert e2.evaluate(inb2, 1_700_000_000.0) == []
+    got = e2.evaluate(out, 1_700_000_000.5)
+    assert [a.rule for a in got] == ["plaintext_hop"] and got[0].source.key == "reviews.default"

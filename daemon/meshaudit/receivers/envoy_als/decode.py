@@ -154,14 +154,12 @@ def _response_flags(e: Any) -> str:
 
 
 # Hop fields an ALS entry fills only when something reads them (a rule that uses them, an
-# alert's evidence): most entries never need them, and each protobuf read costs.
-_LAZY: dict[str, Callable[[Any], Any]] = {
+# alert's evidence): most entries never need them, and each protobuf read costs. HTTP and TCP
+# entries differ: a TCP entry has no request or response.
+_LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
     "start": _start,
     "local_principal": _local_principal,
     "tls_cipher": _tls_cipher,
-    "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
-    "status": _status,
-    "response_code_details": _details,
     "response_flags": _response_flags,
     "route_name": lambda e: str(e.common_properties.route_name),
     "attempts": lambda e: int(e.common_properties.upstream_request_attempt_count),
@@ -169,11 +167,23 @@ _LAZY: dict[str, Callable[[Any], Any]] = {
     "parent_span_id": lambda e: None,
     "span_kind": lambda e: 0,
 }
+_LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
+    **_LAZY_COMMON,
+    "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
+    "status": _status,
+    "response_code_details": _details,
+}
+_LAZY_TCP: dict[str, Callable[[Any], Any]] = {
+    **_LAZY_COMMON,
+    "authority": lambda e: None,
+    "status": lambda e: 0,
+    "response_code_details": lambda e: "",
+}
 
 
 class AlsHop(Hop):
     """A Hop from an Envoy access-log entry: the fields every rule reads are set at once, the rest
-    (see ``_LAZY``) are read from the entry on first use. The entry is immutable once parsed."""
+    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use. The entry is immutable once parsed."""
 
     __slots__ = ("_e",)
 
@@ -215,12 +225,12 @@ class AlsHop(Hop):
         """Read every lazy field now and drop the entry: a hop kept past its batch must not keep
         the whole message it came in alive (25-100 entries, 12-50 KB)."""
         if self._e is not None:
-            for name in _LAZY:
+            for name in _LAZY_TCP if self.origin == ALS_TCP else _LAZY_HTTP:
                 getattr(self, name)
             self._e = None
 
     def __getattr__(self, name: str) -> Any:  # called only for a field not set yet
-        read = _LAZY.get(name)
+        read = (_LAZY_TCP if self.origin == ALS_TCP else _LAZY_HTTP).get(name)
         if read is None:
             raise AttributeError(name)
         value = read(self._e)
