@@ -109,16 +109,16 @@ class CompiledPolicy:
         self.policy = policy
         self.has_edges = policy.edges is not None
         self._edges = [(PartyMatcher(e.from_), PartyMatcher(e.to)) for e in policy.edges or ()]
-        # source -> destination -> allowed: two lookups, no key tuple per hop
+        # source -> destination -> allowed: two lookups, no key tuple per hop (UnexpectedEdge
+        # reads it directly on its hot path, and calls edge_allowed on a miss)
         self.edge_cache: dict[Identity, dict[Identity, bool]] = {}
         # destination -> method -> the paths allowed for it (None key: any other method), or
-        # NO_ROUTES when no route policy covers the destination
+        # None when no route policy covers the destination
         self.route_cache: dict[Identity, dict[str | None, PathMatcher] | None] = {}
         self._routes = [
             _Route(PartyMatcher(r.to), [(frozenset(a.methods), PathMatcher(a.paths)) for a in r.allow])
             for r in policy.routes
         ]
-        self._route_cache: dict[Identity, list[_Route]] = {}
         self._exemptions = [
             _Exemption(x.rules, PartyMatcher(x.from_), PartyMatcher(x.to), PathMatcher(x.paths))
             for x in policy.exemptions
@@ -143,40 +143,25 @@ class CompiledPolicy:
         return ok
 
     def route_check(self, dst: Identity) -> dict[str | None, PathMatcher] | None:
-        """The paths allowed on ``dst`` per method (cached); None when no route covers it."""
-        if dst in self.route_cache:
-            return self.route_cache[dst]
-        allows = [(methods, paths) for r in self.routes_for(dst) for methods, paths in r.allow]
+        """The paths allowed on ``dst`` per method (None key: any other method), cached; None when
+        no route policy covers ``dst``. UnexpectedPath reads ``route_cache`` directly on a hit."""
+        cache = self.route_cache
+        if dst in cache:
+            return cache[dst]
         check: dict[str | None, PathMatcher] | None = None
+        allows = [(methods, paths) for r in self._routes if r.dst(dst) for methods, paths in r.allow]
         if allows:
             named = {m for methods, _ in allows for m in methods if m != "*"}
-            check = {}
-            for method in [*named, None]:
-                patterns = [
-                    p for methods, paths in allows if "*" in methods or method in methods for p in paths.patterns
-                ]
-                check[method] = PathMatcher(patterns)
-        if len(self.route_cache) >= _CACHE_LIMIT:
-            self.route_cache.clear()
-        self.route_cache[dst] = check
+            check = {
+                method: PathMatcher(
+                    [p for methods, paths in allows if "*" in methods or method in methods for p in paths.patterns]
+                )
+                for method in [*named, None]
+            }
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[dst] = check
         return check
-
-    def routes_for(self, dst: Identity) -> list[_Route]:
-        found = self._route_cache.get(dst)
-        if found is None:
-            found = [r for r in self._routes if r.dst(dst)]
-            if len(self._route_cache) >= _CACHE_LIMIT:
-                self._route_cache.clear()
-            self._route_cache[dst] = found
-        return found
-
-    def path_allowed(self, dst: Identity, method: str, path: str | None) -> bool | None:
-        """True/False when a route policy covers ``dst``; None when none does."""
-        check = self.route_check(dst)
-        if check is None:
-            return None
-        matcher = check.get(method) or check[None]
-        return matcher(path)
 
     def exempt(self, rule: RuleName, src: Identity, dst: Identity, path: str | None) -> bool:
         return any(rule in x.rules and x.src(src) and x.dst(dst) and x.paths(path) for x in self._exemptions)

@@ -58,10 +58,9 @@ class TTLStore(Generic[K, V]):
         data = self._data
         if key in data:
             data.move_to_end(key)
-        elif len(data) >= self.max_items:
-            data.popitem(last=False)
-            self.evicted_capacity += 1
-        data[key] = (value, now + self.ttl)
+            data[key] = (value, now + self.ttl)
+        else:
+            self.add(key, value, now)
 
     def add(self, key: K, value: V, now: float) -> bool:
         """Insert only if absent (no refresh); True when inserted."""
@@ -93,9 +92,6 @@ class TTLStore(Generic[K, V]):
                 hook(key, value, now)
         self.expired += n
         return n
-
-    def values(self) -> list[V]:
-        return [v for v, _ in self._data.values()]
 
     def items(self) -> list[tuple[K, V]]:
         return [(k, v) for k, (v, _) in self._data.items()]
@@ -135,10 +131,7 @@ class GenStore(Generic[K, V]):
         cur = self._cur
         cur[key] = value
         if len(cur) >= self._half:
-            self.evicted_capacity += len(self._old)
-            self._old = cur
-            self._cur = {}
-            self._rotated_at = now
+            self._spill(now)
 
     def writable(self) -> dict[K, V]:
         """The current generation, for a batch of writes in place; call ``settle`` after."""
@@ -146,12 +139,15 @@ class GenStore(Generic[K, V]):
 
     def settle(self, now: float) -> None:
         """The capacity check after writes through ``writable``."""
-        cur = self._cur
-        if len(cur) >= self._half:
-            self.evicted_capacity += len(self._old)
-            self._old = cur
-            self._cur = {}
-            self._rotated_at = now
+        if len(self._cur) >= self._half:
+            self._spill(now)
+
+    def _spill(self, now: float) -> None:
+        """The current generation is full: rotate early; the dropped one counts as capacity."""
+        self.evicted_capacity += len(self._old)
+        self._old = self._cur
+        self._cur = {}
+        self._rotated_at = now
 
     def pop(self, key: K) -> V | None:
         v = self._cur.pop(key, None)
@@ -176,9 +172,6 @@ class GenStore(Generic[K, V]):
         merged = dict(self._old)
         merged.update(self._cur)
         return list(merged.items())
-
-    def values(self) -> list[V]:
-        return [v for _, v in self.items()]
 
 
 class Store(Protocol):

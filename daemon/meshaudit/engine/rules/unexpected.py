@@ -17,10 +17,10 @@ from meshaudit.model import UNKNOWN, Hop, Identity
 
 
 def _source(ctx: EngineContext, h: Hop) -> Identity | None:
+    """The hop's named source, else the client sidecar's entry's (None when not paired yet)."""
     src = h.src
     if src.service is None and src.principal is None:
-        paired = ctx.corr.source_of(h)
-        return paired
+        return ctx.corr.source_of(h)
     return src
 
 
@@ -48,6 +48,8 @@ class UnexpectedEdge:
         for h in hops:
             if h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
                 continue
+            # _source() and edge_allowed()'s cache hit, inlined: this loop runs for every entry,
+            # and the two calls cost ~0.1 us per entry (~1 % of the daemon's work)
             src = h.src
             if src.service is None and src.principal is None:
                 paired = ctx.corr.source_of(h)
@@ -98,10 +100,9 @@ class UnexpectedPath:
             if method is None or h.direction == UNKNOWN or h.origin not in LOGGED_ORIGINS:
                 continue
             dst = h.dst
+            # route_check()'s cache hit, inlined: this loop runs for every HTTP entry
             check = cache[dst] if dst in cache else policy.route_check(dst)
-            if check is None:
-                continue
-            if (check.get(method) or check[None])(h.path):
+            if check is None or (check.get(method) or check[None])(h.path):
                 continue
             src = _source(ctx, h) or h.src
             if policy.exempt("unexpected_path", src, dst, h.path):

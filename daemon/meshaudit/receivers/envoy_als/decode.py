@@ -112,6 +112,15 @@ def _uri_san(sans: Any) -> str | None:
     return None
 
 
+def _tls(c: Any) -> tuple[str | None, str | None]:
+    """TLS version and peer URI SAN of the downstream connection; (None, None) for plaintext."""
+    if not c.HasField("tls_properties"):
+        return None, None
+    t = c.tls_properties
+    tv = t.tls_version
+    return (TLS_VERSIONS[tv] if tv < 5 else "unknown"), _uri_san(t.peer_certificate_properties.subject_alt_name)
+
+
 def _start(e: Any) -> float:
     ts = e.common_properties.start_time
     return float(ts.seconds + ts.nanos * 1e-9)
@@ -269,12 +278,12 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             trace_id = tp[3:35].lower()
             if trace_id == ZERO_TRACE:
                 trace_id = None
+        # _tls(c), inlined: this runs for every entry, and the call costs ~0.1 us (~1 % of the work)
         if c.HasField("tls_properties"):
             t = c.tls_properties
             tv = t.tls_version
             tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
-            sans = t.peer_certificate_properties.subject_alt_name
-            peer = (sans[0].uri or _uri_san(sans)) if sans else None
+            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
         else:
             tls_version = peer = None
         conn = None
@@ -322,13 +331,7 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
         cluster = c.upstream_cluster
         found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
-        if c.HasField("tls_properties"):
-            t = c.tls_properties
-            tv = t.tls_version
-            tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
-            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
-        else:
-            tls_version = peer = None
+        tls_version, peer = _tls(c)
         if direction == INBOUND:
             dst = observer
             conn = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
