@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -116,6 +117,9 @@ class Mosquitto(BrokerProcess):
     pass
 
 
+B = TypeVar("B", bound=BrokerProcess)
+
+
 def make_tansu(workdir: Path, port: int | None = None, extra: list[str] | None = None) -> Tansu:
     port = port or free_port()
     url = f"tcp://{HOST}:{port}"
@@ -173,13 +177,14 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         broker.stop()
 
 
-@pytest.fixture
-def tansu_factory(tmp_path: Path) -> Iterator[Callable[..., Tansu]]:
-    """Start private Tansu brokers (started already); all are stopped at teardown."""
-    started: list[Tansu] = []
+@contextlib.contextmanager
+def _started_brokers(make: Callable[..., B], base: Path) -> Iterator[Callable[..., B]]:
+    """A factory of private brokers in their own directories under ``base``, each started on
+    creation; all are stopped on exit."""
+    started: list[B] = []
 
-    def factory(port: int | None = None, extra: list[str] | None = None) -> Tansu:
-        broker = make_tansu(tmp_path / f"tansu{len(started)}", port, extra)
+    def factory(*args: Any, **kw: Any) -> B:
+        broker = make(base / f"{base.name}{len(started)}", *args, **kw)
         started.append(broker)
         broker.start()
         return broker
@@ -189,21 +194,18 @@ def tansu_factory(tmp_path: Path) -> Iterator[Callable[..., Tansu]]:
     finally:
         for broker in started:
             broker.stop()
+
+
+@pytest.fixture
+def tansu_factory(tmp_path: Path) -> Iterator[Callable[..., Tansu]]:
+    """Start private Tansu brokers: ``factory(port=None, extra=None)``; all stopped at teardown."""
+    with _started_brokers(make_tansu, tmp_path / "tansu") as factory:
+        yield factory
 
 
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
-    """Start private Mosquitto brokers (started already); all are stopped at teardown."""
-    started: list[Mosquitto] = []
-
-    def factory(port: int | None = None, persistence: bool = False) -> Mosquitto:
-        broker = make_mosquitto(tmp_path / f"mosquitto{len(started)}", port, persistence)
-        started.append(broker)
-        broker.start()
-        return broker
-
-    try:
+    """Start private Mosquitto brokers: ``factory(port=None, persistence=False)``; all stopped at
+    teardown."""
+    with _started_brokers(make_mosquitto, tmp_path / "mosquitto") as factory:
         yield factory
-    finally:
-        for broker in started:
-            broker.stop()
