@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -28,6 +29,9 @@ from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.http import OtlpHttp
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError, Sink
+
+if TYPE_CHECKING:
+    from meshaudit.workers import WorkerLink
 
 log = logging.getLogger("meshaudit")
 
@@ -60,14 +64,102 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD_0, 20, 10)
 
 
+async def start_sinks(sinks: list[Sink]) -> bool:
+    """Start every sink concurrently (a backend that is down or hangs delays start-up once, not
+    once per sink); False, with the reason logged, when one cannot run at all."""
+    results = await asyncio.gather(*(s.start() for s in sinks), return_exceptions=True)
+    fatal = [(s, r) for s, r in zip(sinks, results, strict=True) if isinstance(r, BaseException)]
+    for s, r in fatal:
+        log.error("Sink %s cannot start: %s", s.name, r)
+        if not isinstance(r, FatalSinkError):
+            log.error("Unexpected error starting sink %s", s.name, exc_info=r)
+    if fatal:
+        await asyncio.gather(*(s.shutdown(time.monotonic() + 2) for s in sinks))
+    return not fatal
+
+
+async def serve_http(app: web.Application, addr: str, runners: list[web.AppRunner], reuse_port: bool = False) -> str:
+    """Serve ``app`` on ``addr`` (HOST:PORT, port 0 for any); returns the bound HOST:PORT."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    runners.append(runner)
+    host, _, port = addr.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True, reuse_port=reuse_port or None)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or ()
+    bound_port = sockets[0].getsockname()[1] if sockets else int(port)
+    return f"{host}:{bound_port}"
+
+
+def print_ready(bound: dict[str, str], alerts_path: str, workers: int = 1) -> None:
+    out = "stdout" if alerts_path == "-" else alerts_path
+    procs = f" ({workers} worker processes)" if workers > 1 else ""
+    print(
+        f"meshaudit {__version__} running{procs}.\n"
+        f"  Envoy access logs (ALS) and OTLP/gRPC -> {bound['grpc']}\n"
+        f"  OTLP/HTTP                             -> http://{bound['http']}/v1/traces, /v1/logs\n"
+        f"  metrics and health                    -> http://{bound['metrics']}/metrics, /healthz, /readyz\n"
+        f"  alerts (JSON lines)                   -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def config_invalid_alert(path: str, exc: ConfigError) -> Alert:
+    now = time.time()
+    me = identity("meshaudit")
+    return Alert(
+        id=alert_id("config_invalid", me.key, me.key, now, 0),
+        rule="config_invalid",
+        severity="warning",
+        summary=f"Reloading {path} failed; the previous configuration stays in force.",
+        source=me,
+        destination=me,
+        count=1,
+        first_seen=now,
+        last_seen=now,
+        window_secs=0,
+        examples=[],
+        detail=str(exc)[:2000],
+        emitted_at=now,
+    )
+
+
+def publish_violations(violations: dict[str, int], seen: dict[str, int]) -> None:
+    for rule, n in violations.items():
+        before = seen.get(rule, 0)
+        if n > before:
+            metrics.VIOLATIONS.labels(rule).inc(n - before)
+            seen[rule] = n
+
+
+def publish_stores(stores: list[Store], seen: dict[tuple[str, str], int]) -> None:
+    items: dict[str, int] = {}
+    for st in stores:
+        items[st.name] = items.get(st.name, 0) + len(st)
+        for reason, n in (("expired", st.expired), ("capacity", st.evicted_capacity)):
+            k = (st.name, reason)
+            before = seen.get(k, 0)
+            if n > before:
+                metrics.STORE_EVICTIONS.labels(st.name, reason).inc(n - before)
+                seen[k] = n
+    for name, n in items.items():
+        metrics.STORE_ITEMS.labels(name).set(n)
+
+
 class Daemon:
-    def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
+    """The whole daemon in one process, or (``link`` set) one worker of ``workers: N``: then it
+    runs the receivers and the rules only, and its violations go to the coordinator."""
+
+    def __init__(self, config: Config, policy: Policy, config_path: str | None, link: WorkerLink | None = None) -> None:
         self.config = config
         self.policy = policy
         self.config_path = config_path
-        self.engine = Engine(config, policy)
+        self.link = link
+        self.engine = Engine(config, policy, peers=link is not None)
         self.queue = IngestQueue(config.receivers.ingest_queue_batches)
-        self.sinks: list[Sink] = build_sinks(config.sinks)
+        self.sinks: list[Sink] = [] if link is not None else build_sinks(config.sinks)
         self._stop = asyncio.Event()
         self._listening = False
         self._violations_seen: dict[str, int] = {}
@@ -122,6 +214,8 @@ class Daemon:
             return
         if alerts:
             self.dispatch(alerts)
+        if self.link is not None:
+            self.link.after_engine(self.engine)
 
     async def _tick_loop(self) -> None:
         interval = self.config.engine.tick_ms / 1000
@@ -140,26 +234,18 @@ class Daemon:
                 continue
             if alerts:
                 self.dispatch(alerts)
+            if self.link is not None:
+                self.link.after_engine(self.engine)
             if now - last_stats >= 1.0:
                 last_stats = now
                 self._publish_stats()
+                if self.link is not None:
+                    self.link.periodic(self.engine)
 
     def _publish_stats(self) -> None:
         self.queue.qsize()
-        for rule, n in self.engine.agg.violations.items():
-            seen = self._violations_seen.get(rule, 0)
-            if n > seen:
-                metrics.VIOLATIONS.labels(rule).inc(n - seen)
-                self._violations_seen[rule] = n
-        stores: list[Store] = self.engine.stores()
-        for st in stores:
-            metrics.STORE_ITEMS.labels(st.name).set(len(st))
-            for reason, n in (("expired", st.expired), ("capacity", st.evicted_capacity)):
-                k = (st.name, reason)
-                seen = self._store_seen.get(k, 0)
-                if n > seen:
-                    metrics.STORE_EVICTIONS.labels(st.name, reason).inc(n - seen)
-                    self._store_seen[k] = n
+        publish_violations(self.engine.agg.violations, self._violations_seen)
+        publish_stores(self.engine.stores(), self._store_seen)
 
     # --- reload --------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -171,31 +257,11 @@ class Daemon:
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
             log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
-            now = time.time()
-            me = identity("meshaudit")
-            self.dispatch(
-                [
-                    Alert(
-                        id=alert_id("config_invalid", me.key, me.key, now, 0),
-                        rule="config_invalid",
-                        severity="warning",
-                        summary=f"Reloading {self.config_path} failed; the previous configuration stays in force.",
-                        source=me,
-                        destination=me,
-                        count=1,
-                        first_seen=now,
-                        last_seen=now,
-                        window_secs=0,
-                        examples=[],
-                        detail=str(exc)[:2000],
-                        emitted_at=now,
-                    )
-                ]
-            )
+            self.dispatch([config_invalid_alert(self.config_path, exc)])
             return
         if config.listen != self.config.listen or config.sinks != self.config.sinks:
             log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        self.engine = Engine(config, policy)
+        self.engine = Engine(config, policy, peers=self.link is not None)
         self.config, self.policy = config, policy
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("Configuration reloaded from %s; rule windows start afresh.", self.config_path)
@@ -207,61 +273,37 @@ class Daemon:
     async def run(self, ready_message: bool = True) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        # Concurrently: a backend that is down or hangs delays start-up once, not once per sink.
-        results = await asyncio.gather(*(s.start() for s in self.sinks), return_exceptions=True)
-        fatal = [(s, r) for s, r in zip(self.sinks, results, strict=True) if isinstance(r, BaseException)]
-        if fatal:
-            for s, r in fatal:
-                log.error("Sink %s cannot start: %s", s.name, r)
-                if not isinstance(r, FatalSinkError):
-                    log.error("Unexpected error starting sink %s", s.name, exc_info=r)
-            await asyncio.gather(*(s.shutdown(time.monotonic() + 2) for s in self.sinks))
+        if not await start_sinks(self.sinks):
             return 1
         tasks = [
             asyncio.create_task(self._engine_loop(), name="engine"),
             asyncio.create_task(self._tick_loop(), name="tick"),
         ]
+        worker = self.link is not None
         grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
         otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers.max_message_bytes)
         runners: list[web.AppRunner] = []
         try:
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
-            for name, app, addr in (
-                ("http", otlp_http.app(), cfg.listen.http),
-                ("metrics", health.build_app(self.readiness), cfg.listen.metrics),
-            ):
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
-                await runner.setup()
-                runners.append(runner)
-                host, _, port = addr.rpartition(":")
-                site = web.TCPSite(runner, host, int(port), reuse_address=True)
-                await site.start()
-                server = site._server
-                sockets = getattr(server, "sockets", None) or ()
-                bound_port = sockets[0].getsockname()[1] if sockets else int(port)
-                self.bound[name] = f"{host}:{bound_port}"
+            # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
+            self.bound["http"] = await serve_http(otlp_http.app(), cfg.listen.http, runners, reuse_port=worker)
+            if not worker:
+                self.bound["metrics"] = await serve_http(health.build_app(self.readiness), cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot listen: %s", exc)
             await self._shutdown(grpc_server, runners, tasks)
             return 1
         self._listening = True
         tune_gc()
-        for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
-            loop.add_signal_handler(sig, handler)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        if not worker:  # Ctrl-C reaches every process of the group: the coordinator stops workers
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if ready_message:
-            out = "stdout" if self.config.sinks.jsonl.path == "-" else self.config.sinks.jsonl.path
-            print(
-                f"meshaudit {__version__} running.\n"
-                f"  Envoy access logs (ALS) and OTLP/gRPC -> {self.bound['grpc']}\n"
-                f"  OTLP/HTTP                             -> http://{self.bound['http']}/v1/traces, /v1/logs\n"
-                f"  metrics and health                    -> http://{self.bound['metrics']}/metrics, /healthz, /readyz"
-                "\n"
-                f"  alerts (JSON lines)                   -> {out}",
-                file=sys.stderr,
-                flush=True,
-            )
+        if self.link is not None:
+            self.link.ready(self)
+        elif ready_message:
+            print_ready(self.bound, self.config.sinks.jsonl.path)
         await self._stop.wait()
         log.info("Stopping: receivers first, then the engine, then the sinks.")
         await self._shutdown(grpc_server, runners, tasks)
@@ -287,6 +329,8 @@ class Daemon:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.link is not None:  # what the last batches found goes to the coordinator
+            await self.link.close(deadline)
         # Sinks last, each with the remaining time.
         await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
         for r in runners[1:]:
@@ -319,6 +363,10 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
     import uvloop
 
     path = str(Path(config_path).resolve()) if config_path else None
+    if config.workers > 1:
+        from meshaudit.workers import Coordinator
+
+        return uvloop.run(Coordinator(config, policy, path).run())
     return uvloop.run(_main(config, policy, path))
 
 

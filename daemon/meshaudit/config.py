@@ -188,6 +188,14 @@ class Config(_Strict):
     policy_file: str | None = None
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Receiver and rule processes sharing the listen ports (SO_REUSEPORT). Above 1, a "
+        "coordinator process owns the sinks, the alert windows and /metrics; the workers ask each "
+        "other before alerting on evidence another worker may hold (README, Scaling).",
+    )
 
     @model_validator(mode="after")
     def _one_policy(self) -> Config:

@@ -9,16 +9,16 @@ from collections.abc import Callable
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meshaudit.metrics import REGISTRY
 
 Readiness = Callable[[], dict[str, str]]  # component -> "ok" or the reason it is not ready
 
 
-def build_app(readiness: Readiness) -> web.Application:
+def build_app(readiness: Readiness, registry: CollectorRegistry = REGISTRY) -> web.Application:
     async def metrics_handler(request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(REGISTRY))
+        resp = web.Response(body=generate_latest(registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 

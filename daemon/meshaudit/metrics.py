@@ -117,3 +117,17 @@ SINK_IDEMPOTENCE_FALLBACKS = Counter(
     ["sink"],
     registry=REGISTRY,
 )
+
+# --- workers: N (the coordinator's own) ---------------------------------------------------------------
+WORKER_RESTARTS = Counter(
+    "meshaudit_worker_restarts_total",
+    "Worker processes that exited unexpectedly and were started again (workers: N).",
+    registry=REGISTRY,
+)
+WORKERS_READY = Gauge("meshaudit_workers_ready", "Worker processes listening now (workers: N).", registry=REGISTRY)
+PEER_QUERIES = Counter(
+    "meshaudit_peer_queries_total",
+    "Decisions a worker deferred to the other workers (evidence they may hold), by result (answered, timeout).",
+    ["result"],
+    registry=REGISTRY,
+)

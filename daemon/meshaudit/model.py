@@ -68,6 +68,10 @@ class Identity:
         else:
             self.key = "unknown"
 
+    def __reduce__(self) -> tuple[Any, tuple[str | None, ...]]:
+        # Between worker processes: unpickled through identity(), so it is interned there too.
+        return (identity, (self.service, self.namespace, self.workload, self.principal, self.address))
+
     def to_json(self) -> dict[str, str | None]:
         return {
             "service": self.service,

@@ -144,8 +144,10 @@ def tcp_message(entries: Sequence[Any], ident: Any | None = None) -> Any:
 
 
 async def stream(target: str, messages: Iterable[Any], timeout: float = 10.0) -> grpc.StatusCode:
-    """Send ``messages`` on one StreamAccessLogs stream and close it; returns the status code."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    """Send ``messages`` on one StreamAccessLogs stream and close it; returns the status code.
+    Each call opens its own connection, as each Envoy does (with ``workers: N`` the kernel
+    spreads connections over the workers)."""
+    async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = als_pb2_grpc.AccessLogServiceStub(channel)
 
         async def gen() -> Any:

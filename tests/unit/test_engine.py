@@ -314,3 +314,98 @@ def test_without_spans_the_logged_index_pauses_and_resumes_without_false_alarms(
     e.evaluate([app_span(trace="33" * 16, start=t + 6), app_span(trace="44" * 16, start=t + 6)], t + 6.5)
     got = e.tick(t + 9)
     assert rules(got) == ["missing_access_log"] and got[0].examples[0].trace_id == "44" * 16
+
+
+# --- workers: N: two engines as two workers, the coordinator's part done by its own functions ---
+def peers(n: int = 2, **over: Any) -> list[Engine]:
+    cfg = Config.model_validate(
+        {
+            "engine": {"suppress_secs": 60, "store_max_items": 1000},
+            "rules": {"missing_access_log": {"grace_ms": 2000, "silent_secs": 10}, **over},
+        }
+    )
+    return [Engine(cfg, POLICY, peers=True) for _ in range(n)]
+
+
+def settle(workers: list[Engine], now: float, agg: Any = None) -> list[Alert]:
+    """What the coordinator does for one tick: each worker's deferred decisions are answered by
+    every other worker and merged; the violations, through the wire form, reach one aggregator."""
+    from meshaudit.engine.core import NO_ANSWER, Aggregator
+    from meshaudit.workers import merge_answers, violation_from_wire, violation_to_wire
+
+    agg = agg or Aggregator(60, 3, 1000)
+    last_log: dict[str, float] = {}  # shared facts: each sidecar's last access log
+    for e in workers:
+        for svc, t in e.corr.sidecar_last_log.items():
+            last_log[svc] = max(t, last_log.get(svc, t))
+    for e in workers:
+        for svc, t in last_log.items():
+            e.corr.sidecar_last_log.put(svc, t, now)
+    for i, e in enumerate(workers):
+        e.tick(now)
+        deferred = e.take_deferred()
+        if deferred:
+            merged = [NO_ANSWER] * len(deferred)
+            for j, other in enumerate(workers):
+                if j != i:
+                    merge_answers(merged, other.answer([d.query for d in deferred]))
+            assert e.finish(deferred, merged, now) == []  # a worker never aggregates itself
+    for e in workers:
+        for v in e.forwarded:
+            agg.add(violation_from_wire(violation_to_wire(v)), now)
+        e.forwarded.clear()
+    out: list[Alert] = agg.drain()
+    return out
+
+
+def test_workers_span_and_its_access_log_at_different_workers_raise_nothing() -> None:
+    a, b = peers()
+    b.evaluate([inbound(rid="seen")], T0)  # reviews' sidecar logs, at worker b
+    settle([a, b], T0)  # a learns that reviews has a sidecar
+    a.evaluate([app_span(trace="cd" * 16)], T0 + 1)  # the app's span reaches worker a
+    b.corr.saw_spans(T0 + 1, remote=True)  # likewise: spans are flowing somewhere
+    b.evaluate([inbound(rid="r2", trace_id="cd" * 16)], T0 + 1.5)  # its access log, at worker b
+    assert settle([a, b], T0 + 3.1) == []
+    assert a.take_deferred() == [] and a.forwarded == []
+
+
+def test_workers_unlogged_span_alerts_once_after_asking_the_peer() -> None:
+    a, b = peers()
+    b.evaluate([inbound(rid="seen")], T0)
+    settle([a, b], T0)
+    a.evaluate([app_span(trace="ee" * 16)], T0 + 1)
+    assert settle([a, b], T0 + 2.5) == []  # still within the grace
+    got = settle([a, b], T0 + 3.1)
+    assert rules(got) == ["missing_access_log"] and got[0].destination is REVIEWS
+    assert got[0].examples[0].trace_id == "ee" * 16
+
+
+def test_workers_plaintext_hop_named_by_the_client_entry_at_the_other_worker() -> None:
+    a, b = peers()
+    b.evaluate([outbound(rid="p1")], T0)  # the client sidecar's entry, at worker b
+    assert a.evaluate([inbound(src=ADDR, tls=None, rid="p1")], T0 + 0.1) == []  # waits at worker a
+    assert settle([a, b], T0 + 0.5) == []
+    got = settle([a, b], T0 + 2.0)  # attribution wait (1.5 s) over: worker b names the client
+    assert rules(got) == ["plaintext_hop"] and got[0].source is FRONTEND
+
+
+def test_workers_one_request_logged_at_two_workers_counts_once() -> None:
+    from meshaudit.engine.core import Aggregator
+
+    agg = Aggregator(60, 3, 1000)
+    a, b = peers()
+    a.evaluate([outbound(dst=RATINGS, rid="x1")], T0)  # frontend -> ratings: not allowed
+    b.evaluate([inbound(src=FRONTEND_SA, rid="x1", path="/reviews/1")], T0)
+    got = settle([a, b], T0 + 0.1, agg)
+    assert rules(got) == ["unexpected_edge"]
+    assert agg.violations == {"unexpected_edge": 1}
+
+
+def test_workers_keep_indexing_access_logs_while_another_worker_receives_spans() -> None:
+    a, b = peers()
+    for i in range(0, 200, 10):  # b only ever sees access logs; a tells it that spans flow
+        b.corr.saw_spans(T0 + i, remote=True)
+        b.evaluate([inbound(rid=f"q{i}", trace_id=f"{i:032x}")], T0 + i)
+        settle([a, b], T0 + i)
+    a.evaluate([app_span(trace=f"{190:032x}", start=T0 + 189.9)], T0 + 190.5)
+    assert settle([a, b], T0 + 193) == []  # b still indexed the log after 190 s without spans of its own

@@ -10,7 +10,7 @@ once, later violations counted and summarized when the window closes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from meshaudit.config import Config, Policy, RuleName
 from meshaudit.engine.policy import CompiledPolicy
@@ -77,6 +77,7 @@ class Correlation:
         self.ttl = ttl
         self.index_logged_until: float | None = None  # None: not started yet
         self.logged_since = float("-inf")
+        self.spans_at = float("-inf")  # when this process last received a span itself
         self.stores: list[GenStore[Any, Any]] = [
             self.outbound_by_rid,
             self.outbound_by_conn,
@@ -85,12 +86,15 @@ class Correlation:
             self.sidecar_last_log,
         ]
 
-    def saw_spans(self, now: float) -> None:
-        """A span arrived: keep (or start again) indexing what the access logs showed."""
+    def saw_spans(self, now: float, remote: bool = False) -> None:
+        """A span arrived (``remote``: at another worker): keep (or start again) indexing what
+        the access logs showed."""
         until = self.index_logged_until
         if until is not None and now >= until:
             self.logged_since = now
-        self.index_logged_until = now + self.ttl
+        self.index_logged_until = max(until or now, now + self.ttl)
+        if not remote:
+            self.spans_at = now
 
     def judgeable(self, span_start: float) -> bool:
         """Whether a span's access log, if it came, was indexed (1 s allowed for clock skew)."""
@@ -142,6 +146,37 @@ class Correlation:
         return None
 
 
+class PeerQuery(NamedTuple):
+    """What a worker asks the other workers about a hop it is about to alert on (``workers: N``):
+    did any of them see its access log, and do they know its client?"""
+
+    request_id: str | None
+    trace_id: str | None  # set only for spans joined by trace (an application's SERVER span)
+    service: str  # the service key whose sidecar should have logged it
+    start: float
+    conn: str | None
+    parent_span_id: str | None
+
+
+class PeerAnswer(NamedTuple):
+    covered: bool  # logged, or not judgeable there (its index was paused): no alert
+    source: Identity | None
+
+
+NO_ANSWER: Final = PeerAnswer(False, None)
+
+
+class Deferred:
+    """A violation that depends on evidence other workers may hold, waiting for their answer."""
+
+    __slots__ = ("hop", "query", "rule")
+
+    def __init__(self, rule: PeerRule, hop: Hop, query: PeerQuery) -> None:
+        self.rule = rule
+        self.hop = hop
+        self.query = query
+
+
 class EngineContext:
     def __init__(self, config: Config, policy: CompiledPolicy, namer: Namer, corr: Correlation) -> None:
         self.config = config
@@ -150,6 +185,10 @@ class EngineContext:
         self.corr = corr
         self.max_items = config.engine.store_max_items
         self.started: float | None = None  # time of the first hop seen
+        # With peers (``workers: N``), a rule whose wait ends without local evidence defers the
+        # decision here instead of emitting: the worker asks its peers, then calls ``finish``.
+        self.peers = False
+        self.deferred: list[Deferred] = []
 
 
 class Rule(Protocol):
@@ -160,6 +199,12 @@ class Rule(Protocol):
     def on_tick(self, now: float, emit: Emit) -> None: ...
 
     def stores(self) -> list[Store]: ...
+
+
+class PeerRule(Protocol):
+    """A rule that can defer a violation to its peers' answer."""
+
+    def finish(self, hop: Hop, answer: PeerAnswer, emit: Emit) -> None: ...
 
 
 LOGGED_ORIGINS = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
@@ -279,16 +324,21 @@ class Aggregator:
 class Engine:
     """Owns all window state. Not thread-safe; one engine per process."""
 
-    def __init__(self, config: Config, policy: Policy) -> None:
+    def __init__(self, config: Config, policy: Policy, peers: bool = False) -> None:
+        """``peers``: one of several workers. Violations are then not aggregated here but
+        collected in ``forwarded`` for the one aggregator, and waits that end without local
+        evidence are deferred (``take_deferred``) until the other workers answered."""
         from meshaudit.engine.rules import build_rules
 
         self.config = config
         corr_ttl = max(60.0, config.rules.missing_access_log.grace_ms / 1000 * 4)
         self.corr = Correlation(corr_ttl, config.engine.store_max_items)
         self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
+        self.ctx.peers = peers
         self.rules: list[Rule] = build_rules(self.ctx)
         self.agg = Aggregator(config.engine.suppress_secs, config.engine.examples, config.engine.store_max_items)
-        self._emit = self._on_violation
+        self.forwarded: list[Violation] = []
+        self._emit: Emit = self.forwarded.append if peers else self._on_violation
         self._now = 0.0
         self.hops_evaluated = 0
 
@@ -319,6 +369,40 @@ class Engine:
         self.agg.states.expire(now)
         return self.agg.drain()
 
+    # --- peers (``workers: N``) ---------------------------------------------------------------
+    def take_deferred(self) -> list[Deferred]:
+        out, self.ctx.deferred = self.ctx.deferred, []
+        return out
+
+    def answer(self, queries: list[PeerQuery]) -> list[PeerAnswer]:
+        """A peer's question, answered from this engine's evidence."""
+        corr = self.corr
+        logged_rid, logged_trace = corr.logged_rid, corr.logged_trace
+        by_rid, by_conn = corr.outbound_by_rid, corr.outbound_by_conn
+        client_spans = next((r.client_spans for r in self.rules if hasattr(r, "client_spans")), None)
+        out: list[PeerAnswer] = []
+        for q in queries:
+            svc = q.service
+            covered = (
+                (q.request_id is not None and (q.request_id, svc) in logged_rid)
+                or (q.trace_id is not None and (q.trace_id, svc) in logged_trace)
+                or not corr.judgeable(q.start)
+            )
+            src = by_rid.get(q.request_id) if q.request_id else None
+            if src is None and q.conn:
+                src = by_conn.get(q.conn)
+            if src is None and q.parent_span_id and client_spans is not None:
+                src = client_spans.get(q.parent_span_id)
+            out.append(PeerAnswer(covered, src))
+        return out
+
+    def finish(self, deferred: list[Deferred], answers: list[PeerAnswer], now: float) -> list[Alert]:
+        """The peers answered (merged over all of them): decide each deferred violation."""
+        self._now = now
+        for d, a in zip(deferred, answers, strict=True):
+            d.rule.finish(d.hop, a, self._emit)
+        return self.agg.drain()
+
     def stores(self) -> list[Store]:
         out: list[Store] = [*self.corr.stores, self.agg.states, self.agg.counted]
         for r in self.rules:
@@ -328,11 +412,16 @@ class Engine:
 
 __all__ = [
     "LOGGED_ORIGINS",
+    "NO_ANSWER",
     "Aggregator",
     "Correlation",
+    "Deferred",
     "Emit",
     "Engine",
     "EngineContext",
+    "PeerAnswer",
+    "PeerQuery",
+    "PeerRule",
     "Rule",
     "Violation",
 ]

@@ -10,13 +10,14 @@ Joins, best first:
   or with the same x-request-id when the span has one.
 
 A span waits in a bounded store; the access log arriving removes it; expiry is the violation
-(the store's on-expire hook). Also: a sidecar whose logs went silent for ``silent_secs`` while
-spans show its service still serving.
+(the store's on-expire hook). With ``workers: N`` the log may have reached another worker:
+at the end of the grace the workers are asked first, in one batch per tick. Also: a sidecar
+whose logs went silent for ``silent_secs`` while spans show its service still serving.
 """
 
 from __future__ import annotations
 
-from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
+from meshaudit.engine.core import LOGGED_ORIGINS, Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Violation
 from meshaudit.engine.store import GenStore, Store, TTLStore
 from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
 
@@ -103,9 +104,10 @@ class MissingAccessLog:
                 h.detach()
                 pending.add((rid, svc), h, now)
 
-    def _source(self, h: Hop) -> Identity:
+    def _source(self, h: Hop, remote: Identity | None = None) -> Identity:
         """Who sent the unlogged request: the client sidecar's entry for the same request id,
-        else the parent span's service in the same trace, else the span's peer address."""
+        else the parent span's service in the same trace (``remote``: what the other workers
+        knew of either), else the span's peer address."""
         if h.src.service is None:
             paired = self.ctx.corr.source_of(h)
             if paired is not None:
@@ -114,19 +116,31 @@ class MissingAccessLog:
                 parent = self.client_spans.get(h.parent_span_id)
                 if parent is not None and parent is not h.dst:
                     return parent
+            if remote is not None and remote is not h.dst:
+                return remote
         return h.src
 
     def _expired(self, key: tuple[str, str], h: Hop, now: float) -> None:
-        if self._emit is None:
-            return
-        src = self._source(h)
+        if self.ctx.peers:  # the access log may have reached another worker: ask first
+            app_span = h.observer.startswith("span:")
+            q = PeerQuery(h.request_id, h.trace_id if app_span else None, key[1], h.start, h.conn, h.parent_span_id)
+            self.ctx.deferred.append(Deferred(self, h, q))
+        elif self._emit is not None:
+            self._alert(h, None, self._emit)
+
+    def finish(self, h: Hop, answer: PeerAnswer, emit: Emit) -> None:
+        if not answer.covered:
+            self._alert(h, answer.source, emit)
+
+    def _alert(self, h: Hop, remote_source: Identity | None, emit: Emit) -> None:
+        src = self._source(h, remote_source)
         if self.ctx.policy.exempt("missing_access_log", src, h.dst, h.path):
             return
         if h.observer.startswith("span:"):
             detail = "the application traced this request, but its sidecar did not log it (bypassed?)"
         else:
             detail = "the sidecar traced this request but sent no access log for it"
-        self._emit(Violation("missing_access_log", self.cfg.severity, src, h.dst, h, detail, h.start))
+        emit(Violation("missing_access_log", self.cfg.severity, src, h.dst, h, detail, h.start))
 
     def on_tick(self, now: float, emit: Emit) -> None:
         self._emit = emit

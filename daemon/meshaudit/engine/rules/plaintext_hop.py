@@ -6,12 +6,13 @@ talks plaintext to its own sidecar. A plaintext hop has no peer certificate, so 
 named from the client sidecar's entry of the same request (request id, or the connection's
 client socket for TCP), else from the address map; when neither is known yet, the entry waits
 up to ``attribution_wait_ms`` for the client sidecar's entry (the two sidecars flush
-independently) and then alerts with the bare address.
+independently) and then alerts with the bare address. With ``workers: N`` the client's entry
+may have reached another worker: at the end of the wait the workers are asked first.
 """
 
 from __future__ import annotations
 
-from meshaudit.engine.core import LOGGED_ORIGINS, Emit, EngineContext, Violation
+from meshaudit.engine.core import LOGGED_ORIGINS, Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Violation
 from meshaudit.engine.store import Store, TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
 
@@ -87,8 +88,14 @@ class PlaintextHop:
                 self._check(h, out.src, emit)
 
     def _expired(self, key: int, h: Hop, now: float) -> None:
-        if self._emit is not None:
+        if self.ctx.peers:  # the client's entry may have reached another worker: ask first
+            q = PeerQuery(h.request_id, None, h.dst.key, h.start, h.conn, None)
+            self.ctx.deferred.append(Deferred(self, h, q))
+        elif self._emit is not None:
             self._check(h, h.src, self._emit)
+
+    def finish(self, h: Hop, answer: PeerAnswer, emit: Emit) -> None:
+        self._check(h, answer.source or h.src, emit)
 
     def on_tick(self, now: float, emit: Emit) -> None:
         self._emit = emit

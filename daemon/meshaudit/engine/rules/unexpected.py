@@ -33,6 +33,7 @@ class UnexpectedEdge:
         self.learn = self.cfg.mode == "learn"
         # Baseline edges: kept for the daemon's life (bounded; a full baseline stops learning).
         self.baseline: TTLStore[tuple[str, str], bool] = TTLStore("learned_edges", float("inf"), ctx.max_items)
+        self.learned_new: list[tuple[str, str]] = []  # with peers: learned here, not yet shared
 
     def stores(self) -> list[Store]:
         return [self.baseline]
@@ -61,6 +62,8 @@ class UnexpectedEdge:
                 k = (src.key, dst.key)
                 if learning:
                     if len(self.baseline) < self.baseline.max_items:
+                        if ctx.peers and k not in self.baseline:
+                            self.learned_new.append(k)
                         self.baseline.put(k, True, now)
                     continue
                 if k in self.baseline:

@@ -1,0 +1,125 @@
+"""``workers: 2``: two worker processes share the ports. Every message below goes on its own
+connection, so the kernel spreads them over both workers, and a span and its access log, or
+the two sidecars' entries of one request, often reach different workers. Correlation must not
+notice: no false missing-access-log alerts, plaintext hops named after their client, one
+request counted once, and /metrics summing both workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from infra import als
+from infra.daemon import Daemon, deep_merge, running
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+from integration.conftest import CONFIG
+from integration.test_otlp import _server_span
+
+WORKERS_CONFIG = deep_merge(CONFIG, {"workers": 2})
+
+
+@pytest.fixture
+def workers2(tmp_path: Path) -> Iterator[Daemon]:
+    with running(tmp_path, WORKERS_CONFIG) as d:
+        yield d
+
+
+def _span(d: Daemon, path: str) -> tuple[str, str]:
+    # A new exporter per span: its own HTTP connection, so its own pick of worker.
+    return _server_span(OTLPSpanExporter(endpoint=f"http://{d.http}/v1/traces"), "reviews", path)
+
+
+def _wait_metric(d: Daemon, name: str, want: float, timeout: float = 6.0, **labels: str) -> float:
+    deadline = time.monotonic() + timeout
+    got = d.metric(name, **labels)
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+        got = d.metric(name, **labels)
+    return got
+
+
+def _by_rule(alerts: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    return [a for a in alerts if a["rule"] == rule]
+
+
+async def test_correlation_holds_across_workers(workers2: Daemon) -> None:
+    d = workers2
+    reviews, frontend = als.identifier("reviews"), als.identifier("frontend")
+    await als.stream(d.grpc, [als.http_message([als.inbound_http("frontend", path="/reviews/0")], reviews)])
+    await asyncio.sleep(1.2)  # the coordinator shares "reviews has a sidecar" with every worker
+    sent = 1
+    # 8 traced requests whose access logs come after their spans, each on its own connection.
+    for i in range(8):
+        _trace, tp = _span(d, f"/reviews/{i}")
+        entry = als.inbound_http("frontend", path=f"/reviews/{i}", traceparent=tp)
+        await als.stream(d.grpc, [als.http_message([entry], reviews)])
+        sent += 2
+    # 2 requests that bypassed the sidecar: traced, never logged.
+    bypassed = {_span(d, "/reviews/bypass-1")[0], _span(d, "/reviews/bypass-2")[0]}
+    sent += 2
+    # 6 plaintext requests: the server sidecar's entry first, then the client sidecar's.
+    for i in range(6):
+        rid = f"plain-{i}"
+        server = als.inbound_http(None, request_id=rid, path="/reviews/1", remote=f"10.1.1.{i}:5000")
+        await als.stream(d.grpc, [als.http_message([server], reviews)])
+        client = als.outbound_http("reviews", request_id=rid, path="/reviews/1")
+        await als.stream(d.grpc, [als.http_message([client], frontend)])
+        sent += 2
+
+    assert _wait_metric(d, "meshaudit_hops_evaluated_total", sent) == sent  # summed over both workers
+    assert _wait_metric(d, "meshaudit_violations_total", 6, rule="plaintext_hop") == 6
+    assert _wait_metric(d, "meshaudit_violations_total", 2, rule="missing_access_log") == 2
+    alerts = d.wait_alerts(lambda a: bool(_by_rule(a, "missing_access_log")), timeout=5)
+    missing = _by_rule(alerts, "missing_access_log")
+    assert len(missing) == 1 and missing[0]["evidence"]["examples"][0]["trace_id"] in bypassed
+    plain = _by_rule(alerts, "plaintext_hop")
+    # Named after the client sidecar's entry wherever it landed, never after the bare address.
+    assert [(a["source"]["service"], a["source"]["address"]) for a in plain] == [("frontend", None)]
+    assert {a["rule"] for a in alerts} == {"plaintext_hop", "missing_access_log"}
+    assert d.metric("meshaudit_workers_ready") == 2
+    assert d.metric("meshaudit_peer_queries_total", result="timeout") == 0
+    assert d.metric("meshaudit_peer_queries_total", result="answered") >= 2
+
+
+def _worker_pids(d: Daemon) -> list[int]:
+    assert d.proc is not None
+    children = Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read_text().split()
+    pids = []
+    for pid in map(int, children):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+async def test_a_worker_that_dies_is_started_again(workers2: Daemon) -> None:
+    d = workers2
+    pids = _worker_pids(d)
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)  # a process this test started (through the daemon)
+    assert _wait_metric(d, "meshaudit_worker_restarts_total", 1, timeout=10) == 1
+    assert _wait_metric(d, "meshaudit_workers_ready", 2, timeout=15) == 2
+    status, body = d.readyz()
+    assert status == 200, body
+    assert len(_worker_pids(d)) == 2 and pids[0] not in _worker_pids(d)
+    # And it receives: entries sent on fresh connections are all evaluated.
+    reviews = als.identifier("reviews")
+    for i in range(6):
+        await als.stream(d.grpc, [als.http_message([als.inbound_http("frontend", path=f"/reviews/{i}")], reviews)])
+    assert _wait_metric(d, "meshaudit_hops_evaluated_total", 6) >= 6
+    assert d.alerts() == []
+
+
+def test_sigterm_stops_coordinator_and_workers(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, WORKERS_CONFIG).start()
+    pids = _worker_pids(d)
+    assert d.stop() == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
