@@ -51,15 +51,16 @@ test: install tools check
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 
-# Benchmarks (BENCHMARKS.md): ceiling vs meshaudit throughput, alert latency (JSON lines and
-# Kafka via Tansu), overload, real Envoy, py-spy profile, cardinality soak. Prints a table and
+# Benchmarks (BENCHMARKS.md): ceiling vs meshaudit throughput, workers: 1 vs 2 (load from h2load),
+# alert latency (JSON lines and Kafka via Tansu), overload, real Envoy, py-spy profile, cardinality soak.
+# Prints a table and
 # writes bench/results/<stamp>.json and .md. About 14 minutes with the 5-minute soak;
 # `make bench SOAK_SECS=60` for a quicker pass. taskset pins daemon and load to separate CPUs.
 SOAK_SECS ?= 300
 bench: install tools
-	command -v taskset >/dev/null && command -v wrk >/dev/null || \
+	command -v taskset >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      util-linux wrk >/dev/null; }
+	      util-linux wrk nghttp2-client >/dev/null; }
 	$(PY) -m bench.run all --soak-secs $(SOAK_SECS)
 
 # A live demo: the daemon auditing a loopback mesh of real Envoy sidecars (tests/e2e/meshlab),

@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from typing import Any
 import grpc
 import yaml
 
-from bench import corpus
+from bench import corpus, h2body
 from bench.procs import (
     NCPU,
     Proc,
@@ -91,6 +92,7 @@ class Settings:
     envoy_runs: int = 3
     profile_secs: float = 12.0
     workers: int = 2
+    workers_measure: float = 4.0
     out: Path = RESULTS
     stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
 
@@ -384,33 +386,121 @@ def scenario_throughput(s: Settings, results: dict[str, Any]) -> None:
                 say(f"run {r + 1} {name:9s} {kind}@{per}: {rate:,.0f}/s cpu {cpu:.2f} rss {rss:.0f} MiB")
                 row.append(m)
         runs.append(row)
-    workers_note = None
-    if s.workers > 1:
-        if _workers_path() is not None:
-            _workers_runs(s, runs)
-        else:
-            workers_note = "not measured: this meshaudit has no `workers` setting"
-            say(f"workers: {workers_note}")
-    results["throughput"] = {"runs": runs, "summary": summarize_throughput(runs), "workers": workers_note}
+    results["throughput"] = {"runs": runs, "summary": summarize_throughput(runs)}
 
 
-def _workers_runs(s: Settings, runs: list[list[dict[str, Any]]]) -> None:
-    """workers: 1 vs N, both unpinned (the load generator shares the cores: see BENCHMARKS.md)."""
-    for r, row in enumerate(runs):
-        for workers in (1, s.workers):
-            tag = f"tp{r}-mesh-w{workers}"
-            try:
-                t = Meshaudit.start(s, tag, cpus=None, workers=workers)
-            except RuntimeError as exc:
-                row.append({"target": f"meshaudit-w{workers}", "error": str(exc)[:500]})
+# --- workers: N ------------------------------------------------------------------------------
+H2_STREAMS = 16  # connections: the kernel spreads them over the workers (SO_REUSEPORT)
+H2_ENTRIES = 100_000  # per connection: enough for warm-up + measurement at 2 workers' rate
+ALS_PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+def _h2load(s: Settings, tag: str, target: str, bodies: list[Path]) -> list[Proc]:
+    """One h2load (nghttp2, C) per connection, each posting its own file as one ALS stream."""
+    h2 = shutil.which("h2load") or "h2load"
+    head = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    return [
+        Proc([h2, "-n", "1", "-c", "1", "-m", "1", "-d", str(b), *head, f"http://{target}{ALS_PATH}"],
+             s.log(f"{tag}.h2load{i}.log"))
+        for i, b in enumerate(bodies)
+    ]  # fmt: skip
+
+
+def measure_workers(s: Settings, workers: int, per: int, bodies: list[Path], tag: str) -> dict[str, Any]:
+    t = Meshaudit.start(s, tag, cpus=None, workers=workers)
+    senders: list[Proc] = []
+    try:
+        senders = _h2load(s, tag, t.grpc_addr, bodies)
+        time.sleep(1.0)
+        pids, spids = t.pids(), [p.pid for p in senders]
+        c0, cpu0, lcpu0, t0 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
+        rss_max = 0
+        while time.monotonic() - t0 < s.workers_measure:
+            rss_max = max(rss_max, rss_bytes(t.pids()))
+            time.sleep(0.25)
+        pids = t.pids()
+        c1, cpu1, lcpu1, t1 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
+        # Every connection must still be sending at the end, or a worker may have idled.
+        finished = sum(1 for p in senders if not p.alive())
+    finally:
+        for p in senders:
+            p.stop(timeout=2)
+        t.stop()
+    dt = t1 - t0
+    cpu = (cpu1 - cpu0) / dt
+    rate = (c1.processed - c0.processed) / dt
+    return {
+        "workers": workers,
+        "per_message": per,
+        "rate": rate,
+        "cpu": cpu,
+        "per_cpu_second": rate / cpu if cpu > 0 else 0.0,
+        "rss_mb": rss_max / MiB,
+        "processes": len(pids),
+        "loadgen_cpu": (lcpu1 - lcpu0) / dt,
+        "connections_finished_early": finished,
+    }
+
+
+def scenario_workers(s: Settings, results: dict[str, Any]) -> None:
+    """workers: 1 vs N, measured back to back in each run. Nothing is pinned: the daemon's
+    processes and the load generator share the machine's CPUs, so the load generator is h2load
+    (C), which needs a few % of one CPU where the Python generator needs ~20 %."""
+    if shutil.which("h2load") is None:
+        results["workers"] = {"error": "h2load not found (Debian package nghttp2-client; `make tools`)"}
+        say(f"workers: {results['workers']['error']}")
+        return
+    if _workers_path() is None:
+        results["workers"] = {"error": "this meshaudit has no `workers` setting"}
+        return
+    runs: list[dict[str, Any]] = []
+    for per in (25, 100):
+        with tempfile.TemporaryDirectory(prefix="meshaudit-h2-") as tmp:
+            bodies = h2body.write_bodies(Path(tmp), H2_STREAMS, per, H2_ENTRIES)
+            for r in range(s.runs):
+                pair = {}
+                for w in (1, s.workers):
+                    tag = f"wk{r}-{per}-w{w}"
+                    try:
+                        m = measure_workers(s, w, per, bodies, tag)
+                    except RuntimeError as exc:
+                        say(f"{tag}: {exc}")
+                        m = {"workers": w, "per_message": per, "error": str(exc)[:500]}
+                    pair[w] = m
+                    if "rate" in m:
+                        say(
+                            f"run {r + 1} workers={w} als@{per}: {m['rate']:,.0f}/s cpu {m['cpu']:.2f} "
+                            f"h2load cpu {m['loadgen_cpu']:.2f} rss {m['rss_mb']:.0f} MiB"
+                        )
+                one, many = pair[1], pair[s.workers]
+                if "rate" in one and "rate" in many and one["rate"] > 0:
+                    many["speedup"] = many["rate"] / one["rate"]
+                    say(f"run {r + 1} als@{per}: workers={s.workers} / workers=1 = {many['speedup']:.2f}")
+                runs += [one, many]
+    summary = []
+    for per in (25, 100):
+        for w in (1, s.workers):
+            ms = [m for m in runs if m["per_message"] == per and m["workers"] == w and "rate" in m]
+            if not ms:
                 continue
-            try:
-                m = measure(s, t, "als", 100, tag)
-            finally:
-                t.stop()
-            m["target"] = f"meshaudit-w{workers}"
-            say(f"run {r + 1} workers={workers} als@100: {m['rate']:,.0f}/s cpu {m['cpu']:.2f}")
-            row.append(m)
+            speedups = [m["speedup"] for m in ms if "speedup" in m]
+            summary.append(
+                {
+                    "workers": w,
+                    "per": per,
+                    "runs": len(ms),
+                    "rate": _med([m["rate"] for m in ms]),
+                    "rate_min": min(m["rate"] for m in ms),
+                    "rate_max": max(m["rate"] for m in ms),
+                    "cpu": _med([m["cpu"] for m in ms]),
+                    "rss_mb": _med([m["rss_mb"] for m in ms]),
+                    "loadgen_cpu": _med([m["loadgen_cpu"] for m in ms]),
+                    "speedup": _med(speedups) if speedups else None,
+                    "speedups": speedups,
+                    "early": sum(m["connections_finished_early"] for m in ms),
+                }
+            )
+    results["workers"] = {"runs": runs, "summary": summary}
 
 
 def _med(values: list[float]) -> float:
@@ -430,9 +520,7 @@ def summarize_throughput(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any
     targets = sorted({m["target"] for row in runs for m in row}, key=lambda n: (n != "ceiling", n))
     for kind, per in CASES:
         for name in targets:
-            if name.startswith("meshaudit-w") and (kind, per) != ("als", 100):
-                continue
-            base_name = "meshaudit-w1" if name.startswith("meshaudit-w") else "ceiling"
+            base_name = "ceiling"
             ms, ratios = [], []
             for row in runs:
                 mine, base = pick(row, name, kind, per), pick(row, base_name, kind, per)
@@ -1043,13 +1131,27 @@ def table(results: dict[str, Any]) -> str:
         for row in tp["summary"]:
             unit = "spans" if row["kind"] == "otlp" else "entries"
             ratio = "—" if row["target"] == "ceiling" else f"{row['ratio']:.2f}"
-            if row["target"].startswith("meshaudit-w"):
-                ratio = f"{row['ratio']:.2f} (to w1)"
             lines.append(
                 f"| {row['kind']} {row['per']}/msg | {row['target']} | {row['rate']:,.0f} {unit} | "
                 f"{row['rate_min']:,.0f}–{row['rate_max']:,.0f} | {row['per_cpu_second']:,.0f} | "
                 f"{row['cpu']:.2f} | {row['rss_mb']:.0f} | {ratio} | {row['dropped_rate']:,.0f} |"
             )
+    wk = results.get("workers")
+    if wk and "summary" in wk:
+        lines += [
+            "",
+            "| workers | ALS per msg | entries/s (median) | min–max | CPU | h2load CPU | RSS MiB | speedup |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in wk["summary"]:
+            sp = "—" if row["speedup"] is None else f"{row['speedup']:.2f}×"
+            lines.append(
+                f"| {row['workers']} | {row['per']} | {row['rate']:,.0f} | "
+                f"{row['rate_min']:,.0f}–{row['rate_max']:,.0f} | {row['cpu']:.2f} | "
+                f"{row['loadgen_cpu']:.2f} | {row['rss_mb']:.0f} | {sp} |"
+            )
+    elif wk:
+        lines += ["", f"workers: {wk.get('error')}"]
     lat = results.get("latency")
     if lat and "runs" in lat:
         lines += ["", f"Alert latency under {lat['background_rate']:,.0f} entries/s background (medians of runs):"]
@@ -1087,6 +1189,7 @@ def table(results: dict[str, Any]) -> str:
 # In this order: throughput first (latency and overload load relative to its capacity).
 SCENARIOS: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "throughput": scenario_throughput,
+    "workers": scenario_workers,
     "profile": scenario_profile,
     "latency": scenario_latency,
     "overload": scenario_overload,
@@ -1106,7 +1209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak-secs", type=float, default=float(os.environ.get("SOAK_SECS", d.soak_secs)))
     p.add_argument("--overload-secs", type=float, default=d.overload_secs)
     p.add_argument("--latency-secs", type=float, default=d.latency_secs)
-    p.add_argument("--workers", type=int, default=d.workers, help="also measure workers: N (if supported)")
+    p.add_argument("--workers", type=int, default=d.workers, help="the N of the workers scenario (vs 1)")
     p.add_argument("--capacity-from", type=Path, help="a previous results JSON for capacity (latency, overload)")
     a = p.parse_args(argv)
     s = Settings(

@@ -5,7 +5,7 @@ listening and every sink can deliver; 503 with the reasons otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -16,8 +16,16 @@ from meshaudit.metrics import REGISTRY
 Readiness = Callable[[], dict[str, str]]  # component -> "ok" or the reason it is not ready
 
 
-def build_app(readiness: Readiness, registry: CollectorRegistry = REGISTRY) -> web.Application:
+def build_app(
+    readiness: Readiness,
+    registry: CollectorRegistry = REGISTRY,
+    before_scrape: Callable[[], Awaitable[None]] | None = None,
+) -> web.Application:
+    """``before_scrape``: gather what other processes hold (``workers: N``) before rendering."""
+
     async def metrics_handler(request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            await before_scrape()
         resp = web.Response(body=generate_latest(registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp

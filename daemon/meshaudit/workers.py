@@ -229,6 +229,8 @@ class WorkerLink:
             if deferred is not None:
                 self.daemon.dispatch(engine.finish(deferred, msg[2], time.time()))
                 self.after_engine(engine)
+        elif tag == "scrape":  # /metrics is being read: this worker's counters, now
+            self.send(("metrics", snapshot(metrics.REGISTRY), msg[1]))
         elif tag == "spans":
             engine.corr.saw_spans(msg[1], remote=True)
         elif tag == "last_log":
@@ -341,6 +343,9 @@ class Coordinator:
         self._stopping = False
         self._violations_seen: dict[str, int] = {}
         self._store_seen: dict[tuple[str, str], int] = {}
+        self._scrape_seq = 0
+        self._scrape_waiting: set[int] = set()
+        self._scrape_done = asyncio.Event()
         self._ctx = multiprocessing.get_context("spawn")
         self._sockdir = tempfile.mkdtemp(prefix="meshaudit-")  # mode 0700
         self.sock_path = os.path.join(self._sockdir, "coordinator.sock")
@@ -358,6 +363,22 @@ class Coordinator:
             metrics.ALERTS.labels(a.rule, a.severity).inc()
             for s in self.sinks:
                 s.offer(a)
+
+    async def gather_metrics(self) -> None:
+        """Before /metrics renders: every worker's counters as of now (each also sends them
+        once a second; a worker that does not answer within 0.5 s shows its last ones)."""
+        self._scrape_seq += 1
+        self._scrape_waiting = {w.index for w in self.workers.values() if w.ready}
+        if not self._scrape_waiting:
+            return
+        self._scrape_done.clear()
+        msg = frame(("scrape", self._scrape_seq))
+        for i in self._scrape_waiting:
+            w = self.workers[i]
+            if w.writer is not None:
+                w.writer.write(msg)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._scrape_done.wait(), 0.5)
 
     def _learn_mode(self) -> bool:
         r = self.config.rules.unexpected_edge
@@ -409,6 +430,10 @@ class Coordinator:
                 self._broadcast(index, ("learned", new))
         elif tag == "metrics":
             self.summed.workers[index] = msg[1]
+            if len(msg) > 2 and msg[2] == self._scrape_seq:
+                self._scrape_waiting.discard(index)
+                if not self._scrape_waiting:
+                    self._scrape_done.set()
         elif tag == "ready":
             w = self.workers[index]
             w.ready = True
@@ -461,6 +486,9 @@ class Coordinator:
         w.ready = False
         w.writer = None
         w.gone.set()
+        self._scrape_waiting.discard(w.index)
+        if not self._scrape_waiting:
+            self._scrape_done.set()
         metrics.WORKERS_READY.set(sum(1 for x in self.workers.values() if x.ready))
         self.summed.retire(w.index)
         for cqid, fo in list(self.fanouts.items()):
@@ -591,7 +619,7 @@ class Coordinator:
         try:
             if failed:
                 raise OSError(failed)
-            app = health.build_app(self.readiness, self.expo)
+            app = health.build_app(self.readiness, self.expo, self.gather_metrics)
             self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot start: %s", exc)
