@@ -391,7 +391,7 @@ def scenario_throughput(s: Settings, results: dict[str, Any]) -> None:
 
 # --- workers: N ------------------------------------------------------------------------------
 H2_STREAMS = 16  # connections: the kernel spreads them over the workers (SO_REUSEPORT)
-H2_ENTRIES = 100_000  # per connection: enough for warm-up + measurement at 2 workers' rate
+H2_ENTRIES = 150_000  # per connection: enough for warm-up + measurement at 2 workers' rate
 ALS_PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 
 
@@ -415,12 +415,13 @@ def measure_workers(s: Settings, workers: int, per: int, bodies: list[Path], tag
         pids, spids = t.pids(), [p.pid for p in senders]
         c0, cpu0, lcpu0, t0 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
         rss_max = 0
-        while time.monotonic() - t0 < s.workers_measure:
+        # The window ends early when a connection has sent its whole file: from then on, a
+        # worker left with fewer connections could idle (the kernel's spread is uneven).
+        while time.monotonic() - t0 < s.workers_measure and all(p.alive() for p in senders):
             rss_max = max(rss_max, rss_bytes(t.pids()))
-            time.sleep(0.25)
+            time.sleep(0.1)
         pids = t.pids()
         c1, cpu1, lcpu1, t1 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
-        # Every connection must still be sending at the end, or a worker may have idled.
         finished = sum(1 for p in senders if not p.alive())
     finally:
         for p in senders:
@@ -438,6 +439,7 @@ def measure_workers(s: Settings, workers: int, per: int, bodies: list[Path], tag
         "rss_mb": rss_max / MiB,
         "processes": len(pids),
         "loadgen_cpu": (lcpu1 - lcpu0) / dt,
+        "window_secs": t1 - t0,
         "connections_finished_early": finished,
     }
 

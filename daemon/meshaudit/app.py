@@ -263,7 +263,8 @@ class Daemon:
             log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
         self.engine = Engine(config, policy, peers=self.link is not None)
         self.config, self.policy = config, policy
-        metrics.CONFIG_RELOADS.labels("ok").inc()
+        if self.link is None:  # a worker reloads when its coordinator says; that one counts
+            metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("Configuration reloaded from %s; rule windows start afresh.", self.config_path)
 
     # --- lifecycle ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from infra import als
 from infra.daemon import Daemon, deep_merge, running
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -123,3 +124,28 @@ def test_sigterm_stops_coordinator_and_workers(tmp_path: Path) -> None:
     assert d.stop() == 0
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
+
+
+async def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None:
+    allow_ratings = {"from": ["frontend.default"], "to": ["ratings.default"]}
+    cfg = deep_merge(WORKERS_CONFIG, {"policy": {"edges": [*WORKERS_CONFIG["policy"]["edges"], allow_ratings]}})
+    with running(tmp_path, cfg) as d:
+        frontend = als.identifier("frontend")
+
+        async def call_ratings(n: int) -> None:
+            for i in range(n):  # fresh connections: both workers get some
+                entry = als.outbound_http("ratings", path=f"/ratings/{i}")
+                await als.stream(d.grpc, [als.http_message([entry], frontend)])
+
+        await call_ratings(4)
+        assert _wait_metric(d, "meshaudit_hops_evaluated_total", 4) == 4
+        assert d.alerts() == []
+        strict = {**d.config, "policy": {**d.config["policy"], "edges": WORKERS_CONFIG["policy"]["edges"]}}
+        d.config_path.write_text(yaml.safe_dump(strict))
+        d.signal(signal.SIGHUP)
+        assert _wait_metric(d, "meshaudit_config_reloads_total", 1, result="ok") == 1
+        await asyncio.sleep(0.5)  # the workers reload on the coordinator's signal
+        await call_ratings(8)
+        assert _wait_metric(d, "meshaudit_violations_total", 8, rule="unexpected_edge") == 8
+        got = d.wait_alerts(bool)
+        assert [(a["rule"], a["destination"]["service"]) for a in got] == [("unexpected_edge", "ratings")]
