@@ -7,9 +7,12 @@ per request, path or service pair.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... (with workers: N, summed
+# over the processes, but for the start time and the fd limit, which are the coordinator's)
+ProcessCollector(registry=REGISTRY)
 
 # --- receivers ---------------------------------------------------------------------------
 RECEIVED = Counter(

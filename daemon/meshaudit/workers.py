@@ -113,9 +113,14 @@ def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:
 Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
 
 
-def snapshot(registry: CollectorRegistry) -> Snapshot:
+NOT_SUMMED = frozenset(("process_start_time_seconds", "process_max_fds"))  # the coordinator's own
+
+
+def snapshot(registry: CollectorRegistry, worker: bool = False) -> Snapshot:
     out: Snapshot = []
     for m in registry.collect():
+        if worker and m.name in NOT_SUMMED:
+            continue
         samples = [
             (s.name, tuple(sorted(s.labels.items())), s.value) for s in m.samples if not s.name.endswith("_created")
         ]
@@ -203,7 +208,7 @@ class WorkerLink:
             if learned:
                 self.send(("learned", list(learned)))
                 learned.clear()
-        self.send(("metrics", snapshot(metrics.REGISTRY)))
+        self.send(("metrics", snapshot(metrics.REGISTRY, worker=True)))
 
     async def _read(self) -> None:
         while True:
@@ -230,7 +235,7 @@ class WorkerLink:
                 self.daemon.dispatch(engine.finish(deferred, msg[2], time.time()))
                 self.after_engine(engine)
         elif tag == "scrape":  # /metrics is being read: this worker's counters, now
-            self.send(("metrics", snapshot(metrics.REGISTRY), msg[1]))
+            self.send(("metrics", snapshot(metrics.REGISTRY, worker=True), msg[1]))
         elif tag == "spans":
             engine.corr.saw_spans(msg[1], remote=True)
         elif tag == "last_log":

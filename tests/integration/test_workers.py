@@ -7,9 +7,12 @@ request counted once, and /metrics summing both workers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from infra import als
-from infra.daemon import Daemon, deep_merge, running
+from infra.daemon import MESHAUDIT, Daemon, deep_merge, running
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from integration.conftest import CONFIG
@@ -85,6 +88,8 @@ async def test_correlation_holds_across_workers(workers2: Daemon) -> None:
     assert [(a["source"]["service"], a["source"]["address"]) for a in plain] == [("frontend", None)]
     assert {a["rule"] for a in alerts} == {"plaintext_hop", "missing_access_log"}
     assert d.metric("meshaudit_workers_ready") == 2
+    # process metrics cover the coordinator and both workers (each worker holds ~100 MiB of code)
+    assert d.metric("process_resident_memory_bytes") > 3 * 40 * 2**20
     assert d.metric("meshaudit_peer_queries_total", result="timeout") == 0
     assert d.metric("meshaudit_peer_queries_total", result="answered") >= 2
 
@@ -149,3 +154,29 @@ async def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None
         assert _wait_metric(d, "meshaudit_violations_total", 8, rule="unexpected_edge") == 8
         got = d.wait_alerts(bool)
         assert [(a["rule"], a["destination"]["service"]) for a in got] == [("unexpected_edge", "ratings")]
+
+
+def test_port_in_use_exits_one_with_no_worker_left(workers2: Daemon, tmp_path: Path) -> None:
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("workers: 2\n")
+    tag = f"MESHAUDIT_TEST_TAG={uuid.uuid4()}".encode()  # inherited by every process it starts
+    res = subprocess.run(
+        [MESHAUDIT, "run", "--config", str(cfg), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
+         "--metrics", workers2.metrics_addr],
+        capture_output=True, text=True, timeout=60, env={**os.environ, tag.decode().split("=")[0]: tag.decode()},
+    )  # fmt: skip
+    assert res.returncode == 1 and "Cannot start" in res.stderr, res.stderr
+
+    def left() -> list[str]:
+        found = []
+        for env in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if tag in env.read_bytes():
+                    found.append(env.parent.name)
+        return found
+
+    deadline = time.monotonic() + 5  # multiprocessing's resource tracker ends just after its parent
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left() == []  # its workers stopped with it
+    assert len(_worker_pids(workers2)) == 2  # the running daemon's workers, untouched
