@@ -333,26 +333,24 @@ def loadgen_result(proc: Proc, timeout: float) -> dict[str, Any]:
 CASES = (("als", 25), ("als", 100), ("otlp", 200))
 
 
-def measure(s: Settings, target: Target, kind: str, per: int, tag: str) -> dict[str, Any]:
-    lg = loadgen(s, tag, target.grpc_addr, kind, per, s.warmup + s.measure + 1.0)
-    time.sleep(s.warmup)
+def measure_window(
+    target: Target, sender_pids: list[int], seconds: float, every: float, go_on: Callable[[], bool] = lambda: True
+) -> dict[str, Any]:
+    """Rates, CPU (the target's process tree and the senders') and max RSS over ``seconds``,
+    or until ``go_on()`` turns false."""
     pids = target.pids()
-    c0, cpu0, lcpu0, t0 = target.counts(), cpu_seconds(pids), cpu_seconds([lg.pid]), time.monotonic()
+    c0, cpu0, lcpu0, t0 = target.counts(), cpu_seconds(pids), cpu_seconds(sender_pids), time.monotonic()
     rss_max = 0
-    while time.monotonic() - t0 < s.measure:
+    while time.monotonic() - t0 < seconds and go_on():
         rss_max = max(rss_max, rss_bytes(target.pids()))
-        time.sleep(0.25)
+        time.sleep(every)
     pids = target.pids()
-    c1, cpu1, lcpu1, t1 = target.counts(), cpu_seconds(pids), cpu_seconds([lg.pid]), time.monotonic()
+    c1, cpu1, lcpu1, t1 = target.counts(), cpu_seconds(pids), cpu_seconds(sender_pids), time.monotonic()
     rss_max = max(rss_max, rss_bytes(pids))
-    lg_res = loadgen_result(lg, timeout=60)
     dt = t1 - t0
     cpu = (cpu1 - cpu0) / dt
     rate = (c1.processed - c0.processed) / dt
     return {
-        "target": target.name,
-        "kind": kind,
-        "per_message": per,
         "rate": rate,
         "received_rate": (c1.received - c0.received) / dt,
         "dropped_rate": (c1.dropped - c0.dropped) / dt,
@@ -361,8 +359,16 @@ def measure(s: Settings, target: Target, kind: str, per: int, tag: str) -> dict[
         "rss_mb": rss_max / MiB,
         "processes": len(pids),
         "loadgen_cpu": (lcpu1 - lcpu0) / dt,
-        "loadgen_errors": lg_res["errors"],
+        "window_secs": dt,
     }
+
+
+def measure(s: Settings, target: Target, kind: str, per: int, tag: str) -> dict[str, Any]:
+    lg = loadgen(s, tag, target.grpc_addr, kind, per, s.warmup + s.measure + 1.0)
+    time.sleep(s.warmup)
+    m = measure_window(target, [lg.pid], s.measure, 0.25)
+    lg_res = loadgen_result(lg, timeout=60)
+    return {"target": target.name, "kind": kind, "per_message": per, **m, "loadgen_errors": lg_res["errors"]}
 
 
 def scenario_throughput(s: Settings, results: dict[str, Any]) -> None:
@@ -412,36 +418,15 @@ def measure_workers(s: Settings, workers: int, per: int, bodies: list[Path], tag
     try:
         senders = _h2load(s, tag, t.grpc_addr, bodies)
         time.sleep(1.0)
-        pids, spids = t.pids(), [p.pid for p in senders]
-        c0, cpu0, lcpu0, t0 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
-        rss_max = 0
         # The window ends early when a connection has sent its whole file: from then on, a
         # worker left with fewer connections could idle (the kernel's spread is uneven).
-        while time.monotonic() - t0 < s.workers_measure and all(p.alive() for p in senders):
-            rss_max = max(rss_max, rss_bytes(t.pids()))
-            time.sleep(0.1)
-        pids = t.pids()
-        c1, cpu1, lcpu1, t1 = t.counts(), cpu_seconds(pids), cpu_seconds(spids), time.monotonic()
+        m = measure_window(t, [p.pid for p in senders], s.workers_measure, 0.1, lambda: all(p.alive() for p in senders))
         finished = sum(1 for p in senders if not p.alive())
     finally:
         for p in senders:
             p.stop(timeout=2)
         t.stop()
-    dt = t1 - t0
-    cpu = (cpu1 - cpu0) / dt
-    rate = (c1.processed - c0.processed) / dt
-    return {
-        "workers": workers,
-        "per_message": per,
-        "rate": rate,
-        "cpu": cpu,
-        "per_cpu_second": rate / cpu if cpu > 0 else 0.0,
-        "rss_mb": rss_max / MiB,
-        "processes": len(pids),
-        "loadgen_cpu": (lcpu1 - lcpu0) / dt,
-        "window_secs": t1 - t0,
-        "connections_finished_early": finished,
-    }
+    return {"workers": workers, "per_message": per, **m, "connections_finished_early": finished}
 
 
 def scenario_workers(s: Settings, results: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,36 @@ def print_ready(bound: dict[str, str], alerts_path: str, workers: int = 1) -> No
     )
 
 
+def readiness_of(receivers: str, sinks: list[Sink]) -> dict[str, str]:
+    """/readyz components: the receivers' state, then each sink's ("ok" or why not)."""
+    state = {"receivers": receivers}
+    for s in sinks:
+        state[f"sink:{s.name}"] = s.ready_reason
+    return state
+
+
+def dispatch_to(sinks: list[Sink], alerts: list[Alert]) -> None:
+    for a in alerts:
+        metrics.ALERTS.labels(a.rule, a.severity).inc()
+        for s in sinks:
+            s.offer(a)
+
+
+def load_for_reload(path: str | None, dispatch: Callable[[list[Alert]], None]) -> tuple[Config, Policy] | None:
+    """SIGHUP: the file again, or None when there is none or it is invalid (then the running
+    configuration stays; the failure is logged, counted and raised as a config_invalid alert)."""
+    if path is None:
+        log.warning("SIGHUP ignored: the daemon runs on built-in defaults, there is no file to reload.")
+        return None
+    try:
+        return load(path)
+    except ConfigError as exc:
+        metrics.CONFIG_RELOADS.labels("invalid").inc()
+        log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
+        dispatch([config_invalid_alert(path, exc)])
+        return None
+
+
 def config_invalid_alert(path: str, exc: ConfigError) -> Alert:
     now = time.time()
     me = identity("meshaudit")
@@ -168,17 +199,11 @@ class Daemon:
 
     # --- readiness -------------------------------------------------------------------------
     def readiness(self) -> dict[str, str]:
-        state = {"receivers": "ok" if self._listening else "not listening"}
-        for s in self.sinks:
-            state[f"sink:{s.name}"] = s.ready_reason
-        return state
+        return readiness_of("ok" if self._listening else "not listening", self.sinks)
 
     # --- alerts ----------------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
-        for a in alerts:
-            metrics.ALERTS.labels(a.rule, a.severity).inc()
-            for s in self.sinks:
-                s.offer(a)
+        dispatch_to(self.sinks, alerts)
 
     # --- engine tasks ------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
@@ -249,16 +274,10 @@ class Daemon:
 
     # --- reload --------------------------------------------------------------------------------
     def reload(self) -> None:
-        if self.config_path is None:
-            log.warning("SIGHUP ignored: the daemon runs on built-in defaults, there is no file to reload.")
+        loaded = load_for_reload(self.config_path, self.dispatch)
+        if loaded is None:
             return
-        try:
-            config, policy = load(self.config_path)
-        except ConfigError as exc:
-            metrics.CONFIG_RELOADS.labels("invalid").inc()
-            log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
-            self.dispatch([config_invalid_alert(self.config_path, exc)])
-            return
+        config, policy = loaded
         if config.listen != self.config.listen or config.sinks != self.config.sinks:
             log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
         self.engine = Engine(config, policy, peers=self.link is not None)

@@ -40,20 +40,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from meshaudit import metrics
-from meshaudit.config import Config, ConfigError, Policy, load
+from meshaudit import health, metrics
+from meshaudit.app import (
+    SHUTDOWN_SECS,
+    Daemon,
+    dispatch_to,
+    load_for_reload,
+    print_ready,
+    publish_stores,
+    publish_violations,
+    readiness_of,
+    serve_http,
+    setup_logging,
+    start_sinks,
+    tune_gc,
+)
+from meshaudit.config import Config, Policy
 from meshaudit.engine.core import NO_ANSWER, Aggregator, Engine, PeerAnswer, Violation
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
-
-if TYPE_CHECKING:
-    from meshaudit.app import Daemon
+from meshaudit.sinks import build_sinks
 
 log = logging.getLogger("meshaudit.workers")
 
@@ -245,13 +257,13 @@ class WorkerLink:
                 mine = store.get(svc)
                 if mine is None or mine < t:
                     store.put(svc, t, now)
-        elif tag == "learned":
+        elif tag == "learned":  # (source, destination) tuples another worker learned
+            now = time.time()
             for r in engine.rules:
                 baseline = getattr(r, "baseline", None)
                 if baseline is not None:
-                    now = time.time()
                     for k in msg[1]:
-                        baseline.put(tuple(k), True, now)
+                        baseline.put(k, True, now)
 
     async def close(self, deadline: float) -> None:
         if self.daemon is not None:
@@ -265,8 +277,6 @@ class WorkerLink:
 
 def worker_entry(config: Config, policy: Policy, config_path: str | None, index: int, sock_path: str) -> None:
     """A worker process's main (multiprocessing, spawn)."""
-    from meshaudit.app import setup_logging
-
     setup_logging(config.log_level)
     import uvloop
 
@@ -276,8 +286,6 @@ def worker_entry(config: Config, policy: Policy, config_path: str | None, index:
 
 
 async def _worker_main(config: Config, policy: Policy, config_path: str | None, index: int, sock_path: str) -> int:
-    from meshaudit.app import Daemon
-
     reader, writer = await asyncio.open_unix_connection(sock_path)
     link = WorkerLink(index, reader, writer)
     link.send(("hello", index, os.getpid()))
@@ -320,13 +328,10 @@ class _Fanout:
     answers: list[PeerAnswer]
     waiting: set[int]
     deadline: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Coordinator:
     def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
-        from meshaudit.sinks import build_sinks
-
         self.config = config
         self.policy = policy
         self.config_path = config_path
@@ -358,16 +363,11 @@ class Coordinator:
     # --- readiness and alerts ------------------------------------------------------------------
     def readiness(self) -> dict[str, str]:
         up = sum(1 for w in self.workers.values() if w.ready)
-        state = {"receivers": "ok" if up == self.n and not self._stopping else f"{up} of {self.n} workers listening"}
-        for s in self.sinks:
-            state[f"sink:{s.name}"] = s.ready_reason
-        return state
+        receivers = "ok" if up == self.n and not self._stopping else f"{up} of {self.n} workers listening"
+        return readiness_of(receivers, self.sinks)
 
     def dispatch(self, alerts: list[Alert]) -> None:
-        for a in alerts:
-            metrics.ALERTS.labels(a.rule, a.severity).inc()
-            for s in self.sinks:
-                s.offer(a)
+        dispatch_to(self.sinks, alerts)
 
     async def gather_metrics(self) -> None:
         """Before /metrics renders: every worker's counters as of now (each also sends them
@@ -429,7 +429,7 @@ class Coordinator:
                 self.last_log.update(fresh)
                 self._broadcast(index, ("last_log", fresh))
         elif tag == "learned":
-            new = [tuple(k) for k in msg[1] if tuple(k) not in self.baseline]
+            new = [k for k in msg[1] if k not in self.baseline]  # (source, destination) tuples
             self.baseline.update(new)
             if new:
                 self._broadcast(index, ("learned", new))
@@ -538,8 +538,6 @@ class Coordinator:
                     self._spawn(w)
 
     async def _tick(self) -> None:
-        from meshaudit.app import publish_stores, publish_violations
-
         interval = self.config.engine.tick_ms / 1000
         last_stats = 0.0
         while True:
@@ -559,18 +557,10 @@ class Coordinator:
     # --- reload ----------------------------------------------------------------------------------
     def reload(self) -> None:
         """Check the file here first; the workers reload it only when it is valid."""
-        if self.config_path is None:
-            log.warning("SIGHUP ignored: the daemon runs on built-in defaults, there is no file to reload.")
+        loaded = load_for_reload(self.config_path, self.dispatch)
+        if loaded is None:
             return
-        try:
-            config, policy = load(self.config_path)
-        except ConfigError as exc:
-            from meshaudit.app import config_invalid_alert
-
-            metrics.CONFIG_RELOADS.labels("invalid").inc()
-            log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
-            self.dispatch([config_invalid_alert(self.config_path, exc)])
-            return
+        config, policy = loaded
         old = self.config
         if (config.workers, config.listen, config.sinks) != (old.workers, self._listen_as_started, old.sinks):
             log.warning("Workers, listen addresses and sinks change only on restart; rules and policy reloaded now.")
@@ -591,9 +581,6 @@ class Coordinator:
         self._stop.set()
 
     async def run(self) -> int:
-        from meshaudit import health
-        from meshaudit.app import SHUTDOWN_SECS, print_ready, serve_http, start_sinks, tune_gc
-
         cfg = self.config
         loop = asyncio.get_running_loop()
         if not await start_sinks(self.sinks):
