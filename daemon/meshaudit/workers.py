@@ -527,9 +527,9 @@ class Coordinator:
                 code = p.exitcode
                 p.close()
                 w.process = None
-                pause = RESTART_BACKOFF[min(w.restarts, len(RESTART_BACKOFF) - 1)]
-                if time.monotonic() - w.started_at > 60:
+                if time.monotonic() - w.started_at > 60:  # it ran a while: start the backoff afresh
                     w.restarts = 0
+                pause = RESTART_BACKOFF[min(w.restarts, len(RESTART_BACKOFF) - 1)]
                 log.error("Worker %d exited (code %s); starting it again in %.1f s.", w.index, code, pause)
                 metrics.WORKER_RESTARTS.inc()
                 w.restarts += 1
