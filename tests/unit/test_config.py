@@ -13,7 +13,8 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshaudit.config import ConfigError, load
+from meshaudit.config import Config, ConfigError, load
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[2]
 MESHAUDIT = str(Path(sys.executable).with_name("meshaudit"))
@@ -65,10 +66,40 @@ def test_typo_in_each_section_names_file_line_and_key(tmp_path: Path, section: s
 
 
 def test_shipped_config_and_policy_are_valid() -> None:
-    cfg, _policy = load(REPO / "config" / "default.yaml")
-    assert cfg.listen.grpc == "127.0.0.1:4317"
     _, example = load(REPO / "config" / "example.yaml")
     assert example.edges, "the example points at the example policy"
+
+
+def test_default_yaml_is_exactly_the_built_in_defaults() -> None:
+    """config/default.yaml documents every default: loading it must give Config() itself, so a
+    default changed in code but not in the file (or the reverse) fails here."""
+    cfg, policy = load(REPO / "config" / "default.yaml")
+    assert cfg == Config()
+    assert policy == Config().policy
+
+
+def _leaf_keys(model: BaseModel, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = prefix + name
+        out |= _leaf_keys(value, key + ".") if isinstance(value, BaseModel) else {key}
+    return out
+
+
+def test_default_yaml_writes_out_every_option() -> None:
+    """Every option the daemon has appears in config/default.yaml, where it is explained (the
+    policy and the optional sinks, kafka and mqtt, are shown there as comments)."""
+    data = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+
+    def keys(node: object, prefix: str = "") -> set[str]:
+        if isinstance(node, dict) and node:
+            return set().union(*(keys(v, f"{prefix}{k}.") for k, v in node.items()))
+        return {prefix.rstrip(".")}
+
+    documented = keys(data)
+    expected = {k for k in _leaf_keys(Config()) if not k.startswith(("policy", "sinks.kafka", "sinks.mqtt"))}
+    assert expected - documented == set()
 
 
 def test_wrong_value_is_explained(tmp_path: Path) -> None:

@@ -14,10 +14,17 @@ from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit._proto.meshaudit.alert.v1 import alert_pb2
 from meshaudit.config import Config, MeshConfig
 from meshaudit.engine.core import Engine
-from meshaudit.model import INBOUND, OUTBOUND, UNKNOWN, Hop
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, ORIGIN_NAMES, OTEL_LOG, OUTBOUND, SPAN, UNKNOWN, Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
-from meshaudit.receivers.otlp.decode import ExportTraceServiceRequest, OtlpJsonError, decode_traces, parse_json
+from meshaudit.receivers.otlp.decode import (
+    ExportLogsServiceRequest,
+    ExportTraceServiceRequest,
+    OtlpJsonError,
+    decode_logs,
+    decode_traces,
+    parse_json,
+)
 
 NAMER = Namer(MeshConfig())
 
@@ -164,19 +171,113 @@ def test_an_address_is_named_once_its_pod_ip_is_learned() -> None:
     assert (got.service, got.namespace, got.address) == ("ratings", "prod", "10.7.0.5:41000")
 
 
-def test_hops_kept_past_their_batch_read_every_field_first() -> None:
-    """A parked hop lets its message go (detach); HTTP and TCP entries each give their fields."""
-    [t] = _decode(
-        als.tcp_message(
-            [als.tcp_entry(cluster="inbound|5432||", tls=False, start=1_700_000_001.5)], als.identifier("db")
-        )
+def _every_origin() -> list[list[Hop]]:
+    """One HTTP and one TCP-like hop from each origin, decoded twice (the same bytes each time)."""
+    http = als.http_message(
+        [als.inbound_http(None, path="/x", request_id="r1", remote="10.0.0.7:41000", start=1_700_000_002.25)],
+        als.identifier("reviews"),
     )
-    [h] = _decode(als.http_message([als.inbound_http("frontend", path="/x")], als.identifier("reviews")))
-    for hop in (t, h):
-        hop.detach()
-    assert (t.status, t.authority, t.response_code_details, t.start, t.conn) == (0, None, "", 1_700_000_001.5, t.conn)
-    assert t.conn == "10.0.0.9:40000" and t.method is None
-    assert h.status == 200 and h.method == "GET" and h.path == "/x"
+    tcp = als.tcp_message(
+        [als.tcp_entry(cluster="inbound|5432||", tls=True, peer=als.spiffe("api"), start=1_700_000_001.5)],
+        als.identifier("db"),
+    )
+    traces = ExportTraceServiceRequest()
+    parse_json(
+        orjson.dumps(
+            {
+                "resourceSpans": [
+                    {
+                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "reviews"}}]},
+                        "scopeSpans": [
+                            {
+                                "spans": [
+                                    {
+                                        "traceId": "5b8efff798038103d269b633813fc60c",
+                                        "spanId": "eee19b7ec3c1b174",
+                                        "parentSpanId": "aaa19b7ec3c1b174",
+                                        "kind": 2,
+                                        "startTimeUnixNano": "1700000000000000000",
+                                        "attributes": [
+                                            {"key": "http.request.method", "value": {"stringValue": "GET"}},
+                                            {"key": "url.path", "value": {"stringValue": "/y"}},
+                                        ],
+                                    }
+                                ]
+                            }
+                        ],
+                    }
+                ]
+            }
+        ),
+        traces,
+    )
+    logs = ExportLogsServiceRequest()
+    parse_json(
+        orjson.dumps(
+            {
+                "resourceLogs": [
+                    {
+                        "resource": {"attributes": [{"key": "node_name", "value": {"stringValue": "reviews-1"}}]},
+                        "scopeLogs": [
+                            {
+                                "logRecords": [
+                                    {
+                                        "timeUnixNano": "1700000003000000000",
+                                        "traceId": "5b8efff798038103d269b633813fc60c",
+                                        "attributes": [
+                                            {"key": "upstream_cluster", "value": {"stringValue": "inbound|9080||"}},
+                                            {"key": "url.path", "value": {"stringValue": "/z"}},
+                                            {"key": "http.request.method", "value": {"stringValue": "POST"}},
+                                        ],
+                                    }
+                                ]
+                            }
+                        ],
+                    }
+                ]
+            }
+        ),
+        logs,
+    )
+    out: list[list[Hop]] = []
+    for _ in range(2):
+        hops = [*_decode(http), *_decode(tcp)]
+        decode_traces(traces, NAMER, hops)
+        decode_logs(logs, NAMER, hops)
+        out.append(hops)
+    return out
+
+
+def test_hops_kept_past_their_batch_read_every_field_first() -> None:
+    """A parked hop lets its message go (detach) after reading every field: every slot of a
+    detached hop, of every origin, is set and equal to what the undetached twin reads lazily."""
+    lazy, detached = _every_origin()
+    assert sorted(h.origin for h in detached) == [ALS_HTTP, ALS_TCP, OTEL_LOG, SPAN]
+    for h in detached:
+        h.detach()
+    slots = [s for s in Hop.__slots__ if not s.startswith("_")]
+    for twin, h in zip(lazy, detached, strict=True):
+        for name in slots:
+            # Read the slot itself, not through __getattr__: a field detach left unread is empty.
+            stored = Hop.__dict__[name].__get__(h, Hop)
+            assert stored == getattr(twin, name), (ORIGIN_NAMES[h.origin], name)
+    http, tcp, span, log = detached
+    assert (http.start, http.conn, http.status, http.method, http.path) == (
+        1_700_000_002.25,
+        "10.0.0.7:41000",
+        200,
+        "GET",
+        "/x",
+    )
+    assert (tcp.start, tcp.status, tcp.method, tcp.peer_principal, tcp.tls_version) == (
+        1_700_000_001.5,
+        0,
+        None,
+        als.spiffe("api"),
+        "TLSv1.3",
+    )
+    assert (span.start, span.parent_span_id, span.path) == (1_700_000_000.0, "aaa19b7ec3c1b174", "/y")
+    assert (log.start, log.method, log.path) == (1_700_000_003.0, "POST", "/z")
 
 
 def test_a_plaintext_tcp_connection_waiting_for_its_client_alerts() -> None:
