@@ -28,6 +28,7 @@ from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.http import OtlpHttp
+from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError, Sink
 
@@ -301,13 +302,13 @@ class Daemon:
         ]
         worker = self.link is not None
         grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
-        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers.max_message_bytes)
+        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers)
         runners: list[web.AppRunner] = []
         try:
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
             # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
-            self.bound["http"] = await serve_http(otlp_http.app(), cfg.listen.http, runners, reuse_port=worker)
+            self.bound["http"] = await otlp_http.serve(cfg.listen.http, runners, reuse_port=worker)
             if not worker:
                 self.bound["metrics"] = await serve_http(health.build_app(self.readiness), cfg.listen.metrics, runners)
         except OSError as exc:
@@ -379,6 +380,7 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
         print(f"meshaudit: invalid listen address: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    raise_fd_limit()
     check_protobuf_backend()
     import uvloop
 
