@@ -301,10 +301,11 @@ class Daemon:
             asyncio.create_task(self._tick_loop(), name="tick"),
         ]
         worker = self.link is not None
-        grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
+        grpc_server: grpc.aio.Server | None = None
         otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers)
         runners: list[web.AppRunner] = []
         try:
+            grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
             # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
@@ -331,12 +332,16 @@ class Daemon:
         return 0
 
     async def _shutdown(
-        self, grpc_server: grpc.aio.Server, runners: list[web.AppRunner], tasks: list[asyncio.Task[None]]
+        self,
+        grpc_server: grpc.aio.Server | None,
+        runners: list[web.AppRunner],
+        tasks: list[asyncio.Task[None]],
     ) -> None:
         deadline = time.monotonic() + SHUTDOWN_SECS
         self._listening = False
         # Receivers first: no new data; open ALS streams are cut (Envoy reconnects elsewhere).
-        await grpc_server.stop(grace=1.0)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         for r in runners[:1]:
             await r.cleanup()
         self.queue.closed = True
