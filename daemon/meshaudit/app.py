@@ -28,6 +28,7 @@ from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.http import OtlpHttp
+from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError, Sink
 
@@ -300,14 +301,15 @@ class Daemon:
             asyncio.create_task(self._tick_loop(), name="tick"),
         ]
         worker = self.link is not None
-        grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
-        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers.max_message_bytes)
+        grpc_server: grpc.aio.Server | None = None
+        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers)
         runners: list[web.AppRunner] = []
         try:
+            grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
             # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
-            self.bound["http"] = await serve_http(otlp_http.app(), cfg.listen.http, runners, reuse_port=worker)
+            self.bound["http"] = await otlp_http.serve(cfg.listen.http, runners, reuse_port=worker)
             if not worker:
                 self.bound["metrics"] = await serve_http(health.build_app(self.readiness), cfg.listen.metrics, runners)
         except OSError as exc:
@@ -330,12 +332,16 @@ class Daemon:
         return 0
 
     async def _shutdown(
-        self, grpc_server: grpc.aio.Server, runners: list[web.AppRunner], tasks: list[asyncio.Task[None]]
+        self,
+        grpc_server: grpc.aio.Server | None,
+        runners: list[web.AppRunner],
+        tasks: list[asyncio.Task[None]],
     ) -> None:
         deadline = time.monotonic() + SHUTDOWN_SECS
         self._listening = False
         # Receivers first: no new data; open ALS streams are cut (Envoy reconnects elsewhere).
-        await grpc_server.stop(grace=1.0)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         for r in runners[:1]:
             await r.cleanup()
         self.queue.closed = True
@@ -379,6 +385,7 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
         print(f"meshaudit: invalid listen address: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    raise_fd_limit()
     check_protobuf_backend()
     import uvloop
 

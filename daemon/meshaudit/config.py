@@ -52,6 +52,37 @@ class ReceiversConfig(_Strict):
         300, gt=0, description="Envoy's ALS streams never end; closing them lets clients rebalance."
     )
     grpc_max_connection_age_grace_secs: float = Field(30, ge=0)
+    max_entries_per_message: int = Field(
+        100_000, ge=1, description="Entries (ALS entries, OTLP spans or log records) in one message, at most."
+    )
+    # Bounds on what a client can hold or send (README "Bad input and limits").
+    http_header_timeout_ms: int = Field(
+        10_000,
+        ge=100,
+        description="OTLP/HTTP: a connection must send a complete request head this soon after it opens or "
+        "after its previous response; otherwise it is closed (counted reason=timeout unless it was idle).",
+    )
+    http_body_timeout_ms: int = Field(
+        30_000, ge=100, description="OTLP/HTTP: a request body must arrive whole this soon (else 408, counted)."
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="OTLP/HTTP connections open at once; more are closed at once and counted."
+    )
+    grpc_max_concurrent_streams: int = Field(100, ge=1, description="gRPC streams one connection may open at once.")
+    grpc_keepalive_time_secs: float = Field(
+        60, gt=0, description="The server pings a quiet gRPC connection this often."
+    )
+    grpc_keepalive_timeout_secs: float = Field(20, gt=0, description="An unanswered ping closes the connection.")
+    grpc_min_ping_interval_secs: float = Field(
+        10, ge=0, description="A client pinging more often than this (without data) gets a strike."
+    )
+    grpc_max_ping_strikes: int = Field(2, ge=0, description="Strikes before the connection is closed (GOAWAY).")
+    max_clock_skew_secs: float = Field(
+        86_400,
+        gt=0,
+        description="An OTLP span or log time further than this from the receive time is replaced by the "
+        "receive time and counted (reason=clamped_time).",
+    )
 
 
 class WorkloadRef(_Strict):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import grpc
 from infra import als
 from infra.daemon import MESHAUDIT, Daemon, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -73,3 +74,29 @@ def test_port_in_use_exits_one_and_sigterm_exits_zero(daemon: Daemon) -> None:
     )
     assert res.returncode == 1 and "Cannot listen" in res.stderr, res.stderr
     assert daemon.stop() == 0
+
+
+async def test_a_second_daemon_on_a_grpc_port_in_use_exits_one_and_the_first_keeps_the_traffic(
+    daemon: Daemon,
+) -> None:
+    # Was: the second one joined the port (SO_REUSEPORT with one process) and took half the streams.
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with a timeout
+        [MESHAUDIT, "run", "--grpc", daemon.grpc, "--http", f"127.0.0.1:{free_port()}",
+         "--metrics", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # our own child, by its handle
+        proc.communicate()
+        raise AssertionError("a second daemon started on a gRPC port in use") from None
+    assert proc.returncode == 1, err
+    lines = [x for x in err.splitlines() if "cannot listen" in x.lower()]
+    assert len(lines) == 1 and f"cannot listen on {daemon.grpc}: address in use" in lines[0], err
+    assert "Traceback" not in err and "add_port" not in err, err
+    ident = als.identifier("reviews")
+    for i in range(20):  # each on its own connection
+        entry = als.inbound_http("frontend", path=f"/reviews/{i}")
+        assert await als.stream(daemon.grpc, [als.http_message([entry], ident)]) == grpc.StatusCode.OK
+    assert daemon.metric("meshaudit_received_total", receiver="envoy_als", kind="http") == 20

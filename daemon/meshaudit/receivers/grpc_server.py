@@ -1,66 +1,144 @@
 """The one grpc.aio server (default 127.0.0.1:4317) for Envoy ALS and OTLP traces and logs.
 
 Handlers are registered by hand (not with the generated ``add_*_to_server``) so that the
-request deserializers can count undecodable messages per receiver before gRPC rejects them.
+request deserializers can count bad messages per receiver. A deserializer never raises into
+gRPC (grpc would log a traceback per message and answer UNKNOWN): it counts the message
+(``undecodable`` or ``too_large``), logs at most one line per reason per interval and returns
+a sentinel; the handler, or for the ALS stream a wrapper around it, then aborts with
+INVALID_ARGUMENT or RESOURCE_EXHAUSTED. gRPC core's own size limit is set to twice
+``max_message_bytes`` so that the deserializer sees, counts and refuses the oversized
+messages; above twice the limit gRPC core refuses them itself, uncounted.
 Channel options bound memory: grpc.aio buffers without limit when a handler is slower than its
 stream, and BDP probing grows the window; with the probe off and a fixed lookahead, RSS stays
-flat (BENCHMARKS.md: 2.5-3.5 GiB without them, under 75 MiB with them).
+flat (BENCHMARKS.md: 2.5-3.5 GiB without them, under 75 MiB with them). Streams per connection
+are bounded (``grpc_max_concurrent_streams``), quiet connections are pinged and dropped when the
+ping goes unanswered, and a client pinging too often is sent away (keepalive enforcement).
+
+SO_REUSEPORT is on only with ``workers`` above 1 (the workers share the coordinator's ports);
+one process refuses a port another process listens on: "cannot listen on ADDR: address in use".
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
 
 import grpc
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meshaudit import metrics
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
+from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.server import RECEIVER as ALS
 from meshaudit.receivers.envoy_als.server import AccessLogService
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.decode import (
+    Check,
     ExportLogsServiceRequest,
     ExportTraceServiceRequest,
+    OtlpRejected,
     decode_logs,
     decode_traces,
 )
+from meshaudit.receivers.sockets import ensure_free
 
 log = logging.getLogger("meshaudit.receivers.grpc")
 OTLP = "otlp_grpc"
+_bad = RateLimited(log)
 
 
-def _counting(parse: Callable[[bytes], Any], receiver: str) -> Callable[[bytes], Any]:
-    rejected = metrics.REJECTED.labels(receiver, "undecodable")
+class _Bad:
+    """What a deserializer returns instead of a message it refused (already counted)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+
+
+UNDECODABLE: Final = _Bad(grpc.StatusCode.INVALID_ARGUMENT, "the message does not decode")
+TOO_LARGE: Final = _Bad(grpc.StatusCode.RESOURCE_EXHAUSTED, "the message is over the size limit")
+
+
+def _counting(parse: Callable[[bytes], Any], receiver: str, max_bytes: int) -> Callable[[bytes], Any]:
+    undecodable = metrics.REJECTED.labels(receiver, "undecodable")
+    too_large = metrics.REJECTED.labels(receiver, "too_large")
 
     def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            too_large.inc()
+            _bad.warning(
+                f"{receiver}:too_large",
+                "Rejected a %s message of %d bytes (receivers.max_message_bytes is %d).",
+                receiver,
+                len(data),
+                max_bytes,
+            )
+            return TOO_LARGE
         try:
             return parse(data)
-        except DecodeError:
-            rejected.inc()
-            log.warning("Rejected an undecodable %s message (%d bytes).", receiver, len(data))
-            raise
+        except Exception as exc:  # DecodeError, or anything else: never into gRPC
+            undecodable.inc()
+            _bad.warning(
+                f"{receiver}:undecodable",
+                "Rejected an undecodable %s message (%d bytes): %s",
+                receiver,
+                len(data),
+                wire(exc),
+            )
+            return UNDECODABLE
 
     return deserialize
+
+
+async def _abort(bad: _Bad, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(bad.code, bad.details)
+
+
+def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """A unary handler that answers a refused request with its status before ``handler`` runs."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Bad):
+            await _abort(request, context)
+        return await handler(request, context)
+
+    return checked
+
+
+def _stream(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """A stream-unary handler whose stream ends with the refused message's status: ``handler``
+    (the ALS servicer) never sees a sentinel."""
+
+    async def checked(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def messages() -> AsyncIterator[Any]:
+            async for msg in request_iterator:
+                if isinstance(msg, _Bad):
+                    await _abort(msg, context)
+                yield msg
+
+        return await handler(messages(), context)
+
+    return checked
 
 
 class OtlpGrpc:
     """OTLP TraceService/Export and LogsService/Export."""
 
-    def __init__(self, queue: IngestQueue, namer: Namer) -> None:
+    def __init__(self, queue: IngestQueue, namer: Namer, max_entries: int = 100_000, max_skew: float = 86_400) -> None:
         self.queue = queue
         self.namer = namer
+        self.max_entries = max_entries
+        self.max_skew = max_skew
         self._spans = metrics.RECEIVED.labels(OTLP, "span")
         self._logs = metrics.RECEIVED.labels(OTLP, "log")
         self._messages = metrics.MESSAGES.labels(OTLP)
         self._busy = metrics.REJECTED.labels(OTLP, "busy")
+        self._clamped = metrics.REJECTED.labels(OTLP, "clamped_time")
 
     async def _offer(self, hops: list[Hop], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if hops and not self.queue.offer(hops):
@@ -68,18 +146,33 @@ class OtlpGrpc:
             self._busy.inc(len(hops))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "meshaudit ingest queue is full; retry later")
 
-    async def export_traces(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _export(self, req: Any, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]) -> int:
         self._messages.inc()
         hops: list[Hop] = []
-        self._spans.inc(decode_traces(req, self.namer, hops))
+        check = Check(self.max_entries, self.max_skew)
+        n = 0
+        try:
+            n = decode(req, self.namer, hops, check)
+        except OtlpRejected as exc:
+            metrics.REJECTED.labels(OTLP, exc.reason).inc()
+            _bad.warning(f"{OTLP}:{exc.reason}", "Rejected an OTLP/gRPC export (%s): %s", exc.reason, wire(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if check.clamped:
+            self._clamped.inc(check.clamped)
+            _bad.warning(
+                f"{OTLP}:clamped_time",
+                "%d OTLP/gRPC span or log times were implausible: receive time used.",
+                check.clamped,
+            )
         await self._offer(hops, context)
+        return n
+
+    async def export_traces(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._spans.inc(await self._export(req, context, decode_traces))
         return trace_service_pb2.ExportTraceServiceResponse()
 
     async def export_logs(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        self._messages.inc()
-        hops: list[Hop] = []
-        self._logs.inc(decode_logs(req, self.namer, hops))
-        await self._offer(hops, context)
+        self._logs.inc(await self._export(req, context, decode_logs))
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
@@ -91,33 +184,53 @@ def _service(
     request: Any,
     response: Any,
     receiver: str,
+    max_bytes: int,
 ) -> Any:
-    """One gRPC method whose undecodable requests are counted under ``receiver``."""
+    """One gRPC method whose refused requests are counted under ``receiver`` and answered
+    INVALID_ARGUMENT (undecodable) or RESOURCE_EXHAUSTED (over ``max_bytes``)."""
+    wrap = _stream if kind is grpc.stream_unary_rpc_method_handler else _unary
     return grpc.method_handlers_generic_handler(
         service,
         {
             method: kind(
-                handler,
-                request_deserializer=_counting(request.FromString, receiver),
+                wrap(handler),
+                request_deserializer=_counting(request.FromString, receiver, max_bytes),
                 response_serializer=response.SerializeToString,
             )
         },
     )
 
 
-def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) -> tuple[grpc.aio.Server, int]:
+def grpc_options(config: Config) -> list[tuple[str, int]]:
     r = config.receivers
-    options = [
-        ("grpc.max_receive_message_length", r.max_message_bytes),
+    return [
+        # gRPC core refuses (uncounted) above this; our deserializer counts and refuses above max_message_bytes.
+        ("grpc.max_receive_message_length", min(2 * r.max_message_bytes, 2**31 - 1)),
         ("grpc.max_connection_age_ms", int(r.grpc_max_connection_age_secs * 1000)),
         ("grpc.max_connection_age_grace_ms", int(r.grpc_max_connection_age_grace_secs * 1000)),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 262_144),
-        ("grpc.so_reuseport", 1),
+        ("grpc.max_concurrent_streams", r.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(r.grpc_keepalive_time_secs * 1000)),
+        ("grpc.keepalive_timeout_ms", int(r.grpc_keepalive_timeout_secs * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(r.grpc_min_ping_interval_secs * 1000)),
+        ("grpc.http2.max_ping_strikes", r.grpc_max_ping_strikes),
+        # A connection that never completes its HTTP/2 preface is closed as a slow OTLP/HTTP head is.
+        ("grpc.server_handshake_timeout_ms", r.http_header_timeout_ms),
+        # Only our own workers share a port; one process must not join another's.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
-    server = grpc.aio.server(options=options)
+
+
+def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) -> tuple[grpc.aio.Server, int]:
+    r = config.receivers
+    if config.workers <= 1:
+        ensure_free(listen)
+    server = grpc.aio.server(options=grpc_options(config))
     als = AccessLogService(queue, namer)
-    otlp = OtlpGrpc(queue, namer)
+    otlp = OtlpGrpc(queue, namer, r.max_entries_per_message, r.max_clock_skew_secs)
+    limit = r.max_message_bytes
     server.add_generic_rpc_handlers(
         (
             _service(
@@ -128,6 +241,7 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
                 als_pb2.StreamAccessLogsMessage,
                 als_pb2.StreamAccessLogsResponse,
                 ALS,
+                limit,
             ),
             _service(
                 "opentelemetry.proto.collector.trace.v1.TraceService",
@@ -137,6 +251,7 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
                 ExportTraceServiceRequest,  # the map view: same bytes, attributes indexed in C
                 trace_service_pb2.ExportTraceServiceResponse,
                 OTLP,
+                limit,
             ),
             _service(
                 "opentelemetry.proto.collector.logs.v1.LogsService",
@@ -146,10 +261,14 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
                 ExportLogsServiceRequest,
                 logs_service_pb2.ExportLogsServiceResponse,
                 OTLP,
+                limit,
             ),
         )
     )
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # taken between our check and gRPC's bind
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen for gRPC on {listen}")
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
     return server, port

@@ -9,15 +9,24 @@ set; several common spellings are accepted).
 OTLP/JSON differs from the protobuf JSON mapping in one way that matters: trace and span ids
 are hex strings, not base64 (enums are integers, which the mapping accepts). Receivers must
 ignore unknown fields.
+
+What cannot be evaluated is refused here, whole export at a time (:class:`OtlpRejected`, with
+the reason counted in ``meshaudit_rejected_total``): a trace id that is not 16 bytes or a span
+id that is not 8 (``invalid_id``), more spans or log records than ``max_entries_per_message``
+(``too_many_entries``). A time that cannot be right (a span without one, or further than
+``max_clock_skew_secs`` from now) is replaced by the receive time and counted
+(``clamped_time``); a log record without a time takes its observed time, then the receive time.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import orjson
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -43,8 +52,49 @@ ExportTraceServiceRequest = view_pb2.ExportTraceServiceRequest
 ExportLogsServiceRequest = view_pb2.ExportLogsServiceRequest
 
 
-class OtlpJsonError(ValueError):
+class OtlpRejected(ValueError):
+    """The export is refused as a whole; ``reason`` is the ``meshaudit_rejected_total`` label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class OtlpJsonError(OtlpRejected):
     """The body is not valid OTLP/JSON; the message says where."""
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(reason, message)
+
+
+class Check:
+    """One export's checks: the entry limit, and the receive time that bounds span and log times.
+    ``clamped`` counts the times replaced by the receive time. The receivers pass one built from
+    the configuration; decoding without one (tests, bench) keeps the times as sent."""
+
+    __slots__ = ("clamped", "max_entries", "max_skew", "now")
+
+    def __init__(self, max_entries: int = 100_000, max_skew: float = float("inf"), now: float | None = None) -> None:
+        self.max_entries = max_entries
+        self.max_skew = max_skew
+        self.now = time.time() if now is None else now
+        self.clamped = 0
+
+    def entries(self, n: int, kind: str) -> None:
+        if n > self.max_entries:
+            raise OtlpRejected("too_many_entries", f"{n} {kind} in one export; at most {self.max_entries}")
+
+    def time(self, ns: int) -> float:
+        """Seconds since the epoch, or the receive time (counted) when ``ns`` cannot be right."""
+        t = ns / 1e9
+        if abs(t - self.now) > self.max_skew:
+            self.clamped += 1
+            return self.now
+        return t
+
+
+def _bad_id(what: str, raw: bytes, size: int, i: int) -> OtlpRejected:
+    return OtlpRejected("invalid_id", f"{what} of entry {i} has {len(raw)} bytes, not {size}")
 
 
 def _value(v: Any) -> Any:
@@ -109,8 +159,12 @@ def _path_of(url: str | None) -> str | None:
 
 
 # --- traces ----------------------------------------------------------------------------------
-def decode_traces(req: Any, namer: Namer, out: list[Hop]) -> int:
-    """Append one hop per span; returns the number of spans read."""
+def decode_traces(req: Any, namer: Namer, out: list[Hop], check: Check | None = None) -> int:
+    """Append one hop per span; returns the number of spans read. Raises :class:`OtlpRejected`
+    (nothing of the export is to be used) for an invalid id or too many spans."""
+    if check is None:
+        check = Check()
+    check.entries(sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans), "spans")
     n = 0
     append = out.append
     for rs in req.resource_spans:
@@ -120,7 +174,16 @@ def decode_traces(req: Any, namer: Namer, out: list[Hop]) -> int:
         for ss in rs.scope_spans:
             for sp in ss.spans:
                 n += 1
-                append(_span_hop(sp, res_service, res_ns, namer))
+                tid = sp.trace_id
+                sid = sp.span_id
+                pid = sp.parent_span_id
+                if len(tid) != 16:
+                    raise _bad_id("trace_id", tid, 16, n)
+                if len(sid) != 8:
+                    raise _bad_id("span_id", sid, 8, n)
+                if pid and len(pid) != 8:
+                    raise _bad_id("parent_span_id", pid, 8, n)
+                append(_span_hop(sp, res_service, res_ns, namer, check.time(sp.start_time_unix_nano)))
     return n
 
 
@@ -146,7 +209,7 @@ def _sv(v: Any) -> str | None:
     return s if s and s != "-" else None
 
 
-def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer) -> Hop:
+def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer, start: float) -> Hop:
     """Envoy's tracer tags (node_id, upstream_cluster, guid:x-request-id, http.url, peer.address)
     are looked up first; OpenTelemetry semantic-convention names are the fallbacks. The keys
     meshaudit needs hold strings, but for the status code, which may be an int."""
@@ -197,7 +260,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         direction,
         src,
         dst,
-        sp.start_time_unix_nano / 1e9,
+        start,
         method=_shared(method) if method else None,
         path=path,
         status=_int(_first(sp.attributes, "http.status_code", "http.response.status_code")),
@@ -211,8 +274,12 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
 
 
 # --- logs (Envoy's OpenTelemetry access logger) -------------------------------------------------
-def decode_logs(req: Any, namer: Namer, out: list[Hop]) -> int:
-    """Append one hop per access-log record; returns the number of records read."""
+def decode_logs(req: Any, namer: Namer, out: list[Hop], check: Check | None = None) -> int:
+    """Append one hop per access-log record; returns the number of records read. Raises
+    :class:`OtlpRejected` for an invalid id or too many records."""
+    if check is None:
+        check = Check()
+    check.entries(sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs), "log records")
     n = 0
     for rl in req.resource_logs:
         res = rl.resource.attributes
@@ -223,11 +290,18 @@ def decode_logs(req: Any, namer: Namer, out: list[Hop]) -> int:
         for sl in rl.scope_logs:
             for lr in sl.log_records:
                 n += 1
-                out.append(_log_hop(lr, me, observer_id, namer))
+                tid = lr.trace_id
+                sid = lr.span_id
+                if tid and len(tid) != 16:
+                    raise _bad_id("trace_id", tid, 16, n)
+                if sid and len(sid) != 8:
+                    raise _bad_id("span_id", sid, 8, n)
+                ns = lr.time_unix_nano or lr.observed_time_unix_nano
+                out.append(_log_hop(lr, me, observer_id, namer, check.time(ns) if ns else check.now))
     return n
 
 
-def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer) -> Hop:
+def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer, start: float) -> Hop:
     a = lr.attributes
     cluster = _first_str(a, "upstream_cluster", "upstream.cluster", "envoy.upstream_cluster") or ""
     direction = cluster_direction(cluster)
@@ -239,7 +313,6 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer) -> Hop:
     authority = _first_str(a, "authority", "server.address", "http.host")
     rid = _first_str(a, "x-request-id", "request_id", "http.request.header.x-request-id")
     trace_id = lr.trace_id.hex() or None
-    start = (lr.time_unix_nano or lr.observed_time_unix_nano) / 1e9
     src: Identity
     dst: Identity
     if direction == OUTBOUND:
@@ -278,11 +351,15 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer) -> Hop:
 
 
 # --- OTLP/JSON --------------------------------------------------------------------------------
-_ID_FIELDS = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
+# The protobuf JSON parser also takes the proto field names (trace_id): they are ids too, in hex.
+_ID_FIELDS = {"traceId": 16, "spanId": 8, "parentSpanId": 8, "trace_id": 16, "span_id": 8, "parent_span_id": 8}
+MAX_JSON_DEPTH = 64  # OTLP needs about 10 levels, plus 3 per nested AnyValue
 
 
-def _fix_ids(node: Any, where: str) -> None:
+def _fix_ids(node: Any, where: str, depth: int = 0) -> None:
     """Rewrite hex trace/span ids to base64 in place, validating them."""
+    if depth > MAX_JSON_DEPTH:
+        raise OtlpJsonError(f"{where[:100]}: nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(node, dict):
         for k, v in node.items():
             size = _ID_FIELDS.get(k)
@@ -294,13 +371,13 @@ def _fix_ids(node: Any, where: str) -> None:
                 except ValueError:
                     raise OtlpJsonError(f"{where}.{k}: not a hex id: {v[:40]!r}") from None
                 if len(raw) != size:
-                    raise OtlpJsonError(f"{where}.{k}: expected {size * 2} hex digits, got {len(v)}")
+                    raise OtlpJsonError(f"{where}.{k}: expected {size * 2} hex digits, got {len(v)}", "invalid_id")
                 node[k] = base64.b64encode(raw).decode()
             else:
-                _fix_ids(v, f"{where}.{k}")
+                _fix_ids(v, f"{where}.{k}", depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _fix_ids(v, f"{where}[{i}]")
+            _fix_ids(v, f"{where}[{i}]", depth + 1)
 
 
 _OFFICIAL: dict[Any, Any] = {
@@ -323,6 +400,8 @@ def parse_json(body: bytes, message: Any) -> None:
     official = _OFFICIAL[type(message)]()
     try:
         json_format.ParseDict(data, official, ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
+        message.ParseFromString(official.SerializeToString())
+    except (json_format.ParseError, DecodeError) as exc:
         raise OtlpJsonError(str(exc)) from None
-    message.ParseFromString(official.SerializeToString())
+    except RecursionError:  # kept off by MAX_JSON_DEPTH; never a 500 should that change
+        raise OtlpJsonError("nested too deeply") from None
