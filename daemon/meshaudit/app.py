@@ -189,7 +189,8 @@ class Daemon:
         self.config_path = config_path
         self.link = link
         self.engine = Engine(config, policy, peers=link is not None)
-        self.queue = IngestQueue(config.receivers.ingest_queue_batches)
+        r = config.receivers
+        self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
         self.sinks: list[Sink] = [] if link is not None else build_sinks(config.sinks)
         self._stop = asyncio.Event()
         self._listening = False

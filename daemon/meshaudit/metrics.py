@@ -42,6 +42,17 @@ MESSAGES = Counter(
 STREAMS_OPENED = Counter("meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY)
 STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams open now.", registry=REGISTRY)
 INGEST_QUEUE_DEPTH = Gauge("meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY)
+INGEST_QUEUE_ENTRIES = Gauge(
+    "meshaudit_ingest_queue_entries",
+    "Entries (hops) waiting for the engine; bounded by receivers.ingest_queue_entries.",
+    registry=REGISTRY,
+)
+INGEST_QUEUE_BYTES = Gauge(
+    "meshaudit_ingest_queue_bytes",
+    "Wire bytes of the messages whose entries wait for the engine; bounded by receivers.ingest_queue_bytes.",
+    registry=REGISTRY,
+)
+
 
 # --- engine --------------------------------------------------------------------------------
 ENGINE_ERRORS = Counter(
