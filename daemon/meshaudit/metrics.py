@@ -53,10 +53,13 @@ INGEST_QUEUE_BYTES = Gauge(
     registry=REGISTRY,
 )
 
-
 # --- engine --------------------------------------------------------------------------------
 ENGINE_ERRORS = Counter(
-    "meshaudit_engine_errors_total", "Engine calls that raised (a bug: see the daemon's log).", registry=REGISTRY
+    "meshaudit_engine_errors_total",
+    "Failures caught in the engine, tick, dispatch, peers or stats path, by stage: the batch or tick "
+    "was skipped and the loop went on (a bug: the first of each kind is logged with its traceback).",
+    ["stage"],
+    registry=REGISTRY,
 )
 HOPS_EVALUATED = Counter("meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY)
 VIOLATIONS = Counter(
