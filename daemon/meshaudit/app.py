@@ -2,12 +2,14 @@
 reverse with a deadline (stop intake, drain the ingest queue through the engine, flush the
 sinks), then cancel. SIGHUP reloads the configuration as a dry run first: an invalid file
 keeps the old configuration, is logged, counted and raised as an alert.
+
+No failure in one batch, tick or alert ends the engine or tick task (``meshaudit.guard``): it is
+counted, logged once per kind, and skipped. A core task that ends anyway fails ``/healthz``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -24,6 +26,7 @@ from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, load
 from meshaudit.engine.core import Engine
 from meshaudit.engine.store import Store
+from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
@@ -108,19 +111,23 @@ def print_ready(bound: dict[str, str], alerts_path: str, workers: int = 1) -> No
     )
 
 
-def readiness_of(receivers: str, sinks: list[Sink]) -> dict[str, str]:
-    """/readyz components: the receivers' state, then each sink's ("ok" or why not)."""
-    state = {"receivers": receivers}
-    for s in sinks:
-        state[f"sink:{s.name}"] = s.ready_reason
-    return state
+def readiness_of(gates: dict[str, str], sinks: list[Sink]) -> tuple[dict[str, str], dict[str, str]]:
+    """/readyz: what decides readiness ("can receive": receivers, engine tasks, ingest queue; each
+    "ok" or why not), and each sink's state, shown only with ``?verbose``: a backend that is down
+    never stops ingestion, so it must not take the daemon out of its Service either."""
+    return gates, {s.name: s.ready_reason for s in sinks}
 
 
 def dispatch_to(sinks: list[Sink], alerts: list[Alert]) -> None:
+    """Every alert to every sink; one that cannot be offered (a sink's bug, an alert that
+    cannot be encoded) is counted and skipped, never the rest."""
     for a in alerts:
         metrics.ALERTS.labels(a.rule, a.severity).inc()
         for s in sinks:
-            s.offer(a)
+            try:
+                s.offer(a)
+            except Exception as exc:
+                ERRORS.record("dispatch", exc, f"offering a {a.rule} alert to sink {s.name}")
 
 
 def load_for_reload(path: str | None, dispatch: Callable[[list[Alert]], None]) -> tuple[Config, Policy] | None:
@@ -190,7 +197,10 @@ class Daemon:
         self.config_path = config_path
         self.link = link
         self.engine = Engine(config, policy, peers=link is not None)
-        self.queue = IngestQueue(config.receivers.ingest_queue_batches)
+        r = config.receivers
+        self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
+        self.core = CoreTasks(self._core_task_died)
+        self._exit_code = 0
         self.sinks: list[Sink] = [] if link is not None else build_sinks(config.sinks)
         self._stop = asyncio.Event()
         self._listening = False
@@ -198,9 +208,23 @@ class Daemon:
         self._store_seen: dict[tuple[str, str], int] = {}
         self.bound: dict[str, str] = {}
 
-    # --- readiness -------------------------------------------------------------------------
-    def readiness(self) -> dict[str, str]:
-        return readiness_of("ok" if self._listening else "not listening", self.sinks)
+    # --- health and readiness ---------------------------------------------------------------
+    def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
+        return readiness_of(self.intake_state(), self.sinks)
+
+    def intake_state(self) -> dict[str, str]:
+        """Whether this process can receive: listening, engine tasks alive, queue not saturated."""
+        dead = self.core.dead()
+        return {
+            "receivers": "ok" if self._listening else "not listening",
+            "engine": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
+            "ingest_queue": self.queue.saturation(),
+        }
+
+    def _core_task_died(self, name: str) -> None:
+        if self.link is not None:  # a worker: exit non-zero, and the coordinator starts it again
+            self._exit_code = 1
+            self.request_stop()
 
     # --- alerts ----------------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
@@ -209,7 +233,6 @@ class Daemon:
     # --- engine tasks ------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
         queue = self.queue
-        hops_metric = metrics.HOPS_EVALUATED
         while True:
             batch = await queue.get()
             # Evaluate what is waiting in one go: fewer wake-ups and engine calls under load. A
@@ -228,20 +251,40 @@ class Daemon:
                 except asyncio.CancelledError:  # stopping: what was taken is still evaluated
                     self._evaluate(batch)
                     raise
+            await self._evaluate_sliced(batch)
+
+    async def _evaluate_sliced(self, batch: list[Hop]) -> None:
+        """At most MAX_BATCH hops per engine call, yielding to the loop between calls: one
+        large message (a big OTLP export) must not stall the loop for longer than a tick."""
+        n = len(batch)
+        if n <= MAX_BATCH:
             self._evaluate(batch)
-            hops_metric.inc(len(batch))
+            return
+        for i in range(0, n, MAX_BATCH):
+            if i:
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:  # stopping: what was taken is still evaluated
+                    self._evaluate(batch[i:])
+                    raise
+            self._evaluate(batch[i : i + MAX_BATCH])
 
     def _evaluate(self, batch: list[Hop]) -> None:
+        """One engine call. A failure costs this batch, never the engine task: counted, logged once
+        per kind, skipped."""
+        metrics.HOPS_EVALUATED.inc(len(batch))
         try:
             alerts = self.engine.evaluate(batch, time.time())
-        except Exception:  # a bug must cost one batch, not the engine task: counted and logged
-            metrics.ENGINE_ERRORS.inc()
-            log.exception("The engine failed on a batch of %d hops; the batch is skipped.", len(batch))
+        except Exception as exc:
+            ERRORS.record("evaluate", exc, f"a batch of {len(batch)} hops")
             return
         if alerts:
             self.dispatch(alerts)
         if self.link is not None:
-            self.link.after_engine(self.engine)
+            try:
+                self.link.after_engine(self.engine)
+            except Exception as exc:
+                ERRORS.record("peers", exc, "sending violations and queries to the coordinator")
 
     async def _tick_loop(self) -> None:
         interval = self.config.engine.tick_ms / 1000
@@ -254,19 +297,28 @@ class Daemon:
             now = time.time()
             try:
                 alerts = self.engine.tick(now)
-            except Exception:
-                metrics.ENGINE_ERRORS.inc()
-                log.exception("The engine failed on its tick; windows are checked again on the next one.")
-                continue
+            except Exception as exc:  # windows are checked again on the next tick
+                ERRORS.record("tick", exc)
+                alerts = []
             if alerts:
                 self.dispatch(alerts)
-            if self.link is not None:
-                self.link.after_engine(self.engine)
+            link = self.link
+            if link is not None:
+                try:
+                    link.after_engine(self.engine)
+                except Exception as exc:
+                    ERRORS.record("peers", exc, "sending violations and queries to the coordinator")
             if now - last_stats >= 1.0:
                 last_stats = now
-                self._publish_stats()
-                if self.link is not None:
-                    self.link.periodic(self.engine)
+                try:
+                    self._publish_stats()
+                except Exception as exc:
+                    ERRORS.record("stats", exc)
+                if link is not None:
+                    try:
+                        link.periodic(self.engine)
+                    except Exception as exc:
+                        ERRORS.record("peers", exc, "sending shared facts and metrics to the coordinator")
 
     def _publish_stats(self) -> None:
         self.queue.qsize()
@@ -296,10 +348,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if not await start_sinks(self.sinks):
             return 1
-        tasks = [
-            asyncio.create_task(self._engine_loop(), name="engine"),
-            asyncio.create_task(self._tick_loop(), name="tick"),
-        ]
+        self.core.start(self._engine_loop(), "engine")
+        self.core.start(self._tick_loop(), "tick")
         worker = self.link is not None
         grpc_server: grpc.aio.Server | None = None
         otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers)
@@ -311,10 +361,11 @@ class Daemon:
             # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
             self.bound["http"] = await otlp_http.serve(cfg.listen.http, runners, reuse_port=worker)
             if not worker:
-                self.bound["metrics"] = await serve_http(health.build_app(self.readiness), cfg.listen.metrics, runners)
+                app = health.build_app(self.readiness, liveness=self.core.dead)
+                self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot listen: %s", exc)
-            await self._shutdown(grpc_server, runners, tasks)
+            await self._shutdown(grpc_server, runners)
             return 1
         self._listening = True
         tune_gc()
@@ -328,15 +379,10 @@ class Daemon:
             print_ready(self.bound, self.config.sinks.jsonl.path)
         await self._stop.wait()
         log.info("Stopping: receivers first, then the engine, then the sinks.")
-        await self._shutdown(grpc_server, runners, tasks)
-        return 0
+        await self._shutdown(grpc_server, runners)
+        return self._exit_code
 
-    async def _shutdown(
-        self,
-        grpc_server: grpc.aio.Server | None,
-        runners: list[web.AppRunner],
-        tasks: list[asyncio.Task[None]],
-    ) -> None:
+    async def _shutdown(self, grpc_server: grpc.aio.Server | None, runners: list[web.AppRunner]) -> None:
         deadline = time.monotonic() + SHUTDOWN_SECS
         self._listening = False
         # Receivers first: no new data; open ALS streams are cut (Envoy reconnects elsewhere).
@@ -345,16 +391,17 @@ class Daemon:
         for r in runners[:1]:
             await r.cleanup()
         self.queue.closed = True
-        # Engine: evaluate what was accepted, then stop its tasks.
-        batch = self.queue.get_nowait()
-        while batch is not None:
-            self._evaluate(batch)
+        # Engine: evaluate what was accepted, then stop its tasks (one that died fails nothing here).
+        try:
             batch = self.queue.get_nowait()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            while batch is not None:
+                self._evaluate(batch)
+                batch = self.queue.get_nowait()
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # even then the sinks are flushed below
+            ERRORS.record("evaluate", exc, "draining the ingest queue on shutdown; the rest is dropped")
+        await self.core.stop()
         if self.link is not None:  # what the last batches found goes to the coordinator
             await self.link.close(deadline)
         # Sinks last, each with the remaining time.

@@ -46,15 +46,28 @@ class ListenConfig(_Strict):
 
 
 class ReceiversConfig(_Strict):
+    ingest_queue_entries: int = Field(
+        100_000,
+        ge=1,
+        description="Entries (access-log entries, spans, log records) waiting for the engine, at most; "
+        "past it ALS entries are dropped and counted, OTLP callers are told to retry.",
+    )
+    ingest_queue_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Wire bytes of the messages whose entries wait for the engine, at most (same as above).",
+    )
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    ingest_queue_batches: int = Field(1024, ge=1, description="Hop batches buffered before dropping.")
+    max_entries_per_message: int = Field(
+        100_000,
+        ge=1,
+        description="Entries (ALS entries, OTLP spans or log records) one message may carry; a message with "
+        "more is rejected whole and counted (reason too_many_entries) before any entry is decoded.",
+    )
     grpc_max_connection_age_secs: float = Field(
         300, gt=0, description="Envoy's ALS streams never end; closing them lets clients rebalance."
     )
     grpc_max_connection_age_grace_secs: float = Field(30, ge=0)
-    max_entries_per_message: int = Field(
-        100_000, ge=1, description="Entries (ALS entries, OTLP spans or log records) in one message, at most."
-    )
     # Bounds on what a client can hold or send (README "Bad input and limits").
     http_header_timeout_ms: int = Field(
         10_000,
@@ -83,6 +96,14 @@ class ReceiversConfig(_Strict):
         description="An OTLP span or log time further than this from the receive time is replaced by the "
         "receive time and counted (reason=clamped_time).",
     )
+
+    @model_validator(mode="after")
+    def _one_message_fits(self) -> ReceiversConfig:
+        if self.ingest_queue_entries < self.max_entries_per_message:
+            raise ValueError("ingest_queue_entries must be at least max_entries_per_message")
+        if self.ingest_queue_bytes < self.max_message_bytes:
+            raise ValueError("ingest_queue_bytes must be at least max_message_bytes")
+        return self
 
 
 class WorkloadRef(_Strict):

@@ -42,10 +42,24 @@ MESSAGES = Counter(
 STREAMS_OPENED = Counter("meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY)
 STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams open now.", registry=REGISTRY)
 INGEST_QUEUE_DEPTH = Gauge("meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY)
+INGEST_QUEUE_ENTRIES = Gauge(
+    "meshaudit_ingest_queue_entries",
+    "Entries (hops) waiting for the engine; bounded by receivers.ingest_queue_entries.",
+    registry=REGISTRY,
+)
+INGEST_QUEUE_BYTES = Gauge(
+    "meshaudit_ingest_queue_bytes",
+    "Wire bytes of the messages whose entries wait for the engine; bounded by receivers.ingest_queue_bytes.",
+    registry=REGISTRY,
+)
 
 # --- engine --------------------------------------------------------------------------------
 ENGINE_ERRORS = Counter(
-    "meshaudit_engine_errors_total", "Engine calls that raised (a bug: see the daemon's log).", registry=REGISTRY
+    "meshaudit_engine_errors_total",
+    "Failures caught in the engine, tick, dispatch, peers or stats path, by stage: the batch or tick "
+    "was skipped and the loop went on (a bug: the first of each kind is logged with its traceback).",
+    ["stage"],
+    registry=REGISTRY,
 )
 HOPS_EVALUATED = Counter("meshaudit_hops_evaluated_total", "Hops evaluated by the rule engine.", registry=REGISTRY)
 VIOLATIONS = Counter(

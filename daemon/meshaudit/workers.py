@@ -20,6 +20,12 @@ a process boundary, in batches:
 - violations go to the coordinator's aggregator; each worker's metrics are summed on
   ``/metrics``.
 
+A failure handling one message, tick or alert is counted (``meshaudit_engine_errors_total{stage}``),
+logged once per kind and skipped (``meshaudit.guard``). A worker whose engine or tick task ends
+anyway exits non-zero and is started again; a coordinator task that ends fails ``/healthz``.
+Each worker reports whether it can receive (engine tasks, ingest queue) once a second, and the
+coordinator's ``/readyz`` combines them.
+
 Frames on the coordinator's Unix socket (a private 0700 directory) are 4-byte big-endian
 lengths and pickles: both ends are this program, started by this process.
 """
@@ -64,6 +70,7 @@ from meshaudit.app import (
 )
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import NO_ANSWER, Aggregator, Engine, PeerAnswer, Violation
+from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
 from meshaudit.sinks import build_sinks
 
@@ -221,6 +228,8 @@ class WorkerLink:
                 self.send(("learned", list(learned)))
                 learned.clear()
         self.send(("metrics", snapshot(metrics.REGISTRY, worker=True)))
+        if self.daemon is not None:
+            self.send(("intake", self.daemon.intake_state()))
 
     async def _read(self) -> None:
         while True:
@@ -229,8 +238,8 @@ class WorkerLink:
                 break
             try:
                 self._handle(msg)
-            except Exception:  # one bad message must not end the link
-                log.exception("Worker %d: failed to handle %r from the coordinator.", self.index, msg[0])
+            except Exception as exc:  # one bad message must not end the link
+                ERRORS.record("peers", exc, f"worker {self.index} handling {msg[0]!r} from the coordinator")
         if self.daemon is not None and not self.writer.is_closing():
             log.error("Worker %d lost its coordinator; stopping.", self.index)
             self.daemon.request_stop()
@@ -356,15 +365,24 @@ class Coordinator:
         self._scrape_seq = 0
         self._scrape_waiting: set[int] = set()
         self._scrape_done = asyncio.Event()
+        self._intake: dict[int, dict[str, str]] = {}  # each worker's last "can receive" report
+        self.core = CoreTasks()
         self._ctx = multiprocessing.get_context("spawn")
         self._sockdir = tempfile.mkdtemp(prefix="meshaudit-")  # mode 0700
         self.sock_path = os.path.join(self._sockdir, "coordinator.sock")
 
     # --- readiness and alerts ------------------------------------------------------------------
-    def readiness(self) -> dict[str, str]:
+    def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
         up = sum(1 for w in self.workers.values() if w.ready)
-        receivers = "ok" if up == self.n and not self._stopping else f"{up} of {self.n} workers listening"
-        return readiness_of(receivers, self.sinks)
+        gates = {"receivers": "ok" if up == self.n and not self._stopping else f"{up} of {self.n} workers listening"}
+        own = self.core.dead()
+        for gate in ("engine", "ingest_queue"):
+            bad = [f"{k} {v}" for k, v in own.items()] if gate == "engine" else []
+            for i, state in sorted(self._intake.items()):
+                if self.workers[i].ready and state.get(gate, "ok") != "ok":
+                    bad.append(f"worker {i}: {state[gate]}")
+            gates[gate] = "; ".join(bad) or "ok"
+        return readiness_of(gates, self.sinks)
 
     def dispatch(self, alerts: list[Alert]) -> None:
         dispatch_to(self.sinks, alerts)
@@ -439,6 +457,8 @@ class Coordinator:
                 self._scrape_waiting.discard(index)
                 if not self._scrape_waiting:
                     self._scrape_done.set()
+        elif tag == "intake":
+            self._intake[index] = dict(msg[1])
         elif tag == "ready":
             w = self.workers[index]
             w.ready = True
@@ -480,8 +500,8 @@ class Coordinator:
                     break
                 try:
                     self.handle(w.index, msg)
-                except Exception:
-                    log.exception("Coordinator: failed to handle %r from worker %d.", msg[0], w.index)
+                except Exception as exc:
+                    ERRORS.record("peers", exc, f"the coordinator handling {msg[0]!r} from worker {w.index}")
         finally:
             self._gone(w)
             writer.close()
@@ -491,6 +511,7 @@ class Coordinator:
         w.ready = False
         w.writer = None
         w.gone.set()
+        self._intake.pop(w.index, None)
         self._scrape_waiting.discard(w.index)
         if not self._scrape_waiting:
             self._scrape_done.set()
@@ -535,7 +556,10 @@ class Coordinator:
                 w.restarts += 1
                 await asyncio.sleep(pause)
                 if not self._stopping:
-                    self._spawn(w)
+                    try:
+                        self._spawn(w)
+                    except Exception as exc:  # tried again on the next pass (w.process is None)
+                        ERRORS.record("supervise", exc, f"starting worker {w.index}")
 
     async def _tick(self) -> None:
         interval = self.config.engine.tick_ms / 1000
@@ -543,16 +567,25 @@ class Coordinator:
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            self.agg.counted.expire(now)
-            self.agg.states.expire(now)
+            try:
+                self.agg.counted.expire(now)
+                self.agg.states.expire(now)
+            except Exception as exc:  # windows are checked again on the next tick
+                ERRORS.record("tick", exc)
             self.dispatch(self.agg.drain())
             mono = time.monotonic()
             for cqid in [c for c, fo in self.fanouts.items() if fo.deadline <= mono]:
-                self._answer(cqid, "timeout")
+                try:
+                    self._answer(cqid, "timeout")
+                except Exception as exc:
+                    ERRORS.record("peers", exc, "answering a peer query that timed out")
             if now - last_stats >= 1.0:
                 last_stats = now
-                publish_violations(self.agg.violations, self._violations_seen)
-                publish_stores([self.agg.states, self.agg.counted], self._store_seen)
+                try:
+                    publish_violations(self.agg.violations, self._violations_seen)
+                    publish_stores([self.agg.states, self.agg.counted], self._store_seen)
+                except Exception as exc:
+                    ERRORS.record("stats", exc)
 
     # --- reload ----------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -596,7 +629,7 @@ class Coordinator:
             server = await asyncio.start_unix_server(self._serve_worker, self.sock_path)
         except OSError as exc:
             log.error("Cannot listen: %s", exc)
-            await self._close(server, runners, reserved, [], time.monotonic() + SHUTDOWN_SECS)
+            await self._close(server, runners, reserved, time.monotonic() + SHUTDOWN_SECS)
             return 1
         # The workers listen on the reserved ports; the listen overrides reach them here.
         listen = cfg.listen.model_copy(update={"grpc": self.bound["grpc"], "http": self.bound["http"]})
@@ -611,23 +644,21 @@ class Coordinator:
         try:
             if failed:
                 raise OSError(failed)
-            app = health.build_app(self.readiness, self.expo, self.gather_metrics)
+            app = health.build_app(self.readiness, self.expo, self.gather_metrics, self.core.dead)
             self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot start: %s", exc)
-            await self._close(server, runners, reserved, [], time.monotonic() + SHUTDOWN_SECS)
+            await self._close(server, runners, reserved, time.monotonic() + SHUTDOWN_SECS)
             return 1
-        tasks = [
-            asyncio.create_task(self._tick(), name="coordinator-tick"),
-            asyncio.create_task(self._supervise(), name="supervise"),
-        ]
+        self.core.start(self._tick(), "coordinator-tick")
+        self.core.start(self._supervise(), "supervise")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         tune_gc()
         if not self._stop.is_set():
             print_ready(self.bound, cfg.sinks.jsonl.path, self.n)
         await self._stop.wait()
         log.info("Stopping: the workers first (they drain their engines), then the sinks.")
-        await self._close(server, runners, reserved, tasks, time.monotonic() + SHUTDOWN_SECS)
+        await self._close(server, runners, reserved, time.monotonic() + SHUTDOWN_SECS)
         return 0
 
     async def _wait_workers_ready(self, deadline: float) -> str | None:
@@ -649,7 +680,6 @@ class Coordinator:
         server: asyncio.base_events.Server | None,
         runners: list[web.AppRunner],
         reserved: list[socket.socket],
-        tasks: list[asyncio.Task[None]],
         deadline: float,
     ) -> None:
         self._stopping = True
@@ -668,11 +698,7 @@ class Coordinator:
                 log.error("Worker %s did not stop in time; killing it.", p.name)
                 p.kill()
                 p.join(1)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self.core.stop()
         if server is not None:
             server.close()
         for s in reserved:

@@ -127,9 +127,10 @@ class Daemon:
                 total += float(m.group(3))
         return total
 
-    def readyz(self) -> tuple[int, dict[str, Any]]:
+    def readyz(self, verbose: bool = False) -> tuple[int, dict[str, Any]]:
+        """/readyz ("can receive"); ``verbose`` adds each sink's state under "sinks"."""
         try:
-            with urllib.request.urlopen(self.metrics_url + "/readyz", timeout=5) as r:
+            with urllib.request.urlopen(self.metrics_url + "/readyz" + ("?verbose" if verbose else ""), timeout=5) as r:
                 return r.status, orjson.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, orjson.loads(e.read())

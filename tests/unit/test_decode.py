@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 from google.protobuf import json_format
@@ -79,7 +81,8 @@ def test_entry_with_every_optional_part_missing() -> None:
     msg.http_logs.log_entry.add()
     msg.tcp_logs.log_entry.add()  # oneof: replaces http_logs
     [h] = _decode(msg)
-    assert h.direction == UNKNOWN and h.tls_version is None and h.start == 0.0 and h.conn is None
+    assert h.direction == UNKNOWN and h.tls_version is None and h.conn is None
+    assert abs(h.start - time.time()) < 5  # no start_time (0): the receive time instead
     msg2 = als_pb2.StreamAccessLogsMessage()
     msg2.identifier.node.cluster = "plain-envoy"
     msg2.http_logs.log_entry.add()
@@ -302,3 +305,22 @@ def test_a_plaintext_tcp_connection_waiting_for_its_client_alerts() -> None:
     assert e2.evaluate(inb2, 1_700_000_000.0) == []
     got = e2.evaluate(out, 1_700_000_000.5)
     assert [a.rule for a in got] == ["plaintext_hop"] and got[0].source.key == "reviews.default"
+
+
+@pytest.mark.parametrize("start", [1e12, -1e12, 2**62, 0])
+def test_a_start_time_out_of_range_is_the_receive_time_and_counted(start: float) -> None:
+    from meshaudit import metrics
+
+    counted = metrics.REJECTED.labels("envoy_als", "clamped_time")
+    before = counted._value.get()
+    e = als.inbound_http("frontend", path="/reviews/1")
+    e.common_properties.start_time.seconds = int(start)
+    [h] = _decode(als.http_message([e], als.identifier("reviews")))
+    t0 = time.time()
+    assert t0 - 5 < h.start <= t0 + 1
+    assert counted._value.get() == before + 1
+    # within range: kept as sent, not counted
+    ok = als.inbound_http("frontend", path="/reviews/1", start=t0 - 86_400 * 30)
+    [h2] = _decode(als.http_message([ok], als.identifier("reviews")))
+    assert h2.start == pytest.approx(t0 - 86_400 * 30, abs=1e-3)
+    assert counted._value.get() == before + 1

@@ -5,9 +5,13 @@ principals, addresses) resolve through caches, and no per-entry dict or f-string
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
+from meshaudit import metrics
+from meshaudit.logsafe import RateLimited
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, OUTBOUND, UNKNOWN, Hop, Identity, identity
 from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
 
@@ -121,9 +125,32 @@ def _tls(c: Any) -> tuple[str | None, str | None]:
     return (TLS_VERSIONS[tv] if tv < 5 else "unknown"), _uri_san(t.peer_certificate_properties.subject_alt_name)
 
 
+# An entry's start time is trusted within these bounds of the time it is read (within
+# milliseconds of its arrival: the field is lazy, read when a rule or an alert needs it). A
+# long-lived TCP connection is logged with the time it opened, so the past bound is generous;
+# the future bound covers clock skew. Outside them (not representable at all: 1e12 s, a
+# negative time; or unset: 0) the entry's time is the receive time instead, counted as
+# meshaudit_rejected_total{receiver="envoy_als",reason="clamped_time"}.
+MAX_PAST_SECS: Final = 10 * 366 * 86_400
+MAX_FUTURE_SECS: Final = 86_400
+_clamped = metrics.REJECTED.labels("envoy_als", "clamped_time")
+_bad_input = RateLimited(logging.getLogger("meshaudit.receivers.envoy_als"))
+
+
 def _start(e: Any) -> float:
     ts = e.common_properties.start_time
-    return float(ts.seconds + ts.nanos * 1e-9)
+    t = ts.seconds + ts.nanos * 1e-9
+    now = time.time()
+    if now - MAX_PAST_SECS <= t <= now + MAX_FUTURE_SECS:
+        return float(t)
+    _clamped.inc()
+    _bad_input.warning(
+        "clamped_time",
+        "An access-log entry's start_time (%d s) is more than ten years before or a day after now; "
+        'its receive time is used instead (counted in meshaudit_rejected_total{reason="clamped_time"}).',
+        ts.seconds,
+    )
+    return now
 
 
 def _local_principal(e: Any) -> str | None:

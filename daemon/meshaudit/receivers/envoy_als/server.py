@@ -3,18 +3,27 @@
 Envoy sends the stream ``Identifier`` (node, log_name) only in the first message of a stream:
 it is cached per stream. A stream that starts without one is aborted with INVALID_ARGUMENT
 and counted; Envoy then opens a new stream, which carries the identifier.
+
+Bounds: a message with more than ``receivers.max_entries_per_message`` entries is rejected whole
+(counted as ``too_many_entries``) before any entry is decoded; the stream goes on. A large message
+is decoded and queued in slices of ``SLICE`` entries, yielding to the event loop between slices,
+so one message never stalls the loop (health checks, ticks, other streams) for long. Values from
+the wire are logged escaped and truncated (``logsafe.wire``); bad input is logged at most once
+per reason per interval (``logsafe.RateLimited``), never with a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Final
 
 import grpc
 
 from meshaudit import metrics
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
@@ -22,16 +31,23 @@ from meshaudit.receivers.ingest import IngestQueue
 
 log = logging.getLogger("meshaudit.receivers.envoy_als")
 RECEIVER = "envoy_als"
+SLICE: Final = 2048  # entries decoded (and later evaluated) between yields to the event loop
+
+Decoder = Callable[[Iterable[Any], StreamContext, Namer, list[Hop]], None]
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, queue: IngestQueue, namer: Namer) -> None:
+    def __init__(self, queue: IngestQueue, namer: Namer, max_entries: int | None = None) -> None:
         self.queue = queue
         self.namer = namer
+        # receivers.max_entries_per_message; the queue carries it, so every receiver sees it
+        self.max_entries = queue.max_message_entries if max_entries is None else max_entries
         self._http = metrics.RECEIVED.labels(RECEIVER, "http")
         self._tcp = metrics.RECEIVED.labels(RECEIVER, "tcp")
         self._messages = metrics.MESSAGES.labels(RECEIVER)
         self._dropped = metrics.DROPPED.labels(RECEIVER, "queue_full")
+        self._too_many = metrics.REJECTED.labels(RECEIVER, "too_many_entries")
+        self._bad = RateLimited(log)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -49,34 +65,73 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     ctx = StreamContext(self.namer, node.id, node.cluster, ident.log_name)
                     log.info(
                         "Access-log stream opened: node=%s log_name=%s peer=%s",
-                        ctx.node_id,
-                        ctx.log_name,
-                        peer,
+                        wire(ctx.node_id),
+                        wire(ctx.log_name),
+                        wire(peer),
                     )
                 kind = msg.WhichOneof("log_entries")
                 if ctx is None:
                     n = self._count_entries(msg, kind)
                     metrics.REJECTED.labels(RECEIVER, "no_identifier").inc(max(n, 1))
-                    log.warning("Access-log stream from %s sent entries before its identifier; closing it.", peer)
+                    self._bad.warning(
+                        "no_identifier",
+                        "Access-log stream from %s sent entries before its identifier; closing it.",
+                        wire(peer),
+                    )
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "the first StreamAccessLogsMessage of a stream must carry identifier (node, log_name)",
                     )
                     break
-                hops: list[Hop] = []
                 if kind == "http_logs":
                     entries = msg.http_logs.log_entry
-                    decode_http(entries, ctx, self.namer, hops)
-                    self._http.inc(len(hops))
+                    decode: Decoder = decode_http
+                    received = self._http
                 elif kind == "tcp_logs":
                     entries = msg.tcp_logs.log_entry
-                    decode_tcp(entries, ctx, self.namer, hops)
-                    self._tcp.inc(len(hops))
-                if hops and not self.queue.offer(hops):
-                    self._dropped.inc(len(hops))
+                    decode = decode_tcp
+                    received = self._tcp
+                else:
+                    continue
+                n = len(entries)  # the count only: no entry is touched yet
+                if n > self.max_entries:
+                    self._too_many.inc(n)
+                    self._bad.warning(
+                        "too_many_entries",
+                        "Access-log message from node=%s carried %d entries, above "
+                        "receivers.max_entries_per_message (%d); rejected whole, the stream goes on.",
+                        wire(ctx.node_id),
+                        n,
+                        self.max_entries,
+                    )
+                    continue
+                if n <= SLICE:
+                    hops: list[Hop] = []
+                    decode(entries, ctx, self.namer, hops)
+                    received.inc(len(hops))
+                    if hops and not self.queue.offer(hops, nbytes=msg.ByteSize()):
+                        self._dropped.inc(len(hops))
+                else:
+                    await self._sliced(entries, n, msg.ByteSize(), decode, ctx, received)
         finally:
             metrics.STREAMS_ACTIVE.dec()
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _sliced(
+        self, entries: Any, n: int, nbytes: int, decode: Decoder, ctx: StreamContext, received: Any
+    ) -> None:
+        """A large message, a slice at a time, yielding to the loop between slices. Once the queue
+        refuses a slice, the rest of the message is dropped undecoded (and counted)."""
+        for i in range(0, n, SLICE):
+            if i:
+                await asyncio.sleep(0)
+            hops: list[Hop] = []
+            decode(entries[i : i + SLICE], ctx, self.namer, hops)
+            received.inc(len(hops))
+            if not self.queue.offer(hops, nbytes=nbytes * len(hops) // n):
+                received.inc(n - i - len(hops))  # the rest, not decoded
+                self._dropped.inc(n - i)
+                return
 
     @staticmethod
     def _count_entries(msg: Any, kind: str | None) -> int:
