@@ -72,6 +72,7 @@ from meshaudit.config import Config, Policy
 from meshaudit.engine.core import NO_ANSWER, Aggregator, Engine, PeerAnswer, Violation
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
+from meshaudit.receivers.sockets import ensure_free
 from meshaudit.sinks import build_sinks
 
 log = logging.getLogger("meshaudit.workers")
@@ -304,7 +305,9 @@ async def _worker_main(config: Config, policy: Policy, config_path: str | None, 
 # --- the coordinator ------------------------------------------------------------------------------
 def reserve_port(addr: str) -> tuple[socket.socket, str]:
     """Bind (not listen) a SO_REUSEPORT socket: it fixes the port (0: any free one) that the
-    workers then listen on together, and keeps any other program from taking it."""
+    workers then listen on together, and keeps any other program from taking it. A port another
+    process already holds is refused first (SO_REUSEPORT is for our own workers only)."""
+    ensure_free(addr)
     host, _, port = addr.rpartition(":")
     bare = host.strip("[]")
     family, kind, proto, _, sockaddr = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)[0]

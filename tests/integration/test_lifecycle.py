@@ -7,8 +7,10 @@ import asyncio
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
+import pytest
 from infra import als
 from infra.daemon import MESHAUDIT, Daemon, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,12 +78,16 @@ def test_port_in_use_exits_one_and_sigterm_exits_zero(daemon: Daemon) -> None:
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_second_daemon_on_a_grpc_port_in_use_exits_one_and_the_first_keeps_the_traffic(
-    daemon: Daemon,
+    daemon: Daemon, tmp_path: Path, workers: int
 ) -> None:
-    # Was: the second one joined the port (SO_REUSEPORT with one process) and took half the streams.
+    # Was: the second one joined the port (SO_REUSEPORT with one process) and took half the streams;
+    # with workers: 2 its coordinator reserved the port with SO_REUSEPORT and joined it too.
+    second = tmp_path / "second.yaml"
+    second.write_text(f"workers: {workers}\n")
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with a timeout
-        [MESHAUDIT, "run", "--grpc", daemon.grpc, "--http", f"127.0.0.1:{free_port()}",
+        [MESHAUDIT, "run", "--config", str(second), "--grpc", daemon.grpc, "--http", f"127.0.0.1:{free_port()}",
          "--metrics", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

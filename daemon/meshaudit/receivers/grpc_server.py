@@ -140,8 +140,8 @@ class OtlpGrpc:
         self._busy = metrics.REJECTED.labels(OTLP, "busy")
         self._clamped = metrics.REJECTED.labels(OTLP, "clamped_time")
 
-    async def _offer(self, hops: list[Hop], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if hops and not self.queue.offer(hops):
+    async def _offer(self, hops: list[Hop], nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if hops and not self.queue.offer(hops, nbytes=nbytes):
             # Not accepted, so not lost: the exporter retries RESOURCE_EXHAUSTED with backoff.
             self._busy.inc(len(hops))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "meshaudit ingest queue is full; retry later")
@@ -164,7 +164,7 @@ class OtlpGrpc:
                 "%d OTLP/gRPC span or log times were implausible: receive time used.",
                 check.clamped,
             )
-        await self._offer(hops, context)
+        await self._offer(hops, req.ByteSize() if hops else 0, context)
         return n
 
     async def export_traces(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

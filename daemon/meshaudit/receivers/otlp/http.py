@@ -199,7 +199,7 @@ class OtlpHttp:
             self._log.warning(
                 "clamped_time", "%d OTLP/HTTP span or log times were implausible: receive time used.", check.clamped
             )
-        if hops and not self.queue.offer(hops):
+        if hops and not self.queue.offer(hops, nbytes=len(body)):
             metrics.REJECTED.labels(RECEIVER, "busy").inc(len(hops))
             return status_response(429, "ingest queue full; retry later", answer, {"Retry-After": "1"})
         if ctype == JSON:
