@@ -116,7 +116,6 @@ class Sink(ABC):
         self._connected = False
         self._ready_reason = "not started"
         self._queue_error: str | None = None  # the queue's error as readiness last saw it
-        self._stopping = False
         self._closed = False
         self._sent = metrics.SINK_SENT.labels(name)
         self._failed = metrics.SINK_FAILED.labels(name)
@@ -213,7 +212,6 @@ class Sink(ABC):
         without ``start``."""
         if self._closed:
             return
-        self._stopping = True
         worker, self._worker = self._worker, None
         queue = self._queue
         if worker is not None and queue is not None:
