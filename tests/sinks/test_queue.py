@@ -92,8 +92,9 @@ def test_a_restart_replays_from_disk_what_the_last_process_did_not_ack(tmp_path:
     q.ack(q.take(3))
     # no close: the process died; a new one reads the rest from disk
     again = spool_queue(tmp_path)
-    again.put(items(1, 100)[0])
-    assert drain(again, 4) == [i.id for i in sent[3:]] + [make_alert(100).id]
+    (later,) = items(1, 100)
+    again.put(later)
+    assert drain(again, 4) == [i.id for i in sent[3:]] + [later.id]
 
 
 def test_the_memory_queue_drops_what_it_cannot_hold_and_what_is_left_at_shutdown(tmp_path: Path) -> None:
