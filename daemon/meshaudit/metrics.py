@@ -107,12 +107,16 @@ SINK_SPOOLED = Counter(
 )
 SINK_DROPPED = Counter(
     "meshaudit_sink_dropped_total",
-    "Alerts a sink gave up on, by reason (queue_full, spool_full, permanent_error, shutdown).",
+    "Alerts a sink gave up on, by reason (queue_full, spool_full, spool_error, spool_corrupt, permanent_error, "
+    "shutdown).",
     ["sink", "reason"],
     registry=REGISTRY,
 )
 SINK_QUEUE_DEPTH = Gauge(
-    "meshaudit_sink_queue_alerts", "Alerts waiting in a sink's in-memory queue.", ["sink"], registry=REGISTRY
+    "meshaudit_sink_queue_alerts",
+    "Alerts a sink holds in memory (its queue, or with a spool the copy of the spool's newest alerts).",
+    ["sink"],
+    registry=REGISTRY,
 )
 SINK_SPOOL_DEPTH = Gauge(
     "meshaudit_sink_spool_alerts", "Alerts waiting in a sink's on-disk spool.", ["sink"], registry=REGISTRY

@@ -1,11 +1,13 @@
 """The sinks inside the real daemon (``meshaudit run`` as a subprocess): violating Envoy access
 logs in, alerts out on Kafka and MQTT; SIGTERM flushes; SIGKILL loses nothing spooled; a hanging
 backend delays neither the JSON-lines sink nor ingestion; a refused required idempotence stops
-start-up with a clear error."""
+start-up with a clear error; alerts are written ahead to the spool, so SIGKILL while Kafka hangs
+loses none; a full spool disk silences only that sink."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from infra import als
 from infra.brokers import Mosquitto, Tansu, free_port
 from infra.daemon import Daemon
 
+from sinks.conftest import SmallDisk
 from sinks.support import KafkaReader, create_topic, mqtt_reader, unique, wait_for
 
 pytestmark = pytest.mark.integration
@@ -40,6 +43,10 @@ async def violate(d: Daemon, n: int, first: int = 0) -> None:
         for i in range(first, first + n)
     ]
     await als.stream(d.grpc, [als.http_message(entries, als.identifier("reviews"))])
+
+
+def at_least(n: int) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda alerts: len(alerts) >= n
 
 
 def ids(alerts: list[dict[str, Any]]) -> set[str]:
@@ -141,3 +148,123 @@ async def test_required_idempotence_refused_stops_start_up_with_a_clear_error(ta
     d.stop()
     assert "refused the idempotent producer" in str(err.value)
     assert "idempotence: auto" in str(err.value)
+
+
+async def test_sigkill_while_kafka_hangs_loses_no_alert(tansu_factory: Callable[..., Tansu], tmp_path: Path) -> None:
+    """Kafka frozen (SIGSTOP) with the default 10 s attempt timeout: the alerts of the next
+    seconds must already be on disk, not in memory, when the daemon is killed well before the
+    timeout; the next start delivers every one."""
+    broker = tansu_factory()
+    topic = unique("hang")
+    await create_topic(broker.bootstrap, topic, partitions=2)
+    cfg = config(kafka={"bootstrap_servers": [broker.bootstrap], "topic": topic, "attempt_timeout_ms": 10_000})
+    d = Daemon(tmp_path, cfg, name="first").start()
+    try:
+        assert d.readyz()[0] == 200
+        await violate(d, 20)  # a delivery that works first: the producer is connected and idle
+        await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 20, 10)
+        async with KafkaReader(broker.bootstrap, topic) as reader:
+            await wait_for(lambda: len(set(reader.ids())) >= 20, 10, "the first 20 alerts on Kafka")
+        broker.pause()
+        t0 = time.monotonic()
+        for first in range(20, 620, 150):  # 600 distinct alerts, several engine batches
+            await violate(d, 150, first)
+        alerts = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 620, 10)
+        assert len(alerts) == 620
+        killed_after = time.monotonic() - t0
+        assert killed_after < 8, f"too slow to stay inside the 10 s attempt timeout ({killed_after:.1f} s)"
+        d.kill()  # SIGKILL: no shutdown code runs
+    finally:
+        d.stop()
+        broker.resume()
+    again = Daemon(tmp_path, cfg, name="second").start()  # same working directory: same spool
+    try:
+        async with KafkaReader(broker.bootstrap, topic) as reader:
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: ids(alerts) <= set(reader.ids()), 15, "every alert on Kafka")
+        lost = ids(alerts) - set(reader.ids())
+        print(f"\nSIGKILL {killed_after:.1f} s into a Kafka hang: {len(lost)} of {len(alerts)} alerts lost")
+        assert not lost, f"{len(lost)} of {len(alerts)} alerts the first daemon emitted never reached Kafka"
+        assert again.stop() == 0
+    finally:
+        again.stop()
+
+
+async def test_a_full_spool_disk_silences_only_that_sink_and_it_recovers(
+    tansu: Tansu, mosquitto: Mosquitto, small_disk: SmallDisk, tmp_path: Path
+) -> None:
+    """Kafka and MQTT spool to a real 256 KiB filesystem that fills up (ENOSPC): their alerts
+    are dropped and counted as spool_error and they report not ready, while the engine goes on
+    alerting and the JSON-lines sink goes on delivering; with room again they deliver again."""
+    topic = unique("enospc")
+    prefix = f"test/{unique('e')}"
+    await create_topic(tansu.bootstrap, topic)
+    spool = str(small_disk.path)
+    cfg = config(
+        kafka={"bootstrap_servers": [tansu.bootstrap], "topic": topic, "spool_dir": spool, **FAST},
+        mqtt={"port": mosquitto.port, "topic_prefix": prefix, "spool_dir": spool, **FAST},
+    )
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        assert d.readyz()[0] == 200
+        async with mqtt_reader(mosquitto.port, f"{prefix}/#") as got:
+            await violate(d, 20)
+            before = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 20, 10)
+            await wait_for(lambda: len(got) >= 20, 10, "the first 20 alerts on MQTT")
+            # delivered and acknowledged: both spools are empty
+            await wait_for(lambda: d.metric("meshaudit_sink_spool_alerts") == 0, 10, "empty spools")
+
+            small_disk.fill()
+            await violate(d, 25, 20)  # two rounds: the engine keeps alerting after the first
+            await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 45, 10)
+            await violate(d, 25, 45)
+            during = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 70, 10)
+            assert len(during) == 70, "the JSON-lines sink stopped delivering"
+            for sink in ("kafka", "mqtt"):
+                assert d.metric("meshaudit_sink_dropped_total", sink=sink, reason="spool_error") == 50
+                assert d.metric("meshaudit_sink_ready", sink=sink) == 0
+            status, body = d.readyz()
+            assert status == 503, body
+            assert body["components"]["sink:kafka"] == "spool write failed: No space left on device"
+            assert body["components"]["sink:mqtt"] == "spool write failed: No space left on device"
+            assert body["components"]["sink:jsonl"] == "ok"
+            assert d.metric("meshaudit_sink_dropped_total", sink="jsonl") == 0
+
+            small_disk.free()
+            await violate(d, 10, 70)
+            after = await asyncio.to_thread(d.wait_alerts, lambda a: len(a) >= 80, 10)
+            await wait_for(lambda: d.readyz()[0] == 200, 10, "both sinks ready again")
+            await wait_for(lambda: len(got) >= 30, 10, "the alerts after the disk had room on MQTT")
+        mqtt_ids = {orjson.loads(m.payload)["id"] for m in got}
+        async with KafkaReader(tansu.bootstrap, topic) as reader:
+            await wait_for(lambda: len(set(reader.ids())) >= 30, 10, "the alerts after the disk had room on Kafka")
+        delivered = ids(before) | ids(after[70:])
+        assert set(reader.ids()) == delivered
+        assert mqtt_ids == delivered
+        assert "Traceback" not in d.stderr()
+        assert d.stop() == 0
+    finally:
+        d.stop()
+
+
+async def test_a_full_spool_disk_while_kafka_is_down_stops_neither_the_engine_nor_jsonl(
+    small_disk: SmallDisk, tmp_path: Path
+) -> None:
+    """Kafka down (every alert for it must be spooled) and its spool disk full: the write errors
+    stay inside the Kafka sink."""
+    cfg = config(kafka={"bootstrap_servers": [f"127.0.0.1:{free_port()}"], "spool_dir": str(small_disk.path), **FAST})
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        small_disk.fill()
+        for first in range(0, 90, 30):  # three engine rounds: each after the previous one failed to spool
+            await violate(d, 30, first)
+            alerts = await asyncio.to_thread(d.wait_alerts, at_least(first + 30), 10)
+        assert len(alerts) == 90, "the JSON-lines sink stopped getting alerts"
+        assert d.metric("meshaudit_sink_dropped_total", sink="kafka", reason="spool_error") == 90
+        assert d.metric("meshaudit_engine_errors_total") == 0
+        status, body = d.readyz()
+        assert status == 503 and body["components"]["sink:kafka"] == "spool write failed: No space left on device"
+        assert body["components"]["sink:jsonl"] == "ok"
+        assert d.stop() == 0
+    finally:
+        d.stop()

@@ -1,10 +1,14 @@
-"""The on-disk spool on its own: order, acknowledgement, restart, damage, size cap."""
+"""The on-disk spool on its own: order, acknowledgement, restart, damage, size cap, a full disk."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+import pytest
 from meshaudit.sinks.spool import HEADER, Spool
+
+from sinks.conftest import SmallDisk
 
 
 def _fill(spool: Spool, n: int, start: int = 0) -> None:
@@ -93,3 +97,22 @@ def test_full_spool_drop_newest_refuses_the_new_record(tmp_path: Path) -> None:
     _fill(spool, 10)
     assert spool.append(b"alert-00010") == (False, 1)
     assert _drain(spool) == [f"alert-{i:05d}".encode() for i in range(10)]
+
+
+def test_a_write_the_full_disk_cuts_short_leaves_no_torn_record(small_disk: SmallDisk) -> None:
+    """A record that straddles a page when the disk fills is written in part by the kernel: the
+    append must fail and leave the segment as it was, so the records after it read back whole."""
+    spool = Spool(small_disk.path / "s", max_bytes=1 << 20)
+    big = [bytes([65 + i]) * 3000 for i in range(3)]
+    assert spool.append(big[0]) == (True, 0)  # 3010 bytes: its page has about 1 KiB left
+    small_disk.fill()
+    with pytest.raises(OSError) as err:
+        spool.append(big[1])  # the first KiB fits in that page, the rest does not
+    assert err.value.errno == errno.ENOSPC
+    assert spool.depth == 1
+    small_disk.free()
+    assert spool.append(big[2]) == (True, 0)
+    assert _drain(spool) == [big[0], big[2]]
+    spool.close()
+    again = Spool(small_disk.path / "s", max_bytes=1 << 20)
+    assert again.corrupt_dropped == 0 and again.depth == 0

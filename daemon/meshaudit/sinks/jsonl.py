@@ -15,7 +15,8 @@ from typing import BinaryIO
 
 from pydantic import Field
 
-from meshaudit.sinks.base import Outgoing, Sink, SinkConfigBase
+from meshaudit.sinks.base import Sink, SinkConfigBase
+from meshaudit.sinks.queue import Outgoing
 
 
 class JsonlConfig(SinkConfigBase):

@@ -25,7 +25,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import Field, model_validator
 
 from meshaudit import metrics
-from meshaudit.sinks.base import FatalSinkError, Outgoing, PermanentError, Sink, SinkConfigBase
+from meshaudit.sinks.base import FatalSinkError, PermanentError, Sink, SinkConfigBase
+from meshaudit.sinks.queue import Outgoing
 from meshaudit.sinks.secrets import TlsConfig, _Strict, read_secret
 
 log = logging.getLogger("meshaudit.sinks.kafka")

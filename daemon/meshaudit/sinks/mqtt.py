@@ -22,7 +22,8 @@ from typing import Literal
 import aiomqtt
 from pydantic import Field, model_validator
 
-from meshaudit.sinks.base import Outgoing, Sink, SinkConfigBase
+from meshaudit.sinks.base import Sink, SinkConfigBase
+from meshaudit.sinks.queue import Outgoing
 from meshaudit.sinks.secrets import TlsConfig, read_secret
 
 log = logging.getLogger("meshaudit.sinks.mqtt")

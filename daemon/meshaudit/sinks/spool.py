@@ -24,6 +24,8 @@ so the event loop calls it directly; ``fsync`` is an option for hosts that may l
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import struct
@@ -57,6 +59,7 @@ class Position:
 class Record:
     payload: bytes
     end: Position  # acknowledge up to here to remove this record (and all before it)
+    start: Position = Position(0, 0)  # where the record begins
 
 
 class Spool:
@@ -101,6 +104,19 @@ class Spool:
 
     def __len__(self) -> int:
         return self._records
+
+    @property
+    def head(self) -> Position:
+        """The position of the oldest record not yet acknowledged (the cursor)."""
+        return self._cursor
+
+    @property
+    def tail(self) -> Position:
+        """The position just after the newest record: where the last append ended."""
+        if not self._segments:
+            return self._cursor
+        seg = self._segments[-1]
+        return Position(seg, self._sizes[seg])
 
     # --- opening and recovery -------------------------------------------------------------------
     def _open(self) -> None:
@@ -194,10 +210,21 @@ class Spool:
             # After a restart the newest segment is reopened by the first append.
             self._fd = os.open(self._path(self._segments[-1]), os.O_WRONLY | os.O_APPEND)
         seg = self._segments[-1]
-        assert self._fd is not None
-        os.write(self._fd, HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
-        if self.fsync:
-            os.fsync(self._fd)
+        fd = self._fd
+        assert fd is not None
+        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        try:
+            written = os.write(fd, record)
+            if written != size:  # a full disk takes what fits and refuses the rest
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            # Whatever part of the record reached the file is cut off again, so the next record
+            # starts where the spool's bookkeeping says (a torn record would misalign reads).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._sizes[seg])
+            raise
         self._sizes[seg] += size
         self._counts[seg] += 1
         self._records += 1
@@ -205,9 +232,11 @@ class Spool:
 
     def _roll(self) -> None:
         seg = self._segments[-1] + 1 if self._segments else max(self._cursor.segment, 1)
+        # Open the new segment first: if that fails (a full disk), nothing here has changed.
+        fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = fd
         self._segments.append(seg)
         self._sizes[seg] = 0
         self._counts[seg] = 0
@@ -226,15 +255,20 @@ class Spool:
 
     # --- reading and acknowledging -------------------------------------------------------------
     def peek(self, limit: int) -> list[Record]:
-        """Up to ``limit`` of the oldest records, in order, without removing them.
+        """Up to ``limit`` of the oldest records, in order, without removing them."""
+        return self.read(self._cursor, limit)
+
+    def read(self, pos: Position, limit: int, stop: Position | None = None) -> list[Record]:
+        """Up to ``limit`` records from ``pos`` on (not past ``stop``), in order, without removing
+        them.
 
         A record damaged on disk while the daemon ran (its checksum no longer matches) cannot
         be delivered: the rest of its segment is dropped, logged and counted in
         ``corrupt_dropped``, and reading goes on with the next segment.
         """
         out: list[Record] = []
-        pos = self._cursor
-        while len(out) < limit:
+        pos = max(pos, self._cursor)
+        while len(out) < limit and (stop is None or pos < stop):
             try:
                 rec = self._read_at(pos)
             except SpoolCorrupt as exc:
@@ -244,7 +278,7 @@ class Spool:
                 self._discard_segment(exc.segment)
                 pos = self._cursor
                 continue
-            if rec is None:
+            if rec is None or (stop is not None and rec.start >= stop):
                 break
             out.append(rec)
             pos = rec.end
@@ -273,7 +307,7 @@ class Spool:
         payload = os.pread(fd, length, pos.offset + HEADER.size)
         if magic != MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
             raise SpoolCorrupt(f"{self._path(pos.segment)} at byte {pos.offset}", pos.segment)
-        return Record(payload, Position(pos.segment, pos.offset + HEADER.size + length))
+        return Record(payload, Position(pos.segment, pos.offset + HEADER.size + length), pos)
 
     def ack(self, end: Position) -> None:
         """The backend acknowledged every record before ``end``: remove them for good."""
