@@ -93,3 +93,28 @@ def test_implausible_span_time_is_clamped_and_counted(d: Daemon) -> None:
     assert _post(d, "/v1/traces", body, JSON)[0] == 200
     assert d.metric("meshaudit_rejected_total", receiver="otlp_http", reason="clamped_time") == 1
     assert d.metric("meshaudit_received_total", receiver="otlp_http", kind="span") == 1
+
+
+async def test_a_refused_request_does_not_break_the_next_one_on_a_kept_alive_connection(d: Daemon) -> None:
+    """An exporter sends its next export on the same connection: when the server closes a
+    connection after refusing a body, its answer says "Connection: close", so the client opens a
+    new one instead of meeting a reset. One connection at a time, every request answered."""
+    import aiohttp
+
+    bad: list[tuple[bytes, dict[str, str]]] = [
+        (b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}),  # torn gzip: the body cannot be read
+        (b"x" * 100, {"Content-Encoding": "br"}),  # refused before the body is read
+        (b"\xff\xfe", {}),  # undecodable protobuf, body read whole
+    ]
+    answers = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for _ in range(20):
+            for body, headers in bad:
+                for payload, hdrs in ((body, headers), (b"", {})):
+                    async with session.post(
+                        f"http://{d.http}/v1/traces", data=payload, headers={"Content-Type": PB, **hdrs}
+                    ) as resp:
+                        await resp.read()
+                        answers.append(resp.status)
+    assert sorted(set(answers)) == [200, 400, 415]
+    assert answers.count(200) == 60

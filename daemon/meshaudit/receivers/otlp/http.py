@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.typedefs import Handler
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -61,6 +62,17 @@ RPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 50
 _CLOSE = "meshaudit.close"  # request key: close the connection once the answer is written
 
 
+@web.middleware
+async def _announce_close(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A connection the server will not reuse says so in its answer ("Connection: close"): a
+    refused body that was not read to its end, or one that broke the connection. Otherwise the
+    client reuses the connection for its next request and meets a reset instead of an answer."""
+    resp = await handler(request)
+    if request.get(_CLOSE) or not request.content.is_eof():
+        resp.force_close()
+    return resp
+
+
 def status_response(status: int, message: str, ctype: str, headers: dict[str, str] | None = None) -> web.Response:
     """An OTLP/HTTP error: a google.rpc.Status in the request's encoding."""
     st = status_pb2.Status(code=RPC_CODE.get(status, 2), message=message)
@@ -82,7 +94,7 @@ class OtlpHttp:
         self._log = RateLimited(log)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_announce_close])
         app.router.add_route("*", "/v1/traces", self.traces)
         app.router.add_route("*", "/v1/logs", self.logs)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
