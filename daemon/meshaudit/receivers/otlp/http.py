@@ -60,6 +60,7 @@ ENCODINGS = frozenset(("", "identity", "gzip", "deflate"))  # what aiohttp undoe
 # google.rpc.Code for each HTTP status we answer with.
 RPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
 _CLOSE = "meshaudit.close"  # request key: close the connection once the answer is written
+_DRAIN_SECS, _DRAIN_BYTES = 1.0, 1 << 20  # the most read of a refused body to keep its connection
 
 
 @web.middleware
@@ -68,6 +69,18 @@ async def _announce_close(request: web.Request, handler: Handler) -> web.StreamR
     refused body that was not read to its end, or one that broke the connection. Otherwise the
     client reuses the connection for its next request and meets a reset instead of an answer."""
     resp = await handler(request)
+    if not request.get(_CLOSE) and not request.content.is_eof():
+        # Refused before its body was read: read the rest here, bounded (aiohttp's own lingering
+        # read would log a traceback for a body that cannot be decompressed).
+        try:
+            async with asyncio.timeout(_DRAIN_SECS):
+                drained = 0
+                while drained <= _DRAIN_BYTES and (chunk := await request.content.readany()):
+                    drained += len(chunk)
+        except Exception:  # a broken body or no time left: the connection ends after the answer
+            request[_CLOSE] = True
+        if not request.content.is_eof():
+            request[_CLOSE] = True
     if request.get(_CLOSE) or not request.content.is_eof():
         resp.force_close()
     return resp
