@@ -114,9 +114,9 @@ class MissingAccessLog:
                 return paired
             if h.parent_span_id:
                 parent = self.client_spans.get(h.parent_span_id)
-                if parent is not None and parent is not h.dst:
+                if parent is not None and parent != h.dst:
                     return parent
-            if remote is not None and remote is not h.dst:
+            if remote is not None and remote != h.dst:
                 return remote
         return h.src
 
