@@ -86,6 +86,12 @@ class EngineConfig(_Strict):
     examples: int = Field(3, ge=0, le=20)
     tick_ms: int = Field(200, ge=10)
     store_max_items: int = Field(200_000, ge=100, description="Upper bound of every window store.")
+    alert_budget_per_window: int = Field(
+        1000,
+        ge=1,
+        description="At most this many alerts per suppress_secs across all keys; the excess is counted "
+        "(meshaudit_alerts_suppressed_total) and reported in one alert_budget_exceeded alert per window.",
+    )
 
 
 class RuleBase(_Strict):

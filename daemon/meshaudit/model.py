@@ -256,15 +256,45 @@ SCHEMA: Final = "meshaudit.alert.v1"
 SEVERITIES: Final = ("info", "warning", "high", "critical")
 
 
+_EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_MIN_TS: Final = (_dt.datetime(1, 1, 1, tzinfo=_dt.UTC) - _EPOCH).total_seconds()
+_MAX_TS: Final = (_dt.datetime(9999, 12, 31, 23, 59, 59, 999500, tzinfo=_dt.UTC) - _EPOCH).total_seconds()
+
+
 def rfc3339(ts: float) -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T03:26:39.123Z."""
-    d = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T03:26:39.123Z. Total: a time
+    outside 0001-01-01 .. 9999-12-31 (a sender's bogus clock) is clamped to that range, and NaN
+    reads as the epoch; it never raises."""
+    if not _MIN_TS <= ts <= _MAX_TS:  # also NaN
+        ts = _MIN_TS if ts < _MIN_TS else _MAX_TS if ts > _MAX_TS else 0.0
+    # Epoch plus a timedelta, not fromtimestamp: no platform limits (years before 1970, 32-bit time_t).
+    d = _EPOCH + _dt.timedelta(seconds=ts)
+    return (
+        f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."
+        f"{d.microsecond // 1000:03d}Z"
+    )
 
 
-def alert_id(rule: str, source_key: str, destination_key: str, window_start: float, seq: int) -> str:
-    """Deterministic id: the same rule, key and window give the same id on replay."""
-    raw = f"{rule}|{source_key}|{destination_key}|{int(window_start * 1000)}|{seq}".encode()
+def _ms(t: float) -> int:
+    return int(t * 1000) if abs(t) < 1e15 else 0  # NaN, infinite or absurd: still an id, never a raise
+
+
+def alert_id(
+    rule: str,
+    source_key: str,
+    destination_key: str,
+    window_start: float,
+    seq: int,
+    window_no: int = 0,
+    first_seen: float | None = None,
+) -> str:
+    """Deterministic id of the ``seq``-th alert of one aggregation window of (rule, source,
+    destination). The window is named by when it opened (``window_start``, receive time), its
+    ordinal among the windows one aggregator opened (``window_no``) and the data time of its first
+    violation (``first_seen``): two windows of one key never share all three, and a replay of
+    the same data on the same clock gives the same ids."""
+    first = "" if first_seen is None else str(_ms(first_seen))
+    raw = f"{rule}|{source_key}|{destination_key}|{_ms(window_start)}|{window_no}|{first}|{seq}".encode()
     return hashlib.sha256(raw).hexdigest()[:32]
 
 

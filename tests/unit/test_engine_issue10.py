@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from meshaudit import model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meshaudit import metrics, model
 from meshaudit.config import Config, MeshConfig, Policy
 from meshaudit.engine.core import Engine
 from meshaudit.model import (
@@ -17,9 +19,11 @@ from meshaudit.model import (
     SPAN,
     SPAN_KIND_CLIENT,
     SPAN_KIND_SERVER,
+    Alert,
     Hop,
     Identity,
     identity,
+    rfc3339,
 )
 from meshaudit.naming import Namer
 
@@ -95,6 +99,86 @@ def app_span(trace: str, start: float, service: Identity = REVIEWS, parent: str 
     )
 
 
+def suppressed(rule: str) -> float:
+    return metrics.REGISTRY.get_sample_value("meshaudit_alerts_suppressed_total", {"rule": rule}) or 0.0
+
+
+# --- 4: alert ids ---------------------------------------------------------------------------------
+def test_two_windows_with_the_same_first_seen_time_have_different_ids() -> None:
+    """Two incidents of one key, a window apart, whose first violations carry the same data time
+    (a sender's clock stuck, or a replayed timestamp): two alerts a consumer must both keep."""
+    e = engine()
+    src = identity("frontend", "default")
+    first = e.evaluate([plaintext(src, T0, "a")], T0)
+    assert e.tick(T0 + 61) == []  # the window closes; nothing more to summarize
+    second = e.evaluate([plaintext(src, T0, "b")], T0 + 120)
+    assert [a.rule for a in first + second] == ["plaintext_hop", "plaintext_hop"]
+    assert first[0].first_seen == second[0].first_seen
+    assert first[0].id != second[0].id
+
+
+# One step of traffic: (key index, data time offset, seconds since the previous step). Few keys and
+# few data times, so that windows of one key often share their first data time.
+STEP = st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, 7.0]), st.sampled_from([0.0, 1.0, 30.0, 61.0, 200.0]))
+
+
+def _run(steps: list[tuple[int, float, float]]) -> list[Alert]:
+    e = engine()
+    now = T0
+    out: list[Alert] = []
+    for i, (k, data, gap) in enumerate(steps):
+        now += gap
+        out += e.tick(now)
+        out += e.evaluate([plaintext(identity(f"client{k}", "default"), T0 + data, f"r{i}")], now)
+    out += e.tick(now + 1000)  # every window closes
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(STEP, min_size=1, max_size=40))
+def test_alert_ids_are_unique_per_window_and_stable_on_replay(steps: list[tuple[int, float, float]]) -> None:
+    alerts = _run(steps)
+    ids = [a.id for a in alerts]
+    # Every alert is one (window, sequence) of one key: no two share an id, in any window.
+    assert len(ids) == len(set(ids)), [(a.source.key, a.first_seen, a.emitted_at) for a in alerts]
+    # The same hops in the same order on the same clock: the same ids (consumers dedupe replays).
+    assert [a.id for a in _run(steps)] == ids
+
+
+# --- 9: one alert per client, whatever its ports; a global alert budget -------------------------------
+def test_alert_budget_bounds_the_output_and_reports_the_excess() -> None:
+    """100 k distinct plaintext pairs would be 100 k alert lines: at most the budget per window,
+    plus one alert that says how many were held back, counted on /metrics by rule."""
+    e = engine(engine_cfg={"alert_budget_per_window": 10})
+    before = suppressed("plaintext_hop")
+    hops = [plaintext(identity(f"c{i}", "default"), T0, f"q{i}") for i in range(100)]
+    first = e.evaluate(hops, T0)
+    assert len(first) == 10 and {a.rule for a in first} == {"plaintext_hop"}
+    assert e.evaluate([plaintext(identity("late", "default"), T0 + 30, "late")], T0 + 30) == []
+    assert e.tick(T0 + 59) == []
+    closing = e.tick(T0 + 60.2)
+    assert [a.rule for a in closing] == ["alert_budget_exceeded"]
+    budget = closing[0]
+    assert budget.count == 91 and budget.severity == "high"
+    assert "91 alerts (91 source/destination pairs) were held back" in budget.summary
+    assert "plaintext_hop 91" in budget.summary
+    assert budget.to_json()["source"]["service"] == "meshaudit"
+    assert suppressed("plaintext_hop") - before == 91
+    # The next window has room again, and a held-back pair's window does not alert twice.
+    assert e.tick(T0 + 200) == []
+    again = e.evaluate([plaintext(identity("c50", "default"), T0 + 201, "n")], T0 + 201)
+    assert [a.rule for a in again] == ["plaintext_hop"]
+
+
+def test_within_the_budget_nothing_is_held_back() -> None:
+    e = engine(engine_cfg={"alert_budget_per_window": 10})
+    before = suppressed("plaintext_hop")
+    got = e.evaluate([plaintext(identity(f"w{i}", "default"), T0, f"w{i}") for i in range(10)], T0)
+    assert len(got) == 10
+    assert e.tick(T0 + 120) == []
+    assert suppressed("plaintext_hop") == before
+
+
 # --- 14: one party, one identity, across an intern-table reset -------------------------------------
 def test_identities_are_equal_by_value_across_an_intern_table_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     before = identity("reviews", "default")
@@ -140,3 +224,34 @@ def test_bypass_source_is_not_the_destination_itself_across_an_intern_table_rese
     got = e.tick(T0 + 3.5)
     assert [a.rule for a in got] == ["missing_access_log"]
     assert got[0].destination == REVIEWS and got[0].source.key == "unknown"
+
+
+# --- timestamps ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (1e20, "9999-12-31T23:59:59.999Z"),
+        (-1e20, "0001-01-01T00:00:00.000Z"),
+        (float("inf"), "9999-12-31T23:59:59.999Z"),
+        (float("nan"), "1970-01-01T00:00:00.000Z"),
+        (-1.5, "1969-12-31T23:59:58.500Z"),
+        (T0 + 0.123, "2027-01-15T08:00:00.123Z"),
+    ],
+)
+def test_rfc3339_is_total(ts: float, text: str) -> None:
+    assert rfc3339(ts) == text
+
+
+def test_an_alert_about_a_span_from_a_bogus_clock_encodes() -> None:
+    """A span stamped far in the future (a sender's broken clock) alerts like any other."""
+    e = engine(unexpected_path={"enabled": False})
+    e.evaluate([logged(T0, "seen")], T0)
+    e.evaluate([app_span("ee" * 16, T0)], T0 + 0.1)
+    far = Hop(SPAN, NODE_REVIEWS, REVIEWS, INBOUND, identity(), REVIEWS, 1e19, request_id="zz", span_kind=2)
+    e.evaluate([far], T0 + 0.2)
+    got = e.tick(T0 + 3)
+    assert len(got) == 1  # one key: the two missing logs in one window, summarized when it closes
+    record = got[0].to_json()
+    assert record["evidence"]["first_seen"].endswith("Z") and got[0].encode()
+    summary = e.tick(T0 + 100)
+    assert summary[0].to_json()["evidence"]["last_seen"] == "9999-12-31T23:59:59.999Z"
