@@ -146,6 +146,28 @@ def test_alert_ids_are_unique_per_window_and_stable_on_replay(steps: list[tuple[
 
 
 # --- 9: one alert per client, whatever its ports; a global alert budget -------------------------------
+def test_an_unnamed_client_is_one_source_whatever_its_ports() -> None:
+    """30 plaintext requests from one pod nobody can name, each from its own ephemeral port."""
+    e = engine()
+    namer = Namer(MeshConfig())
+    hops = []
+    for i in range(30):
+        addr = f"10.0.0.9:{40000 + i}"
+        hops.append(plaintext(namer.address(addr), T0, f"p{i}", conn=addr))
+    assert e.evaluate(hops, T0) == []  # waiting for a client sidecar's entry to name them
+    got = e.tick(T0 + 1.6)  # attribution_wait_ms = 1500
+    assert [a.rule for a in got] == ["plaintext_hop"]
+    assert got[0].source.key == "10.0.0.9" and got[0].source.address == "10.0.0.9"
+    assert "from 10.0.0.9:40000" in (got[0].detail or "")  # the socket stays in the evidence
+    summary = e.tick(T0 + 62)
+    assert [(a.rule, a.count) for a in summary] == [("plaintext_hop", 30)]
+
+
+def test_bracketed_ipv6_client_is_named_by_its_address() -> None:
+    namer = Namer(MeshConfig())
+    assert namer.address("[fd00::9]:40001") == namer.address("[fd00::9]:40002") == identity(address="fd00::9")
+
+
 def test_alert_budget_bounds_the_output_and_reports_the_excess() -> None:
     """100 k distinct plaintext pairs would be 100 k alert lines: at most the budget per window,
     plus one alert that says how many were held back, counted on /metrics by rule."""
