@@ -124,6 +124,12 @@ class MissingAccessLogConfig(RuleBase):
         3000, ge=0, description="Wait for the access log this long: Envoy flushes every 1 s, plus clock skew."
     )
     silent_secs: int = Field(30, ge=1, description="A sidecar silent this long while spans show traffic alerts.")
+    span_index_horizon_secs: int = Field(
+        900,
+        ge=0,
+        description="Access logs are indexed for span joins while a span arrived this recently; a tracer "
+        "that sends less often is judged only against each sidecar's last log (README, span index).",
+    )
 
 
 class RulesConfig(_Strict):

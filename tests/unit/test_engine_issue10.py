@@ -201,6 +201,60 @@ def test_within_the_budget_nothing_is_held_back() -> None:
     assert suppressed("plaintext_hop") == before
 
 
+# --- 12: a sparse tracer is judged ---------------------------------------------------------------
+def test_a_tracer_that_sends_every_five_minutes_is_judged() -> None:
+    """reviews' sidecar logs steadily; its app's tracer sends one span every 5 minutes. Spans whose
+    request was logged raise nothing; spans whose request was not logged alert."""
+    e = engine(unexpected_path={"enabled": False})
+    alerts: list[Alert] = []
+    span_times = [T0 + 300 * k for k in range(1, 7)]
+    missing = {f"{k:032x}" for k in range(1, 7) if k % 2 == 0}
+    t = T0
+    n = 0
+    while t <= span_times[-1] + 10:
+        n += 1
+        alerts += e.evaluate([logged(t, f"bg{n}")], t)  # other requests, logged
+        for k, s in enumerate(span_times, 1):
+            trace = f"{k:032x}"
+            if s == t:
+                if trace not in missing:
+                    alerts += e.evaluate([logged(s, f"x{k}", trace)], t + 0.5)
+                alerts += e.evaluate([app_span(trace, s)], t + 1)
+        alerts += e.tick(t + 4)
+        t += 5
+    alerts += e.tick(t + 5)
+    got = sorted(a.examples[0].trace_id or "" for a in alerts if a.rule == "missing_access_log" and a.examples)
+    assert got == sorted(missing)
+    assert [a for a in alerts if a.source.key == "*"] == []  # the sidecar kept logging: not silent
+
+
+def _paused(logs_since: bool) -> list[Alert]:
+    """Spans flowed at T0, then none for longer than the horizon (900 s): the index is off. The
+    first span after the pause cannot be joined to its own log."""
+    e = engine(unexpected_path={"enabled": False}, missing_access_log={"grace_ms": 2000, "silent_secs": 1000})
+    e.evaluate([logged(T0, "a", "aa" * 16)], T0)
+    e.evaluate([app_span("aa" * 16, T0)], T0 + 0.5)
+    assert e.tick(T0 + 5) == []
+    t = T0 + 1000
+    e.evaluate([logged(t, "b")], t)  # the sidecar logs other requests
+    assert e.tick(t + 1) == []
+    if logs_since:
+        e.evaluate([logged(t + 30, "c", "cc" * 16)], t + 30.4)
+    e.evaluate([app_span("cc" * 16, t + 30)], t + 30.5)
+    return e.tick(t + 34)
+
+
+def test_the_first_span_after_a_pause_longer_than_the_horizon_is_judged_against_its_sidecar() -> None:
+    """If the sidecar logged nothing at all since the span started, its log is missing all the
+    same: it alerts."""
+    got = _paused(logs_since=False)
+    assert [a.rule for a in got] == ["missing_access_log"] and got[0].examples[0].trace_id == "cc" * 16
+
+
+def test_the_first_span_after_a_pause_is_not_an_alert_when_its_sidecar_logged_since() -> None:
+    assert _paused(logs_since=True) == []
+
+
 # --- 14: one party, one identity, across an intern-table reset -------------------------------------
 def test_identities_are_equal_by_value_across_an_intern_table_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     before = identity("reviews", "default")

@@ -63,7 +63,7 @@ Emit = Callable[[Violation], None]
 class Correlation:
     """What the access logs showed recently, shared by all rules. Bounded stores only."""
 
-    def __init__(self, ttl: float, max_items: int) -> None:
+    def __init__(self, ttl: float, max_items: int, horizon: float = 0.0) -> None:
         # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
         # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
         self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
@@ -74,10 +74,13 @@ class Correlation:
         self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
-        # The logged_* stores serve only span joins (missing_access_log). While no span has come
-        # for a TTL they are not written; when spans resume, spans that started before the
-        # index did are not judged (their access logs may have come while it was off).
+        # The logged_* stores serve only span joins (missing_access_log). They are written while
+        # a span arrived within the horizon (``span_index_horizon_secs``, at least a TTL; from
+        # start-up, for one horizon). When spans resume after a longer pause, spans that started
+        # before the index did cannot be joined (their access logs may have come while it was
+        # off): missing_access_log judges those against ``sidecar_last_log`` instead.
         self.ttl = ttl
+        self.horizon = max(ttl, horizon)
         self.index_logged_until: float | None = None  # None: not started yet
         self.logged_since = float("-inf")
         self.spans_at = float("-inf")  # when this process last received a span itself
@@ -95,7 +98,7 @@ class Correlation:
         until = self.index_logged_until
         if until is not None and now >= until:
             self.logged_since = now
-        self.index_logged_until = max(until or now, now + self.ttl)
+        self.index_logged_until = max(until or now, now + self.horizon)
         if not remote:
             self.spans_at = now
 
@@ -112,7 +115,7 @@ class Correlation:
         observers = self.sidecar_last_log.writable()
         last_observer = None
         if self.index_logged_until is None:
-            self.index_logged_until = now + self.ttl
+            self.index_logged_until = now + self.horizon
         logged = now < self.index_logged_until
         for h in hops:
             if h.origin == SPAN:
@@ -457,7 +460,9 @@ class Engine:
 
         self.config = config
         corr_ttl = max(60.0, config.rules.missing_access_log.grace_ms / 1000 * 4)
-        self.corr = Correlation(corr_ttl, config.engine.store_max_items)
+        self.corr = Correlation(
+            corr_ttl, config.engine.store_max_items, config.rules.missing_access_log.span_index_horizon_secs
+        )
         self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
         self.ctx.peers = peers
         self.rules: list[Rule] = build_rules(self.ctx)
