@@ -255,6 +255,42 @@ def test_the_first_span_after_a_pause_is_not_an_alert_when_its_sidecar_logged_si
     assert _paused(logs_since=True) == []
 
 
+# --- 13: a sidecar silent under steady traffic -----------------------------------------------------
+def _steady(e: Engine, until: float, stop_logs_at: float, stop_spans_at: float) -> list[tuple[float, Alert]]:
+    """A request every 100 ms, its access log and its span each flushed 0.3 s later; a tick
+    every 100 ms (times in integer tenths, so the fake clock does not drift)."""
+    out: list[tuple[float, Alert]] = []
+    for i in range(round(until * 10) + 1):
+        t = T0 + i / 10
+        s = t - 0.3
+        trace = f"{i:032x}"
+        if s < T0 + stop_logs_at:
+            out += [(t, a) for a in e.evaluate([logged(s, f"s{i}", trace)], t)]
+        if s < T0 + stop_spans_at:
+            out += [(t, a) for a in e.evaluate([app_span(trace, s)], t)]
+        out += [(t, a) for a in e.tick(t)]
+    return out
+
+
+def test_a_sidecar_that_goes_silent_under_steady_traffic_is_reported() -> None:
+    e = engine(unexpected_path={"enabled": False})  # grace 2 s, silent_secs 10
+    got = _steady(e, until=40, stop_logs_at=5, stop_spans_at=1000)
+    silent = [(t, a) for t, a in got if a.source.key == "*"]
+    assert len(silent) == 1, [(t - T0, a.summary) for t, a in got]
+    t, alert = silent[0]
+    last_log = T0 + 5 + 0.3  # the last access log arrived then
+    assert t <= last_log + 10 + 2 + 0.1 + 1e-6  # silent_secs + grace + a tick
+    assert alert.destination == REVIEWS and "no access log for" in (alert.detail or "")
+    # The per-request alerts came too, from the first unlogged span on.
+    assert any(a.rule == "missing_access_log" and a.examples for _, a in got)
+
+
+def test_a_sidecar_whose_traffic_stops_is_idle_not_silent() -> None:
+    e = engine(unexpected_path={"enabled": False})
+    got = _steady(e, until=60, stop_logs_at=5, stop_spans_at=5)
+    assert [a.summary for _, a in got] == []
+
+
 # --- 14: one party, one identity, across an intern-table reset -------------------------------------
 def test_identities_are_equal_by_value_across_an_intern_table_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     before = identity("reviews", "default")

@@ -50,6 +50,9 @@ class MissingAccessLog:
         # service key -> latest start time (the span's own clock) of a span showing it serving
         self.last_span: GenStore[str, float] = GenStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
+        # service key -> start of the first span seen (at a tick) that started more than the grace
+        # after the sidecar's last log: the evidence of silence, however many spans come after it.
+        self.silent_from: dict[str, float] = {}
         # span id -> the service that made the call: names the source of a bypassed request
         # from the parent span in the same trace.
         self.client_spans: GenStore[str, Identity] = GenStore("client_spans", max(60.0, grace * 4), ctx.max_items)
@@ -172,16 +175,24 @@ class MissingAccessLog:
         self.unjoined.expire(now)
         last_log = self.ctx.corr.sidecar_last_log
         silent = self.cfg.silent_secs
+        grace = self.grace
+        silent_from = self.silent_from
         for svc, span_at in self.last_span.items():
             logged_at = last_log.get(svc)
             # Silent: no log for silent_secs, yet a span shows traffic that *started* after the
             # last log arrived, by more than the grace (flush interval plus clock skew). An idle
             # sidecar's last spans are older than its last log, so idleness is not silence.
-            # And the newest span's own access log has had the grace to arrive: spans may be
-            # flushed sooner than access logs.
-            if logged_at is None or now - logged_at < silent or span_at <= logged_at + self.grace:
+            if logged_at is None or span_at <= logged_at + grace:
+                if svc in silent_from:
+                    del silent_from[svc]
                 continue
-            if now - span_at < self.grace:
+            # The first such span is the evidence, once its own access log has had the grace to
+            # arrive (spans may be flushed sooner than access logs). Not the newest span: under
+            # steady traffic the newest is always younger than the grace.
+            first = silent_from.get(svc)
+            if first is None or first <= logged_at + grace:  # none yet, or the sidecar logged since
+                first = silent_from[svc] = span_at
+            if now - logged_at < silent or now - first < grace:
                 continue
             if self.silence_reported.get(svc) == logged_at:
                 continue
