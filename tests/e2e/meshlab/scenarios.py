@@ -64,6 +64,7 @@ class Expected:
     dst: str
     sources: tuple[str, ...] | None
     required: bool = True  # False: may appear (timing decides), must not be anything else
+    during_traffic: bool = False  # True: must be emitted before the scenario's traffic ended
 
     def matches(self, alert: dict[str, Any]) -> bool:
         return (
@@ -191,7 +192,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             # Per request (a span with no access log), named by whatever traces show ...
             Expected("missing_access_log", "inventory.default", None),
             # ... and as a silent sidecar, about all of its traffic, while the traffic goes on.
-            Expected("missing_access_log", "inventory.default", ("*",)),
+            Expected("missing_access_log", "inventory.default", ("*",), during_traffic=True),
         ),
         "sidecar stops sending access logs while its service serves",
     ),
