@@ -138,6 +138,12 @@ class EngineConfig(_Strict):
     examples: int = Field(3, ge=0, le=20)
     tick_ms: int = Field(200, ge=10)
     store_max_items: int = Field(200_000, ge=100, description="Upper bound of every window store.")
+    alert_budget_per_window: int = Field(
+        1000,
+        ge=1,
+        description="At most this many alerts per suppress_secs across all keys; the excess is counted "
+        "(meshaudit_alerts_suppressed_total) and reported in one alert_budget_exceeded alert per window.",
+    )
 
 
 class RuleBase(_Strict):
@@ -170,6 +176,12 @@ class MissingAccessLogConfig(RuleBase):
         3000, ge=0, description="Wait for the access log this long: Envoy flushes every 1 s, plus clock skew."
     )
     silent_secs: int = Field(30, ge=1, description="A sidecar silent this long while spans show traffic alerts.")
+    span_index_horizon_secs: int = Field(
+        900,
+        ge=0,
+        description="Access logs are indexed for span joins while a span arrived this recently; a tracer "
+        "that sends less often is judged only against each sidecar's last log (README, span index).",
+    )
 
 
 class RulesConfig(_Strict):

@@ -152,3 +152,12 @@ PEER_QUERIES = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+# --- engine: the alert budget (issue 10) -----------------------------------------------------------
+ALERTS_SUPPRESSED = Counter(
+    "meshaudit_alerts_suppressed_total",
+    "Alerts held back by the alert budget (engine.alert_budget_per_window), by rule; each budget window "
+    "that held any back ends with one alert_budget_exceeded alert.",
+    ["rule"],
+    registry=REGISTRY,
+)

@@ -3,8 +3,10 @@ alert record the engine produces.
 
 ``Hop`` is built once per access-log entry or span on the hot path: a plain slotted class
 with positional construction, no validation and no per-instance dicts. Identities repeat
-endlessly (a mesh has few services and many requests), so they are interned: the same
-party is the same object, which makes comparisons and dict keys cheap.
+endlessly (a mesh has few services and many requests), so they are interned, which saves
+memory and makes most comparisons an identity check. Interning is an optimisation only: two
+identities are equal when their five fields are (``==``, never ``is``), since the intern table
+is bounded and a party seen before and after it was cleared is two objects.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ SPAN_KIND_CLIENT: Final = 3
 
 
 class Identity:
-    """One party of a hop. Use :func:`identity` to get the interned instance."""
+    """One party of a hop. Use :func:`identity` to get the interned instance. Equal (and hashed)
+    by value: its five fields."""
 
-    __slots__ = ("__weakref__", "address", "key", "namespace", "principal", "service", "workload")
+    __slots__ = ("__weakref__", "_hash", "address", "key", "namespace", "principal", "service", "uid", "workload")
 
     service: str | None
     namespace: str | None
@@ -45,6 +48,10 @@ class Identity:
     principal: str | None
     address: str | None
     key: str  # stable, readable aggregation key: "svc.ns", else principal, else address
+    # The five fields as one string, unique per party: equality, hashing, and the key of the
+    # policy's hot-path caches (an exact str with its hash cached: a dict lookup as fast as by
+    # object, where a Python-level ``__hash__`` costs ~30 ns a lookup).
+    uid: str
 
     def __init__(
         self,
@@ -67,6 +74,25 @@ class Identity:
             self.key = address
         else:
             self.key = "unknown"
+        self.uid = repr((service, namespace, workload, principal, address))
+        self._hash = hash(self.uid)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if isinstance(other, Identity):
+            return self.uid == other.uid
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        if self is other:
+            return False
+        if isinstance(other, Identity):
+            return self.uid != other.uid
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __reduce__(self) -> tuple[Any, tuple[str | None, ...]]:
         # Between worker processes: unpickled through identity(), so it is interned there too.
@@ -86,9 +112,10 @@ class Identity:
 
 
 _IDENTITIES: dict[tuple[str | None, ...], Identity] = {}
-# Identities are interned without bound by default; a pathological input (random addresses)
-# must not grow memory forever, so past this size the table is cleared and rebuilt lazily.
-_IDENTITY_LIMIT: Final = 100_000
+# A pathological input (random addresses) must not grow memory forever, so past this size the
+# table is cleared and rebuilt lazily. Identities made before and after are then different
+# objects for one party: they compare equal (value equality), so nothing depends on ``is``.
+_IDENTITY_LIMIT = 100_000
 
 
 def identity(
@@ -229,15 +256,45 @@ SCHEMA: Final = "meshaudit.alert.v1"
 SEVERITIES: Final = ("info", "warning", "high", "critical")
 
 
+_EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_MIN_TS: Final = (_dt.datetime(1, 1, 1, tzinfo=_dt.UTC) - _EPOCH).total_seconds()
+_MAX_TS: Final = (_dt.datetime(9999, 12, 31, 23, 59, 59, 999500, tzinfo=_dt.UTC) - _EPOCH).total_seconds()
+
+
 def rfc3339(ts: float) -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T03:26:39.123Z."""
-    d = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T03:26:39.123Z. Total: a time
+    outside 0001-01-01 .. 9999-12-31 (a sender's bogus clock) is clamped to that range, and NaN
+    reads as the epoch; it never raises."""
+    if not _MIN_TS <= ts <= _MAX_TS:  # also NaN
+        ts = _MIN_TS if ts < _MIN_TS else _MAX_TS if ts > _MAX_TS else 0.0
+    # Epoch plus a timedelta, not fromtimestamp: no platform limits (years before 1970, 32-bit time_t).
+    d = _EPOCH + _dt.timedelta(seconds=ts)
+    return (
+        f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."
+        f"{d.microsecond // 1000:03d}Z"
+    )
 
 
-def alert_id(rule: str, source_key: str, destination_key: str, window_start: float, seq: int) -> str:
-    """Deterministic id: the same rule, key and window give the same id on replay."""
-    raw = f"{rule}|{source_key}|{destination_key}|{int(window_start * 1000)}|{seq}".encode()
+def _ms(t: float) -> int:
+    return int(t * 1000) if abs(t) < 1e15 else 0  # NaN, infinite or absurd: still an id, never a raise
+
+
+def alert_id(
+    rule: str,
+    source_key: str,
+    destination_key: str,
+    window_start: float,
+    seq: int,
+    window_no: int = 0,
+    first_seen: float | None = None,
+) -> str:
+    """Deterministic id of the ``seq``-th alert of one aggregation window of (rule, source,
+    destination). The window is named by when it opened (``window_start``, receive time), its
+    ordinal among the windows one aggregator opened (``window_no``) and the data time of its first
+    violation (``first_seen``): two windows of one key never share all three, and a replay of
+    the same data on the same clock gives the same ids."""
+    first = "" if first_seen is None else str(_ms(first_seen))
+    raw = f"{rule}|{source_key}|{destination_key}|{_ms(window_start)}|{window_no}|{first}|{seq}".encode()
     return hashlib.sha256(raw).hexdigest()[:32]
 
 

@@ -65,6 +65,17 @@ def strip_pod_hash(pod: str) -> str:
     return pod
 
 
+def _ip_of(addr: str) -> str:
+    """``10.0.0.1:5000`` -> ``10.0.0.1``; ``[fe80::1]:5000`` -> ``fe80::1``; a bare IP unchanged.
+    An unbracketed IPv6 address is left whole: its last group cannot be told from a port."""
+    if addr.startswith("["):
+        end = addr.find("]")
+        return addr[1:end] if end > 0 else addr
+    if addr.count(":") == 1:
+        return addr.rsplit(":", 1)[0]
+    return addr
+
+
 class Namer:
     """Resolves identities from node ids, clusters, principals and addresses, with the
     user's mapping (``mesh:`` config) taking precedence. Caches per input string."""
@@ -121,11 +132,17 @@ class Namer:
         return ident
 
     def address(self, addr: str) -> Identity:
-        """The party at ``ip:port``: the user's map, then learned pod IPs, else the bare address."""
+        """The party at ``ip:port``: the user's map, then learned pod IPs, else the bare IP.
+
+        An unnamed party is its IP, never its port: a client's ports are ephemeral (one per
+        connection), so ``ip:port`` would make every connection of one pod a party of its own
+        (an alert each, an identity each). A named party (mapped, or a learned pod IP) keeps the
+        address it was seen at; its key is its service. The hop keeps the full socket
+        (``Hop.conn``), and plaintext_hop puts it in the alert's detail."""
         found = self._addresses.get(addr)
         if found is not None:
             return found
-        ip = addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
+        ip = _ip_of(addr)
         ref = self.mesh.addresses.get(addr) or self.mesh.addresses.get(ip)
         if ref is not None:
             ident = identity(ref.service, ref.namespace, ref.workload, None, addr)
@@ -135,7 +152,7 @@ class Namer:
                 ident = identity(learned.service, learned.namespace, learned.workload, None, addr)
             else:
                 # Not cached: the pod's sidecar may connect later and teach us its IP.
-                return identity(None, None, None, None, addr)
+                return identity(None, None, None, None, ip)
         if len(self._addresses) < 100_000:
             self._addresses[addr] = ident
         return ident

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ def _is_silence(alert: dict[str, Any]) -> bool:
     return alert["rule"] == "missing_access_log" and not alert["evidence"].get("examples")
 
 
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[str, Any]]:
     return daemon.alerts()[before:]
 
@@ -81,6 +86,7 @@ def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[st
 def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
     before = len(daemon.alerts())
     scenario.drive(mesh)
+    driven_at = time.time()
 
     def all_expected_in() -> bool:
         got = _new_alerts(daemon, before, scenario)
@@ -90,6 +96,12 @@ def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
         f"{scenario.title}: expected {scenario.expected}, got:\n"
         + "\n".join(one_line(a) for a in _new_alerts(daemon, before, scenario))
     )
+    # Some alerts must come while the traffic goes on (a silent sidecar under steady traffic),
+    # not only once it stopped.
+    for e in scenario.expected:
+        if e.during_traffic:
+            when = [_epoch(a["emitted_at"]) for a in _new_alerts(daemon, before, scenario) if e.matches(a)]
+            assert when and min(when) <= driven_at, f"{scenario.title}: {e} came {min(when) - driven_at:.1f} s late"
     time.sleep(QUIET_SECS)
     got = _new_alerts(daemon, before, scenario)
     unexpected = [a for a in got if not any(e.matches(a) for e in scenario.expected)]

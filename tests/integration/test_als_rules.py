@@ -52,7 +52,9 @@ async def test_plaintext_without_pairing_waits_then_names_the_address(daemon: Da
     await als.stream(daemon.grpc, [als.http_message([e], als.identifier("reviews"))])
     got = daemon.wait_alerts(bool, timeout=5)
     assert [a["rule"] for a in got] == ["plaintext_hop"]
-    assert got[0]["source"]["address"] == "10.9.9.9:5555"
+    # Keyed by IP, not by the ephemeral port (issue 10, defect 9); the socket is in the detail.
+    assert got[0]["source"]["address"] == "10.9.9.9"
+    assert "from 10.9.9.9:5555" in got[0]["evidence"]["detail"]
 
 
 async def test_plaintext_tcp_entry_alerts(daemon: Daemon) -> None:

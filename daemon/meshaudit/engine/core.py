@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, Protocol
 
-from meshaudit.config import Config, Policy, RuleName
+from meshaudit import metrics
+from meshaudit.config import Config, EngineConfig, Policy, RuleName
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.store import GenStore, Store, TTLStore
 from meshaudit.model import (
@@ -20,12 +21,14 @@ from meshaudit.model import (
     ALS_TCP,
     OTEL_LOG,
     OUTBOUND,
+    SEVERITIES,
     SPAN,
     Alert,
     Example,
     Hop,
     Identity,
     alert_id,
+    identity,
 )
 from meshaudit.naming import Namer
 
@@ -60,7 +63,7 @@ Emit = Callable[[Violation], None]
 class Correlation:
     """What the access logs showed recently, shared by all rules. Bounded stores only."""
 
-    def __init__(self, ttl: float, max_items: int) -> None:
+    def __init__(self, ttl: float, max_items: int, horizon: float = 0.0) -> None:
         # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
         # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
         self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
@@ -71,10 +74,13 @@ class Correlation:
         self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
-        # The logged_* stores serve only span joins (missing_access_log). While no span has come
-        # for a TTL they are not written; when spans resume, spans that started before the
-        # index did are not judged (their access logs may have come while it was off).
+        # The logged_* stores serve only span joins (missing_access_log). They are written while
+        # a span arrived within the horizon (``span_index_horizon_secs``, at least a TTL; from
+        # start-up, for one horizon). When spans resume after a longer pause, spans that started
+        # before the index did cannot be joined (their access logs may have come while it was
+        # off): missing_access_log judges those against ``sidecar_last_log`` instead.
         self.ttl = ttl
+        self.horizon = max(ttl, horizon)
         self.index_logged_until: float | None = None  # None: not started yet
         self.logged_since = float("-inf")
         self.spans_at = float("-inf")  # when this process last received a span itself
@@ -92,7 +98,7 @@ class Correlation:
         until = self.index_logged_until
         if until is not None and now >= until:
             self.logged_since = now
-        self.index_logged_until = max(until or now, now + self.ttl)
+        self.index_logged_until = max(until or now, now + self.horizon)
         if not remote:
             self.spans_at = now
 
@@ -109,7 +115,7 @@ class Correlation:
         observers = self.sidecar_last_log.writable()
         last_observer = None
         if self.index_logged_until is None:
-            self.index_logged_until = now + self.ttl
+            self.index_logged_until = now + self.horizon
         logged = now < self.index_logged_until
         for h in hops:
             if h.origin == SPAN:
@@ -208,6 +214,7 @@ class PeerRule(Protocol):
 
 
 LOGGED_ORIGINS = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
+BUDGET_PARTY: Final = identity("meshaudit")  # source and destination of an alert_budget_exceeded alert
 
 
 class _AggState:
@@ -219,14 +226,18 @@ class _AggState:
         "examples",
         "first_seen",
         "last_seen",
+        "opened_at",
+        "opened_first",
         "rule",
         "seq",
         "severity",
         "src",
         "summary",
+        "suppressed",
+        "window_no",
     )
 
-    def __init__(self, v: Violation) -> None:
+    def __init__(self, v: Violation, now: float, window_no: int) -> None:
         self.summary = v.summary
         self.rule = v.rule
         self.severity = v.severity
@@ -239,6 +250,12 @@ class _AggState:
         self.emitted_count = 0
         self.seq = 0
         self.examples: list[Example] = []
+        # What names the window in its alerts' ids: when it opened (receive time), its ordinal
+        # among the aggregator's windows, and the data time of its first violation.
+        self.opened_at = now
+        self.window_no = window_no
+        self.opened_first = v.when
+        self.suppressed = False  # an alert of this window was held back by the alert budget
 
 
 SUMMARIES: dict[str, str] = {
@@ -248,20 +265,67 @@ SUMMARIES: dict[str, str] = {
     "missing_access_log": "Traffic from {src} reached {dst} with no access log from its sidecar",
 }
 
+BUDGET_RULE: Final = "alert_budget_exceeded"
+_SEVERITY_RANK: Final = {s: i for i, s in enumerate(SEVERITIES)}
+_DEFAULT_BUDGET: Final[int] = EngineConfig.model_fields["alert_budget_per_window"].default
+
+
+class _Windows(TTLStore[tuple[str, str, str], _AggState]):
+    """The alert windows; expiring them first closes the alert budget's window when it is due
+    (the daemon and the coordinator both call ``states.expire`` on every tick)."""
+
+    __slots__ = ("before_expire",)
+
+    def __init__(
+        self,
+        ttl: float,
+        max_items: int,
+        on_expire: Callable[[tuple[str, str, str], _AggState, float], None],
+        before_expire: Callable[[float], None],
+    ) -> None:
+        super().__init__("alert_windows", ttl, max_items, on_expire)
+        self.before_expire = before_expire
+
+    def expire(self, now: float) -> int:
+        self.before_expire(now)
+        return super().expire(now)
+
 
 class Aggregator:
-    """One alert per (rule, source, destination) per window of ``suppress_secs``."""
+    """One alert per (rule, source, destination) per window of ``suppress_secs``, and at most
+    ``alert_budget`` alerts per budget window (``suppress_secs`` from the first alert after the
+    previous one closed) across all keys: the excess is counted and reported in one
+    ``alert_budget_exceeded`` alert when the budget window closes, so the output is bounded
+    whatever the input."""
 
-    def __init__(self, suppress_secs: int, max_examples: int, max_items: int) -> None:
+    def __init__(
+        self, suppress_secs: int, max_examples: int, max_items: int, alert_budget: int = _DEFAULT_BUDGET
+    ) -> None:
         self.window = suppress_secs
         self.max_examples = max_examples
-        self.states: TTLStore[tuple[str, str, str], _AggState] = TTLStore(
-            "alert_windows", suppress_secs, max_items, self._close
+        self.states: TTLStore[tuple[str, str, str], _AggState] = _Windows(
+            suppress_secs, max_items, self._close, self._roll_budget
         )
         # One request seen by both sidecars must count once: (rule, request id) recently counted.
         self.counted: GenStore[tuple[str, str], bool] = GenStore("counted_requests", 300, max_items)
         self.out: list[Alert] = []
         self.violations: dict[str, int] = {}
+        self.windows_opened = 0  # ordinal of the next window, part of its alerts' ids
+        # The alert budget: alerts emitted in the current budget window, and what it held back.
+        self.budget = alert_budget
+        self.budget_windows = 0
+        self._budget_start: float | None = None
+        self._budget_used = 0
+        self._held: dict[str, int] = {}  # rule -> alerts held back in this budget window
+        self._held_keys = 0
+        self._held_severity = SEVERITIES[0]
+        self._held_first = float("inf")
+        self._held_last = float("-inf")
+        self.suppressed: dict[str, int] = {}  # rule -> alerts held back since start (a metric)
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig) -> Aggregator:
+        return cls(engine.suppress_secs, engine.examples, engine.store_max_items, engine.alert_budget_per_window)
 
     def add(self, v: Violation, now: float) -> None:
         h = v.hop
@@ -275,7 +339,8 @@ class Aggregator:
         st = self.states.get(key)
         fresh = st is None
         if st is None:
-            st = _AggState(v)
+            st = _AggState(v, now, self.windows_opened)
+            self.windows_opened += 1
             self.states.put(key, st, now)  # the TTL is the window: closing it is the expire hook
         st.count += 1
         st.last_seen = max(st.last_seen, v.when)
@@ -286,6 +351,8 @@ class Aggregator:
             self._emit(st, now)
 
     def _emit(self, st: _AggState, now: float) -> None:
+        if not self._spend_budget(st, now):
+            return
         src, dst = st.src, st.dst
         summary = st.summary or SUMMARIES.get(st.rule, "{rule} from {src} to {dst}").format(
             rule=st.rule, src=src.key, dst=dst.key
@@ -294,7 +361,7 @@ class Aggregator:
             summary += f" ({st.count} times in {self.window} s)"
         self.out.append(
             Alert(
-                id=alert_id(st.rule, src.key, dst.key, st.first_seen, st.seq),
+                id=alert_id(st.rule, src.key, dst.key, st.opened_at, st.seq, st.window_no, st.opened_first),
                 rule=st.rule,
                 severity=st.severity,
                 summary=summary + ".",
@@ -312,9 +379,70 @@ class Aggregator:
         st.emitted_count = st.count
         st.seq += 1
 
+    # --- the alert budget ---------------------------------------------------------------------
+    def _spend_budget(self, st: _AggState, now: float) -> bool:
+        """True when the alert may go out; else it is counted as held back."""
+        self._roll_budget(now)
+        if self._budget_start is None:
+            self._budget_start = now
+        if self._budget_used < self.budget:
+            self._budget_used += 1
+            return True
+        rule = st.rule
+        self._held[rule] = self._held.get(rule, 0) + 1
+        self.suppressed[rule] = self.suppressed.get(rule, 0) + 1
+        metrics.ALERTS_SUPPRESSED.labels(rule).inc()
+        if not st.suppressed:
+            st.suppressed = True
+            self._held_keys += 1
+        if _SEVERITY_RANK.get(st.severity, 0) > _SEVERITY_RANK[self._held_severity]:
+            self._held_severity = st.severity
+        self._held_first = min(self._held_first, st.first_seen)
+        self._held_last = max(self._held_last, st.last_seen)
+        return False
+
+    def _roll_budget(self, now: float) -> None:
+        """Close the budget window when it is over: one alert for what it held back."""
+        start = self._budget_start
+        if start is None or now < start + self.window:
+            return
+        held = sum(self._held.values())
+        if held:
+            top = sorted(self._held.items(), key=lambda kv: (-kv[1], kv[0]))
+            rules = ", ".join(f"{r} {n}" for r, n in top[:5])
+            me = BUDGET_PARTY
+            self.out.append(
+                Alert(
+                    id=alert_id(BUDGET_RULE, me.key, me.key, start, 0, self.budget_windows),
+                    rule=BUDGET_RULE,
+                    severity=self._held_severity,
+                    summary=f"More than {self.budget} alerts in {self.window} s: {held} alerts "
+                    f"({self._held_keys} source/destination pairs) were held back; by rule: {rules}.",
+                    source=me,
+                    destination=me,
+                    count=held,
+                    first_seen=self._held_first,
+                    last_seen=self._held_last,
+                    window_secs=self.window,
+                    examples=[],
+                    detail=f"engine.alert_budget_per_window is {self.budget}; held back by rule: {rules}",
+                    emitted_at=now,
+                )
+            )
+        self.budget_windows += 1
+        self._budget_start = None
+        self._budget_used = 0
+        self._held = {}
+        self._held_keys = 0
+        self._held_severity = SEVERITIES[0]
+        self._held_first = float("inf")
+        self._held_last = float("-inf")
+
     def _close(self, key: tuple[str, str, str], st: _AggState, now: float) -> None:
-        if st.count > st.emitted_count:
-            self._emit(st, now)  # the window's summary: the full count
+        # The window's summary, with the full count; not for a window the budget held back (the
+        # budget's alert reported it: one alert held back, never counted twice).
+        if st.count > st.emitted_count and not st.suppressed:
+            self._emit(st, now)
 
     def drain(self) -> list[Alert]:
         out, self.out = self.out, []
@@ -332,11 +460,13 @@ class Engine:
 
         self.config = config
         corr_ttl = max(60.0, config.rules.missing_access_log.grace_ms / 1000 * 4)
-        self.corr = Correlation(corr_ttl, config.engine.store_max_items)
+        self.corr = Correlation(
+            corr_ttl, config.engine.store_max_items, config.rules.missing_access_log.span_index_horizon_secs
+        )
         self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
         self.ctx.peers = peers
         self.rules: list[Rule] = build_rules(self.ctx)
-        self.agg = Aggregator(config.engine.suppress_secs, config.engine.examples, config.engine.store_max_items)
+        self.agg = Aggregator.from_config(config.engine)
         self.forwarded: list[Violation] = []
         self._emit: Emit = self.forwarded.append if peers else self._on_violation
         self._now = 0.0
@@ -411,6 +541,7 @@ class Engine:
 
 
 __all__ = [
+    "BUDGET_RULE",
     "LOGGED_ORIGINS",
     "NO_ANSWER",
     "Aggregator",

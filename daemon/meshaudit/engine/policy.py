@@ -1,5 +1,6 @@
-"""The compiled policy: glob patterns turned into regexes once, answers cached per interned
-identity (a mesh has few parties, so the caches stay small; they are bounded anyway).
+"""The compiled policy: glob patterns turned into regexes once, answers cached per party
+(``Identity.uid``: by value, so one party interned twice shares its entries; a mesh has few
+parties, so the caches stay small; they are bounded anyway).
 
 A pattern matches a party when it matches any of its names: ``service.namespace``, service,
 SPIFFE principal, workload or address. In path patterns ``*`` matches any characters,
@@ -30,12 +31,13 @@ class PartyMatcher:
     def __init__(self, patterns: Sequence[str]) -> None:
         self._re = _compile(patterns)
         self._match_all = "*" in patterns
-        self._cache: dict[Identity, bool] = {}
+        self._cache: dict[str, bool] = {}  # by Identity.uid
 
     def __call__(self, party: Identity) -> bool:
         if self._match_all:
             return True
-        found = self._cache.get(party)
+        uid = party.uid
+        found = self._cache.get(uid)
         if found is not None:
             return found
         m = self._re.match
@@ -45,7 +47,7 @@ class PartyMatcher:
         )
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
-        self._cache[party] = ok
+        self._cache[uid] = ok
         return ok
 
 
@@ -109,12 +111,12 @@ class CompiledPolicy:
         self.policy = policy
         self.has_edges = policy.edges is not None
         self._edges = [(PartyMatcher(e.from_), PartyMatcher(e.to)) for e in policy.edges or ()]
-        # source -> destination -> allowed: two lookups, no key tuple per hop (UnexpectedEdge
-        # reads it directly on its hot path, and calls edge_allowed on a miss)
-        self.edge_cache: dict[Identity, dict[Identity, bool]] = {}
-        # destination -> method -> the paths allowed for it (None key: any other method), or
+        # source uid -> destination uid -> allowed: two lookups, no key tuple per hop
+        # (UnexpectedEdge reads it directly on its hot path, and calls edge_allowed on a miss)
+        self.edge_cache: dict[str, dict[str, bool]] = {}
+        # destination uid -> method -> the paths allowed for it (None key: any other method), or
         # None when no route policy covers the destination
-        self.route_cache: dict[Identity, dict[str | None, PathMatcher] | None] = {}
+        self.route_cache: dict[str, dict[str | None, PathMatcher] | None] = {}
         self._routes = [
             _Route(PartyMatcher(r.to), [(frozenset(a.methods), PathMatcher(a.paths)) for a in r.allow])
             for r in policy.routes
@@ -127,27 +129,27 @@ class CompiledPolicy:
         self.has_mesh_services = bool(policy.mesh_services)
 
     def edge_allowed(self, src: Identity, dst: Identity) -> bool:
-        by_dst = self.edge_cache.get(src)
+        by_dst = self.edge_cache.get(src.uid)
         if by_dst is not None:
-            found = by_dst.get(dst)
+            found = by_dst.get(dst.uid)
             if found is not None:
                 return found
         else:
             if len(self.edge_cache) >= _CACHE_LIMIT:
                 self.edge_cache.clear()
-            by_dst = self.edge_cache[src] = {}
+            by_dst = self.edge_cache[src.uid] = {}
         ok = any(f(src) and t(dst) for f, t in self._edges)
         if len(by_dst) >= _CACHE_LIMIT:
             by_dst.clear()
-        by_dst[dst] = ok
+        by_dst[dst.uid] = ok
         return ok
 
     def route_check(self, dst: Identity) -> dict[str | None, PathMatcher] | None:
         """The paths allowed on ``dst`` per method (None key: any other method), cached; None when
         no route policy covers ``dst``. UnexpectedPath reads ``route_cache`` directly on a hit."""
         cache = self.route_cache
-        if dst in cache:
-            return cache[dst]
+        if dst.uid in cache:
+            return cache[dst.uid]
         check: dict[str | None, PathMatcher] | None = None
         allows = [(methods, paths) for r in self._routes if r.dst(dst) for methods, paths in r.allow]
         if allows:
@@ -160,7 +162,7 @@ class CompiledPolicy:
             }
         if len(cache) >= _CACHE_LIMIT:
             cache.clear()
-        cache[dst] = check
+        cache[dst.uid] = check
         return check
 
     def exempt(self, rule: RuleName, src: Identity, dst: Identity, path: str | None) -> bool:

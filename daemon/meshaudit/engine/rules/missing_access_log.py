@@ -13,6 +13,10 @@ A span waits in a bounded store; the access log arriving removes it; expiry is t
 (the store's on-expire hook). With ``workers: N`` the log may have reached another worker:
 at the end of the grace the workers are asked first, in one batch per tick. Also: a sidecar
 whose logs went silent for ``silent_secs`` while spans show its service still serving.
+
+A span that started before the access-log index was on (spans resumed after a pause longer than
+``span_index_horizon_secs``) cannot be joined to its own log; it is judged against each sidecar's
+last log instead: it alerts when that sidecar logged nothing at all since the span started.
 """
 
 from __future__ import annotations
@@ -37,15 +41,24 @@ class MissingAccessLog:
             "spans_awaiting_access_log", grace, ctx.max_items, self._expired
         )
         self.grace = grace
+        # Spans the index cannot join (see the module doc), judged on expiry against the
+        # sidecar's last log; one second more than the grace: with workers, each sidecar's last
+        # log is shared once a second.
+        self.unjoined: TTLStore[tuple[str, str], Hop] = TTLStore(
+            "spans_awaiting_any_access_log", grace + 1.0, ctx.max_items, self._expired_unjoined
+        )
         # service key -> latest start time (the span's own clock) of a span showing it serving
         self.last_span: GenStore[str, float] = GenStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
+        # service key -> start of the first span seen (at a tick) that started more than the grace
+        # after the sidecar's last log: the evidence of silence, however many spans come after it.
+        self.silent_from: dict[str, float] = {}
         # span id -> the service that made the call: names the source of a bypassed request
         # from the parent span in the same trace.
         self.client_spans: GenStore[str, Identity] = GenStore("client_spans", max(60.0, grace * 4), ctx.max_items)
 
     def stores(self) -> list[Store]:
-        return [self.pending, self.last_span, self.client_spans]
+        return [self.pending, self.unjoined, self.last_span, self.client_spans]
 
     def _seen_serving(self, svc: str, h: Hop, now: float) -> None:
         last = self.last_span.get(svc)
@@ -85,7 +98,11 @@ class MissingAccessLog:
                     continue
                 svc = h.dst.key
                 self._seen_serving(svc, h, now)
-                if not self._is_mesh(h) or not corr.judgeable(h.start):
+                if not self._is_mesh(h):
+                    continue
+                if not corr.judgeable(h.start):
+                    h.detach()
+                    self.unjoined.add((h.trace_id or h.request_id or str(id(h)), svc), h, now)
                     continue
                 if h.request_id and (h.request_id, svc) in corr.logged_rid:
                     continue
@@ -99,10 +116,13 @@ class MissingAccessLog:
                 if h.direction == INBOUND:
                     self._seen_serving(svc, h, now)
                 rid = h.request_id
-                if not rid or (rid, svc) in corr.logged_rid or not corr.judgeable(h.start):
+                if not rid or (rid, svc) in corr.logged_rid:
                     continue
                 h.detach()
-                pending.add((rid, svc), h, now)
+                if corr.judgeable(h.start):
+                    pending.add((rid, svc), h, now)
+                else:
+                    self.unjoined.add((rid, svc), h, now)
 
     def _source(self, h: Hop, remote: Identity | None = None) -> Identity:
         """Who sent the unlogged request: the client sidecar's entry for the same request id,
@@ -114,9 +134,9 @@ class MissingAccessLog:
                 return paired
             if h.parent_span_id:
                 parent = self.client_spans.get(h.parent_span_id)
-                if parent is not None and parent is not h.dst:
+                if parent is not None and parent != h.dst:
                     return parent
-            if remote is not None and remote is not h.dst:
+            if remote is not None and remote != h.dst:
                 return remote
         return h.src
 
@@ -126,6 +146,13 @@ class MissingAccessLog:
             q = PeerQuery(h.request_id, h.trace_id if app_span else None, key[1], h.start, h.conn, h.parent_span_id)
             self.ctx.deferred.append(Deferred(self, h, q))
         elif self._emit is not None:
+            self._alert(h, None, self._emit)
+
+    def _expired_unjoined(self, key: tuple[str, str], h: Hop, now: float) -> None:
+        """A span the index could not join: alert only when its sidecar logged nothing at all
+        since the span started (1 s allowed for clock skew); else it cannot be told."""
+        logged_at = self.ctx.corr.sidecar_last_log.get(key[1])
+        if (logged_at is None or logged_at < h.start - 1.0) and self._emit is not None:
             self._alert(h, None, self._emit)
 
     def finish(self, h: Hop, answer: PeerAnswer, emit: Emit) -> None:
@@ -145,18 +172,27 @@ class MissingAccessLog:
     def on_tick(self, now: float, emit: Emit) -> None:
         self._emit = emit
         self.pending.expire(now)
+        self.unjoined.expire(now)
         last_log = self.ctx.corr.sidecar_last_log
         silent = self.cfg.silent_secs
+        grace = self.grace
+        silent_from = self.silent_from
         for svc, span_at in self.last_span.items():
             logged_at = last_log.get(svc)
             # Silent: no log for silent_secs, yet a span shows traffic that *started* after the
             # last log arrived, by more than the grace (flush interval plus clock skew). An idle
             # sidecar's last spans are older than its last log, so idleness is not silence.
-            # And the newest span's own access log has had the grace to arrive: spans may be
-            # flushed sooner than access logs.
-            if logged_at is None or now - logged_at < silent or span_at <= logged_at + self.grace:
+            if logged_at is None or span_at <= logged_at + grace:
+                if svc in silent_from:
+                    del silent_from[svc]
                 continue
-            if now - span_at < self.grace:
+            # The first such span is the evidence, once its own access log has had the grace to
+            # arrive (spans may be flushed sooner than access logs). Not the newest span: under
+            # steady traffic the newest is always younger than the grace.
+            first = silent_from.get(svc)
+            if first is None or first <= logged_at + grace:  # none yet, or the sidecar logged since
+                first = silent_from[svc] = span_at
+            if now - logged_at < silent or now - first < grace:
                 continue
             if self.silence_reported.get(svc) == logged_at:
                 continue

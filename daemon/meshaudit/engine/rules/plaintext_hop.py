@@ -38,15 +38,10 @@ class PlaintextHop:
 
     def _violation(self, h: Hop, src: Identity) -> Violation:
         what = "TCP connection" if h.method is None else "request"
-        return Violation(
-            "plaintext_hop",
-            self.cfg.severity,
-            src,
-            h.dst,
-            h,
-            f"{what} arrived without TLS at {h.upstream_cluster or h.observer}",
-            h.start,
-        )
+        detail = f"{what} arrived without TLS at {h.upstream_cluster or h.observer}"
+        if src.service is None and src.principal is None and h.conn:
+            detail += f" from {h.conn}"  # the source is keyed by its IP; the socket is evidence
+        return Violation("plaintext_hop", self.cfg.severity, src, h.dst, h, detail, h.start)
 
     def _check(self, h: Hop, src: Identity, emit: Emit) -> None:
         if not self.ctx.policy.exempt("plaintext_hop", src, h.dst, h.path):

@@ -70,8 +70,8 @@ class UnexpectedEdge:
                     continue
                 detail = "edge not in the baseline learned at start-up"
             else:
-                by_dst = edge_cache.get(src)
-                ok = by_dst.get(dst) if by_dst is not None else None
+                by_dst = edge_cache.get(src.uid)
+                ok = by_dst.get(dst.uid) if by_dst is not None else None
                 if ok or (ok is None and policy.edge_allowed(src, dst)):
                     continue
                 detail = "no policy edge allows it"
@@ -104,7 +104,8 @@ class UnexpectedPath:
                 continue
             dst = h.dst
             # route_check()'s cache hit, inlined: this loop runs for every HTTP entry
-            check = cache[dst] if dst in cache else policy.route_check(dst)
+            uid = dst.uid
+            check = cache[uid] if uid in cache else policy.route_check(dst)
             if check is None or (check.get(method) or check[None])(h.path):
                 continue
             src = _source(ctx, h) or h.src
