@@ -349,8 +349,7 @@ class Coordinator:
         self.config_path = config_path
         self._listen_as_started = config.listen  # before the ports are bound (port 0 stays 0)
         self.n = config.workers
-        e = config.engine
-        self.agg = Aggregator(e.suppress_secs, e.examples, e.store_max_items)
+        self.agg = Aggregator.from_config(config.engine)
         self.sinks = build_sinks(config.sinks)
         self.workers = {i: _Worker(i) for i in range(self.n)}
         self.fanouts: dict[int, _Fanout] = {}
@@ -600,8 +599,7 @@ class Coordinator:
         old = self.config
         if (config.workers, config.listen, config.sinks) != (old.workers, self._listen_as_started, old.sinks):
             log.warning("Workers, listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        e = config.engine
-        self.agg = Aggregator(e.suppress_secs, e.examples, e.store_max_items)
+        self.agg = Aggregator.from_config(config.engine)
         self.config = config.model_copy(update={"workers": self.n, "listen": self.config.listen})
         self.policy = policy
         self.baseline.clear()

@@ -180,3 +180,19 @@ def test_port_in_use_exits_one_with_no_worker_left(workers2: Daemon, tmp_path: P
         time.sleep(0.1)
     assert left() == []  # its workers stopped with it
     assert len(_worker_pids(workers2)) == 2  # the running daemon's workers, untouched
+
+
+async def test_the_alert_budget_holds_with_workers(tmp_path: Path) -> None:
+    """The coordinator's one aggregator applies ``engine.alert_budget_per_window``: ten distinct
+    violating pairs with a budget of three give three alerts, then one budget summary."""
+    cfg = deep_merge(WORKERS_CONFIG, {"engine": {"alert_budget_per_window": 3, "suppress_secs": 2}})
+    with running(tmp_path, cfg) as d:
+        for i in range(10):
+            entry = als.inbound_http(f"intruder-{i}", path="/reviews/1")
+            await als.stream(d.grpc, [als.http_message([entry], als.identifier("reviews"))])
+        got = await asyncio.to_thread(d.wait_alerts, lambda a: any(x["rule"] == "alert_budget_exceeded" for x in a), 10)
+        edges = _by_rule(got, "unexpected_edge")
+        assert len(edges) == 3, got
+        [summary] = _by_rule(got, "alert_budget_exceeded")
+        assert summary["evidence"]["count"] == 7, summary
+        assert d.metric("meshaudit_alerts_suppressed_total") == 7
