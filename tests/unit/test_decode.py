@@ -324,3 +324,16 @@ def test_a_start_time_out_of_range_is_the_receive_time_and_counted(start: float)
     [h2] = _decode(als.http_message([ok], als.identifier("reviews")))
     assert h2.start == pytest.approx(t0 - 86_400 * 30, abs=1e-3)
     assert counted._value.get() == before + 1
+
+
+def test_an_unnamed_ipv6_source_is_its_address_whatever_its_port() -> None:
+    """IPv6 sockets are bracketed, so the ephemeral port never becomes part of the party."""
+    hops = [
+        h
+        for port in (41000, 41001)
+        for h in _decode(
+            als.http_message([als.inbound_http(None, path="/x", remote=f"fd00::7:{port}")], als.identifier("reviews"))
+        )
+    ]
+    assert [h.conn for h in hops] == ["[fd00::7]:41000", "[fd00::7]:41001"]
+    assert {h.src.key for h in hops} == {"fd00::7"}

@@ -68,11 +68,13 @@ ZERO_TRACE = "0" * 32
 
 
 def _addr(a: Any) -> str | None:
-    """config.core.v3.Address -> "ip:port" (or pipe path), None when unset."""
+    """config.core.v3.Address -> "ip:port", "[ipv6]:port" (or pipe path), None when unset. IPv6 is
+    bracketed, so that the port can be told from the address's last group."""
     which = a.WhichOneof("address")
     if which == "socket_address":
         s = a.socket_address
-        return f"{s.address}:{s.port_value}"
+        ip = s.address
+        return f"[{ip}]:{s.port_value}" if ":" in ip else f"{ip}:{s.port_value}"
     if which == "pipe":
         return str(a.pipe.path)
     return None
