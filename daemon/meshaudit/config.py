@@ -68,7 +68,7 @@ class ReceiversConfig(_Strict):
         300, gt=0, description="Envoy's ALS streams never end; closing them lets clients rebalance."
     )
     grpc_max_connection_age_grace_secs: float = Field(30, ge=0)
-    # Bounds on what a client can hold or send (README "Bad input and limits").
+    # Bounds on what a client can hold or send (README "Limits").
     http_header_timeout_ms: int = Field(
         10_000,
         ge=100,
