@@ -1,7 +1,7 @@
-"""Issue 10 ("An auditor that cannot be silenced"), the engine's part, on a fake clock: hops in,
-alerts out. Alert ids unique per window (4), one alert per unnamed client IP and a global alert
-budget (9), a sparse tracer judged (12), a sidecar silent under steady traffic reported (13), one
-party one identity across an intern-table reset (14), and timestamps that never raise."""
+"""The engine under hostile or unusual input, on a fake clock: hops in, alerts out. Alert ids
+unique per window and stable on replay, one alert per unnamed client IP, a global alert budget
+that bounds the output, a sparse tracer judged, a sidecar silent under steady traffic reported,
+one party one identity across an intern-table reset, and timestamps that never raise."""
 
 from __future__ import annotations
 
