@@ -60,7 +60,7 @@ ENCODINGS = frozenset(("", "identity", "gzip", "deflate"))  # what aiohttp undoe
 # google.rpc.Code for each HTTP status we answer with.
 RPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
 _CLOSE = "meshaudit.close"  # request key: close the connection once the answer is written
-_DRAIN_SECS, _DRAIN_BYTES = 1.0, 1 << 20  # the most read of a refused body to keep its connection
+_DRAIN_SECS, _DRAIN_BYTES = 2.0, 64 << 20  # the most read of a refused body, so its sender reads the answer
 
 
 @web.middleware
