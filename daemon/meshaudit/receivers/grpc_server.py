@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
@@ -60,6 +60,14 @@ class _Bad:
         self.details = details
 
 
+class Received(NamedTuple):
+    """A decoded request message and its size on the wire (for the byte-bounded ingest queue;
+    asking protobuf for the size again would cost as much as parsing it)."""
+
+    msg: Any
+    nbytes: int
+
+
 UNDECODABLE: Final = _Bad(grpc.StatusCode.INVALID_ARGUMENT, "the message does not decode")
 TOO_LARGE: Final = _Bad(grpc.StatusCode.RESOURCE_EXHAUSTED, "the message is over the size limit")
 
@@ -80,7 +88,7 @@ def _counting(parse: Callable[[bytes], Any], receiver: str, max_bytes: int) -> C
             )
             return TOO_LARGE
         try:
-            return parse(data)
+            return Received(parse(data), len(data))
         except Exception as exc:  # DecodeError, or anything else: never into gRPC
             undecodable.inc()
             _bad.warning(
@@ -105,14 +113,14 @@ def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Bad):
             await _abort(request, context)
-        return await handler(request, context)
+        return await handler(request.msg, request.nbytes, context)
 
     return checked
 
 
 def _stream(handler: Callable[..., Any]) -> Callable[..., Any]:
     """A stream-unary handler whose stream ends with the refused message's status: ``handler``
-    (the ALS servicer) never sees a sentinel."""
+    (the ALS servicer) never sees a sentinel, only :class:`Received` messages."""
 
     async def checked(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def messages() -> AsyncIterator[Any]:
@@ -146,7 +154,9 @@ class OtlpGrpc:
             self._busy.inc(len(hops))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "meshaudit ingest queue is full; retry later")
 
-    async def _export(self, req: Any, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]) -> int:
+    async def _export(
+        self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]
+    ) -> int:
         self._messages.inc()
         hops: list[Hop] = []
         check = Check(self.max_entries, self.max_skew)
@@ -164,15 +174,15 @@ class OtlpGrpc:
                 "%d OTLP/gRPC span or log times were implausible: receive time used.",
                 check.clamped,
             )
-        await self._offer(hops, req.ByteSize() if hops else 0, context)
+        await self._offer(hops, nbytes, context)
         return n
 
-    async def export_traces(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        self._spans.inc(await self._export(req, context, decode_traces))
+    async def export_traces(self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._spans.inc(await self._export(req, nbytes, context, decode_traces))
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    async def export_logs(self, req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        self._logs.inc(await self._export(req, context, decode_logs))
+    async def export_logs(self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._logs.inc(await self._export(req, nbytes, context, decode_logs))
         return logs_service_pb2.ExportLogsServiceResponse()
 
 

@@ -57,7 +57,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         metrics.STREAMS_ACTIVE.inc()
         peer = context.peer()
         try:
-            async for msg in request_iterator:
+            async for msg, nbytes in request_iterator:  # grpc_server.Received: message, wire size
                 self._messages.inc()
                 if msg.HasField("identifier"):
                     ident = msg.identifier
@@ -109,10 +109,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     hops: list[Hop] = []
                     decode(entries, ctx, self.namer, hops)
                     received.inc(len(hops))
-                    if hops and not self.queue.offer(hops, nbytes=msg.ByteSize()):
+                    if hops and not self.queue.offer(hops, nbytes=nbytes):
                         self._dropped.inc(len(hops))
                 else:
-                    await self._sliced(entries, n, msg.ByteSize(), decode, ctx, received)
+                    await self._sliced(entries, n, nbytes, decode, ctx, received)
         finally:
             metrics.STREAMS_ACTIVE.dec()
         return als_pb2.StreamAccessLogsResponse()
