@@ -18,7 +18,7 @@ from typing import Any
 
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
-from meshaudit.engine.core import Engine
+from meshaudit.engine.setup import build_engine
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
@@ -84,7 +84,7 @@ def als(per: int, seconds: float) -> dict[str, float]:
             decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
         return len(hops)
 
-    engine = Engine(cfg, cfg.policy)
+    engine = build_engine(cfg, cfg.policy)
     enamer = engine.namer
     ectxs = [
         StreamContext(enamer, corpus.node_id(s, ns, i, 0), f"{s}.{ns}", "envoy_accesslog")
@@ -127,7 +127,7 @@ def otlp(seconds: float) -> dict[str, float]:
         hops: list[Hop] = []
         return decode_traces(ExportTraceServiceRequest.FromString(exports[i % n]), namer, hops)
 
-    engine = Engine(cfg, cfg.policy)
+    engine = build_engine(cfg, cfg.policy)
     clock = [1_800_000_000.0]
 
     def full(i: int) -> int:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, load
-from meshaudit.engine.core import Engine
+from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop, alert_id, identity
@@ -196,7 +196,7 @@ class Daemon:
         self.policy = policy
         self.config_path = config_path
         self.link = link
-        self.engine = Engine(config, policy, peers=link is not None)
+        self.engine = build_engine(config, policy, peers=link is not None)
         r = config.receivers
         self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
         self.core = CoreTasks(self._core_task_died)
@@ -333,7 +333,7 @@ class Daemon:
         config, policy = loaded
         if config.listen != self.config.listen or config.sinks != self.config.sinks:
             log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        self.engine = Engine(config, policy, peers=self.link is not None)
+        self.engine = build_engine(config, policy, peers=self.link is not None)
         self.config, self.policy = config, policy
         if self.link is None:  # a worker reloads when its coordinator says; that one counts
             metrics.CONFIG_RELOADS.labels("ok").inc()

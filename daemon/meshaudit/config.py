@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from meshaudit.engine.rules import REGISTRY, RULE_NAMES
 from meshaudit.sinks.jsonl import JsonlConfig
 from meshaudit.sinks.kafka import KafkaConfig
 from meshaudit.sinks.mqtt import MqttConfig
-
-Severity = Literal["info", "warning", "high", "critical"]
 
 
 class ConfigError(Exception):
@@ -146,52 +145,24 @@ class EngineConfig(_Strict):
     )
 
 
-class RuleBase(_Strict):
-    enabled: bool = True
+def _rules_config() -> type[BaseModel]:
+    """``rules:``, one section per registered rule, each the rule's own config model."""
+    fields: dict[str, Any] = {r.name: (r.Config, r.Config()) for r in REGISTRY}
+    model: type[BaseModel] = create_model("RulesConfig", __base__=_Strict, **fields)
+    return model
 
 
-class PlaintextHopConfig(RuleBase):
-    severity: Severity = "high"
-    attribution_wait_ms: int = Field(
-        1500,
-        ge=0,
-        description="How long a plaintext inbound entry with no known source waits for the client "
-        "sidecar's entry of the same request before it alerts with the address alone.",
-    )
+if TYPE_CHECKING:
+    RulesConfig = Any  # built from the registry below; each section is that rule's own model
+else:
+    RulesConfig = _rules_config()
 
 
-class UnexpectedEdgeConfig(RuleBase):
-    severity: Severity = "high"
-    mode: Literal["policy", "learn"] = "policy"
-    learn_secs: int = Field(600, ge=1, description="In learn mode: edges seen this long after start are the baseline.")
-
-
-class UnexpectedPathConfig(RuleBase):
-    severity: Severity = "warning"
-
-
-class MissingAccessLogConfig(RuleBase):
-    severity: Severity = "high"
-    grace_ms: int = Field(
-        3000, ge=0, description="Wait for the access log this long: Envoy flushes every 1 s, plus clock skew."
-    )
-    silent_secs: int = Field(30, ge=1, description="A sidecar silent this long while spans show traffic alerts.")
-    span_index_horizon_secs: int = Field(
-        900,
-        ge=0,
-        description="Access logs are indexed for span joins while a span arrived this recently; a tracer "
-        "that sends less often is judged only against each sidecar's last log (README, span index).",
-    )
-
-
-class RulesConfig(_Strict):
-    plaintext_hop: PlaintextHopConfig = PlaintextHopConfig()
-    unexpected_edge: UnexpectedEdgeConfig = UnexpectedEdgeConfig()
-    unexpected_path: UnexpectedPathConfig = UnexpectedPathConfig()
-    missing_access_log: MissingAccessLogConfig = MissingAccessLogConfig()
-
-
-RuleName = Literal["plaintext_hop", "unexpected_edge", "unexpected_path", "missing_access_log"]
+def _known_rules(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in RULE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown rule {unknown[0]!r}; rules are: {', '.join(sorted(RULE_NAMES))}")
+    return names
 
 
 class EdgeRule(_Strict):
@@ -215,11 +186,13 @@ class RouteRule(_Strict):
 
 
 class Exemption(_Strict):
-    rules: list[RuleName] = Field(min_length=1)
+    rules: list[str] = Field(min_length=1)
     from_: list[str] = Field(default_factory=lambda: ["*"], alias="from")
     to: list[str] = Field(default_factory=lambda: ["*"])
     paths: list[str] = Field(default_factory=lambda: ["*"])
     reason: str = ""
+
+    _rules = field_validator("rules")(_known_rules)
 
 
 class Policy(_Strict):

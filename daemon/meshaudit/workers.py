@@ -69,7 +69,10 @@ from meshaudit.app import (
     tune_gc,
 )
 from meshaudit.config import Config, Policy
-from meshaudit.engine.core import NO_ANSWER, Aggregator, Engine, PeerAnswer, Violation
+from meshaudit.engine.aggregate import Aggregator
+from meshaudit.engine.api import NO_ANSWER, PeerAnswer, Violation
+from meshaudit.engine.core import Engine
+from meshaudit.engine.rules import SUMMARIES
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
 from meshaudit.receivers.sockets import ensure_free
@@ -119,7 +122,7 @@ def violation_from_wire(w: WireViolation) -> Violation:
             0, observer, NOBODY, UNKNOWN, src, dst, when, method=method, path=path, trace_id=trace_id,
             request_id=request_id,
         )  # fmt: skip
-    return Violation(rule, severity, src, dst, hop, detail, when, summary)  # type: ignore[arg-type]
+    return Violation(rule, severity, src, dst, hop, detail, when, summary)
 
 
 def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:
@@ -349,7 +352,7 @@ class Coordinator:
         self.config_path = config_path
         self._listen_as_started = config.listen  # before the ports are bound (port 0 stays 0)
         self.n = config.workers
-        self.agg = Aggregator.from_config(config.engine)
+        self.agg = Aggregator.from_config(config.engine, SUMMARIES)
         self.sinks = build_sinks(config.sinks)
         self.workers = {i: _Worker(i) for i in range(self.n)}
         self.fanouts: dict[int, _Fanout] = {}
@@ -407,7 +410,7 @@ class Coordinator:
 
     def _learn_mode(self) -> bool:
         r = self.config.rules.unexpected_edge
-        return r.enabled and r.mode == "learn"
+        return bool(r.enabled and r.mode == "learn")
 
     # --- messages from workers -------------------------------------------------------------------
     def _send(self, index: int, msg: Message) -> None:
@@ -599,7 +602,7 @@ class Coordinator:
         old = self.config
         if (config.workers, config.listen, config.sinks) != (old.workers, self._listen_as_started, old.sinks):
             log.warning("Workers, listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        self.agg = Aggregator.from_config(config.engine)
+        self.agg = Aggregator.from_config(config.engine, SUMMARIES)
         self.config = config.model_copy(update={"workers": self.n, "listen": self.config.listen})
         self.policy = policy
         self.baseline.clear()

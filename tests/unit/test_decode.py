@@ -15,7 +15,7 @@ from infra import als
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit._proto.meshaudit.alert.v1 import alert_pb2
 from meshaudit.config import Config, MeshConfig
-from meshaudit.engine.core import Engine
+from meshaudit.engine.setup import build_engine
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, ORIGIN_NAMES, OTEL_LOG, OUTBOUND, SPAN, UNKNOWN, Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
@@ -151,7 +151,7 @@ def test_otlp_json_ids_and_unknown_fields() -> None:
 
 
 def test_alert_record_matches_the_published_schema() -> None:
-    e = Engine(Config(), Config().policy)
+    e = build_engine(Config(), Config().policy)
     alerts = e.evaluate(
         _decode(als.http_message([als.inbound_http(None, path="/x", remote="1.2.3.4:5")], als.identifier("reviews"))),
         1.0,
@@ -286,7 +286,7 @@ def test_hops_kept_past_their_batch_read_every_field_first() -> None:
 def test_a_plaintext_tcp_connection_waiting_for_its_client_alerts() -> None:
     """Decoded TCP entries through the engine, inbound first: the inbound waits for the client
     sidecar's entry, then alerts named by it; with no client entry it alerts with the address."""
-    e = Engine(Config(), Config().policy)
+    e = build_engine(Config(), Config().policy)
     [inb] = _decode(als.tcp_message([als.tcp_entry(cluster="inbound|5432||", tls=False)], als.identifier("db")))
     assert e.evaluate([inb], 1_700_000_000.0) == []
     assert [a.rule for a in e.tick(1_700_000_010.0)] == ["plaintext_hop"]
@@ -301,7 +301,7 @@ def test_a_plaintext_tcp_connection_waiting_for_its_client_alerts() -> None:
             als.identifier("reviews"),
         )
     )
-    e2 = Engine(Config(), Config().policy)
+    e2 = build_engine(Config(), Config().policy)
     assert e2.evaluate(inb2, 1_700_000_000.0) == []
     got = e2.evaluate(out, 1_700_000_000.5)
     assert [a.rule for a in got] == ["plaintext_hop"] and got[0].source.key == "reviews.default"

@@ -7,6 +7,7 @@ from typing import Any
 
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
+from meshaudit.engine.setup import build_engine
 from meshaudit.model import (
     ALS_HTTP,
     ALS_TCP,
@@ -45,7 +46,7 @@ def engine(policy: Policy = POLICY, **over: Any) -> Engine:
             "rules": {"missing_access_log": {"grace_ms": 2000, "silent_secs": 10}, **over},
         }
     )
-    return Engine(cfg, policy)
+    return build_engine(cfg, policy)
 
 
 def inbound(
@@ -324,16 +325,18 @@ def peers(n: int = 2, **over: Any) -> list[Engine]:
             "rules": {"missing_access_log": {"grace_ms": 2000, "silent_secs": 10}, **over},
         }
     )
-    return [Engine(cfg, POLICY, peers=True) for _ in range(n)]
+    return [build_engine(cfg, POLICY, peers=True) for _ in range(n)]
 
 
 def settle(workers: list[Engine], now: float, agg: Any = None) -> list[Alert]:
     """What the coordinator does for one tick: each worker's deferred decisions are answered by
     every other worker and merged; the violations, through the wire form, reach one aggregator."""
-    from meshaudit.engine.core import NO_ANSWER, Aggregator
+    from meshaudit.engine.aggregate import Aggregator
+    from meshaudit.engine.api import NO_ANSWER
+    from meshaudit.engine.rules import SUMMARIES
     from meshaudit.workers import merge_answers, violation_from_wire, violation_to_wire
 
-    agg = agg or Aggregator(60, 3, 1000)
+    agg = agg or Aggregator(60, 3, 1000, summaries=SUMMARIES)
     last_log: dict[str, float] = {}  # shared facts: each sidecar's last access log
     for e in workers:
         for svc, t in e.corr.sidecar_last_log.items():
@@ -390,9 +393,10 @@ def test_workers_plaintext_hop_named_by_the_client_entry_at_the_other_worker() -
 
 
 def test_workers_one_request_logged_at_two_workers_counts_once() -> None:
-    from meshaudit.engine.core import Aggregator
+    from meshaudit.engine.aggregate import Aggregator
+    from meshaudit.engine.rules import SUMMARIES
 
-    agg = Aggregator(60, 3, 1000)
+    agg = Aggregator(60, 3, 1000, summaries=SUMMARIES)
     a, b = peers()
     a.evaluate([outbound(dst=RATINGS, rid="x1")], T0)  # frontend -> ratings: not allowed
     b.evaluate([inbound(src=FRONTEND_SA, rid="x1", path="/reviews/1")], T0)

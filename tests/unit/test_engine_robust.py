@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from meshaudit import metrics, model
 from meshaudit.config import Config, MeshConfig, Policy
 from meshaudit.engine.core import Engine
+from meshaudit.engine.setup import build_engine
 from meshaudit.model import (
     ALS_HTTP,
     INBOUND,
@@ -40,7 +41,7 @@ def engine(policy: Policy = POLICY, engine_cfg: dict[str, Any] | None = None, **
             "rules": {"missing_access_log": {"grace_ms": 2000, "silent_secs": 10}, **rules},
         }
     )
-    return Engine(cfg, policy)
+    return build_engine(cfg, policy)
 
 
 def plaintext(src: Identity, start: float, rid: str, dst: Identity = REVIEWS, conn: str | None = None) -> Hop:

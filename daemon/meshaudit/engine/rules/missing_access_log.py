@@ -21,32 +21,60 @@ last log instead: it alerts when that sidecar logged nothing at all since the sp
 
 from __future__ import annotations
 
-from meshaudit.engine.core import LOGGED_ORIGINS, Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Violation
-from meshaudit.engine.store import GenStore, Store, TTLStore
+from pydantic import Field
+
+from meshaudit.engine.api import (
+    LOGGED_ORIGINS,
+    Deferred,
+    EngineContext,
+    PeerAnswer,
+    PeerQuery,
+    Rule,
+    RuleConfig,
+    Severity,
+)
+from meshaudit.engine.store import GenStore
 from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
 
 # A silent sidecar is about all of its traffic, whoever the clients are.
 ANY_SOURCE = identity("*")
 
 
-class MissingAccessLog:
+class MissingAccessLogConfig(RuleConfig):
+    severity: Severity = "high"
+    grace_ms: int = Field(
+        3000, ge=0, description="Wait for the access log this long: Envoy flushes every 1 s, plus clock skew."
+    )
+    silent_secs: int = Field(30, ge=1, description="A sidecar silent this long while spans show traffic alerts.")
+    span_index_horizon_secs: int = Field(
+        900,
+        ge=0,
+        description="Access logs are indexed for span joins while a span arrived this recently; a tracer "
+        "that sends less often is judged only against each sidecar's last log (README, span index).",
+    )
+
+
+class MissingAccessLog(Rule[MissingAccessLogConfig]):
     name = "missing_access_log"
+    Config = MissingAccessLogConfig
+    summary = "Traffic from {src} reached {dst} with no access log from its sidecar"
+    hops = "all"  # spans wait for access logs; access logs release them
+
+    @classmethod
+    def correlation(cls, cfg: RuleConfig) -> tuple[float, float]:
+        # Span joins look access logs up for a few graces; the index stays on for the horizon.
+        assert isinstance(cfg, MissingAccessLogConfig)
+        return cfg.grace_ms / 1000 * 4, float(cfg.span_index_horizon_secs)
 
     def __init__(self, ctx: EngineContext) -> None:
-        self.ctx = ctx
-        self.cfg = ctx.config.rules.missing_access_log
+        super().__init__(ctx)
         grace = self.cfg.grace_ms / 1000
-        self._emit: Emit | None = None
-        self.pending: TTLStore[tuple[str, str], Hop] = TTLStore(
-            "spans_awaiting_access_log", grace, ctx.max_items, self._expired
-        )
+        self.pending = self.parking("spans_awaiting_access_log", grace, self._expired)
         self.grace = grace
         # Spans the index cannot join (see the module doc), judged on expiry against the
         # sidecar's last log; one second more than the grace: with workers, each sidecar's last
         # log is shared once a second.
-        self.unjoined: TTLStore[tuple[str, str], Hop] = TTLStore(
-            "spans_awaiting_any_access_log", grace + 1.0, ctx.max_items, self._expired_unjoined
-        )
+        self.unjoined = self.parking("spans_awaiting_any_access_log", grace + 1.0, self._expired_unjoined)
         # service key -> latest start time (the span's own clock) of a span showing it serving
         self.last_span: GenStore[str, float] = GenStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
@@ -56,9 +84,8 @@ class MissingAccessLog:
         # span id -> the service that made the call: names the source of a bypassed request
         # from the parent span in the same trace.
         self.client_spans: GenStore[str, Identity] = GenStore("client_spans", max(60.0, grace * 4), ctx.max_items)
-
-    def stores(self) -> list[Store]:
-        return [self.pending, self.unjoined, self.last_span, self.client_spans]
+        self.store(self.last_span)
+        self.store(self.client_spans)
 
     def _seen_serving(self, svc: str, h: Hop, now: float) -> None:
         last = self.last_span.get(svc)
@@ -72,8 +99,7 @@ class MissingAccessLog:
         policy = self.ctx.policy
         return policy.has_mesh_services and policy.mesh_services(dst)
 
-    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
-        self._emit = emit
+    def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         pending = self.pending
         spans = False
@@ -101,16 +127,13 @@ class MissingAccessLog:
                 if not self._is_mesh(h):
                     continue
                 if not corr.judgeable(h.start):
-                    h.detach()
-                    self.unjoined.add((h.trace_id or h.request_id or str(id(h)), svc), h, now)
+                    self.unjoined.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
                     continue
                 if h.request_id and (h.request_id, svc) in corr.logged_rid:
                     continue
                 if h.trace_id and (h.trace_id, svc) in corr.logged_trace:
                     continue
-                key = (h.trace_id or h.request_id or str(id(h)), svc)
-                h.detach()
-                pending.add(key, h, now)
+                pending.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
                 svc = h.observer_service.key
                 if h.direction == INBOUND:
@@ -118,11 +141,7 @@ class MissingAccessLog:
                 rid = h.request_id
                 if not rid or (rid, svc) in corr.logged_rid:
                     continue
-                h.detach()
-                if corr.judgeable(h.start):
-                    pending.add((rid, svc), h, now)
-                else:
-                    self.unjoined.add((rid, svc), h, now)
+                (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
 
     def _source(self, h: Hop, remote: Identity | None = None) -> Identity:
         """Who sent the unlogged request: the client sidecar's entry for the same request id,
@@ -145,32 +164,35 @@ class MissingAccessLog:
             app_span = h.observer.startswith("span:")
             q = PeerQuery(h.request_id, h.trace_id if app_span else None, key[1], h.start, h.conn, h.parent_span_id)
             self.ctx.deferred.append(Deferred(self, h, q))
-        elif self._emit is not None:
-            self._alert(h, None, self._emit)
+        else:
+            self._alert(h, None)
 
     def _expired_unjoined(self, key: tuple[str, str], h: Hop, now: float) -> None:
         """A span the index could not join: alert only when its sidecar logged nothing at all
         since the span started (1 s allowed for clock skew); else it cannot be told."""
         logged_at = self.ctx.corr.sidecar_last_log.get(key[1])
-        if (logged_at is None or logged_at < h.start - 1.0) and self._emit is not None:
-            self._alert(h, None, self._emit)
+        if logged_at is None or logged_at < h.start - 1.0:
+            self._alert(h, None)
 
-    def finish(self, h: Hop, answer: PeerAnswer, emit: Emit) -> None:
+    def finish(self, hop: Hop, answer: PeerAnswer) -> None:
         if not answer.covered:
-            self._alert(h, answer.source, emit)
+            self._alert(hop, answer.source)
 
-    def _alert(self, h: Hop, remote_source: Identity | None, emit: Emit) -> None:
+    def peer_source(self, q: PeerQuery) -> Identity | None:
+        """The client of a peer's unlogged request, from a CLIENT span seen here."""
+        return self.client_spans.get(q.parent_span_id) if q.parent_span_id else None
+
+    def _alert(self, h: Hop, remote_source: Identity | None) -> None:
         src = self._source(h, remote_source)
-        if self.ctx.policy.exempt("missing_access_log", src, h.dst, h.path):
+        if self.exempt(src, h.dst, h):
             return
         if h.observer.startswith("span:"):
             detail = "the application traced this request, but its sidecar did not log it (bypassed?)"
         else:
             detail = "the sidecar traced this request but sent no access log for it"
-        emit(Violation("missing_access_log", self.cfg.severity, src, h.dst, h, detail, h.start))
+        self.violation(src, h.dst, h, detail, h.start)
 
-    def on_tick(self, now: float, emit: Emit) -> None:
-        self._emit = emit
+    def on_tick(self, now: float) -> None:
         self.pending.expire(now)
         self.unjoined.expire(now)
         last_log = self.ctx.corr.sidecar_last_log
@@ -199,16 +221,12 @@ class MissingAccessLog:
             self.silence_reported[svc] = logged_at
             name, _, ns = svc.partition(".")
             silent_for = int(now - logged_at)
-            emit(
-                Violation(
-                    "missing_access_log",
-                    self.cfg.severity,
-                    ANY_SOURCE,
-                    identity(name, ns or None),
-                    None,
-                    f"the sidecar has sent no access log for {silent_for} s while spans show the service serving",
-                    now,
-                    summary=f"The sidecar of {svc} has sent no access log for {silent_for} s "
-                    "while traces show the service serving",
-                )
+            self.violation(
+                ANY_SOURCE,
+                identity(name, ns or None),
+                None,
+                f"the sidecar has sent no access log for {silent_for} s while spans show the service serving",
+                now,
+                summary=f"The sidecar of {svc} has sent no access log for {silent_for} s "
+                "while traces show the service serving",
             )

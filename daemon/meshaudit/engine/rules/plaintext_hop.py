@@ -12,67 +12,71 @@ may have reached another worker: at the end of the wait the workers are asked fi
 
 from __future__ import annotations
 
-from meshaudit.engine.core import LOGGED_ORIGINS, Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Violation
-from meshaudit.engine.store import Store, TTLStore
+from pydantic import Field
+
+from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
+from meshaudit.engine.store import TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
 
 
-class PlaintextHop:
+class PlaintextHopConfig(RuleConfig):
+    severity: Severity = "high"
+    attribution_wait_ms: int = Field(
+        1500,
+        ge=0,
+        description="How long a plaintext inbound entry with no known source waits for the client "
+        "sidecar's entry of the same request before it alerts with the address alone.",
+    )
+
+
+class PlaintextHop(Rule[PlaintextHopConfig]):
     name = "plaintext_hop"
+    Config = PlaintextHopConfig
+    summary = "Plaintext traffic from {src} to {dst}: the destination sidecar saw no TLS"
 
     def __init__(self, ctx: EngineContext) -> None:
-        self.ctx = ctx
-        self.cfg = ctx.config.rules.plaintext_hop
+        super().__init__(ctx)
         self.wait = self.cfg.attribution_wait_ms / 1000
-        self._emit: Emit | None = None
-        self.pending: TTLStore[int, Hop] = TTLStore(
-            "plaintext_pending_attribution", self.wait, ctx.max_items, self._expired
-        )
+        self.pending = self.parking("plaintext_pending_attribution", self.wait, self._expired)
         # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending.
         self.by_rid: TTLStore[str, int] = TTLStore("plaintext_pending_by_request_id", self.wait, ctx.max_items)
         self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", self.wait, ctx.max_items)
+        self.store(self.by_rid)
+        self.store(self.by_conn)
         self._seq = 0
 
-    def stores(self) -> list[Store]:
-        return [self.pending, self.by_rid, self.by_conn]
+    def _check(self, h: Hop, src: Identity) -> None:
+        if not self.exempt(src, h.dst, h):
+            what = "TCP connection" if h.method is None else "request"
+            where = h.upstream_cluster or h.observer
+            # The socket names the client when nothing else does (the source is its IP alone).
+            sock = f" from {h.conn}" if h.conn and src.service is None and src.principal is None else ""
+            self.violation(src, h.dst, h, f"{what} arrived without TLS at {where}{sock}", h.start)
 
-    def _violation(self, h: Hop, src: Identity) -> Violation:
-        what = "TCP connection" if h.method is None else "request"
-        detail = f"{what} arrived without TLS at {h.upstream_cluster or h.observer}"
-        if src.service is None and src.principal is None and h.conn:
-            detail += f" from {h.conn}"  # the source is keyed by its IP; the socket is evidence
-        return Violation("plaintext_hop", self.cfg.severity, src, h.dst, h, detail, h.start)
-
-    def _check(self, h: Hop, src: Identity, emit: Emit) -> None:
-        if not self.ctx.policy.exempt("plaintext_hop", src, h.dst, h.path):
-            emit(self._violation(h, src))
-
-    def on_hops(self, hops: list[Hop], now: float, emit: Emit) -> None:
-        self._emit = emit
+    def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         pending = self.pending
         for h in hops:
             if h.direction == OUTBOUND:
                 if len(pending):
-                    self._attribute(h, emit)
+                    self._attribute(h)
                 continue
-            if h.direction != INBOUND or h.tls_version is not None or h.origin not in LOGGED_ORIGINS:
+            if h.direction != INBOUND or h.tls_version is not None:
                 continue
             src = corr.source_of(h)
             if src is None:
                 if h.src.service is None and self.wait > 0:
                     self._seq += 1
-                    h.detach()
-                    pending.put(self._seq, h, now)
+                    pending.park(self._seq, h, now)
                     if h.request_id:
                         self.by_rid.put(h.request_id, self._seq, now)
                     if h.conn:
                         self.by_conn.put(h.conn, self._seq, now)
                     continue
                 src = h.src
-            self._check(h, src, emit)
+            self._check(h, src)
 
-    def _attribute(self, out: Hop, emit: Emit) -> None:
+    def _attribute(self, out: Hop) -> None:
         """A client sidecar's entry names the source of a waiting plaintext hop."""
         key = self.by_rid.pop(out.request_id) if out.request_id else None
         if key is None and out.conn:
@@ -80,20 +84,19 @@ class PlaintextHop:
         if key is not None:
             h = self.pending.pop(key)
             if h is not None:
-                self._check(h, out.src, emit)
+                self._check(h, out.src)
 
     def _expired(self, key: int, h: Hop, now: float) -> None:
         if self.ctx.peers:  # the client's entry may have reached another worker: ask first
             q = PeerQuery(h.request_id, None, h.dst.key, h.start, h.conn, None)
             self.ctx.deferred.append(Deferred(self, h, q))
-        elif self._emit is not None:
-            self._check(h, h.src, self._emit)
+        else:
+            self._check(h, h.src)
 
-    def finish(self, h: Hop, answer: PeerAnswer, emit: Emit) -> None:
-        self._check(h, answer.source or h.src, emit)
+    def finish(self, hop: Hop, answer: PeerAnswer) -> None:
+        self._check(hop, answer.source or hop.src)
 
-    def on_tick(self, now: float, emit: Emit) -> None:
-        self._emit = emit
+    def on_tick(self, now: float) -> None:
         self.pending.expire(now)
         self.by_rid.expire(now)
         self.by_conn.expire(now)

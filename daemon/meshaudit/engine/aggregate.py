@@ -1,0 +1,252 @@
+"""Stage 2: per (rule, source, destination) alert windows. The first violation of a key alerts at
+once, later ones in ``suppress_secs`` are counted and summed up when the window closes; one
+request seen by both sidecars counts once; and an alert budget bounds the output whatever the
+input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from meshaudit import metrics
+from meshaudit.config import EngineConfig
+from meshaudit.engine.api import Violation
+from meshaudit.engine.store import GenStore, TTLStore
+from meshaudit.model import SEVERITIES, Alert, Example, alert_id, identity
+
+BUDGET_PARTY: Final = identity("meshaudit")  # source and destination of an alert_budget_exceeded alert
+
+
+class _AggState:
+    __slots__ = (
+        "count",
+        "detail",
+        "dst",
+        "emitted_count",
+        "examples",
+        "first_seen",
+        "last_seen",
+        "opened_at",
+        "opened_first",
+        "rule",
+        "seq",
+        "severity",
+        "src",
+        "summary",
+        "suppressed",
+        "window_no",
+    )
+
+    def __init__(self, v: Violation, now: float, window_no: int) -> None:
+        self.summary = v.summary
+        self.rule = v.rule
+        self.severity = v.severity
+        self.src = v.src
+        self.dst = v.dst
+        self.detail = v.detail
+        self.first_seen = v.when
+        self.last_seen = v.when
+        self.count = 0
+        self.emitted_count = 0
+        self.seq = 0
+        self.examples: list[Example] = []
+        # What names the window in its alerts' ids: when it opened (receive time), its ordinal
+        # among the aggregator's windows, and the data time of its first violation.
+        self.opened_at = now
+        self.window_no = window_no
+        self.opened_first = v.when
+        self.suppressed = False  # an alert of this window was held back by the alert budget
+
+
+BUDGET_RULE: Final = "alert_budget_exceeded"
+_SEVERITY_RANK: Final = {s: i for i, s in enumerate(SEVERITIES)}
+_DEFAULT_BUDGET: Final[int] = EngineConfig.model_fields["alert_budget_per_window"].default
+
+
+class _Windows(TTLStore[tuple[str, str, str], _AggState]):
+    """The alert windows; expiring them first closes the alert budget's window when it is due
+    (the daemon and the coordinator both call ``states.expire`` on every tick)."""
+
+    __slots__ = ("before_expire",)
+
+    def __init__(
+        self,
+        ttl: float,
+        max_items: int,
+        on_expire: Callable[[tuple[str, str, str], _AggState, float], None],
+        before_expire: Callable[[float], None],
+    ) -> None:
+        super().__init__("alert_windows", ttl, max_items, on_expire)
+        self.before_expire = before_expire
+
+    def expire(self, now: float) -> int:
+        self.before_expire(now)
+        return super().expire(now)
+
+
+class Aggregator:
+    """One alert per (rule, source, destination) per window of ``suppress_secs``, and at most
+    ``alert_budget`` alerts per budget window (``suppress_secs`` from the first alert after the
+    previous one closed) across all keys: the excess is counted and reported in one
+    ``alert_budget_exceeded`` alert when the budget window closes, so the output is bounded
+    whatever the input."""
+
+    def __init__(
+        self,
+        suppress_secs: int,
+        max_examples: int,
+        max_items: int,
+        alert_budget: int = _DEFAULT_BUDGET,
+        summaries: Mapping[str, str] | None = None,
+    ) -> None:
+        """``summaries``: each rule's summary template (``{src}``, ``{dst}``), by rule name."""
+        self.summaries = dict(summaries or {})
+        self.window = suppress_secs
+        self.max_examples = max_examples
+        self.states: TTLStore[tuple[str, str, str], _AggState] = _Windows(
+            suppress_secs, max_items, self._close, self._roll_budget
+        )
+        # One request seen by both sidecars must count once: (rule, request id) recently counted.
+        self.counted: GenStore[tuple[str, str], bool] = GenStore("counted_requests", 300, max_items)
+        self.out: list[Alert] = []
+        self.violations: dict[str, int] = {}
+        self.windows_opened = 0  # ordinal of the next window, part of its alerts' ids
+        # The alert budget: alerts emitted in the current budget window, and what it held back.
+        self.budget = alert_budget
+        self.budget_windows = 0
+        self._budget_start: float | None = None
+        self._budget_used = 0
+        self._held: dict[str, int] = {}  # rule -> alerts held back in this budget window
+        self._held_keys = 0
+        self._held_severity = SEVERITIES[0]
+        self._held_first = float("inf")
+        self._held_last = float("-inf")
+        self.suppressed: dict[str, int] = {}  # rule -> alerts held back since start (a metric)
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, summaries: Mapping[str, str]) -> Aggregator:
+        return cls(
+            engine.suppress_secs, engine.examples, engine.store_max_items, engine.alert_budget_per_window, summaries
+        )
+
+    def add(self, v: Violation, now: float) -> None:
+        h = v.hop
+        if h is not None and h.request_id:
+            k = (v.rule, h.request_id)
+            if k in self.counted:
+                return
+            self.counted.put(k, True, now)
+        self.violations[v.rule] = self.violations.get(v.rule, 0) + 1
+        key = (v.rule, v.src.key, v.dst.key)
+        st = self.states.get(key)
+        fresh = st is None
+        if st is None:
+            st = _AggState(v, now, self.windows_opened)
+            self.windows_opened += 1
+            self.states.put(key, st, now)  # the TTL is the window: closing it is the expire hook
+        st.count += 1
+        st.last_seen = max(st.last_seen, v.when)
+        st.first_seen = min(st.first_seen, v.when)
+        if h is not None and len(st.examples) < self.max_examples:
+            st.examples.append(Example(h))
+        if fresh:
+            self._emit(st, now)
+
+    def _emit(self, st: _AggState, now: float) -> None:
+        if not self._spend_budget(st, now):
+            return
+        src, dst = st.src, st.dst
+        summary = st.summary or self.summaries.get(st.rule, "{rule} from {src} to {dst}").format(
+            rule=st.rule, src=src.key, dst=dst.key
+        )
+        if st.count > 1:
+            summary += f" ({st.count} times in {self.window} s)"
+        self.out.append(
+            Alert(
+                id=alert_id(st.rule, src.key, dst.key, st.opened_at, st.seq, st.window_no, st.opened_first),
+                rule=st.rule,
+                severity=st.severity,
+                summary=summary + ".",
+                source=src,
+                destination=dst,
+                count=st.count,
+                first_seen=st.first_seen,
+                last_seen=st.last_seen,
+                window_secs=self.window,
+                examples=list(st.examples),
+                detail=st.detail,
+                emitted_at=now,
+            )
+        )
+        st.emitted_count = st.count
+        st.seq += 1
+
+    # --- the alert budget ---------------------------------------------------------------------
+    def _spend_budget(self, st: _AggState, now: float) -> bool:
+        """True when the alert may go out; else it is counted as held back."""
+        self._roll_budget(now)
+        if self._budget_start is None:
+            self._budget_start = now
+        if self._budget_used < self.budget:
+            self._budget_used += 1
+            return True
+        rule = st.rule
+        self._held[rule] = self._held.get(rule, 0) + 1
+        self.suppressed[rule] = self.suppressed.get(rule, 0) + 1
+        metrics.ALERTS_SUPPRESSED.labels(rule).inc()
+        if not st.suppressed:
+            st.suppressed = True
+            self._held_keys += 1
+        if _SEVERITY_RANK.get(st.severity, 0) > _SEVERITY_RANK[self._held_severity]:
+            self._held_severity = st.severity
+        self._held_first = min(self._held_first, st.first_seen)
+        self._held_last = max(self._held_last, st.last_seen)
+        return False
+
+    def _roll_budget(self, now: float) -> None:
+        """Close the budget window when it is over: one alert for what it held back."""
+        start = self._budget_start
+        if start is None or now < start + self.window:
+            return
+        held = sum(self._held.values())
+        if held:
+            top = sorted(self._held.items(), key=lambda kv: (-kv[1], kv[0]))
+            rules = ", ".join(f"{r} {n}" for r, n in top[:5])
+            me = BUDGET_PARTY
+            self.out.append(
+                Alert(
+                    id=alert_id(BUDGET_RULE, me.key, me.key, start, 0, self.budget_windows),
+                    rule=BUDGET_RULE,
+                    severity=self._held_severity,
+                    summary=f"More than {self.budget} alerts in {self.window} s: {held} alerts "
+                    f"({self._held_keys} source/destination pairs) were held back; by rule: {rules}.",
+                    source=me,
+                    destination=me,
+                    count=held,
+                    first_seen=self._held_first,
+                    last_seen=self._held_last,
+                    window_secs=self.window,
+                    examples=[],
+                    detail=f"engine.alert_budget_per_window is {self.budget}; held back by rule: {rules}",
+                    emitted_at=now,
+                )
+            )
+        self.budget_windows += 1
+        self._budget_start = None
+        self._budget_used = 0
+        self._held = {}
+        self._held_keys = 0
+        self._held_severity = SEVERITIES[0]
+        self._held_first = float("inf")
+        self._held_last = float("-inf")
+
+    def _close(self, key: tuple[str, str, str], st: _AggState, now: float) -> None:
+        # The window's summary, with the full count; not for a window the budget held back (the
+        # budget's alert reported it: one alert held back, never counted twice).
+        if st.count > st.emitted_count and not st.suppressed:
+            self._emit(st, now)
+
+    def drain(self) -> list[Alert]:
+        out, self.out = self.out, []
+        return out

@@ -1,0 +1,307 @@
+"""The rule API: everything a rule may touch, and nothing else.
+
+A rule is one module under ``engine/rules/`` with one class, registered by one line in
+``engine/rules/__init__.py``. The class declares:
+
+- ``name``: the rule's name (alerts, metrics, config section, exemptions);
+- ``Config``: its config model, a :class:`RuleConfig` (``enabled``, ``severity`` and its own
+  options, units in their names); ``rules.<name>`` in the configuration is built from it;
+- ``summary``: the one-sentence summary of its alerts, ``{src}`` and ``{dst}`` filled in;
+- ``hops``: which hops it judges: ``"logged"`` (access-log entries: ALS HTTP and TCP, OTLP log
+  records), ``"spans"``, or ``"all"``. The core hands it only those.
+
+A hop is judged in two stages (the shape every rule fits; each stage's key says where its state
+may live when the daemon runs as several processes):
+
+1. **Per hop**, keyed by correlation key: ``on_hops`` sees hops whose correlation is done (both
+   sidecars' entries indexed, ``ctx.corr.source_of`` names a plaintext hop's client) and emits a
+   :class:`Violation` through :meth:`Rule.violation`, or parks a hop that must wait for more
+   evidence in a :meth:`Rule.parking` store (the core detaches it from its message and calls the
+   rule back when the wait ends), or counts it per edge in an :class:`EdgeWindows`.
+2. **Per edge**, keyed by (rule, source, destination): :class:`EdgeWindows` counts per window and
+   asks the rule's ``judge_window`` when a window changed or closed; the aggregator turns
+   violations into alerts (first at once, later ones counted).
+
+The core imports no rule: it builds what the registry lists, filters hops by ``hops``, sets
+``emit`` on each rule before the first call, and asks each rule for its stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedTuple, TypeVar, cast
+
+from pydantic import BaseModel, ConfigDict
+
+from meshaudit.engine.store import Store, TTLStore
+from meshaudit.model import ALS_HTTP, ALS_TCP, OTEL_LOG, Hop, Identity
+
+if TYPE_CHECKING:
+    from meshaudit.config import Config
+    from meshaudit.engine.correlation import Correlation
+    from meshaudit.engine.policy import CompiledPolicy
+    from meshaudit.naming import Namer
+
+Severity = Literal["info", "warning", "high", "critical"]
+HopKind = Literal["logged", "spans", "all"]
+LOGGED_ORIGINS: Final = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
+
+
+class RuleConfig(BaseModel):
+    """Options every rule has. A rule's own config model subclasses this; options carry their
+    units in their names (``window_secs``, ``grace_ms``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = True
+    severity: Severity = "warning"
+
+
+class Violation:
+    """One request or connection (or, ``hop`` None, one fact about a service) that breaks a rule,
+    before aggregation."""
+
+    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
+
+    def __init__(
+        self,
+        rule: str,
+        severity: str,
+        src: Identity,
+        dst: Identity,
+        hop: Hop | None,
+        detail: str,
+        when: float,
+        summary: str | None = None,
+    ) -> None:
+        self.rule = rule
+        self.summary = summary  # overrides the rule's summary template
+        self.severity = severity
+        self.src = src
+        self.dst = dst
+        self.hop = hop
+        self.detail = detail
+        self.when = when  # observed time (data time, so replays give the same alert id)
+
+
+Emit = Callable[[Violation], None]
+
+
+def _not_started(v: Violation) -> None:
+    raise RuntimeError("a rule emitted before the engine set its emit")
+
+
+class PeerQuery(NamedTuple):
+    """What a worker asks the other workers about a hop it is about to alert on (``workers: N``):
+    did any of them see its access log, and do they know its client?"""
+
+    request_id: str | None
+    trace_id: str | None  # set only for spans joined by trace (an application's SERVER span)
+    service: str  # the service key whose sidecar should have logged it
+    start: float
+    conn: str | None
+    parent_span_id: str | None
+
+
+class PeerAnswer(NamedTuple):
+    covered: bool  # logged, or not judgeable there (its index was paused): no alert
+    source: Identity | None
+
+
+NO_ANSWER: Final = PeerAnswer(False, None)
+
+
+class Deferred:
+    """A violation that depends on evidence other workers may hold, waiting for their answer."""
+
+    __slots__ = ("hop", "query", "rule")
+
+    def __init__(self, rule: Rule[Any], hop: Hop, query: PeerQuery) -> None:
+        self.rule = rule
+        self.hop = hop
+        self.query = query
+
+
+class EngineContext:
+    """What every rule shares: configuration, compiled policy, naming, the correlation state."""
+
+    def __init__(self, config: Config, policy: CompiledPolicy, namer: Namer, corr: Correlation) -> None:
+        self.config = config
+        self.policy = policy
+        self.namer = namer
+        self.corr = corr
+        self.max_items = config.engine.store_max_items
+        self.started: float | None = None  # time of the first hop seen
+        # With peers (``workers: N``), a rule whose wait ends without local evidence defers the
+        # decision here instead of emitting: the worker asks its peers, then calls ``finish``.
+        self.peers = False
+        self.deferred: list[Deferred] = []
+
+
+C = TypeVar("C", bound=RuleConfig)
+K = TypeVar("K")
+
+
+class Parking(TTLStore[K, Hop]):
+    """Hops a rule keeps past their batch, waiting for evidence; a hop is detached from its
+    message when parked, and the rule's hook is called when its wait ends."""
+
+    __slots__ = ()
+
+    def park(self, key: K, hop: Hop, now: float) -> bool:
+        """Keep ``hop`` until its wait ends; a key already waiting keeps its first hop (False)."""
+        if key in self:
+            return False
+        hop.detach()
+        return self.add(key, hop, now)
+
+
+class Window:
+    """One edge's counts in one window (``EdgeWindows``)."""
+
+    __slots__ = ("dst", "examples", "hits", "judged", "seen_first", "seen_last", "src", "start", "total")
+
+    def __init__(self, src: Identity, dst: Identity, start: float, when: float) -> None:
+        self.src = src
+        self.dst = dst
+        self.start = start  # receive time the window opened
+        self.total = 0  # requests (or connections) counted
+        self.hits = 0  # of them, what the rule counts against the edge (retries, failures, ...)
+        self.seen_first = when  # data time of the first and last counted hop
+        self.seen_last = when
+        self.examples: list[Hop] = []  # the first few hops that counted as hits, detached
+        self.judged = False  # the rule raised its violation for this window already
+
+
+class EdgeWindows:
+    """Stage 2 of rules that need many requests: per (source, destination) counts in tumbling
+    windows of ``window_secs``. ``add`` counts a hop; on every tick the rule's ``judge`` is
+    asked about each window that changed since (``final`` False) and about each window that
+    closed (``final`` True), and may emit; a window is judged at most once as a violation.
+    Bounded by ``max_items`` edges (the oldest goes first, counted as a capacity eviction)."""
+
+    def __init__(
+        self,
+        name: str,
+        window_secs: float,
+        max_items: int,
+        judge: Callable[[Window, bool], None],
+        examples: int = 3,
+    ) -> None:
+        self.judge = judge
+        self.examples = examples
+        self.windows: TTLStore[tuple[str, str], Window] = TTLStore(name, window_secs, max_items, self._closed)
+        self._dirty: dict[tuple[str, str], Window] = {}
+
+    def add(self, src: Identity, dst: Identity, hop: Hop, now: float, total: int, hits: int) -> None:
+        key = (src.key, dst.key)
+        w = self.windows.get(key)
+        if w is None:
+            w = Window(src, dst, now, hop.start)
+            self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
+        w.total += total
+        if hits:
+            w.hits += hits
+            if len(w.examples) < self.examples:
+                hop.detach()
+                w.examples.append(hop)
+        when = hop.start
+        w.seen_first = min(w.seen_first, when)
+        w.seen_last = max(w.seen_last, when)
+        self._dirty[key] = w
+
+    def tick(self, now: float) -> None:
+        dirty, self._dirty = self._dirty, {}
+        for w in dirty.values():
+            if not w.judged:
+                self.judge(w, False)
+        self.windows.expire(now)
+
+    def _closed(self, key: tuple[str, str], w: Window, now: float) -> None:
+        self._dirty.pop(key, None)
+        if not w.judged:
+            self.judge(w, True)
+
+    def stores(self) -> list[Store]:
+        return [self.windows]
+
+
+class Rule(Generic[C]):
+    """The base of every rule. Subclasses set the class attributes below and implement
+    ``on_hops`` (and, as they need, ``on_tick``, ``finish``, ``peer_source``)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[RuleConfig]]
+    summary: ClassVar[str]
+    hops: ClassVar[HopKind] = "logged"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        # The rule's section of ``rules:`` (a rule the configuration does not know, e.g. in a
+        # test, runs on its defaults).
+        self.cfg = cast(C, getattr(ctx.config.rules, self.name, None) or self.Config())
+        self.emit: Emit = _not_started  # set by the core before the rule's first call
+        self._stores: list[Store] = []
+        self._edges: list[EdgeWindows] = []
+
+    @classmethod
+    def correlation(cls, cfg: RuleConfig) -> tuple[float, float]:
+        """(time-to-live, span index horizon) in seconds the rule needs of the shared
+        correlation state; the core keeps the largest any enabled rule asks for."""
+        return 0.0, 0.0
+
+    # --- state ------------------------------------------------------------------------------
+    def store(self, s: Store) -> None:
+        """Register a store of the rule's own (gauges, evictions, expiry on every tick)."""
+        self._stores.append(s)
+
+    def parking(self, name: str, ttl: float, on_expire: Callable[[Any, Hop, float], None]) -> Parking[Any]:
+        """A bounded store of hops waiting for evidence; ``on_expire(key, hop, now)`` when the
+        wait ends (the rule emits through ``self.emit``)."""
+        p: Parking[Any] = Parking(name, ttl, self.ctx.max_items, on_expire)
+        self.store(p)
+        return p
+
+    def edge_windows(self, window_secs: float, judge: Callable[[Window, bool], None]) -> EdgeWindows:
+        """Per-edge windowed counts (stage 2), judged by ``judge(window, final)``."""
+        w = EdgeWindows(f"{self.name}_windows", window_secs, self.ctx.max_items, judge, self.ctx.config.engine.examples)
+        self._edges.append(w)
+        self._stores.extend(w.stores())
+        return w
+
+    def stores(self) -> list[Store]:
+        return self._stores
+
+    # --- judging --------------------------------------------------------------------------------
+    def violation(
+        self,
+        src: Identity,
+        dst: Identity,
+        hop: Hop | None,
+        detail: str,
+        when: float,
+        severity: str | None = None,
+        summary: str | None = None,
+    ) -> None:
+        """Emit a violation of this rule (after its exemptions: ``exempt`` first)."""
+        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary))
+
+    def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
+        return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)
+
+    def on_hops(self, hops: list[Hop], now: float) -> None:
+        raise NotImplementedError
+
+    def on_tick(self, now: float) -> None:
+        """Called every ``engine.tick_ms``; the base ticks the rule's edge windows."""
+        for w in self._edges:
+            w.tick(now)
+
+    # --- peers (``workers: N``) -----------------------------------------------------------------
+    def finish(self, hop: Hop, answer: PeerAnswer) -> None:
+        """The other workers answered about a hop this rule deferred."""
+        raise NotImplementedError(f"{self.name} defers no decision to its peers")
+
+    def peer_source(self, q: PeerQuery) -> Identity | None:
+        """What this rule's own state knows of a peer's hop's client (see ``Engine.answer``)."""
+        return None

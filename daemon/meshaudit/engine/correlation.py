@@ -1,0 +1,112 @@
+"""Stage 1 state shared by every rule: what the access logs showed recently, keyed by
+correlation key (request id, trace id, the TCP client socket). Pairs both sidecars' entries of a
+request (so a plaintext hop's client is named) and joins spans with access logs. A function of
+the last TTL seconds of input only: bounded stores, no history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshaudit.engine.store import GenStore
+from meshaudit.model import OUTBOUND, SPAN, Hop, Identity
+
+
+class Correlation:
+    """What the access logs showed recently, shared by all rules. Bounded stores only."""
+
+    def __init__(self, ttl: float, max_items: int, horizon: float = 0.0) -> None:
+        # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
+        # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
+        self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
+        # connection key -> outbound hop (pairs TCP entries, which have no request id)
+        self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
+        # (request_id, observer) and (trace_id, observer service key) seen in access logs
+        self.logged_rid: GenStore[tuple[str, str], bool] = GenStore("logged_request_ids", ttl, max_items)
+        self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
+        # service key -> last time its sidecar logged anything; bounded by the number of services
+        self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
+        # The logged_* stores serve only span joins (missing_access_log). They are written while
+        # a span arrived within the horizon (``span_index_horizon_secs``, at least a TTL; from
+        # start-up, for one horizon). When spans resume after a longer pause, spans that started
+        # before the index did cannot be joined (their access logs may have come while it was
+        # off): missing_access_log judges those against ``sidecar_last_log`` instead.
+        self.ttl = ttl
+        self.horizon = max(ttl, horizon)
+        self.index_logged_until: float | None = None  # None: not started yet
+        self.logged_since = float("-inf")
+        self.spans_at = float("-inf")  # when this process last received a span itself
+        self.stores: list[GenStore[Any, Any]] = [
+            self.outbound_by_rid,
+            self.outbound_by_conn,
+            self.logged_rid,
+            self.logged_trace,
+            self.sidecar_last_log,
+        ]
+
+    def saw_spans(self, now: float, remote: bool = False) -> None:
+        """A span arrived (``remote``: at another worker): keep (or start again) indexing what
+        the access logs showed."""
+        until = self.index_logged_until
+        if until is not None and now >= until:
+            self.logged_since = now
+        self.index_logged_until = max(until or now, now + self.horizon)
+        if not remote:
+            self.spans_at = now
+
+    def judgeable(self, span_start: float) -> bool:
+        """Whether a span's access log, if it came, was indexed (1 s allowed for clock skew)."""
+        return span_start >= self.logged_since + 1.0
+
+    def index(self, hops: list[Hop], now: float) -> None:
+        # Written in place into each store's current generation; capacity checked once per batch.
+        by_rid = self.outbound_by_rid.writable()
+        by_conn = self.outbound_by_conn.writable()
+        rids = self.logged_rid.writable()
+        traces = self.logged_trace.writable()
+        observers = self.sidecar_last_log.writable()
+        last_observer = None
+        if self.index_logged_until is None:
+            self.index_logged_until = now + self.horizon
+        logged = now < self.index_logged_until
+        for h in hops:
+            if h.origin == SPAN:
+                continue
+            rid = h.request_id
+            svc = h.observer_service.key
+            if h.direction == OUTBOUND:
+                if rid:
+                    by_rid[rid] = h.src
+                if h.conn:
+                    by_conn[h.conn] = h.src
+            if logged:
+                if rid:
+                    # Keyed by the observer's service, not its node id: any replica's sidecar
+                    # logging the request satisfies a span of that service.
+                    rids[rid, svc] = True
+                tid = h.trace_id
+                if tid:
+                    traces[tid, svc] = True
+            if svc is not last_observer:  # batches come from one stream: one update per run
+                observers[svc] = now
+                last_observer = svc
+        for store in self.stores:
+            store.settle(now)
+
+    def source_of(self, h: Hop) -> Identity | None:
+        """The client of an inbound hop, from the client sidecar's entry of the same request."""
+        if h.request_id:
+            src = self.outbound_by_rid.get(h.request_id)
+            if src is not None:
+                return src
+        if h.conn:
+            return self.outbound_by_conn.get(h.conn)
+        return None
+
+    def named_source(self, h: Hop) -> Identity | None:
+        """The hop's source when it is named (a service or a certificate), else the client
+        sidecar's entry's; None while the client's entry has not come."""
+        src = h.src
+        if src.service is None and src.principal is None:
+            return self.source_of(h)
+        return src
