@@ -115,29 +115,22 @@ def test_fuzzed_bytes_never_crash_the_decoder(data: bytes) -> None:
     _decode(msg)
 
 
+def _reviews_spans(*spans: dict[str, object]) -> bytes:
+    """An OTLP/JSON trace export of the service reviews carrying ``spans``."""
+    resource = {"attributes": [{"key": "service.name", "value": {"stringValue": "reviews"}}]}
+    return orjson.dumps({"resourceSpans": [{"resource": resource, "scopeSpans": [{"spans": list(spans)}]}]})
+
+
 def test_otlp_json_ids_and_unknown_fields() -> None:
     req = ExportTraceServiceRequest()
     parse_json(
-        orjson.dumps(
+        _reviews_spans(
             {
-                "resourceSpans": [
-                    {
-                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "reviews"}}]},
-                        "scopeSpans": [
-                            {
-                                "spans": [
-                                    {
-                                        "traceId": "5B8EFFF798038103D269B633813FC60C",
-                                        "spanId": "eee19b7ec3c1b174",
-                                        "kind": 2,
-                                        "startTimeUnixNano": "1700000000000000000",
-                                        "futureField": 1,
-                                    }
-                                ]
-                            }
-                        ],
-                    }
-                ]
+                "traceId": "5B8EFFF798038103D269B633813FC60C",
+                "spanId": "eee19b7ec3c1b174",
+                "kind": 2,
+                "startTimeUnixNano": "1700000000000000000",
+                "futureField": 1,
             }
         ),
         req,
@@ -186,30 +179,17 @@ def _every_origin() -> list[list[Hop]]:
     )
     traces = ExportTraceServiceRequest()
     parse_json(
-        orjson.dumps(
+        _reviews_spans(
             {
-                "resourceSpans": [
-                    {
-                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "reviews"}}]},
-                        "scopeSpans": [
-                            {
-                                "spans": [
-                                    {
-                                        "traceId": "5b8efff798038103d269b633813fc60c",
-                                        "spanId": "eee19b7ec3c1b174",
-                                        "parentSpanId": "aaa19b7ec3c1b174",
-                                        "kind": 2,
-                                        "startTimeUnixNano": "1700000000000000000",
-                                        "attributes": [
-                                            {"key": "http.request.method", "value": {"stringValue": "GET"}},
-                                            {"key": "url.path", "value": {"stringValue": "/y"}},
-                                        ],
-                                    }
-                                ]
-                            }
-                        ],
-                    }
-                ]
+                "traceId": "5b8efff798038103d269b633813fc60c",
+                "spanId": "eee19b7ec3c1b174",
+                "parentSpanId": "aaa19b7ec3c1b174",
+                "kind": 2,
+                "startTimeUnixNano": "1700000000000000000",
+                "attributes": [
+                    {"key": "http.request.method", "value": {"stringValue": "GET"}},
+                    {"key": "url.path", "value": {"stringValue": "/y"}},
+                ],
             }
         ),
         traces,
