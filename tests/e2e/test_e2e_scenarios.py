@@ -125,10 +125,13 @@ def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
 
 def test_envoy_stats_and_daemon_metrics_agree(mesh: Mesh, daemon: Daemon) -> None:
     stats = mesh.wait_access_logs_stable()
-    # Envoy's own word: nothing dropped, nothing failed, and every sidecar wrote access logs.
+    # Envoy's own word: nothing dropped, nothing failed, and every sidecar that carried traffic
+    # wrote access logs (the sidecars of skipped scenarios carried none).
     for service, s in stats.items():
         assert s.dropped == 0, (service, s)
         assert s.flush_failed == 0, (service, s)
+        if service not in mesh.touched:
+            continue
         assert s.flushed > 0, (service, s)
         if service != "db":  # a TCP-only sidecar: Envoy counts TCP entries as flushed, not written
             assert s.written > 0, (service, s)
