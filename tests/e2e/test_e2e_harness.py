@@ -379,3 +379,38 @@ def test_impostor_presents_another_workloads_certificate(mesh: Mesh, collector: 
     assert outbound.node_id.startswith("sidecar~127.0.0.1~impostor-v1-")
     assert outbound.message.common_properties.upstream_cluster == "outbound|9080||ratings.default.svc.cluster.local"
     assert mesh.services["impostor"].sidecar.spec.certs == mesh.certs("default", "reviews")
+
+
+def test_network_rbac_closes_the_connection_and_says_why(mesh: Mesh, collector: CaptureCollector) -> None:
+    [denied] = mesh.tcp("checkout", "db", "SELECT 2")
+    assert denied["reply"] == ""  # closed unanswered
+    # db's sidecar logs the connection with the policy that closed it; its peer is checkout.
+    [entry] = _entries_for(
+        collector,
+        lambda e: (
+            e.kind == "tcp" and "~db-v1-" in e.node_id and e.message.common_properties.connection_termination_details
+        ),
+    )
+    common = entry.message.common_properties
+    assert (
+        common.connection_termination_details
+        == "rbac_access_denied_matched_policy[ns[default]-policy[db-deny-checkout]-rule[0]]"
+    )
+    assert common.upstream_cluster == "inbound|5432||"
+    assert [s.uri for s in common.tls_properties.peer_certificate_properties.subject_alt_name] == [
+        "spiffe://cluster.local/ns/default/sa/checkout"
+    ]
+    # The client's half, paired by port as for any TCP hop.
+    [client] = _entries_for(
+        collector,
+        lambda e: (
+            e.kind == "tcp"
+            and e.message.common_properties.upstream_local_address.socket_address.port_value
+            == common.downstream_remote_address.socket_address.port_value
+        ),
+    )
+    assert "~checkout-v1-" in client.node_id
+    assert client.message.common_properties.upstream_cluster == "outbound|5432||db.default.svc.cluster.local"
+    assert not client.message.common_properties.connection_termination_details
+    # The policy names checkout only: reviews (plaintext, no principal) is served.
+    assert mesh.tcp("reviews", "db", "SELECT 1")[0]["reply"] == "db:SELECT 1"

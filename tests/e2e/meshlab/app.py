@@ -191,15 +191,20 @@ class App:
             }
 
     def tcp(self, peer: str, payload: str) -> dict[str, Any]:
+        """One connection through the sidecar; ``reply`` is empty when it was closed unanswered
+        (a peer sidecar's RBAC, say), ``error`` set when it was reset."""
         port = int(self.cfg["tcp_outbound"][peer.partition(".")[0]])
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(payload.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(payload.encode() + b"\n")
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError as exc:
+            return {"reply": data.decode(errors="replace").strip(), "error": str(exc)}
         return {"reply": data.decode(errors="replace").strip()}
 
 

@@ -80,6 +80,7 @@ class Traffic(threading.Thread):
             self._step("no route", lambda: m.call("checkout", "catalog", "/admin/debug"))
             self._step("unknown host", lambda: m.call("checkout", "billing", "/billing/1"))
             self._step("rbac", lambda: m.call("checkout", "catalog", "/catalog/internal/keys"))
+            self._step("tcp rbac", lambda: m.tcp("checkout", "db", "SELECT 2"))
             self._step("blocked edge", lambda: m.call("checkout", "details", "/details/1"))
             self._step("served edge", lambda: m.call("checkout", "ratings", "/ratings/3"))
             if not silenced and time.monotonic() - started >= SILENCE_AT_SECS:

@@ -11,9 +11,10 @@ test can silence one sidecar's access logs through its admin API while it keeps 
 
 Optional features, each declared per service or per peer (see ``meshlab.mesh``): TLS parameters
 (``tls_maximum_protocol_version``, ``cipher_suites``) on either side of a hop, Istio-style
-AuthorizationPolicies as ``envoy.filters.http.rbac`` filters named
-``ns[<ns>]-policy[<name>]-rule[0]`` (a denial is a 403 whose ``response_code_details`` is
-``rbac_access_denied_matched_policy[<that name>]``), a ``retry_policy`` on an outbound route, an
+AuthorizationPolicies as RBAC filters with policies named ``ns[<ns>]-policy[<name>]-rule[0]`` (an
+HTTP denial is a 403 whose ``response_code_details`` is
+``rbac_access_denied_matched_policy[<that name>]``; on a TCP listener the connection is closed and
+``connection_termination_details`` says the same), a ``retry_policy`` on an outbound route, an
 outbound route that serves only some path prefixes (other paths: NR, 404), and Istio's
 REGISTRY_ONLY ``block_all`` virtual host as a ``direct_response`` 502 instead of the default
 route to ``BlackHoleCluster``.
@@ -203,15 +204,18 @@ def _tracing(spec: SidecarSpec) -> dict[str, Any]:
     }
 
 
-def _rbac_filters(spec: SidecarSpec) -> list[dict[str, Any]]:
-    """One ``envoy.filters.http.rbac`` filter per action present, DENY first (as istiod orders them)."""
+def _rbac_filters(spec: SidecarSpec, tcp: bool = False) -> list[dict[str, Any]]:
+    """One RBAC filter per action present, DENY first (as istiod orders them): HTTP filters
+    ``envoy.filters.http.rbac``, or for a TCP listener network filters ``envoy.filters.network.rbac``
+    with the policies that name no paths (a denied connection is closed, and its access log says
+    so in ``connection_termination_details``)."""
     from meshlab.pki import spiffe_id
 
     out: list[dict[str, Any]] = []
     for action in ("DENY", "ALLOW"):
         policies: dict[str, Any] = {}
         for p in spec.authz:
-            if p.action != action:
+            if p.action != action or (tcp and p.paths):
                 continue
             principals: list[dict[str, Any]] = []
             for src in p.from_services:
@@ -223,7 +227,18 @@ def _rbac_filters(spec: SidecarSpec) -> list[dict[str, Any]]:
                 "permissions": permissions or [{"any": True}],
                 "principals": principals or [{"any": True}],
             }
-        if policies:
+        if policies and tcp:
+            out.append(
+                {
+                    "name": "envoy.filters.network.rbac",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+                        "stat_prefix": "tcp.",
+                        "rules": {"action": action, "policies": policies},
+                    },
+                }
+            )
+        elif policies:
             out.append(
                 {
                     "name": "envoy.filters.http.rbac",
@@ -342,18 +357,19 @@ def _upstream_tls(spec: SidecarSpec, peer: Upstream, service_port: int) -> dict[
 
 
 def _inbound_filter_chains(
-    spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str
+    spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str, tcp: bool = False
 ) -> list[dict[str, Any]]:
+    filters = [*(_rbac_filters(spec, tcp=True) if tcp else []), network_filter]
     chains: list[dict[str, Any]] = [
         {
             "filter_chain_match": {"transport_protocol": "tls"},
             "transport_socket": _downstream_tls(spec, trust_domain),
-            "filters": [network_filter],
+            "filters": filters,
         }
     ]
     if spec.inbound_mode == "permissive":
         # Istio PERMISSIVE: the same port also accepts plaintext (probes, legacy clients).
-        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [network_filter]})
+        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": filters})
     return chains
 
 
@@ -481,7 +497,9 @@ def bootstrap(spec: SidecarSpec) -> dict[str, Any]:
                 "address": _addr(spec.tcp_inbound_port),
                 "traffic_direction": "INBOUND",
                 "listener_filters": [inbound_tls_inspector],
-                "filter_chains": _inbound_filter_chains(spec, _tcp_proxy(tcp_inbound, tcp_inbound), trust_domain),
+                "filter_chains": _inbound_filter_chains(
+                    spec, _tcp_proxy(tcp_inbound, tcp_inbound), trust_domain, tcp=True
+                ),
             }
         )
     for local_port, peer in spec.tcp_upstreams.items():

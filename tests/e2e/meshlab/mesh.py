@@ -85,8 +85,8 @@ def default_topology() -> list[ServiceSpec]:
 
     checkout calls payments over TLS 1.2 with a CBC suite only (payments still accepts it),
     orders with a retry policy, catalog through a route that serves only ``/catalog/``, and
-    details and ratings; hosts outside the registry get istiod's block_all 502. catalog denies
-    ``/catalog/internal/`` to everyone and details denies checkout (RBAC). impostor's sidecar
+    details and ratings, and db over mTLS; hosts outside the registry get istiod's block_all 502.
+    catalog denies ``/catalog/internal/`` to everyone, details and db (TCP) deny checkout (RBAC). impostor's sidecar
     presents reviews' certificate (a stolen key) when it calls ratings."""
     return [
         ServiceSpec(
@@ -108,7 +108,9 @@ def default_topology() -> list[ServiceSpec]:
             authz=(AuthorizationPolicy("deny-checkout", from_services=("checkout",)),),
         ),
         ServiceSpec("inventory"),
-        ServiceSpec("db", tcp_server=True),
+        ServiceSpec(
+            "db", tcp_server=True, authz=(AuthorizationPolicy("db-deny-checkout", from_services=("checkout",)),)
+        ),
         ServiceSpec(
             "checkout",
             peers=(
@@ -118,6 +120,7 @@ def default_topology() -> list[ServiceSpec]:
                 Peer("details"),
                 Peer("ratings"),
             ),
+            tcp_peers=(Peer("db"),),
             unknown_hosts="direct_response",
         ),
         ServiceSpec("payments", inbound_ciphers=LEGACY_INBOUND_CIPHERS),

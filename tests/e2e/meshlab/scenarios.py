@@ -42,7 +42,7 @@ POLICY: dict[str, Any] = {
         },
         {"from": ["reviews.default"], "to": ["ratings.default", "db.default"]},
         # checkout may call these; not details, not ratings (forbidden_edges_enforced).
-        {"from": ["checkout.default"], "to": ["payments.default", "orders.default", "catalog.default"]},
+        {"from": ["checkout.default"], "to": ["payments.default", "orders.default", "catalog.default", "db.default"]},
         # impostor may call ratings: in identity_mismatch only its certificate is wrong.
         {"from": ["impostor.default"], "to": ["ratings.default"]},
     ],
@@ -254,10 +254,13 @@ def no_route(mesh: Mesh) -> None:
 
 
 def rbac_denial(mesh: Mesh) -> None:
-    """catalog's AuthorizationPolicy deny-internal refuses /catalog/internal/ to every caller."""
+    """catalog's AuthorizationPolicy deny-internal refuses /catalog/internal/ to every caller (403);
+    db's db-deny-checkout closes checkout's TCP connections. Both edges are inside policy."""
     for r in mesh.call("checkout", "catalog", "/catalog/internal/keys", count=2):
         assert r["status"] == 403, r
     assert mesh.call("checkout", "catalog", "/catalog/1")[0]["status"] == 200
+    for r in mesh.tcp("checkout", "db", "SELECT 2", count=2):
+        assert r["reply"] == "", r
 
 
 def forbidden_edges(mesh: Mesh) -> None:
@@ -381,8 +384,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "authz_denied",
         rbac_denial,
-        (Expected("authz_denied", "catalog.default", ("checkout.default",)),),
-        "requests denied by an RBAC policy",
+        (
+            Expected("authz_denied", "catalog.default", ("checkout.default",)),
+            Expected("authz_denied", "db.default", ("checkout.default",)),
+        ),
+        "HTTP requests and TCP connections denied by RBAC policies",
         rules_needed=("authz_denied",),
     ),
     Scenario(
