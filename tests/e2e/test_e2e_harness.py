@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meshlab.capture import CaptureCollector, CapturedSpan, Entry
@@ -18,6 +20,9 @@ from meshlab.procs import wait_until
 pytestmark = pytest.mark.e2e
 
 SPAN_WAIT = 5.0  # Envoy's tracer flushes every 0.2 s here (runtime key); the SDK every 0.2 s
+TLSv1_2 = 3  # envoy.data.accesslog.v3.TLSProperties.TLSVersion
+ECDHE_ECDSA_AES128_SHA = 0xC009  # IANA cipher suite codes, as tls_cipher_suite carries them
+ECDHE_ECDSA_AES128_GCM_SHA256 = 0xC02B
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +214,203 @@ def test_envoy_stats_no_access_log_dropped(mesh: Mesh) -> None:
     for service in ("frontend", "reviews", "ratings", "details"):
         assert stats[service].written > 0, (service, stats[service])
     assert stats["db"].flushed > 0, stats["db"]  # TCP entries count as flushed, not written
+
+
+# --- the signals of the newer rules: what Envoy 1.40 itself logs for each -------------------------
+def _call_with_id(mesh: Mesh, src: str, dst: str, path: str) -> tuple[dict[str, Any], str]:
+    """One call whose entries are easy to find: responses Envoy makes itself (403, 404, 502) carry
+    no app body to read the request id from, and an id the app sends is replaced by the sidecar
+    (loopback is not an internal address by Envoy 1.40's defaults), so the path carries a tag."""
+    tag = f"t={uuid.uuid4().hex}"
+    [result] = mesh.call(src, dst, f"{path}?{tag}")
+    return result, tag
+
+
+def _http_entry(collector: CaptureCollector, tag: str, service: str) -> Entry:
+    [entry] = _entries_for(
+        collector, lambda e: e.kind == "http" and tag in e.message.request.path and f"~{service}-v1-" in e.node_id
+    )
+    return entry
+
+
+def _flags(entry: Entry) -> set[str]:
+    flags = entry.message.common_properties.response_flags
+    return {fd.name for fd, v in flags.ListFields() if v}
+
+
+def test_rbac_denial_names_the_istio_policy(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "checkout", "catalog", "/catalog/internal/keys")
+    assert result["status"] == 403
+    inbound = _http_entry(collector, tag, "catalog")
+    assert inbound.message.response.response_code.value == 403
+    details = inbound.message.response.response_code_details
+    assert details == "rbac_access_denied_matched_policy[ns[default]-policy[deny-internal]-rule[0]]"
+    assert details.startswith("rbac_access_denied_matched_policy[")
+    common = inbound.message.common_properties
+    # Denied before the router: Envoy 1.40 names the route but no cluster, and made no attempt.
+    assert (common.route_name, common.upstream_cluster, common.upstream_request_attempt_count) == ("default", "", 0)
+    assert [s.uri for s in common.tls_properties.peer_certificate_properties.subject_alt_name] == [
+        "spiffe://cluster.local/ns/default/sa/checkout"
+    ]
+    # The client's sidecar relays the 403 as the upstream's answer.
+    outbound = _http_entry(collector, tag, "checkout")
+    assert outbound.message.response.response_code.value == 403
+    assert outbound.message.response.response_code_details == "via_upstream"
+    assert outbound.message.common_properties.upstream_cluster == "outbound|9080||catalog.default.svc.cluster.local"
+    # Paths the policy does not name are served.
+    assert mesh.call("checkout", "catalog", "/catalog/1")[0]["status"] == 200
+
+
+def test_rbac_blocks_one_forbidden_edge_and_not_another(mesh: Mesh, collector: CaptureCollector) -> None:
+    blocked, tag = _call_with_id(mesh, "checkout", "details", "/details/1")
+    assert blocked["status"] == 403
+    inbound = _http_entry(collector, tag, "details")
+    assert (
+        inbound.message.response.response_code_details
+        == "rbac_access_denied_matched_policy[ns[default]-policy[deny-checkout]-rule[0]]"
+    )
+    assert _http_entry(collector, tag, "checkout").message.response.response_code.value == 403
+    # deny-checkout names checkout's SPIFFE id only: frontend is served, and so is checkout elsewhere.
+    assert mesh.call("frontend", "details", "/details/2")[0]["status"] == 200
+    served, tag = _call_with_id(mesh, "checkout", "ratings", "/ratings/3")
+    assert served["status"] == 200
+    assert _http_entry(collector, tag, "ratings").message.response.response_code_details == "via_upstream"
+
+
+def test_retry_policy_counts_attempts(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "checkout", "orders", "/orders/status/503")
+    assert result["status"] == 503
+    outbound = _http_entry(collector, tag, "checkout")
+    common = outbound.message.common_properties
+    assert common.upstream_request_attempt_count == 4  # num_retries 3
+    assert _flags(outbound) == {"upstream_retry_limit_exceeded"}  # URX
+    assert outbound.message.response.response_code.value == 503
+    assert outbound.message.response.response_code_details == "via_upstream"
+    # The destination's sidecar logs each attempt under the same request id. An attempt the
+    # client abandoned as soon as it read the 503 may be logged as a downstream disconnect (DC).
+    attempts: list[Entry] = []
+
+    def all_attempts_in() -> bool:
+        attempts[:] = [e for e in collector.entries() if e.kind == "http" and tag in e.message.request.path]
+        attempts[:] = [e for e in attempts if "~orders-v1-" in e.node_id]
+        return len(attempts) >= 4
+
+    wait_until(all_attempts_in, 5.0)
+    assert len(attempts) == 4
+    assert {e.message.response.response_code.value for e in attempts} == {503}
+    assert {e.message.response.response_code_details for e in attempts} <= {
+        "via_upstream",
+        "downstream_remote_disconnect",
+    }
+    # Without a retry policy, one attempt.
+    ok, tag = _call_with_id(mesh, "checkout", "orders", "/orders/1")
+    assert ok["status"] == 200
+    assert _http_entry(collector, tag, "checkout").message.common_properties.upstream_request_attempt_count == 1
+
+
+def test_upstream_5xx_is_via_upstream(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "frontend", "orders", "/orders/status/500")
+    assert result["status"] == 500
+    for service in ("frontend", "orders"):
+        entry = _http_entry(collector, tag, service)
+        assert entry.message.response.response_code.value == 500
+        assert entry.message.response.response_code_details == "via_upstream"
+        assert not _flags(entry)
+        assert entry.message.common_properties.upstream_request_attempt_count == 1
+
+
+def test_path_without_route_is_nr(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "checkout", "catalog", "/admin/debug")
+    assert result["status"] == 404
+    entry = _http_entry(collector, tag, "checkout")
+    common = entry.message.common_properties
+    assert _flags(entry) == {"no_route_found"}  # NR
+    assert entry.message.response.response_code_details == "route_not_found"
+    assert (common.route_name, common.upstream_cluster, common.upstream_request_attempt_count) == ("", "", 0)
+    assert entry.message.request.authority == "catalog.default.svc.cluster.local:9080"
+    # Nothing reached catalog.
+    time.sleep(0.5)
+    assert not [
+        e
+        for e in collector.entries()
+        if e.kind == "http" and tag in e.message.request.path and "~catalog-v1-" in e.node_id
+    ]
+
+
+def test_host_outside_registry_gets_block_all_502(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "checkout", "billing", "/billing/1")
+    assert result["status"] == 502
+    entry = _http_entry(collector, tag, "checkout")
+    common = entry.message.common_properties
+    assert entry.message.response.response_code.value == 502
+    assert entry.message.response.response_code_details == "direct_response"
+    assert (common.route_name, common.upstream_cluster) == ("block_all", "")
+    assert not _flags(entry)
+    assert entry.message.request.authority == "billing.default.svc.cluster.local:9080"
+
+
+def test_weak_tls_pair_negotiates_tls12_cbc(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "checkout", "payments", "/payments/1")
+    assert result["status"] == 200
+    tls = _http_entry(collector, tag, "payments").message.common_properties.tls_properties
+    assert tls.tls_version == TLSv1_2
+    assert tls.tls_cipher_suite.value == ECDHE_ECDSA_AES128_SHA  # a CBC suite
+    assert [s.uri for s in tls.peer_certificate_properties.subject_alt_name] == [
+        "spiffe://cluster.local/ns/default/sa/checkout"
+    ]
+    # A default hop for comparison: Envoy's upstream TLS goes up to 1.2, with an AEAD suite.
+    result, tag = _call_with_id(mesh, "frontend", "reviews", "/reviews/3")
+    tls = _http_entry(collector, tag, "reviews").message.common_properties.tls_properties
+    assert (tls.tls_version, tls.tls_cipher_suite.value) == (TLSv1_2, ECDHE_ECDSA_AES128_GCM_SHA256)
+
+
+def test_impostor_presents_another_workloads_certificate(mesh: Mesh, collector: CaptureCollector) -> None:
+    result, tag = _call_with_id(mesh, "impostor", "ratings", "/ratings/9")
+    assert result["status"] == 200
+    assert "URI=spiffe://cluster.local/ns/default/sa/reviews" in result["body"]["xfcc"]
+    # The destination sees reviews' SPIFFE id ...
+    inbound = _http_entry(collector, tag, "ratings")
+    tls = inbound.message.common_properties.tls_properties
+    assert [s.uri for s in tls.peer_certificate_properties.subject_alt_name] == [
+        "spiffe://cluster.local/ns/default/sa/reviews"
+    ]
+    # ... while the same request left from the impostor workload's sidecar.
+    outbound = _http_entry(collector, tag, "impostor")
+    assert outbound.node_id.startswith("sidecar~127.0.0.1~impostor-v1-")
+    assert outbound.message.common_properties.upstream_cluster == "outbound|9080||ratings.default.svc.cluster.local"
+    assert mesh.services["impostor"].sidecar.spec.certs == mesh.certs("default", "reviews")
+
+
+def test_network_rbac_closes_the_connection_and_says_why(mesh: Mesh, collector: CaptureCollector) -> None:
+    [denied] = mesh.tcp("checkout", "db", "SELECT 2")
+    assert denied["reply"] == ""  # closed unanswered
+    # db's sidecar logs the connection with the policy that closed it; its peer is checkout.
+    [entry] = _entries_for(
+        collector,
+        lambda e: (
+            e.kind == "tcp" and "~db-v1-" in e.node_id and e.message.common_properties.connection_termination_details
+        ),
+    )
+    common = entry.message.common_properties
+    assert (
+        common.connection_termination_details
+        == "rbac_access_denied_matched_policy[ns[default]-policy[db-deny-checkout]-rule[0]]"
+    )
+    assert common.upstream_cluster == "inbound|5432||"
+    assert [s.uri for s in common.tls_properties.peer_certificate_properties.subject_alt_name] == [
+        "spiffe://cluster.local/ns/default/sa/checkout"
+    ]
+    # The client's half, paired by port as for any TCP hop.
+    [client] = _entries_for(
+        collector,
+        lambda e: (
+            e.kind == "tcp"
+            and e.message.common_properties.upstream_local_address.socket_address.port_value
+            == common.downstream_remote_address.socket_address.port_value
+        ),
+    )
+    assert "~checkout-v1-" in client.node_id
+    assert client.message.common_properties.upstream_cluster == "outbound|5432||db.default.svc.cluster.local"
+    assert not client.message.common_properties.connection_termination_details
+    # The policy names checkout only: reviews (plaintext, no principal) is served.
+    assert mesh.tcp("reviews", "db", "SELECT 1")[0]["reply"] == "db:SELECT 1"

@@ -5,6 +5,8 @@ every Envoy's own stats must show no access log dropped, and the daemon's metric
 
 One daemon and one mesh serve the whole module (wall time); scenarios use disjoint
 (rule, source, destination) keys, and each waits until the daemon has settled before the next.
+A scenario whose rules the daemon does not have yet is skipped, saying which (see
+``Scenario.rules_needed``); it runs as soon as they are merged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from meshlab.scenarios import (
     SCENARIOS,
     Scenario,
     daemon_config,
+    known_rules,
     one_line,
     party_key,
 )
@@ -84,6 +87,9 @@ def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[st
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
+    missing = [r for r in scenario.rules_needed if r not in known_rules()]
+    if missing:
+        pytest.skip(f"{scenario.title}: this daemon has no rule {', '.join(missing)} yet; runs once it is merged")
     before = len(daemon.alerts())
     scenario.drive(mesh)
     driven_at = time.time()
@@ -106,6 +112,14 @@ def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
     got = _new_alerts(daemon, before, scenario)
     unexpected = [a for a in got if not any(e.matches(a) for e in scenario.expected)]
     assert not unexpected, f"{scenario.title}: unexpected alerts:\n" + "\n".join(one_line(a) for a in unexpected)
+    # Evidence that a feature adds to an existing rule's alerts: a daemon without the feature
+    # raised the alerts but not the evidence (the traffic ran; its keys are the scenario's own).
+    for key in scenario.evidence_needed:
+        carrying = [a for a in got if any(e.matches(a) and key in dict(e.evidence) for e in scenario.expected)]
+        if carrying and not any(key in (a.get("evidence") or {}) for a in carrying):
+            pytest.skip(f"{scenario.title}: this daemon's alerts carry no evidence.{key} yet; runs once it is merged")
+    wrong = [f"{one_line(a)}: {w}" for e in scenario.expected for a in got if e.matches(a) and (w := e.mismatch(a))]
+    assert not wrong, f"{scenario.title}:\n" + "\n".join(wrong)
     for a in got:
         assert a["schema"] == "meshaudit.alert.v1"
         assert a["evidence"]["count"] >= 1
@@ -125,10 +139,13 @@ def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
 
 def test_envoy_stats_and_daemon_metrics_agree(mesh: Mesh, daemon: Daemon) -> None:
     stats = mesh.wait_access_logs_stable()
-    # Envoy's own word: nothing dropped, nothing failed, and every sidecar wrote access logs.
+    # Envoy's own word: nothing dropped, nothing failed, and every sidecar that carried traffic
+    # wrote access logs (the sidecars of skipped scenarios carried none).
     for service, s in stats.items():
         assert s.dropped == 0, (service, s)
         assert s.flush_failed == 0, (service, s)
+        if service not in mesh.touched:
+            continue
         assert s.flushed > 0, (service, s)
         if service != "db":  # a TCP-only sidecar: Envoy counts TCP entries as flushed, not written
             assert s.written > 0, (service, s)

@@ -10,11 +10,16 @@ Apps propagate ``x-request-id``, ``traceparent`` and ``tracestate`` on calls the
 serving (``x-meshlab-forward: <peer> <METHOD> <path>``), as Istio asks of applications. With
 ``otel`` set, the app uses the OpenTelemetry SDK: SERVER spans for requests it serves, CLIENT
 spans for calls it makes, exported over OTLP (gRPC or HTTP) to the collector.
+
+A failing upstream on demand: a request whose path has a ``status/<code>`` segment pair (e.g.
+``GET /orders/status/503``) is answered with that status (400-599), so a test can make a service
+fail for some paths while it serves the others.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import signal
 import socket
@@ -25,6 +30,16 @@ import uuid
 from contextlib import AbstractContextManager, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+def status_for(path: str) -> int:
+    """200, or the code a ``.../status/<code>/...`` path asks for (400-599)."""
+    parts = path.split("?", 1)[0].split("/")
+    for name, code in itertools.pairwise(parts):
+        if name == "status" and code.isdigit() and 400 <= int(code) <= 599:
+            return int(code)
+    return 200
+
 
 PROPAGATED = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled")
 
@@ -176,15 +191,20 @@ class App:
             }
 
     def tcp(self, peer: str, payload: str) -> dict[str, Any]:
+        """One connection through the sidecar; ``reply`` is empty when it was closed unanswered
+        (a peer sidecar's RBAC, say), ``error`` set when it was reset."""
         port = int(self.cfg["tcp_outbound"][peer.partition(".")[0]])
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(payload.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(payload.encode() + b"\n")
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError as exc:
+            return {"reply": data.decode(errors="replace").strip(), "error": str(exc)}
         return {"reply": data.decode(errors="replace").strip()}
 
 
@@ -222,9 +242,10 @@ def _json_handler(app: App, control: bool) -> type[BaseHTTPRequestHandler]:
                 if forward:
                     peer, method, fpath = forward.split()
                     nested = app.call(peer, method, fpath, "sidecar", headers)
-                app.tracing.set_status(span, 200)
+                status = status_for(path)
+                app.tracing.set_status(span, status)
                 self._reply(
-                    200,
+                    status,
                     {
                         "service": app.service,
                         "namespace": app.namespace,

@@ -1,9 +1,11 @@
 """``make demo``: the meshaudit daemon auditing a live loopback mesh of real Envoy sidecars.
 
-Starts the daemon, the mesh (six services, each an app plus an Envoy sidecar) and a traffic
+Starts the daemon, the mesh (eleven services, each an app plus an Envoy sidecar) and a traffic
 generator that mixes good traffic with every kind of violation, then prints each alert as one
-line as it arrives. Stops everything (by PID) on Ctrl-C, SIGTERM, or after ``DEMO_SECS``
-seconds (default 60; 0 runs until interrupted). Run files go to ``var/demo/``.
+line as it arrives. The traffic of every scenario runs, also for rules this daemon does not
+have yet (it says which): their alerts show up once the rules are merged. Stops everything (by
+PID) on Ctrl-C, SIGTERM, or after ``DEMO_SECS`` seconds (default 60; 0 runs until interrupted).
+Run files go to ``var/demo/``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ class Traffic(threading.Thread):
             self._step("path", lambda: m.call("reviews", "ratings", "/admin/reset", method="DELETE"))
             self._step("bypass", lambda: m.call("frontend", "reviews", "/reviews/2", via="direct"))
             self._step("tcp", lambda: m.tcp("reviews", "db", "SELECT 1"))
+            # violations for the newer rules (weak_tls, identity_mismatch, excessive_retries,
+            # error_burst, route_mismatch, authz_denied) and RBAC enforcement of forbidden edges
+            self._step("weak tls", lambda: m.call("checkout", "payments", "/payments/1"))
+            self._step("stolen cert", lambda: m.call("impostor", "ratings", "/ratings/9"))
+            self._step("retries", lambda: m.call("checkout", "orders", "/orders/status/503"))
+            self._step("500s", lambda: m.call("frontend", "orders", "/orders/status/500", count=2))
+            self._step("no route", lambda: m.call("checkout", "catalog", "/admin/debug"))
+            self._step("unknown host", lambda: m.call("checkout", "billing", "/billing/1"))
+            self._step("rbac", lambda: m.call("checkout", "catalog", "/catalog/internal/keys"))
+            self._step("tcp rbac", lambda: m.tcp("checkout", "db", "SELECT 2"))
+            self._step("blocked edge", lambda: m.call("checkout", "details", "/details/1"))
+            self._step("served edge", lambda: m.call("checkout", "ratings", "/ratings/3"))
             if not silenced and time.monotonic() - started >= SILENCE_AT_SECS:
                 self._step("silence", lambda: m.envoy("inventory").silence_access_logs())
                 silenced = True
@@ -105,8 +119,15 @@ def main() -> int:
         _say(f"  run files   {run_dir}")
         _say(
             "  traffic     good mTLS calls and probes, plus: plaintext HTTP and TCP, an edge and a path "
-            "outside policy, an app port called directly, and a sidecar that goes silent"
+            "outside policy, an app port called directly, a sidecar that goes silent, TLS 1.2 with a CBC "
+            "suite, a stolen certificate, retries and 500s from a failing upstream, a path with no route "
+            "and a host outside the registry, RBAC denials, and forbidden edges RBAC blocks or not"
         )
+        known = sc.known_rules()
+        _say(f"  rules       {', '.join(sorted(known))}")
+        waiting = sorted(sc.NEW_RULE_OPTIONS.keys() - known)
+        if waiting:
+            _say(f"              (not in this daemon yet, their traffic runs anyway: {', '.join(waiting)})")
         until = "Ctrl-C" if demo_secs <= 0 else f"Ctrl-C or {demo_secs:g} s"
         _say(f"\nAlerts as they arrive (stops on {until}):")
         traffic = Traffic(mesh, stop)

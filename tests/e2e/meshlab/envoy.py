@@ -8,6 +8,16 @@ outside the registry. Every sidecar streams HTTP and TCP access logs with Envoy'
 loggers (``buffer_flush_interval`` 0.2 s) and spans with ``envoy.tracers.opentelemetry`` to the
 collector. Each access logger carries a runtime filter on ``meshlab.access_log_percent`` so a
 test can silence one sidecar's access logs through its admin API while it keeps serving.
+
+Optional features, each declared per service or per peer (see ``meshlab.mesh``): TLS parameters
+(``tls_maximum_protocol_version``, ``cipher_suites``) on either side of a hop, Istio-style
+AuthorizationPolicies as RBAC filters with policies named ``ns[<ns>]-policy[<name>]-rule[0]`` (an
+HTTP denial is a 403 whose ``response_code_details`` is
+``rbac_access_denied_matched_policy[<that name>]``; on a TCP listener the connection is closed and
+``connection_termination_details`` says the same), a ``retry_policy`` on an outbound route, an
+outbound route that serves only some path prefixes (other paths: NR, 404), and Istio's
+REGISTRY_ONLY ``block_all`` virtual host as a ``direct_response`` 502 instead of the default
+route to ``BlackHoleCluster``.
 """
 
 from __future__ import annotations
@@ -49,17 +59,38 @@ def envoy_binary() -> Path:
 
 @dataclass(frozen=True)
 class Upstream:
-    """A peer this sidecar sends to: its service, where its sidecar listens, whether to originate mTLS."""
+    """A peer this sidecar sends to: its service, where its sidecar listens, whether to originate
+    mTLS (and with which TLS parameters), and how the outbound route to it behaves."""
 
     service: str
     namespace: str
     port: int  # the peer sidecar's inbound listener on 127.0.0.1
     tls: bool
     spiffe: str
+    tls_max: str | None = None  # tls_maximum_protocol_version, e.g. "TLSv1_2" (Envoy's client default)
+    ciphers: tuple[str, ...] = ()  # cipher_suites offered for TLS <= 1.2 (empty: Envoy's defaults)
+    retries: int = 0  # > 0: a retry_policy on the route, retry_on 5xx, num_retries this
+    paths: tuple[str, ...] = ()  # path prefixes the route serves; others get no route (NR, 404)
 
     @property
     def fqdn(self) -> str:
         return f"{self.service}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True)
+class AuthorizationPolicy:
+    """An Istio AuthorizationPolicy with one rule, as istiod translates it for the destination's
+    sidecar: an RBAC policy named ``ns[<ns>]-policy[<name>]-rule[0]`` whose principals are the
+    SPIFFE ids of ``from_services`` (any caller when empty) and whose permissions are the path
+    prefixes ``paths`` (any request when empty). DENY policies run before ALLOW ones."""
+
+    name: str
+    action: Literal["ALLOW", "DENY"] = "DENY"
+    from_services: tuple[str, ...] = ()  # "name" (the destination's namespace) or "name.namespace"
+    paths: tuple[str, ...] = ()
+
+    def rbac_name(self, namespace: str) -> str:
+        return f"ns[{namespace}]-policy[{self.name}]-rule[0]"
 
 
 @dataclass
@@ -79,6 +110,10 @@ class SidecarSpec:
     tcp_app_port: int | None = None
     tcp_inbound_port: int | None = None
     tcp_upstreams: dict[int, Upstream] = field(default_factory=dict)  # local outbound port -> peer
+    inbound_ciphers: tuple[str, ...] = ()  # the inbound TLS cipher_suites (empty: Envoy's defaults)
+    authz: tuple[AuthorizationPolicy, ...] = ()  # RBAC on the inbound HTTP listener
+    unknown_hosts: Literal["blackhole", "direct_response"] = "blackhole"  # the block_all virtual host
+    trust_domain: str = "cluster.local"
 
     @property
     def node_id(self) -> str:
@@ -169,15 +204,63 @@ def _tracing(spec: SidecarSpec) -> dict[str, Any]:
     }
 
 
+def _rbac_filters(spec: SidecarSpec, tcp: bool = False) -> list[dict[str, Any]]:
+    """One RBAC filter per action present, DENY first (as istiod orders them): HTTP filters
+    ``envoy.filters.http.rbac``, or for a TCP listener network filters ``envoy.filters.network.rbac``
+    with the policies that name no paths (a denied connection is closed, and its access log says
+    so in ``connection_termination_details``)."""
+    from meshlab.pki import spiffe_id
+
+    out: list[dict[str, Any]] = []
+    for action in ("DENY", "ALLOW"):
+        policies: dict[str, Any] = {}
+        for p in spec.authz:
+            if p.action != action or (tcp and p.paths):
+                continue
+            principals: list[dict[str, Any]] = []
+            for src in p.from_services:
+                name, _, ns = src.partition(".")
+                uri = spiffe_id(ns or spec.namespace, name, spec.trust_domain)
+                principals.append({"authenticated": {"principal_name": {"exact": uri}}})
+            permissions = [{"url_path": {"path": {"prefix": prefix}}} for prefix in p.paths]
+            policies[p.rbac_name(spec.namespace)] = {
+                "permissions": permissions or [{"any": True}],
+                "principals": principals or [{"any": True}],
+            }
+        if policies and tcp:
+            out.append(
+                {
+                    "name": "envoy.filters.network.rbac",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+                        "stat_prefix": "tcp.",
+                        "rules": {"action": action, "policies": policies},
+                    },
+                }
+            )
+        elif policies:
+            out.append(
+                {
+                    "name": "envoy.filters.http.rbac",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                        "rules": {"action": action, "policies": policies},
+                    },
+                }
+            )
+    return out
+
+
 def _hcm(spec: SidecarSpec, stat_prefix: str, route_config: dict[str, Any], inbound: bool) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "stat_prefix": stat_prefix,
         "route_config": route_config,
         "http_filters": [
+            *(_rbac_filters(spec) if inbound else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }
+            },
         ],
         "tracing": _tracing(spec),
         "access_log": _http_access_log(),
@@ -223,7 +306,10 @@ def _downstream_tls(spec: SidecarSpec, trust_domain: str) -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             "require_client_certificate": True,
             "common_tls_context": {
-                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_2",
+                    **({"cipher_suites": list(spec.inbound_ciphers)} if spec.inbound_ciphers else {}),
+                },
                 "tls_certificates": [
                     {
                         "certificate_chain": {"filename": str(spec.certs.cert)},
@@ -243,12 +329,18 @@ def _downstream_tls(spec: SidecarSpec, trust_domain: str) -> dict[str, Any]:
 
 def _upstream_tls(spec: SidecarSpec, peer: Upstream, service_port: int) -> dict[str, Any]:
     """Originate mTLS with this sidecar's certificate, accepting only the peer's SPIFFE id."""
+    params: dict[str, Any] = {}
+    if peer.tls_max:
+        params["tls_maximum_protocol_version"] = peer.tls_max
+    if peer.ciphers:
+        params["cipher_suites"] = list(peer.ciphers)
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": f"outbound_.{service_port}_._.{peer.fqdn}",
             "common_tls_context": {
+                **({"tls_params": params} if params else {}),
                 "tls_certificates": [
                     {
                         "certificate_chain": {"filename": str(spec.certs.cert)},
@@ -265,22 +357,24 @@ def _upstream_tls(spec: SidecarSpec, peer: Upstream, service_port: int) -> dict[
 
 
 def _inbound_filter_chains(
-    spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str
+    spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str, tcp: bool = False
 ) -> list[dict[str, Any]]:
+    filters = [*(_rbac_filters(spec, tcp=True) if tcp else []), network_filter]
     chains: list[dict[str, Any]] = [
         {
             "filter_chain_match": {"transport_protocol": "tls"},
             "transport_socket": _downstream_tls(spec, trust_domain),
-            "filters": [network_filter],
+            "filters": filters,
         }
     ]
     if spec.inbound_mode == "permissive":
         # Istio PERMISSIVE: the same port also accepts plaintext (probes, legacy clients).
-        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [network_filter]})
+        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": filters})
     return chains
 
 
-def bootstrap(spec: SidecarSpec, trust_domain: str = "cluster.local") -> dict[str, Any]:
+def bootstrap(spec: SidecarSpec) -> dict[str, Any]:
+    trust_domain = spec.trust_domain
     inbound_cluster = f"inbound|{HTTP_SERVICE_PORT}||"
     listeners: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [
@@ -343,18 +437,31 @@ def bootstrap(spec: SidecarSpec, trust_domain: str = "cluster.local") -> dict[st
             peer.fqdn,
         ]
         domains = [*short, *(f"{d}:{HTTP_SERVICE_PORT}" for d in short)]
+        action: dict[str, Any] = {"cluster": name}
+        if peer.retries:
+            action["retry_policy"] = {"retry_on": "5xx", "num_retries": peer.retries}
         vhosts.append(
             {
                 "name": f"{peer.fqdn}:{HTTP_SERVICE_PORT}",
                 "domains": domains,
-                "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": name}}],
+                "routes": [
+                    {"name": "default", "match": {"prefix": prefix}, "route": action}
+                    for prefix in (peer.paths or ("/",))
+                ],
             }
         )
+    # Hosts outside the registry (Istio REGISTRY_ONLY): by default routed to BlackHoleCluster (no
+    # endpoints: UH, 503); istiod itself answers them with a direct_response 502.
+    block_all: dict[str, Any] = (
+        {"direct_response": {"status": 502}}
+        if spec.unknown_hosts == "direct_response"
+        else {"route": {"cluster": "BlackHoleCluster"}}
+    )
     vhosts.append(
         {
             "name": "block_all",
             "domains": ["*"],
-            "routes": [{"name": "block_all", "match": {"prefix": "/"}, "route": {"cluster": "BlackHoleCluster"}}],
+            "routes": [{"name": "block_all", "match": {"prefix": "/"}, **block_all}],
         }
     )
     listeners.append(
@@ -390,7 +497,9 @@ def bootstrap(spec: SidecarSpec, trust_domain: str = "cluster.local") -> dict[st
                 "address": _addr(spec.tcp_inbound_port),
                 "traffic_direction": "INBOUND",
                 "listener_filters": [inbound_tls_inspector],
-                "filter_chains": _inbound_filter_chains(spec, _tcp_proxy(tcp_inbound, tcp_inbound), trust_domain),
+                "filter_chains": _inbound_filter_chains(
+                    spec, _tcp_proxy(tcp_inbound, tcp_inbound), trust_domain, tcp=True
+                ),
             }
         )
     for local_port, peer in spec.tcp_upstreams.items():

@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from meshlab.envoy import AccessLogStats, Envoy, SidecarSpec, Upstream, dump_logs
-from meshlab.pki import CertificateAuthority
+from meshlab.envoy import AccessLogStats, AuthorizationPolicy, Envoy, SidecarSpec, Upstream, dump_logs
+from meshlab.pki import CertFiles, CertificateAuthority
 from meshlab.procs import Proc, ProcGroup, child_env, free_ports, http_ok, wait_until
 
 MESHLAB_PARENT = Path(__file__).resolve().parents[1]  # tests/e2e, so children can import meshlab
@@ -30,10 +30,28 @@ def _app_up(control_url: str, app: Proc) -> bool:
     return http_ok(control_url) or not app.alive()  # a dead app ends the wait too
 
 
+# Envoy's server default cipher list (TLS <= 1.2) leaves out CBC suites; a "legacy" inbound
+# side that still accepts one, for a client that offers nothing better. Certificates here are
+# ECDSA, so the CBC suite is ECDHE-ECDSA-AES128-SHA (IANA 0xC009).
+CBC_CIPHER = "ECDHE-ECDSA-AES128-SHA"
+LEGACY_INBOUND_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    CBC_CIPHER,
+)
+
+
 @dataclass(frozen=True)
 class Peer:
     service: str
     tls: bool = True  # False: the caller's sidecar sends plaintext (a DestinationRule with tls: DISABLE)
+    # A DestinationRule's tls settings: e.g. tls_max="TLSv1_2", ciphers=(CBC_CIPHER,) for a client
+    # stuck on a weak suite (the destination's inbound side must accept it: ServiceSpec.inbound_ciphers).
+    tls_max: str | None = None
+    ciphers: tuple[str, ...] = ()
+    retries: int = 0  # a VirtualService retry policy: retry_on 5xx, this many retries
+    paths: tuple[str, ...] = ()  # a VirtualService matching only these path prefixes (others: NR)
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,14 @@ class ServiceSpec:
     tcp_server: bool = False  # the app echoes lines on a TCP port behind a TCP inbound listener
     tcp_peers: tuple[Peer, ...] = ()
     direct_peers: tuple[str, ...] = ()  # peers whose app port this app may call, skipping sidecars
+    inbound_ciphers: tuple[str, ...] = ()  # the inbound TLS cipher_suites (empty: Envoy's defaults)
+    authz: tuple[AuthorizationPolicy, ...] = ()  # Istio AuthorizationPolicies on this service
+    # Hosts outside the registry: "blackhole" (route to BlackHoleCluster: UH, 503) or, as istiod
+    # configures REGISTRY_ONLY, "direct_response" (the block_all route answers 502 itself).
+    unknown_hosts: Literal["blackhole", "direct_response"] = "blackhole"
+    # The service account whose certificate (and key) this workload's sidecar presents: another
+    # workload's, for an impostor (a stolen key). None: its own.
+    cert_sa: str | None = None
 
     @property
     def key(self) -> str:
@@ -53,14 +79,20 @@ class ServiceSpec:
 
 
 def default_topology() -> list[ServiceSpec]:
-    """frontend (OTel SDK over OTLP/HTTP) calls reviews, ratings, details and inventory; reviews
-    (OTel SDK over OTLP/gRPC) calls ratings and the TCP service db. frontend -> ratings and
-    reviews -> db are plaintext; details accepts only mTLS (STRICT); the rest are PERMISSIVE."""
+    """frontend (OTel SDK over OTLP/HTTP) calls reviews, ratings, details, inventory and orders;
+    reviews (OTel SDK over OTLP/gRPC) calls ratings and the TCP service db. frontend -> ratings and
+    reviews -> db are plaintext; details accepts only mTLS (STRICT); the rest are PERMISSIVE.
+
+    checkout calls payments over TLS 1.2 with a CBC suite only (payments still accepts it),
+    orders with a retry policy, catalog through a route that serves only ``/catalog/``, and
+    details and ratings, and db over mTLS; hosts outside the registry get istiod's block_all 502.
+    catalog denies ``/catalog/internal/`` to everyone, details and db (TCP) deny checkout (RBAC). impostor's sidecar
+    presents reviews' certificate (a stolen key) when it calls ratings."""
     return [
         ServiceSpec(
             "frontend",
             otel="http",
-            peers=(Peer("reviews"), Peer("ratings", tls=False), Peer("details"), Peer("inventory")),
+            peers=(Peer("reviews"), Peer("ratings", tls=False), Peer("details"), Peer("inventory"), Peer("orders")),
             direct_peers=("reviews",),
         ),
         ServiceSpec(
@@ -70,9 +102,31 @@ def default_topology() -> list[ServiceSpec]:
             tcp_peers=(Peer("db", tls=False),),
         ),
         ServiceSpec("ratings"),
-        ServiceSpec("details", inbound="strict"),
+        ServiceSpec(
+            "details",
+            inbound="strict",
+            authz=(AuthorizationPolicy("deny-checkout", from_services=("checkout",)),),
+        ),
         ServiceSpec("inventory"),
-        ServiceSpec("db", tcp_server=True),
+        ServiceSpec(
+            "db", tcp_server=True, authz=(AuthorizationPolicy("db-deny-checkout", from_services=("checkout",)),)
+        ),
+        ServiceSpec(
+            "checkout",
+            peers=(
+                Peer("payments", tls_max="TLSv1_2", ciphers=(CBC_CIPHER,)),
+                Peer("orders", retries=3),
+                Peer("catalog", paths=("/catalog/",)),
+                Peer("details"),
+                Peer("ratings"),
+            ),
+            tcp_peers=(Peer("db"),),
+            unknown_hosts="direct_response",
+        ),
+        ServiceSpec("payments", inbound_ciphers=LEGACY_INBOUND_CIPHERS),
+        ServiceSpec("orders"),
+        ServiceSpec("catalog", authz=(AuthorizationPolicy("deny-internal", paths=("/catalog/internal/",)),)),
+        ServiceSpec("impostor", peers=(Peer("ratings"),), cert_sa="reviews"),
     ]
 
 
@@ -115,6 +169,8 @@ class Mesh:
         self.group = ProcGroup()
         self.services: dict[str, Service] = {}
         self.ca: CertificateAuthority | None = None
+        self._certs: dict[tuple[str, str], CertFiles] = {}  # (namespace, service account) -> files
+        self.touched: set[str] = set()  # services whose sidecar carried traffic (calls, TCP, probes)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> Mesh:
@@ -192,11 +248,24 @@ class Mesh:
             port=port,
             tls=peer.tls,
             spiffe=spiffe_id(target.spec.namespace, target.spec.name, self.ca.trust_domain),
+            tls_max=peer.tls_max,
+            ciphers=peer.ciphers,
+            retries=peer.retries,
+            paths=peer.paths,
         )
+
+    def certs(self, namespace: str, service_account: str) -> CertFiles:
+        """The certificate of one service account, issued once: an impostor shares the very files
+        (a stolen key), and no sidecar's files are rewritten while another Envoy reads them."""
+        assert self.ca is not None
+        key = (namespace, service_account)
+        if key not in self._certs:
+            self._certs[key] = self.ca.issue(namespace, service_account)
+        return self._certs[key]
 
     def _sidecar_spec(self, svc: Service) -> SidecarSpec:
         assert self.ca is not None
-        certs = self.ca.issue(svc.spec.namespace, svc.spec.name)
+        certs = self.certs(svc.spec.namespace, svc.spec.cert_sa or svc.spec.name)
         return SidecarSpec(
             service=svc.spec.name,
             namespace=svc.spec.namespace,
@@ -213,6 +282,10 @@ class Mesh:
             tcp_app_port=svc.tcp_app_port,
             tcp_inbound_port=svc.tcp_inbound_port,
             tcp_upstreams={svc.tcp_outbound[p.service]: self._upstream(p, tcp=True) for p in svc.spec.tcp_peers},
+            inbound_ciphers=svc.spec.inbound_ciphers,
+            authz=svc.spec.authz,
+            unknown_hosts=svc.spec.unknown_hosts,
+            trust_domain=self.ca.trust_domain,
         )
 
     def _start_app(self, svc: Service) -> Proc:
@@ -268,11 +341,14 @@ class Mesh:
         """``src``'s app calls ``dst`` ``count`` times; returns one result per call
         (``status``, ``request_id``, ``trace_id``, ``body``)."""
         body = {"peer": dst, "method": method, "path": path, "via": via, "count": count, "headers": headers or {}}
+        if via == "sidecar":
+            self.touched.update(s for s in (src, dst) if s in self.services)
         results: list[dict[str, Any]] = self._control(src, "/call", body)["results"]
         return results
 
     def tcp(self, src: str, dst: str, payload: str = "ping", count: int = 1) -> list[dict[str, Any]]:
         """``src``'s app opens ``count`` TCP connections to ``dst`` through its sidecar."""
+        self.touched.update((src, dst))
         results: list[dict[str, Any]] = self._control(src, "/tcp", {"peer": dst, "payload": payload, "count": count})[
             "results"
         ]
@@ -281,6 +357,7 @@ class Mesh:
     def probe(self, dst: str, path: str = "/healthz") -> int:
         """A kubelet-style probe: plaintext HTTP from outside the mesh to ``dst``'s sidecar."""
         port = self.services[dst].inbound_port
+        self.touched.add(dst)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
             return int(resp.status)
 
