@@ -210,12 +210,14 @@ _LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
     "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
     "status": _status,
     "response_code_details": _details,
+    "connection_termination_details": lambda e: "",
 }
 _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
     "authority": lambda e: None,
     "status": lambda e: 0,
     "response_code_details": lambda e: "",
+    "connection_termination_details": lambda e: str(e.common_properties.connection_termination_details),
 }
 
 
