@@ -214,7 +214,7 @@ def test_rules_without_enforcement_say_null() -> None:
 def test_blocked_is_in_the_published_schema_and_crosses_between_workers() -> None:
     e = engine()
     alerts = e.evaluate([denied("s1")], T0) + e.evaluate([inb("s2")], T0 + 1) + e.tick(T0 + 61)
-    assert {a.blocked for a in alerts} == {True, False}
+    assert {a.blocked for a in edge(alerts)} == {True, False}
     for a in alerts:
         json_format.ParseDict(orjson.loads(a.encode()), alert_pb2.Alert(), ignore_unknown_fields=False)
     v = Violation("unexpected_edge", "high", FRONTEND, RATINGS, denied("s3"), "d", T0, None, True)

@@ -13,7 +13,7 @@ from typing import Any, Final
 from meshaudit import metrics
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, OUTBOUND, UNKNOWN, Hop, Identity, identity
-from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
+from meshaudit.naming import BLACKHOLE, Namer, cluster_direction, outbound_cluster_target
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 TLS_VERSIONS = ("unknown", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -282,6 +282,8 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
     """Destination of an outbound entry whose cluster names no service."""
     c = e.common_properties
     upstream = _addr(c.upstream_remote_address) if c.HasField("upstream_remote_address") else None
+    if upstream is None and cluster == BLACKHOLE and c.HasField("downstream_local_address"):
+        upstream = _addr(c.downstream_local_address)  # connected to nothing: the address the app asked for
     if direction == OUTBOUND:  # PassthroughCluster, BlackHoleCluster, or a plain-Envoy egress
         host = authority.rsplit(":", 1)[0] if authority else None
         return identity(host or upstream, None, cluster or None, None, upstream)
