@@ -101,7 +101,12 @@ def test_decoded_entries_carry_what_the_rule_reads() -> None:
             als.identifier("reviews"),
         )
     )
-    assert tcp[0].connection_termination_details == RBAC and tcp[0].response_flags == ""
+    hop: Any = tcp[0]
+    assert hop.response_flags == ""
+    entry, hop._e = hop._e, None  # without its entry, only what was read already can be read
+    assert hop.connection_termination_details == RBAC  # read together with the flags: one lazy read
+    hop._e = entry
+
     assert http[0].connection_termination_details == "" and http[0].response_flags == "UAEX"
     got = denied(engine().evaluate(tcp + http, T0))
     assert sorted(a.destination.key for a in got) == ["db.default", "reviews.default"]

@@ -6,7 +6,8 @@ ext_authz denial (the ``UAEX`` response flag). The matched policy (Istio's
 
 Not an application's own 403 (``via_upstream``), and not the source sidecar's entry of a request
 its destination denied (it reads ``403 via_upstream``): the denying sidecar's entry is the one
-that counts. Hot path: an HTTP entry answered below 400 costs one lazy read (its status).
+that counts. Hot path: a healthy entry costs one lazy read: an HTTP entry's status, a TCP entry's
+flags and termination details (read together, ``AlsTcpHop``).
 """
 
 from __future__ import annotations

@@ -278,6 +278,25 @@ class AlsHop(Hop):
         return value
 
 
+_TCP_END: Final = frozenset(("response_flags", "connection_termination_details"))
+
+
+class AlsTcpHop(AlsHop):
+    """A Hop from a TCP entry. How the connection ended (its response flags and its connection
+    termination details) is read in one go: the rules that judge a TCP entry (route_mismatch,
+    authz_denied) need both, so a healthy entry costs one lazy read, not two."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _TCP_END:
+            c = self._e.common_properties
+            self.response_flags = _flags(c.response_flags) if c.HasField("response_flags") else ""
+            self.connection_termination_details = str(c.connection_termination_details)
+            return self.response_flags if name == "response_flags" else self.connection_termination_details
+        return super().__getattr__(name)
+
+
 def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | None) -> Identity:
     """Destination of an outbound entry whose cluster names no service."""
     c = e.common_properties
@@ -374,7 +393,7 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
             dst = found[1] or _outbound_fallback(e, direction, cluster, None)
             conn = _addr(c.upstream_local_address) if c.HasField("upstream_local_address") else None
         out.append(
-            AlsHop(
+            AlsTcpHop(
                 e,
                 ALS_TCP,
                 node_id,
