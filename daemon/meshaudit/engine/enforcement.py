@@ -103,7 +103,9 @@ class Enforcement:
         den = denial(h)
         key = h.request_id or h.conn
         if h.direction == INBOUND:
-            if key:
+            # Only a request whose source entry cannot tell (TCP, HTTP 4xx/5xx) needs to be
+            # remembered: a served forbidden flood does not fill the store.
+            if key and (h.method is None or h.status >= 400):
                 self.decided.put(key, True, now)
         elif den is None and key and undecided(h):
             if key in self.decided:
