@@ -6,8 +6,8 @@ ext_authz denial (the ``UAEX`` response flag). The matched policy (Istio's
 
 Not an application's own 403 (``via_upstream``), and not the source sidecar's entry of a request
 its destination denied (it reads ``403 via_upstream``): the denying sidecar's entry is the one
-that counts. Hot path: a healthy entry costs one lazy read: an HTTP entry's status, a TCP entry's
-flags and termination details (read together, ``AlsTcpHop``).
+that counts. Hot path: an HTTP entry answered below 400 is passed over on its status (read at
+decode); a TCP entry costs one lazy read (flags and termination details together, ``AlsTcpHop``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class AuthzDenied(Rule[AuthzDeniedConfig]):
     def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         for h in hops:
-            if h.method is not None and h.status < 400:  # the one lazy read of a healthy request
+            if h.method is not None and h.status < 400:  # read at decode: no lazy read
                 continue
             how = denial(h)
             if how is None:

@@ -8,8 +8,8 @@ The destination is the service the request asked for when its authority names a 
 that host without its port (TCP: the address the app connected to). Seen mostly in the source's
 sidecar (outbound); an inbound entry with NR (the destination's sidecar had no route) counts
 too, its destination being that sidecar's service. Not an application's own 404 (``via_upstream``,
-no NR flag). Hot path: an HTTP entry answered below 400 costs one lazy read (its status), a TCP
-entry one (its flags); the cluster is read already.
+no NR flag). Hot path: an entry routed to a cluster (every healthy one) is passed over on its
+cluster, read at decode: no lazy read.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class RouteMismatchConfig(RuleConfig):
     )
 
 
+_OUT_OF_MESH = frozenset((PASSTHROUGH, BLACKHOLE))
+
+
 def _has_flag(flags: str, flag: str) -> bool:
     return flag in flags.split(",")
 
@@ -42,6 +45,10 @@ class RouteMismatch(Rule[RouteMismatchConfig]):
         allow_passthrough = self.cfg.allow_passthrough
         for h in hops:
             cluster = h.upstream_cluster
+            # Routed to a cluster: nothing to see (every healthy entry; NR, NC and block_all have
+            # none). A free check: the cluster is read at decode.
+            if cluster and cluster not in _OUT_OF_MESH:
+                continue
             if cluster == PASSTHROUGH:
                 if allow_passthrough:
                     continue

@@ -175,13 +175,6 @@ def _tls_cipher(e: Any) -> int | None:
     return int(t.tls_cipher_suite.value) if t.HasField("tls_cipher_suite") else None
 
 
-def _status(e: Any) -> int:
-    if not e.HasField("response"):
-        return 0
-    resp = e.response
-    return int(resp.response_code.value) if resp.HasField("response_code") else 0
-
-
 def _details(e: Any) -> str:
     return str(e.response.response_code_details) if e.HasField("response") else ""
 
@@ -208,14 +201,12 @@ _LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
 _LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
     "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
-    "status": _status,
     "response_code_details": _details,
     "connection_termination_details": lambda e: "",
 }
 _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
     "authority": lambda e: None,
-    "status": lambda e: 0,
     "response_code_details": lambda e: "",
     "connection_termination_details": lambda e: str(e.common_properties.connection_termination_details),
 }
@@ -244,6 +235,7 @@ class AlsHop(Hop):
         trace_id: str | None,
         conn: str | None,
         upstream_cluster: str,
+        status: int,
     ) -> None:
         self._e = e
         self.origin = origin
@@ -260,6 +252,7 @@ class AlsHop(Hop):
         self.trace_id = trace_id
         self.conn = conn
         self.upstream_cluster = upstream_cluster
+        self.status = status
 
     def detach(self) -> None:
         """Read every lazy field now and drop the entry: a hop kept past its batch must not keep
@@ -370,6 +363,9 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
                 trace_id,
                 conn,
                 cluster,
+                # Read at once, not lazily: the rules that judge every request by its answer
+                # (authz_denied, route_mismatch) read it first, and a lazy read costs ~3x more.
+                e.response.response_code.value,
             )
         )
 
@@ -409,5 +405,6 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
                 None,
                 conn,
                 cluster,
+                0,
             )
         )
