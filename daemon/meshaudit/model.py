@@ -150,6 +150,7 @@ class Hop:
         "attempts",
         "authority",
         "conn",
+        "connection_termination_details",
         "direction",
         "dst",
         "local_principal",
@@ -204,6 +205,7 @@ class Hop:
         request_id: str | None = None,
         span_kind: int = 0,
         conn: str | None = None,
+        connection_termination_details: str = "",
     ) -> None:
         self.origin = origin
         self.observer = observer  # sidecar node id, or "span:<service>"
@@ -235,6 +237,9 @@ class Hop:
         # sidecars' entries of one connection share it, which pairs them even without a
         # request id (TCP).
         self.conn = conn
+        # Why a filter closed a TCP connection (Envoy's CONNECTION_TERMINATION_DETAILS), e.g.
+        # "rbac_access_denied_matched_policy[ns[db]-policy[deny]-rule[0]]"; "" for HTTP.
+        self.connection_termination_details = connection_termination_details
 
     def detach(self) -> None:
         """Called before a hop is kept past the batch it came in (a rule parks it): a hop that
@@ -323,6 +328,7 @@ class Alert:
 
     __slots__ = (
         "_payload",
+        "blocked",
         "count",
         "destination",
         "detail",
@@ -354,6 +360,7 @@ class Alert:
         examples: list[Example],
         detail: str | None,
         emitted_at: float,
+        blocked: bool | None = None,
     ) -> None:
         self.id = id
         self.rule = rule
@@ -368,6 +375,9 @@ class Alert:
         self.examples = examples
         self.detail = detail
         self.emitted_at = emitted_at
+        # Whether the mesh denied (RBAC, ext_authz) every request the alert counts; None for
+        # rules where enforcement does not apply.
+        self.blocked = blocked
         self._payload: bytes | None = None
 
     def encode(self) -> bytes:
@@ -398,6 +408,7 @@ class Alert:
                 "window_secs": self.window_secs,
                 "examples": [e.to_json() for e in self.examples],
                 "detail": self.detail,
+                "blocked": self.blocked,
             },
             "emitted_at": rfc3339(self.emitted_at),
         }

@@ -12,9 +12,12 @@ Every parser here is cached: the inputs repeat (one node per stream, few cluster
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from meshaudit.config import MeshConfig
 from meshaudit.model import INBOUND, OUTBOUND, UNKNOWN, Identity, identity
+
+if TYPE_CHECKING:  # rules import the naming conventions, and the configuration imports the rules
+    from meshaudit.config import MeshConfig
 
 PASSTHROUGH = "PassthroughCluster"
 BLACKHOLE = "BlackHoleCluster"
@@ -87,6 +90,8 @@ class Namer:
         self._addresses: dict[str, Identity] = {}
         # Pod IPs learned from Istio node ids, to name the source of plaintext hops.
         self.learned_ips: dict[str, Identity] = {}
+        # Namespaces sidecars have shown (bounded with the node cache): tell "<svc>.<ns>" from "a.com".
+        self.namespaces: set[str] = set()
 
     def node(self, node_id: str, node_cluster: str) -> Identity:
         """The workload a sidecar belongs to."""
@@ -115,6 +120,8 @@ class Namer:
         ident = identity(service, namespace, workload, None, None)
         if len(self._nodes) < 100_000:
             self._nodes[key] = ident
+            if namespace:
+                self.namespaces.add(namespace)
         if ip:
             self.learned_ips[ip] = ident
         return ident
@@ -159,3 +166,19 @@ class Namer:
 
     def service(self, name: str, namespace: str | None) -> Identity:
         return identity(name, namespace, None, None, None)
+
+    def requested(self, authority: str, client_namespace: str | None) -> Identity:
+        """The party a request asked for by its authority: a mesh service when the host is one
+        (``<svc>.<ns>.svc.cluster.local``, ``<svc>.<ns>.svc``, ``<svc>.<ns>`` for a namespace a
+        sidecar has shown, or a bare ``<svc>`` in the client's namespace), else the host
+        without its port."""
+        host = _ip_of(authority) if not authority.startswith("[") else authority[1 : authority.find("]")]
+        host = host.rstrip(".").lower()
+        labels = host.split(".")
+        if len(labels) >= 3 and labels[2] == "svc" and (len(labels) == 3 or ".".join(labels[3:]) == "cluster.local"):
+            return self.service(labels[0], labels[1])
+        if len(labels) == 2 and labels[1] in self.namespaces:
+            return self.service(labels[0], labels[1])
+        if len(labels) == 1 and host and ":" not in host and not host.isdigit():  # not an IPv6 address
+            return self.service(host, client_namespace)
+        return identity(host or None, None, None, None, None)

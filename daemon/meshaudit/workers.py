@@ -104,17 +104,17 @@ async def read_frame(reader: asyncio.StreamReader) -> Message | None:
 
 
 # A violation crosses as a tuple: the hop stays behind, its example fields travel.
-WireViolation = tuple[str, str, Identity, Identity, str, float, "str | None", "tuple[Any, ...] | None"]
+WireViolation = tuple[str, str, Identity, Identity, str, float, "str | None", "tuple[Any, ...] | None", "bool | None"]
 
 
 def violation_to_wire(v: Violation) -> WireViolation:
     h = v.hop
     ex = None if h is None else (h.trace_id, h.request_id, h.method, h.path, h.observer)
-    return (v.rule, v.severity, v.src, v.dst, v.detail, v.when, v.summary, ex)
+    return (v.rule, v.severity, v.src, v.dst, v.detail, v.when, v.summary, ex, v.blocked)
 
 
 def violation_from_wire(w: WireViolation) -> Violation:
-    rule, severity, src, dst, detail, when, summary, ex = w
+    rule, severity, src, dst, detail, when, summary, ex, blocked = w
     hop = None
     if ex is not None:
         trace_id, request_id, method, path, observer = ex
@@ -122,7 +122,7 @@ def violation_from_wire(w: WireViolation) -> Violation:
             0, observer, NOBODY, UNKNOWN, src, dst, when, method=method, path=path, trace_id=trace_id,
             request_id=request_id,
         )  # fmt: skip
-    return Violation(rule, severity, src, dst, hop, detail, when, summary)
+    return Violation(rule, severity, src, dst, hop, detail, when, summary, blocked)
 
 
 def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:

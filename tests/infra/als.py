@@ -14,6 +14,24 @@ from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 TLSProperties = accesslog_pb2.TLSProperties
 METHODS = {"GET": 1, "HEAD": 2, "POST": 3, "PUT": 4, "DELETE": 5, "OPTIONS": 7, "PATCH": 9}
+# Envoy's short response-flag names -> ResponseFlags fields (UAEX is a message: ext_authz's reason).
+FLAGS = {
+    "UH": "no_healthy_upstream",
+    "UF": "upstream_connection_failure",
+    "UC": "upstream_connection_termination",
+    "NR": "no_route_found",
+    "NC": "no_cluster_found",
+    "URX": "upstream_retry_limit_exceeded",
+    "DC": "downstream_connection_termination",
+}
+
+
+def _set_flags(c: Any, flags: Sequence[str]) -> None:
+    for f in flags:
+        if f == "UAEX":
+            c.response_flags.unauthorized_details.reason = accesslog_pb2.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+        else:
+            setattr(c.response_flags, FLAGS[f], True)
 
 
 def node_id(svc: str, ns: str = "default", ip: str = "10.0.0.1") -> str:
@@ -78,7 +96,11 @@ def http_entry(
     traceparent: str | None = None,
     start: float | None = None,
     route_name: str = "default",
+    details: str = "",
+    flags: Sequence[str] = (),
 ) -> Any:
+    """``details``: response code details (``via_upstream``, ``rbac_access_denied_matched_policy[...]``);
+    ``flags``: Envoy's short response flags (``NR``, ``UAEX``, ...)."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
     _common(
         e.common_properties,
@@ -91,6 +113,7 @@ def http_entry(
         tls=tls,
     )
     e.common_properties.route_name = route_name
+    _set_flags(e.common_properties, flags)
     r = e.request
     r.request_method = METHODS[method]  # type: ignore[assignment]  # enum fields take ints
     r.path = path
@@ -99,6 +122,8 @@ def http_entry(
     if traceparent:
         r.request_headers["traceparent"] = traceparent
     e.response.response_code.value = status
+    if details:
+        e.response.response_code_details = details
     return e
 
 
@@ -110,7 +135,10 @@ def tcp_entry(
     remote: str = "10.0.0.9:40000",
     upstream_local: str | None = None,
     start: float | None = None,
+    termination: str = "",
+    flags: Sequence[str] = (),
 ) -> Any:
+    """``termination``: connection termination details (``rbac_access_denied_matched_policy[...]``)."""
     e = accesslog_pb2.TCPAccessLogEntry()
     _common(
         e.common_properties,
@@ -122,6 +150,8 @@ def tcp_entry(
         start=start,
         tls=tls,
     )
+    e.common_properties.connection_termination_details = termination
+    _set_flags(e.common_properties, flags)
     e.connection_properties.received_bytes = 100
     e.connection_properties.sent_bytes = 200
     return e

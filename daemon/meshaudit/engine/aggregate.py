@@ -2,6 +2,14 @@
 once, later ones in ``suppress_secs`` are counted and summed up when the window closes; one
 request seen by both sidecars counts once; and an alert budget bounds the output whatever the
 input.
+
+Enforcement (violations that say whether the mesh denied their request, ``Violation.blocked``):
+a window keeps "every counted request was denied so far" and its highest severity. Its first
+alert says what the first request showed; a served request in a window that so far showed only
+denied ones alerts at once (``blocked: false``, the served severity); the closing summary says the
+whole window's verdict. When both sidecars log one request, the entry of the sidecar that denied
+it decides, whichever arrived first: a request counted as served and then shown denied by its
+other entry is counted once, as denied.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ BUDGET_PARTY: Final = identity("meshaudit")  # source and destination of an aler
 
 class _AggState:
     __slots__ = (
+        "blocked",
         "count",
         "detail",
         "dst",
+        "emitted_blocked",
         "emitted_count",
         "examples",
         "first_seen",
@@ -31,7 +41,9 @@ class _AggState:
         "opened_first",
         "rule",
         "seq",
+        "served",
         "severity",
+        "severity_blocked",
         "src",
         "summary",
         "suppressed",
@@ -57,6 +69,14 @@ class _AggState:
         self.window_no = window_no
         self.opened_first = v.when
         self.suppressed = False  # an alert of this window was held back by the alert budget
+        # Enforcement (violations whose ``blocked`` is not None): "every counted request was
+        # denied so far" (None: does not apply), how many were served, what the last alert said,
+        # and the highest severity among the denied ones (what the window falls back to when a
+        # request counted as served turns out to have been denied).
+        self.blocked = v.blocked
+        self.served = 1 if v.blocked is False else 0
+        self.emitted_blocked = v.blocked
+        self.severity_blocked = v.severity if v.blocked else SEVERITIES[0]
 
 
 BUDGET_RULE: Final = "alert_budget_exceeded"
@@ -107,8 +127,11 @@ class Aggregator:
         self.states: TTLStore[tuple[str, str, str], _AggState] = _Windows(
             suppress_secs, max_items, self._close, self._roll_budget
         )
-        # One request seen by both sidecars must count once: (rule, request id) recently counted.
-        self.counted: GenStore[tuple[str, str], bool] = GenStore("counted_requests", 300, max_items)
+        # One request seen by both sidecars must count once: (rule, request id) recently counted,
+        # with the window it counted in and its enforcement verdict (see ``add``).
+        self.counted: GenStore[tuple[str, str], tuple[tuple[str, str, str], int, bool | None]] = GenStore(
+            "counted_requests", 300, max_items
+        )
         self.out: list[Alert] = []
         self.violations: dict[str, int] = {}
         self.windows_opened = 0  # ordinal of the next window, part of its alerts' ids
@@ -132,26 +155,65 @@ class Aggregator:
 
     def add(self, v: Violation, now: float) -> None:
         h = v.hop
-        if h is not None and h.request_id:
-            k = (v.rule, h.request_id)
-            if k in self.counted:
+        blocked = v.blocked
+        rid_key = (v.rule, h.request_id) if h is not None and h.request_id else None
+        if rid_key is not None:
+            seen = self.counted.get(rid_key)
+            if seen is not None:
+                if blocked and seen[2] is False:
+                    self._denied_after_all(rid_key, seen, v, now)
                 return
-            self.counted.put(k, True, now)
         self.violations[v.rule] = self.violations.get(v.rule, 0) + 1
         key = (v.rule, v.src.key, v.dst.key)
         st = self.states.get(key)
         fresh = st is None
+        urgent = False
         if st is None:
             st = _AggState(v, now, self.windows_opened)
             self.windows_opened += 1
             self.states.put(key, st, now)  # the TTL is the window: closing it is the expire hook
+        else:
+            if _SEVERITY_RANK.get(v.severity, 0) > _SEVERITY_RANK.get(st.severity, 0):
+                st.severity = v.severity
+            if blocked is not None:
+                if blocked:
+                    if _SEVERITY_RANK.get(v.severity, 0) > _SEVERITY_RANK.get(st.severity_blocked, 0):
+                        st.severity_blocked = v.severity
+                else:
+                    st.served += 1
+                    # A forbidden request got through in a window that so far showed only denied
+                    # ones: the auditor hears it now, not when the window closes.
+                    urgent = st.blocked is True
+                    st.blocked = False
+        if rid_key is not None:
+            self.counted.put(rid_key, (key, st.window_no, blocked), now)
         st.count += 1
         st.last_seen = max(st.last_seen, v.when)
         st.first_seen = min(st.first_seen, v.when)
         if h is not None and len(st.examples) < self.max_examples:
             st.examples.append(Example(h))
-        if fresh:
+        if fresh or urgent:
             self._emit(st, now)
+
+    def _denied_after_all(
+        self, k: tuple[str, str], seen: tuple[tuple[str, str, str], int, bool | None], v: Violation, now: float
+    ) -> None:
+        """A request counted as served (the first entry of it to arrive, e.g. the source
+        sidecar's outbound entry, which reads a denial as the upstream's 403) is shown denied by
+        another entry of it (the destination sidecar's, which denied it). The denying sidecar's
+        entry decides: the request counts once, as denied, and the window's verdict is corrected
+        (its closing summary says so)."""
+        key, window_no, _ = seen
+        self.counted.put(k, (key, window_no, True), now)
+        st = self.states.get(key)
+        if st is None or st.window_no != window_no or st.served <= 0:
+            return
+        st.served -= 1
+        if _SEVERITY_RANK.get(v.severity, 0) > _SEVERITY_RANK.get(st.severity_blocked, 0):
+            st.severity_blocked = v.severity
+        if st.served == 0:
+            st.blocked = True
+            st.severity = st.severity_blocked
 
     def _emit(self, st: _AggState, now: float) -> None:
         if not self._spend_budget(st, now):
@@ -177,9 +239,11 @@ class Aggregator:
                 examples=list(st.examples),
                 detail=st.detail,
                 emitted_at=now,
+                blocked=st.blocked,
             )
         )
         st.emitted_count = st.count
+        st.emitted_blocked = st.blocked
         st.seq += 1
 
     # --- the alert budget ---------------------------------------------------------------------
@@ -242,9 +306,9 @@ class Aggregator:
         self._held_last = float("-inf")
 
     def _close(self, key: tuple[str, str, str], st: _AggState, now: float) -> None:
-        # The window's summary, with the full count; not for a window the budget held back (the
+        # The window's summary, with the full count and verdict; not for a window the budget held back (the
         # budget's alert reported it: one alert held back, never counted twice).
-        if st.count > st.emitted_count and not st.suppressed:
+        if (st.count > st.emitted_count or st.blocked != st.emitted_blocked) and not st.suppressed:
             self._emit(st, now)
 
     def drain(self) -> list[Alert]:

@@ -61,7 +61,7 @@ class Violation:
     """One request or connection (or, ``hop`` None, one fact about a service) that breaks a rule,
     before aggregation."""
 
-    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
+    __slots__ = ("blocked", "detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
 
     def __init__(
         self,
@@ -73,6 +73,7 @@ class Violation:
         detail: str,
         when: float,
         summary: str | None = None,
+        blocked: bool | None = None,
     ) -> None:
         self.rule = rule
         self.summary = summary  # overrides the rule's summary template
@@ -82,6 +83,10 @@ class Violation:
         self.hop = hop
         self.detail = detail
         self.when = when  # observed time (data time, so replays give the same alert id)
+        # Whether the mesh denied this request (RBAC, ext_authz): True denied, False served;
+        # None for rules where enforcement does not apply. The aggregator keeps a window's
+        # "all blocked so far" from it.
+        self.blocked = blocked
 
 
 Emit = Callable[[Violation], None]
@@ -282,9 +287,10 @@ class Rule(Generic[C]):
         when: float,
         severity: str | None = None,
         summary: str | None = None,
+        blocked: bool | None = None,
     ) -> None:
         """Emit a violation of this rule (after its exemptions: ``exempt`` first)."""
-        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary))
+        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, blocked))
 
     def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
         return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from meshaudit.engine.api import Rule
+from meshaudit.engine.rules.authz_denied import AuthzDenied
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
+from meshaudit.engine.rules.route_mismatch import RouteMismatch
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.engine.rules.unexpected_path import UnexpectedPath
 
@@ -16,6 +18,8 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     UnexpectedEdge,
     UnexpectedPath,
     MissingAccessLog,
+    RouteMismatch,
+    AuthzDenied,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)

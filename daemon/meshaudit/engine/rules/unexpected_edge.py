@@ -5,6 +5,10 @@ by its host.
 
 Both sidecars of one request may log it; the aggregator counts a request id once per rule.
 Hops whose source cannot be named (plaintext with no pairing yet) are left to plaintext_hop.
+
+Each violation says whether the mesh blocked the request (``engine/enforcement.py``): denied by
+RBAC or ext_authz (``severity``) or served (``severity_when_served``); a source sidecar's entry
+that cannot tell waits up to ``denial_wait_ms`` for the destination sidecar's entry.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity
+from meshaudit.engine.enforcement import DENIAL_WAIT_MS, Enforcement
 from meshaudit.engine.store import TTLStore
 from meshaudit.model import UNKNOWN, Hop
 
@@ -22,6 +27,15 @@ class UnexpectedEdgeConfig(RuleConfig):
     severity: Severity = "high"
     mode: Literal["policy", "learn"] = "policy"
     learn_secs: int = Field(600, ge=1, description="In learn mode: edges seen this long after start are the baseline.")
+    severity_when_served: Severity = Field(
+        "critical", description="Severity when a request the policy forbids was served (not denied by RBAC/ext_authz)."
+    )
+    denial_wait_ms: int = Field(
+        DENIAL_WAIT_MS,
+        ge=0,
+        description="How long a source sidecar's entry that cannot tell a denial (HTTP 4xx/5xx from the "
+        "upstream, TCP) waits for the destination sidecar's entry of the same request.",
+    )
 
 
 class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
@@ -36,6 +50,8 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         self.baseline: TTLStore[tuple[str, str], bool] = TTLStore("learned_edges", float("inf"), ctx.max_items)
         self.store(self.baseline)
         self.learned_new: list[tuple[str, str]] = []  # with peers: learned here, not yet shared
+        cfg = self.cfg
+        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
@@ -43,8 +59,8 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         if not self.learn and not policy.has_edges:
             return
         learning = self.learn and ctx.started is not None and now - ctx.started < self.cfg.learn_secs
-        sev = self.cfg.severity
         edge_cache = policy.edge_cache
+        enf = self.enforcement
         for h in hops:
             if h.direction == UNKNOWN:
                 continue
@@ -76,4 +92,10 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
                 detail = "no policy edge allows it"
             if self.exempt(src, dst, h):
                 continue
-            self.violation(src, dst, h, detail, h.start, sev)
+            enf.judge(h, src, dst, detail, now)
+        if len(enf.pending):
+            enf.resolve(hops)
+
+    def on_tick(self, now: float) -> None:
+        super().on_tick(now)
+        self.enforcement.tick(now)

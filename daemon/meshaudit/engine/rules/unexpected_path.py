@@ -2,16 +2,32 @@
 (``policy.routes``).
 
 Both sidecars of one request may log it; the aggregator counts a request id once per rule.
+
+Each violation says whether the mesh blocked the request (``engine/enforcement.py``): denied by
+RBAC or ext_authz (``severity``) or served (``severity_when_served``); a source sidecar's entry
+answered 4xx/5xx by its upstream waits up to ``denial_wait_ms`` for the destination sidecar's entry.
 """
 
 from __future__ import annotations
 
-from meshaudit.engine.api import Rule, RuleConfig, Severity
+from pydantic import Field
+
+from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity
+from meshaudit.engine.enforcement import DENIAL_WAIT_MS, Enforcement
 from meshaudit.model import UNKNOWN, Hop
 
 
 class UnexpectedPathConfig(RuleConfig):
     severity: Severity = "warning"
+    severity_when_served: Severity = Field(
+        "critical", description="Severity when a request the policy forbids was served (not denied by RBAC/ext_authz)."
+    )
+    denial_wait_ms: int = Field(
+        DENIAL_WAIT_MS,
+        ge=0,
+        description="How long a source sidecar's entry answered 4xx/5xx by its upstream waits for the "
+        "destination sidecar's entry of the same request.",
+    )
 
 
 class UnexpectedPath(Rule[UnexpectedPathConfig]):
@@ -19,11 +35,16 @@ class UnexpectedPath(Rule[UnexpectedPathConfig]):
     Config = UnexpectedPathConfig
     summary = "Request from {src} to {dst} on a method or path not allowed by policy"
 
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        cfg = self.cfg
+        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
         policy = ctx.policy
         cache = policy.route_cache
-        sev = self.cfg.severity
+        enf = self.enforcement
         for h in hops:
             method = h.method
             if method is None or h.direction == UNKNOWN:
@@ -37,4 +58,10 @@ class UnexpectedPath(Rule[UnexpectedPathConfig]):
             src = ctx.corr.named_source(h) or h.src
             if self.exempt(src, dst, h):
                 continue
-            self.violation(src, dst, h, f"{method} {h.path} is not allowed", h.start, sev)
+            enf.judge(h, src, dst, f"{method} {h.path} is not allowed", now)
+        if len(enf.pending):
+            enf.resolve(hops)
+
+    def on_tick(self, now: float) -> None:
+        super().on_tick(now)
+        self.enforcement.tick(now)
