@@ -317,3 +317,20 @@ def test_an_unnamed_ipv6_source_is_its_address_whatever_its_port() -> None:
     ]
     assert [h.conn for h in hops] == ["[fd00::7]:41000", "[fd00::7]:41001"]
     assert {h.src.key for h in hops} == {"fd00::7"}
+
+
+def test_a_local_reply_to_an_mtls_peer_is_the_inbound_side() -> None:
+    """An RBAC denial (or no route, or a direct response) has no upstream cluster; a downstream
+    that presented a mesh certificate makes it the destination sidecar's inbound entry."""
+    denied = als.http_entry(
+        cluster="",
+        peer=als.spiffe("checkout"),
+        status=403,
+        details="rbac_access_denied_matched_policy[ns[default]-policy[deny-internal]-rule[0]]",
+    )
+    [h] = _decode(als.http_message([denied], als.identifier("catalog")))
+    assert h.direction == INBOUND
+    assert (h.src.key, h.dst.key) == ("checkout.default", "catalog.default")
+    app = als.http_entry(cluster="", tls=False, status=404)  # plaintext: cannot tell, stays unknown
+    [u] = _decode(als.http_message([app], als.identifier("catalog")))
+    assert u.direction == UNKNOWN

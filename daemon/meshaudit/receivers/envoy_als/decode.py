@@ -331,6 +331,11 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
         else:
             tls_version = peer = None
+        if direction == UNKNOWN and peer:
+            # No upstream cluster: the sidecar answered itself (an RBAC denial, no route, a direct
+            # response). A downstream that presented a mesh certificate makes it the inbound side:
+            # an outbound entry's downstream is the local app, which never speaks mTLS.
+            direction = INBOUND
         conn = None
         if direction == INBOUND:
             dst = observer
