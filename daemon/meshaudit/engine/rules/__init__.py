@@ -10,12 +10,14 @@ from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.engine.rules.unexpected_path import UnexpectedPath
+from meshaudit.engine.rules.weak_tls import WeakTls
 
 REGISTRY: tuple[type[Rule[Any]], ...] = (
     PlaintextHop,
     UnexpectedEdge,
     UnexpectedPath,
     MissingAccessLog,
+    WeakTls,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)
