@@ -207,6 +207,19 @@ class Policy(_Strict):
     edges: list[EdgeRule] | None = Field(None, description="None: no edge policy (unexpected_edge idle).")
     routes: list[RouteRule] = Field(default_factory=list)
     exemptions: list[Exemption] = Field(default_factory=list)
+    identities: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="identity_mismatch: service pattern (as in edges: svc.ns, svc) -> SPIFFE ids (globs) that "
+        "service may present besides its own service account (a canary's, a gateway's own account).",
+    )
+
+    @field_validator("identities")
+    @classmethod
+    def _spiffe_patterns(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for service, ids in v.items():
+            if not ids:
+                raise ValueError(f"{service!r}: give at least one SPIFFE id pattern")
+        return v
 
 
 class SinksConfig(_Strict):

@@ -143,7 +143,8 @@ class Hop:
     """One observed request or connection between two parties, from one observer.
 
     TLS facts are about the hop into the observer (the downstream connection): ``tls_version``
-    None means plaintext. ``peer_principal`` is the peer certificate's URI SAN (SPIFFE id).
+    None means plaintext. ``peer_principal`` is the peer certificate's URI SAN (SPIFFE id);
+    ``tls_cipher`` the negotiated suite's IANA code (``meshaudit.tls`` names it).
     """
 
     __slots__ = (
@@ -152,6 +153,7 @@ class Hop:
         "conn",
         "connection_termination_details",
         "direction",
+        "downstream_peer",
         "dst",
         "local_principal",
         "method",
@@ -174,6 +176,9 @@ class Hop:
         "tls_version",
         "trace_id",
         "upstream_cluster",
+        "upstream_peer",
+        "xfcc_by",
+        "xfcc_uri",
     )
 
     def __init__(
@@ -206,6 +211,10 @@ class Hop:
         span_kind: int = 0,
         conn: str | None = None,
         connection_termination_details: str = "",
+        downstream_peer: Identity | None = None,
+        upstream_peer: Identity | None = None,
+        xfcc_uri: str | None = None,
+        xfcc_by: str | None = None,
     ) -> None:
         self.origin = origin
         self.observer = observer  # sidecar node id, or "span:<service>"
@@ -240,6 +249,14 @@ class Hop:
         # Why a filter closed a TCP connection (Envoy's CONNECTION_TERMINATION_DETAILS), e.g.
         # "rbac_access_denied_matched_policy[ns[db]-policy[deny]-rule[0]]"; "" for HTTP.
         self.connection_termination_details = connection_termination_details
+        # Istio's peer metadata (filter state ``downstream_peer`` / ``upstream_peer``): the
+        # workload at the other end of the connection, as the proxy discovered it.
+        self.downstream_peer = downstream_peer
+        self.upstream_peer = upstream_peer
+        # ``x-forwarded-client-cert`` when logged: URI= is the client certificate's SPIFFE id,
+        # By= the receiving proxy's own (the last element, the nearest hop).
+        self.xfcc_uri = xfcc_uri
+        self.xfcc_by = xfcc_by
 
     def detach(self) -> None:
         """Called before a hop is kept past the batch it came in (a rule parks it): a hop that

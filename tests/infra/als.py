@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -200,3 +201,30 @@ def inbound_http(src: str | None, **kw: Any) -> Any:
 def outbound_http(dst: str, ns: str = "default", **kw: Any) -> Any:
     """An entry from a client sidecar for a request it sent to ``dst``."""
     return http_entry(cluster=f"outbound|9080||{dst}.{ns}.svc.cluster.local", tls=False, **kw)
+
+
+def peer_metadata(entry: Any, key: str = "downstream_peer", **fields: str) -> Any:
+    """Log Istio's peer metadata on ``entry`` as Istio >= 1.24 does: filter state ``key`` holding a
+    google.protobuf.Struct (``workload``, ``namespace``, ``service``, ``identity``, ...) in an Any."""
+    s = struct_pb2.Struct()
+    s.update(fields)
+    a = any_pb2.Any()
+    a.Pack(s)  # type_url type.googleapis.com/google.protobuf.Struct
+    entry.common_properties.filter_state_objects[key].CopyFrom(a)
+    return entry
+
+
+def wasm_peer_metadata(entry: Any, key: str = "wasm.downstream_peer") -> Any:
+    """Older Istio's form: FlatBuffers bytes in a BytesValue, which meshaudit skips (and counts)."""
+    a = any_pb2.Any()
+    a.Pack(wrappers_pb2.BytesValue(value=b"\x20\x00\x00\x00flatbuffer"))
+    entry.common_properties.filter_state_objects[key].CopyFrom(a)
+    return entry
+
+
+def weaken_tls(entry: Any, version: int, cipher: int) -> Any:
+    """Set the downstream TLS version (``TLSProperties.TLSv1_2``, ...) and cipher suite code."""
+    t = entry.common_properties.tls_properties
+    t.tls_version = version
+    t.tls_cipher_suite.value = cipher
+    return entry

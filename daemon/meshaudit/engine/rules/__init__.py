@@ -7,11 +7,13 @@ from typing import Any
 
 from meshaudit.engine.api import Rule
 from meshaudit.engine.rules.authz_denied import AuthzDenied
+from meshaudit.engine.rules.identity_mismatch import IdentityMismatch
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
 from meshaudit.engine.rules.route_mismatch import RouteMismatch
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.engine.rules.unexpected_path import UnexpectedPath
+from meshaudit.engine.rules.weak_tls import WeakTls
 
 REGISTRY: tuple[type[Rule[Any]], ...] = (
     PlaintextHop,
@@ -20,6 +22,8 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     MissingAccessLog,
     RouteMismatch,
     AuthzDenied,
+    WeakTls,
+    IdentityMismatch,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)

@@ -4,7 +4,8 @@ no TLS, from a source not exempted by policy. HTTP and TCP.
 Only the inbound side can tell: the outbound entry's downstream is the local app, which always
 talks plaintext to its own sidecar. A plaintext hop has no peer certificate, so the source is
 named from the client sidecar's entry of the same request (request id, or the connection's
-client socket for TCP), else from the address map; when neither is known yet, the entry waits
+client socket for TCP), else from Istio's peer metadata on the entry (``downstream_peer``),
+else from the address map; when neither is known yet, the entry waits
 up to ``attribution_wait_ms`` for the client sidecar's entry (the two sidecars flush
 independently) and then alerts with the bare address. With ``workers: N`` the client's entry
 may have reached another worker: at the end of the wait the workers are asked first.
@@ -64,6 +65,10 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
             if h.direction != INBOUND or h.tls_version is not None:
                 continue
             src = corr.source_of(h)
+            if src is None:
+                # Istio's peer metadata on the entry names the client without waiting (lazy: read
+                # only for plaintext inbound entries, which are rare)
+                src = h.downstream_peer
             if src is None:
                 if h.src.service is None and self.wait > 0:
                     self._seq += 1

@@ -8,12 +8,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any, Final
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from meshaudit import metrics
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, OUTBOUND, UNKNOWN, Hop, Identity, identity
-from meshaudit.naming import BLACKHOLE, Namer, cluster_direction, outbound_cluster_target
+from meshaudit.naming import BLACKHOLE, Namer, cluster_direction, outbound_cluster_target, strip_pod_hash
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 TLS_VERSIONS = ("unknown", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -184,6 +188,127 @@ def _response_flags(e: Any) -> str:
     return _flags(c.response_flags) if c.HasField("response_flags") else ""
 
 
+# --- evidence read only when a rule asks: Istio's peer metadata, x-forwarded-client-cert ------
+# Istio >= 1.24 logs its peer metadata as filter state ``downstream_peer`` / ``upstream_peer``
+# (``filter_state_objects_to_log``): an Any holding a google.protobuf.Struct with string fields
+# ``workload``, ``namespace``, ``service`` (canonical service), ``name`` (pod), ``identity``,
+# ``cluster``, ``app``, ``version``, ``revision``, ``type``. Older Istio logs
+# ``wasm.downstream_peer`` as FlatBuffers bytes, which meshaudit does not read: such an entry is
+# counted (once per entry, when its downstream peer is read) as
+# meshaudit_rejected_total{receiver="envoy_als",reason="unsupported_peer_metadata"}.
+PEER_STRUCT_TYPE: Final = "type.googleapis.com/google.protobuf.Struct"
+_unsupported_peer = metrics.REJECTED.labels("envoy_als", "unsupported_peer_metadata")
+_PEERS: dict[bytes, Identity | None] = {}  # the Struct's bytes -> the party: one pod, one value
+
+
+def _unsupported(what: str) -> None:
+    _unsupported_peer.inc()
+    _bad_input.warning(
+        "unsupported_peer_metadata",
+        "An access-log entry carries peer metadata meshaudit cannot read (%s); it is skipped "
+        '(counted in meshaudit_rejected_total{reason="unsupported_peer_metadata"}).',
+        what,
+    )
+
+
+def _peer_identity(a: Any, count: bool) -> Identity | None:
+    raw: bytes = a.value
+    found = _PEERS.get(raw)
+    if found is not None or raw in _PEERS:
+        return found
+    if a.type_url != PEER_STRUCT_TYPE:
+        if count:
+            _unsupported(f"type {a.type_url[:100]!r}")
+        return None
+    try:
+        fields = struct_pb2.Struct.FromString(raw).fields
+    except DecodeError:
+        if count:
+            _unsupported("an undecodable Struct")
+        return None
+
+    def text(key: str) -> str | None:
+        v = fields.get(key)
+        return (v.string_value or None) if v is not None else None
+
+    workload = text("workload")
+    service = text("service") or text("app") or (strip_pod_hash(workload) if workload else None)
+    ident = identity(service, text("namespace"), workload, text("identity"), None) if service else None
+    if len(_PEERS) >= 10_000:
+        _PEERS.clear()
+    _PEERS[raw] = ident
+    return ident
+
+
+def _downstream_peer(e: Any) -> Identity | None:
+    fso = e.common_properties.filter_state_objects
+    if not fso:
+        return None
+    a = fso.get("downstream_peer")
+    if a is None:
+        if "wasm.downstream_peer" in fso:
+            _unsupported("wasm.downstream_peer, FlatBuffers from Istio before 1.24")
+        return None
+    return _peer_identity(a, True)
+
+
+def _upstream_peer(e: Any) -> Identity | None:
+    fso = e.common_properties.filter_state_objects
+    if not fso:
+        return None
+    a = fso.get("upstream_peer")
+    return None if a is None else _peer_identity(a, False)  # counted once per entry: downstream only
+
+
+XFCC_HEADER: Final = "x-forwarded-client-cert"
+
+
+@lru_cache(maxsize=4096)
+def parse_xfcc(value: str) -> tuple[str | None, str | None]:
+    """``x-forwarded-client-cert`` -> (By, URI) of its last element (the nearest hop: each proxy
+    that appends adds one). Elements are separated by ``,``, pairs by ``;``; values may be
+    quoted (a Subject holds commas). The first URI when the element has several."""
+    last: tuple[str | None, str | None] = (None, None)
+    by = uri = None
+    key: list[str] = []
+    val: list[str] = []
+    in_value = quoted = False
+    for ch in value[:16_384] + ",":
+        if quoted:
+            if ch == '"':
+                quoted = False
+            else:
+                val.append(ch)
+        elif ch == '"' and in_value:
+            quoted = True
+        elif ch == "=" and not in_value:
+            in_value = True
+        elif ch in ";,":
+            k = "".join(key).strip().lower()
+            v = "".join(val).strip() or None
+            if k == "by":
+                by = v
+            elif k == "uri" and uri is None:
+                uri = v
+            key, val, in_value = [], [], False
+            if ch == ",":
+                if by is not None or uri is not None:
+                    last = (by, uri)
+                by = uri = None
+        elif in_value:
+            val.append(ch)
+        else:
+            key.append(ch)
+    return last
+
+
+def _xfcc(e: Any) -> tuple[str | None, str | None]:
+    if not e.HasField("request"):
+        return None, None
+    v = e.request.request_headers.get(XFCC_HEADER)
+    return parse_xfcc(v) if v else (None, None)
+
+
 # Hop fields an ALS entry fills only when something reads them (a rule that uses them, an
 # alert's evidence): most entries never need them, and each protobuf read costs. HTTP and TCP
 # entries differ: a TCP entry has no request or response.
@@ -197,18 +322,24 @@ _LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
     "span_id": lambda e: None,
     "parent_span_id": lambda e: None,
     "span_kind": lambda e: 0,
+    "downstream_peer": _downstream_peer,
+    "upstream_peer": _upstream_peer,
 }
 _LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
     "authority": lambda e: (e.request.authority or None) if e.HasField("request") else None,
     "response_code_details": _details,
     "connection_termination_details": lambda e: "",
+    "xfcc_uri": lambda e: _xfcc(e)[1],
+    "xfcc_by": lambda e: _xfcc(e)[0],
 }
 _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
     "authority": lambda e: None,
     "response_code_details": lambda e: "",
     "connection_termination_details": lambda e: str(e.common_properties.connection_termination_details),
+    "xfcc_uri": lambda e: None,
+    "xfcc_by": lambda e: None,
 }
 
 

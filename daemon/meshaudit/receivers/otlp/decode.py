@@ -45,6 +45,7 @@ from meshaudit.model import (
     identity,
 )
 from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
+from meshaudit.tls import cipher_code_of_name
 
 # The daemon parses OTLP into a wire-compatible view whose attributes are maps (see
 # proto/meshaudit/otlpview/v1/view.proto): attributes are looked up by key in C.
@@ -306,6 +307,7 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer, start: float) -
     cluster = _first_str(a, "upstream_cluster", "upstream.cluster", "envoy.upstream_cluster") or ""
     direction = cluster_direction(cluster)
     tls = _first_str(a, "downstream_tls_version", "tls.protocol.version", "tls_version")
+    cipher = cipher_code_of_name(_first_str(a, "downstream_tls_cipher", "tls.cipher")) if tls else None
     peer = _first_str(a, "downstream_peer_uri_san", "tls.client.subject_alt_name", "peer_uri_san")
     remote = _first_str(a, "downstream_remote_address", "client.address", "source.address")
     method = _first_str(a, "http.request.method", "http.method", "method")
@@ -333,6 +335,7 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer, start: float) -
         dst,
         start,
         tls_version=tls,
+        tls_cipher=cipher,
         peer_principal=peer,
         method=method,
         authority=authority,

@@ -1,0 +1,249 @@
+"""identity_mismatch: a workload presenting a certificate that is not its own.
+
+The destination sidecar's inbound entry shows the peer certificate's SPIFFE id
+(``peer_principal``; ``x-forwarded-client-cert``'s ``URI=`` when only that was logged). Who
+really sent the request is named, best first, by the client sidecar's outbound entry of the same
+request (same ``x-request-id``; for TCP the same client socket: ``ctx.corr.source_of``), else by
+Istio's peer metadata on the inbound entry (filter state ``downstream_peer``, Istio >= 1.24).
+When that workload may not present that id, a certificate is used by the wrong workload.
+
+What a workload may present: its own service account ``spiffe://<mesh.trust_domain>/ns/<ns>/sa/<sa>``
+(with ``mesh.service_account_is_service`` the service name is the SA, so namespace and SA are
+compared; without it, the namespace and trust domain), the identity its peer metadata names, and
+what ``policy.identities`` adds for it (globs, by service pattern).
+
+Pairing: the two sidecars flush independently, so the inbound entry may come first. Then it
+waits, up to ``pairing_wait_ms``, for the client's entry, indexed by request id or client
+socket. The wait keeps a small record (the presented id, the destination, the observer), not the
+hop: most inbound entries wait, and detaching a hop from its message costs as much as decoding
+it. With no client entry and no peer metadata there is no evidence and nothing is alerted; with
+``workers: N`` the client's entry may have reached another worker, which is asked at the end of
+the wait (``finish``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from pydantic import Field
+
+from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
+from meshaudit.engine.store import GenStore, TTLStore
+from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
+
+_CACHE_LIMIT = 100_000
+
+# What an inbound entry waiting for its client's entry keeps: presented SPIFFE id, observer (node
+# id; ``dst_of`` names the destination), origin, receive time, request id, client socket. Strings
+# and numbers only: the garbage collector stops tracking such a tuple, and ~1e5 of them wait at
+# full load (with a party in it, every full collection walked them all: 3x the rule's cost).
+Waiting = tuple[str, str, int, float, str | None, str | None]
+
+PEER_SAMPLE = 256  # while no entry carried peer metadata, one unpaired entry in this many is checked
+PEER_META_SECS = 60.0  # after an entry carried it, every unpaired entry is read for this long
+
+PAIRED = "the client sidecar's entry of the same request"
+PEER_METADATA = "Istio peer metadata (downstream_peer)"
+REMOTE = "the client sidecar's entry of the same request (at another worker)"
+
+
+class IdentityMismatchConfig(RuleConfig):
+    severity: Severity = "critical"
+    pairing_wait_ms: int = Field(
+        1500,
+        ge=0,
+        description="How long an inbound mTLS entry whose client entry has not come yet waits for it "
+        "(the two sidecars flush independently); with none by then, nothing is alerted.",
+    )
+
+
+class IdentityMismatch(Rule[IdentityMismatchConfig]):
+    name = "identity_mismatch"
+    Config = IdentityMismatchConfig
+    summary = "Identity mismatch from {src} to {dst}: the client presented a certificate that is not its own"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        # here, not at the top: config imports the rule registry, and these import config
+        from meshaudit.engine.policy import PartyMatcher
+        from meshaudit.naming import parse_spiffe
+
+        super().__init__(ctx)
+        self.parse_spiffe = parse_spiffe
+        mesh = ctx.config.mesh
+        self.td_prefix = f"spiffe://{mesh.trust_domain}/"
+        self.sa_is_service = mesh.service_account_is_service
+        self.extra = [
+            (PartyMatcher([svc]), re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in ids)))
+            for svc, ids in ctx.policy.policy.identities.items()
+        ]
+        self.ok: dict[str, dict[str, bool]] = {}  # client uid -> presented id -> may present it
+        self.wait = self.cfg.pairing_wait_ms / 1000
+        # Inbound entries waiting for their client's entry, by request id or client socket. A
+        # generational store alone (a dict write per entry, expiry drops a generation whole): the
+        # end of a wait is no event. With peers it is (ask the others): an exact TTL store.
+        self.waiting: GenStore[str, Waiting] | TTLStore[str, Waiting]
+        if ctx.peers:
+            self.waiting = TTLStore("identity_awaiting_client", self.wait, ctx.max_items, self._expired)
+        else:
+            self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items)
+        self.store(self.waiting)
+        self.dst_of: dict[str, Identity] = {}  # observer -> the destination it logs inbound entries for
+        # Peer metadata (Istio >= 1.24) is read on every unpaired entry until this time, else sampled.
+        self.peer_meta_until = float("-inf")
+        self.countdown = 0
+
+    # --- who may present what ------------------------------------------------------------------
+    def may_present(self, client: Identity, presented: str) -> bool:
+        by = self.ok.get(client.uid)
+        if by is None:
+            if len(self.ok) >= _CACHE_LIMIT:
+                self.ok.clear()
+            by = self.ok[client.uid] = {}
+        found = by.get(presented)
+        if found is None:
+            if len(by) >= _CACHE_LIMIT:
+                by.clear()
+            found = by[presented] = self._decide(client, presented)
+        return found
+
+    def _decide(self, client: Identity, presented: str) -> bool:
+        if client.service is None:  # the client is not named: no judgement
+            return True
+        if presented == client.principal:  # the identity its own peer metadata names
+            return True
+        if any(svc(client) and ids.match(presented) for svc, ids in self.extra):
+            return True
+        if not presented.startswith(self.td_prefix):
+            return False
+        ns, sa = self.parse_spiffe(presented)
+        if ns is None or sa is None:
+            return False
+        if client.namespace is not None and ns != client.namespace:
+            return False
+        return sa == client.service if self.sa_is_service else True
+
+    # --- judging --------------------------------------------------------------------------------
+    def on_hops(self, hops: list[Hop], now: float) -> None:
+        # Runs for every access-log entry: locals, and the stores' dicts written in place.
+        corr = self.ctx.corr
+        by_rid = corr.outbound_by_rid
+        waiting = self.waiting
+        gen = waiting if isinstance(waiting, GenStore) else None
+        pending = gen.writable() if gen is not None else None
+        # Entries of this batch were indexed before any rule ran (their pairs are found through
+        # by_rid), so only records of earlier batches can wait for an outbound entry here.
+        waited = len(waiting) > 0
+        pop = waiting.pop
+        wait = self.wait > 0
+        check_peer = now < self.peer_meta_until
+        countdown = self.countdown
+        seen_peer = False
+        dst_of = self.dst_of
+        last_observer = None
+        for h in hops:
+            d = h.direction
+            if d != INBOUND:
+                if waited and d == OUTBOUND:  # a client sidecar's entry names a waiting entry's sender
+                    rid = h.request_id
+                    w = pop(rid) if rid else None
+                    if w is None and h.conn:
+                        w = pop(h.conn)
+                    if w is not None and not self.may_present(h.src, w[0]):
+                        self._alert(h.src, w[0], self._hop(w, h), PAIRED)
+                continue
+            if h.tls_version is None:  # plaintext: plaintext_hop's
+                continue
+            presented = h.peer_principal
+            if presented is None:
+                presented = h.xfcc_uri  # lazy, read only for TLS without a logged certificate
+                if presented is None:
+                    continue
+            rid = h.request_id
+            client = by_rid.get(rid) if rid else corr.source_of(h)
+            if client is not None:
+                if not self.may_present(client, presented):
+                    self._alert(client, presented, h, PAIRED)
+                continue
+            # No client entry yet. Istio's peer metadata names the sender at once; it is read while
+            # this mesh's entries are seen to carry it, else on one unpaired entry in PEER_SAMPLE.
+            if check_peer or countdown <= 0:
+                countdown = PEER_SAMPLE
+                peer = h.downstream_peer  # lazy
+                if peer is not None:
+                    check_peer = seen_peer = True
+                    if not self.may_present(peer, presented):
+                        self._alert(peer, presented, h, PEER_METADATA)
+                    continue
+            else:
+                countdown -= 1
+            if wait:
+                conn = h.conn
+                key = rid or conn
+                if key:
+                    observer = h.observer
+                    if observer is not last_observer:  # a batch comes from one sidecar: once per batch
+                        if len(dst_of) >= _CACHE_LIMIT:
+                            dst_of.clear()
+                        dst_of[observer] = h.dst
+                        last_observer = observer
+                    w = (presented, observer, h.origin, now, rid, conn)
+                    if pending is not None:
+                        pending[key] = w
+                    else:
+                        waiting.put(key, w, now)
+        if gen is not None:
+            gen.settle(now)
+        self.countdown = countdown
+        if seen_peer:
+            self.peer_meta_until = now + PEER_META_SECS
+
+    def _hop(self, w: Waiting, out: Hop | None) -> Hop:
+        """The inbound entry a waiting record stands for, for the alert's example: what the
+        destination sidecar saw, with the request's method, path and trace from the client's entry
+        when there is one (the same request)."""
+        presented, observer, origin, when, rid, conn = w
+        dst = self.dst_of.get(observer) or self.ctx.namer.node(observer, "")
+        return Hop(
+            origin,
+            observer,
+            dst,
+            INBOUND,
+            self.ctx.namer.principal(presented),
+            dst,
+            out.start if out is not None else when,
+            peer_principal=presented,
+            method=out.method if out is not None else None,
+            path=out.path if out is not None else None,
+            trace_id=out.trace_id if out is not None else None,
+            request_id=rid,
+            conn=conn,
+        )
+
+    def _alert(self, client: Identity, presented: str, h: Hop, how: str) -> None:
+        if self.exempt(client, h.dst, h):
+            return
+        what = "TCP connection" if h.method is None and h.request_id is None else "request"
+        self.violation(
+            client,
+            h.dst,
+            h,
+            f"{what} presented the certificate {presented}, which {client.key} may not present "
+            f"(the sender is named by {how})",
+            h.start,
+        )
+
+    # --- peers (``workers: N``) -----------------------------------------------------------------
+    def _expired(self, key: str, w: Waiting, now: float) -> None:
+        """No client entry came here: with peers, ask whether another worker saw it."""
+        h = self._hop(w, None)
+        self.ctx.deferred.append(Deferred(self, h, PeerQuery(h.request_id, None, h.dst.key, h.start, h.conn, None)))
+
+    def finish(self, hop: Hop, answer: PeerAnswer) -> None:
+        client = answer.source
+        presented = hop.peer_principal
+        if client is not None and presented is not None and not self.may_present(client, presented):
+            self._alert(client, presented, hop, REMOTE)
+
+    def on_tick(self, now: float) -> None:
+        self.waiting.expire(now)

@@ -1,0 +1,219 @@
+"""identity_mismatch on a fake clock: the destination sidecar's entry shows the certificate, the
+client sidecar's entry of the same request (or Istio's peer metadata) shows who really sent it.
+Entries agree on every mTLS-OK hop (silent); they may arrive in either order, seconds apart; no
+client entry means no evidence (silent); the policy may let a service present more identities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshaudit.config import Config, Policy
+from meshaudit.engine.api import PeerAnswer
+from meshaudit.engine.core import Engine
+from meshaudit.engine.rules import REGISTRY
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, Alert, Hop, Identity, identity
+
+T0 = 1_800_000_000.0
+TD = "spiffe://cluster.local"
+REVIEWS = identity("reviews", "default", "reviews-v1-1")
+FRONTEND = identity("frontend", "default", "frontend-1")  # the client sidecar's workload
+RATINGS = identity("ratings", "default", "ratings-1")
+NODE_REVIEWS = "sidecar~10.0.0.2~reviews-v1-1.default~default.svc.cluster.local"
+NODE_FRONTEND = "sidecar~10.0.0.1~frontend-1.default~default.svc.cluster.local"
+
+ONLY = {
+    r: {"enabled": False}
+    for r in ("plaintext_hop", "unexpected_edge", "unexpected_path", "missing_access_log", "weak_tls")
+}
+
+
+def engine(policy: Policy | None = None, peers: bool = False, mesh: dict[str, Any] | None = None) -> Engine:
+    cfg = Config.model_validate(
+        {"engine": {"suppress_secs": 60}, "rules": {**ONLY, "identity_mismatch": {}}, "mesh": mesh or {}}
+    )
+    return Engine(cfg, policy or Policy(), REGISTRY, peers)
+
+
+def sa(name: str, ns: str = "default") -> str:
+    return f"{TD}/ns/{ns}/sa/{name}"
+
+
+def inbound(
+    presented: str | None = sa("frontend"),
+    rid: str | None = "r1",
+    tls: str | None = "TLSv1.3",
+    origin: int = ALS_HTTP,
+    conn: str | None = None,
+    **kw: Any,
+) -> Hop:
+    src = identity(presented.rsplit("/", 1)[-1], "default", None, presented) if presented else identity()
+    return Hop(
+        origin,
+        NODE_REVIEWS,
+        REVIEWS,
+        INBOUND,
+        src,
+        REVIEWS,
+        T0,
+        tls_version=tls,
+        peer_principal=presented,
+        method=None if origin == ALS_TCP else "GET",
+        path=None if origin == ALS_TCP else "/reviews/1",
+        request_id=rid,
+        conn=conn,
+        upstream_cluster="inbound|9080||",
+        **kw,
+    )
+
+
+def outbound(
+    client: Identity = FRONTEND, rid: str | None = "r1", origin: int = ALS_HTTP, conn: str | None = None
+) -> Hop:
+    return Hop(
+        origin,
+        NODE_FRONTEND,
+        client,
+        OUTBOUND,
+        client,
+        identity("reviews", "default"),
+        T0 - 0.01,
+        method=None if origin == ALS_TCP else "GET",
+        path=None if origin == ALS_TCP else "/reviews/1",
+        trace_id="ab" * 16,
+        request_id=rid,
+        conn=conn,
+        upstream_cluster="outbound|9080||reviews.default.svc.cluster.local",
+    )
+
+
+def run(e: Engine, *batches: tuple[float, list[Hop]]) -> list[Alert]:
+    out: list[Alert] = []
+    for at, hops in batches:
+        out += e.tick(T0 + at)
+        out += e.evaluate(hops, T0 + at)
+    return out + e.tick(T0 + 120)
+
+
+def test_both_entries_agree_raises_nothing_in_either_order() -> None:
+    e = engine()
+    assert run(e, (0, [outbound(rid="a"), inbound(rid="a")]), (1, [inbound(rid="b")]), (2, [outbound(rid="b")])) == []
+
+
+def test_stolen_certificate_client_entry_first() -> None:
+    got = run(engine(), (0, [outbound(client=RATINGS)]), (0.5, [inbound(sa("frontend"))]))
+    assert [a.rule for a in got] == ["identity_mismatch"]
+    a = got[0]
+    assert a.severity == "critical" and a.source is RATINGS and a.destination is REVIEWS
+    assert sa("frontend") in (a.detail or "") and "ratings.default may not present" in (a.detail or "")
+    assert a.examples[0].request_id == "r1" and a.examples[0].observer == NODE_REVIEWS
+
+
+def test_stolen_certificate_inbound_first_waits_for_the_client_entry() -> None:
+    e = engine()
+    assert e.evaluate([inbound(sa("frontend"), rid="late")], T0) == []
+    got = e.evaluate([outbound(client=RATINGS, rid="late")], T0 + 1.2)  # up to ~1-2 s apart
+    assert [a.rule for a in got] == ["identity_mismatch"] and got[0].source is RATINGS
+    ex = got[0].examples[0]  # what the destination saw, with the request from the client's entry
+    assert (ex.observer, ex.method, ex.path, ex.trace_id) == (NODE_REVIEWS, "GET", "/reviews/1", "ab" * 16)
+
+
+def test_tcp_paired_by_client_socket() -> None:
+    got = run(
+        engine(),
+        (0, [inbound(sa("frontend"), rid=None, origin=ALS_TCP, conn="10.0.0.7:4100")]),
+        (0.3, [outbound(client=RATINGS, rid=None, origin=ALS_TCP, conn="10.0.0.7:4100")]),
+    )
+    assert [a.rule for a in got] == ["identity_mismatch"] and "TCP connection" in (got[0].detail or "")
+
+
+def test_no_client_entry_ever_means_no_evidence() -> None:
+    e = engine()
+    assert run(e, (0, [inbound(sa("frontend"), rid="lonely")])) == []
+    e.tick(T0 + 240)  # a generational store drops a record within two waits
+    [rule] = [r for r in e.rules if r.name == "identity_mismatch"]
+    assert len(rule.stores()[0]) == 0
+
+
+def test_client_entry_after_the_wait_is_not_paired() -> None:
+    e = engine()
+    # GenStore: a record lives between one and two waits; far past both, it is gone
+    assert run(e, (0, [inbound(rid="x")]), (1.0, []), (2.0, []), (3.1, []), (4.0, [outbound(RATINGS, rid="x")])) == []
+
+
+def test_plaintext_hop_raises_nothing_here() -> None:
+    assert run(engine(), (0, [outbound(RATINGS, rid="p"), inbound(None, rid="p", tls=None)])) == []
+
+
+def test_policy_lets_frontend_present_its_canary_identity() -> None:
+    policy = Policy.model_validate({"identities": {"frontend": [sa("frontend-canary")]}})
+    e = engine(policy)
+    ok = [
+        outbound(rid="c"),
+        inbound(sa("frontend-canary"), rid="c"),
+        outbound(rid="d"),
+        inbound(sa("frontend"), rid="d"),
+    ]
+    assert run(e, (0, ok)) == []
+    # the override is per service: ratings may not present frontend-canary's identity
+    got = run(engine(policy), (0, [outbound(RATINGS, rid="e"), inbound(sa("frontend-canary"), rid="e")]))
+    assert [a.rule for a in got] == ["identity_mismatch"]
+
+
+def test_other_namespace_or_trust_domain_is_a_mismatch() -> None:
+    for presented in (
+        sa("frontend", "prod"),
+        "spiffe://evil.example/ns/default/sa/frontend",
+        "spiffe://cluster.local/x",
+    ):
+        got = run(engine(), (0, [outbound(rid="n"), inbound(presented, rid="n")]))
+        assert [a.rule for a in got] == ["identity_mismatch"], presented
+
+
+def test_without_service_account_is_service_the_namespace_is_compared() -> None:
+    e = engine(mesh={"service_account_is_service": False})
+    assert run(e, (0, [outbound(rid="a"), inbound(sa("bookinfo-frontend"), rid="a")])) == []
+    got = run(
+        engine(mesh={"service_account_is_service": False}), (0, [outbound(rid="b"), inbound(sa("x", "prod"), rid="b")])
+    )
+    assert [a.rule for a in got] == ["identity_mismatch"]
+
+
+def test_downstream_peer_names_the_sender_without_the_client_entry() -> None:
+    real = identity("ratings", "default", "ratings", sa("ratings"))
+    got = run(engine(), (0, [inbound(sa("frontend"), downstream_peer=real)]))
+    assert [a.rule for a in got] == ["identity_mismatch"] and got[0].source is real
+    assert "peer metadata" in (got[0].detail or "")
+    own = identity("frontend", "default", "frontend", sa("frontend"))
+    assert run(engine(), (0, [inbound(sa("frontend"), rid="o", downstream_peer=own)])) == []
+
+
+def test_forwarded_client_cert_is_the_evidence_when_no_certificate_field_was_logged() -> None:
+    h = inbound(None, rid="x", xfcc_uri=sa("frontend"), xfcc_by=sa("reviews"))
+    got = run(engine(), (0, [outbound(RATINGS, rid="x"), h]))
+    assert [a.rule for a in got] == ["identity_mismatch"] and sa("frontend") in (got[0].detail or "")
+
+
+def test_exemption() -> None:
+    policy = Policy.model_validate({"exemptions": [{"rules": ["identity_mismatch"], "from": ["ratings.default"]}]})
+    assert run(engine(policy), (0, [outbound(RATINGS), inbound(sa("frontend"))])) == []
+
+
+def test_with_workers_the_end_of_a_wait_asks_the_others() -> None:
+    """The client's entry reached another worker: the wait ends in a question, and the answer
+    decides; no answer (no evidence) invents nothing."""
+    e = engine(peers=True)
+    assert e.evaluate([inbound(sa("frontend"), rid="w1"), inbound(sa("frontend"), rid="w2")], T0) == []
+    assert e.tick(T0 + 1.0) == [] and e.take_deferred() == []
+    e.tick(T0 + 1.6)
+    deferred = e.take_deferred()
+    assert [d.query.request_id for d in deferred] == ["w1", "w2"]
+    assert deferred[0].query.service == "reviews.default"
+    e.finish(deferred, [PeerAnswer(True, RATINGS), PeerAnswer(False, None)], T0 + 1.7)
+    got = e.forwarded
+    assert [(v.rule, v.src) for v in got] == [("identity_mismatch", RATINGS)]
+    # paired locally: no question
+    e2 = engine(peers=True)
+    e2.evaluate([inbound(sa("frontend"), rid="p")], T0)
+    e2.evaluate([outbound(rid="p")], T0 + 0.5)
+    e2.tick(T0 + 5)
+    assert e2.take_deferred() == [] and e2.forwarded == []
