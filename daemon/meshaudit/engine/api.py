@@ -28,7 +28,7 @@ The core imports no rule: it builds what the registry lists, filters hops by ``h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
@@ -61,7 +61,7 @@ class Violation:
     """One request or connection (or, ``hop`` None, one fact about a service) that breaks a rule,
     before aggregation."""
 
-    __slots__ = ("detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
+    __slots__ = ("detail", "dst", "hop", "more", "rule", "severity", "src", "summary", "when")
 
     def __init__(
         self,
@@ -73,6 +73,7 @@ class Violation:
         detail: str,
         when: float,
         summary: str | None = None,
+        more: Sequence[Hop] = (),
     ) -> None:
         self.rule = rule
         self.summary = summary  # overrides the rule's summary template
@@ -82,6 +83,8 @@ class Violation:
         self.hop = hop
         self.detail = detail
         self.when = when  # observed time (data time, so replays give the same alert id)
+        # Further examples after ``hop`` (a per-edge violation stands for many requests).
+        self.more = more
 
 
 Emit = Callable[[Violation], None]
@@ -167,7 +170,9 @@ class Window:
         self.start = start  # receive time the window opened
         self.total = 0  # requests (or connections) counted
         self.hits = 0  # of them, what the rule counts against the edge (retries, failures, ...)
-        self.seen_first = when  # data time of the first and last counted hop
+        # Data time of the first and last hop that counted as a hit (until the first hit, of the
+        # hop that opened the window): the time of the evidence, and no per-request time read.
+        self.seen_first = when
         self.seen_last = when
         self.examples: list[Hop] = []  # the first few hops that counted as hits, detached
         self.judged = False  # the rule raised its violation for this window already
@@ -191,24 +196,44 @@ class EdgeWindows:
         self.judge = judge
         self.examples = examples
         self.windows: TTLStore[tuple[str, str], Window] = TTLStore(name, window_secs, max_items, self._closed)
+        # The open windows again, in a plain dict: ``add``'s lookup, once per counted request.
+        self._open: dict[tuple[str, str], Window] = {}
         self._dirty: dict[tuple[str, str], Window] = {}
 
     def add(self, src: Identity, dst: Identity, hop: Hop, now: float, total: int, hits: int) -> None:
+        """Count ``total`` requests of the edge, ``hits`` of them against it. Called for every
+        counted request: a request that is no hit costs two dict lookups, and its time (a lazy
+        field of an access-log entry) is not read."""
         key = (src.key, dst.key)
-        w = self.windows.get(key)
+        w = self._open.get(key)
         if w is None:
-            w = Window(src, dst, now, hop.start)
-            self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
+            w = self._open_window(key, src, dst, hop, now)
         w.total += total
         if hits:
             w.hits += hits
             if len(w.examples) < self.examples:
                 hop.detach()
                 w.examples.append(hop)
-        when = hop.start
-        w.seen_first = min(w.seen_first, when)
-        w.seen_last = max(w.seen_last, when)
+            when = hop.start
+            if w.hits == hits:  # the first hit: its time replaces the opening hop's
+                w.seen_first = w.seen_last = when
+            elif when < w.seen_first:
+                w.seen_first = when
+            elif when > w.seen_last:
+                w.seen_last = when
         self._dirty[key] = w
+
+    def _open_window(self, key: tuple[str, str], src: Identity, dst: Identity, hop: Hop, now: float) -> Window:
+        w = Window(src, dst, now, hop.start)
+        if len(self._open) >= self.windows.max_items:
+            # Full: the store evicts its oldest window (unjudged, counted); both hold the windows
+            # in the order they opened, so it is this dict's first.
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self._dirty.pop(oldest, None)
+        self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
+        self._open[key] = w
+        return w
 
     def tick(self, now: float) -> None:
         dirty, self._dirty = self._dirty, {}
@@ -218,6 +243,7 @@ class EdgeWindows:
         self.windows.expire(now)
 
     def _closed(self, key: tuple[str, str], w: Window, now: float) -> None:
+        self._open.pop(key, None)
         self._dirty.pop(key, None)
         if not w.judged:
             self.judge(w, True)
@@ -282,9 +308,11 @@ class Rule(Generic[C]):
         when: float,
         severity: str | None = None,
         summary: str | None = None,
+        more: Sequence[Hop] = (),
     ) -> None:
-        """Emit a violation of this rule (after its exemptions: ``exempt`` first)."""
-        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary))
+        """Emit a violation of this rule (after its exemptions: ``exempt`` first); ``more``:
+        further examples after ``hop``."""
+        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, more))
 
     def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
         return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)
