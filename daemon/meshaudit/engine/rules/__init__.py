@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshaudit.engine.api import Rule
+from meshaudit.engine.rules.excessive_retries import ExcessiveRetries
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
@@ -16,6 +17,7 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     UnexpectedEdge,
     UnexpectedPath,
     MissingAccessLog,
+    ExcessiveRetries,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)
