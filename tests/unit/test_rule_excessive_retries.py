@@ -245,5 +245,11 @@ def test_tcp_entries_and_other_sources_are_their_own_business() -> None:
 
 def test_the_rule_is_registered_with_its_options() -> None:
     cfg = Config().rules.excessive_retries
-    assert (cfg.enabled, cfg.severity, cfg.window_secs, cfg.min_retries, cfg.min_ratio) == (True, "warning", 60, 10, 0.2)
+    assert (cfg.enabled, cfg.severity, cfg.window_secs, cfg.min_retries, cfg.min_ratio) == (
+        True,
+        "warning",
+        60,
+        10,
+        0.2,
+    )
     assert ExcessiveRetries.name == RULE
