@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshaudit.engine.api import Rule
+from meshaudit.engine.rules.error_burst import ErrorBurst
 from meshaudit.engine.rules.excessive_retries import ExcessiveRetries
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
@@ -18,6 +19,7 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     UnexpectedPath,
     MissingAccessLog,
     ExcessiveRetries,
+    ErrorBurst,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)
