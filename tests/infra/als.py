@@ -11,8 +11,11 @@ from typing import Any
 import grpc
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from meshaudit.receivers.envoy_als.decode import FLAG_NAMES
 
 TLSProperties = accesslog_pb2.TLSProperties
+# Envoy's short response-flag names -> ResponseFlags fields ("URX" -> upstream_retry_limit_exceeded).
+FLAG_FIELDS = {short: name for name, short in FLAG_NAMES.items()}
 METHODS = {"GET": 1, "HEAD": 2, "POST": 3, "PUT": 4, "DELETE": 5, "OPTIONS": 7, "PATCH": 9}
 
 
@@ -78,7 +81,12 @@ def http_entry(
     traceparent: str | None = None,
     start: float | None = None,
     route_name: str = "default",
+    attempts: int | None = None,
+    response_flags: Sequence[str] = (),
+    details: str | None = None,
 ) -> Any:
+    """``attempts``: ``upstream_request_attempt_count`` (unset if None, as before); ``response_flags``:
+    Envoy's short names ("URX", "UF"); ``details``: ``response_code_details``."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
     _common(
         e.common_properties,
@@ -91,6 +99,13 @@ def http_entry(
         tls=tls,
     )
     e.common_properties.route_name = route_name
+    if attempts is not None:
+        e.common_properties.upstream_request_attempt_count = attempts
+    for short in response_flags:
+        if short == "UAEX":  # the one flag that is a message (with a reason), not a bool
+            e.common_properties.response_flags.unauthorized_details.reason = 1  # type: ignore[assignment]
+        else:
+            setattr(e.common_properties.response_flags, FLAG_FIELDS[short], True)
     r = e.request
     r.request_method = METHODS[method]  # type: ignore[assignment]  # enum fields take ints
     r.path = path
@@ -99,6 +114,8 @@ def http_entry(
     if traceparent:
         r.request_headers["traceparent"] = traceparent
     e.response.response_code.value = status
+    if details is not None:
+        e.response.response_code_details = details
     return e
 
 
