@@ -175,15 +175,15 @@ def _tls_cipher(e: Any) -> int | None:
     return int(t.tls_cipher_suite.value) if t.HasField("tls_cipher_suite") else None
 
 
+# An unset submessage reads as its defaults (0, ""), so no HasField first: each one costs as
+# much as the read (a status read so is ~0.22 us instead of ~0.44 us; the per-edge rules read
+# it for every outbound entry).
 def _status(e: Any) -> int:
-    if not e.HasField("response"):
-        return 0
-    resp = e.response
-    return int(resp.response_code.value) if resp.HasField("response_code") else 0
+    return int(e.response.response_code.value)
 
 
 def _details(e: Any) -> str:
-    return str(e.response.response_code_details) if e.HasField("response") else ""
+    return str(e.response.response_code_details)
 
 
 def _response_flags(e: Any) -> str:
@@ -221,7 +221,9 @@ _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
 
 class AlsHop(Hop):
     """A Hop from an Envoy access-log entry: the fields every rule reads are set at once, the rest
-    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use. The entry is immutable once parsed."""
+    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use (``status`` and
+    ``attempts`` of an outbound HTTP entry are set by ``decode_http``: rules read them of every
+    one). The entry is immutable once parsed."""
 
     __slots__ = ("_e",)
 
@@ -330,25 +332,29 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             dst = found[1] or _outbound_fallback(e, direction, cluster, r.authority or None)
             if rid is None and c.HasField("upstream_local_address"):
                 conn = _addr(c.upstream_local_address)
-        append(
-            AlsHop(
-                e,
-                ALS_HTTP,
-                node_id,
-                observer,
-                direction,
-                src,
-                dst,
-                tls_version,
-                peer,
-                METHODS[m] if 0 < m < 10 else "OTHER",
-                r.path or None,
-                rid,
-                trace_id,
-                conn,
-                cluster,
-            )
+        h = AlsHop(
+            e,
+            ALS_HTTP,
+            node_id,
+            observer,
+            direction,
+            src,
+            dst,
+            tls_version,
+            peer,
+            METHODS[m] if 0 < m < 10 else "OTHER",
+            r.path or None,
+            rid,
+            trace_id,
+            conn,
+            cluster,
         )
+        if direction != INBOUND:
+            # The per-edge rules (excessive_retries, error_burst) read these of every outbound
+            # entry: read here they cost ~0.3 us, where a lazy read costs ~1.2 us for the two.
+            h.status = e.response.response_code.value
+            h.attempts = c.upstream_request_attempt_count
+        append(h)
 
 
 def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
