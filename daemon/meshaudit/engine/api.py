@@ -174,8 +174,17 @@ class Window:
         # hop that opened the window): the time of the evidence, and no per-request time read.
         self.seen_first = when
         self.seen_last = when
-        self.examples: list[Hop] = []  # the first few hops that counted as hits, detached
+        self.examples: list[Hop] = []  # the first few hops that counted as hits (their example fields)
         self.judged = False  # the rule raised its violation for this window already
+
+
+def _example(h: Hop, when: float) -> Hop:
+    """What an alert's example needs of a hop, and no more: a window keeps a few of them for its
+    whole length, and an access-log entry's hop, detached, holds every field it has read."""
+    return Hop(
+        h.origin, h.observer, h.observer_service, h.direction, h.src, h.dst, when, method=h.method, path=h.path,
+        request_id=h.request_id, trace_id=h.trace_id,
+    )  # fmt: skip
 
 
 class EdgeWindows:
@@ -211,10 +220,9 @@ class EdgeWindows:
         w.total += total
         if hits:
             w.hits += hits
-            if len(w.examples) < self.examples:
-                hop.detach()
-                w.examples.append(hop)
             when = hop.start
+            if len(w.examples) < self.examples:
+                w.examples.append(_example(hop, when))
             if w.hits == hits:  # the first hit: its time replaces the opening hop's
                 w.seen_first = w.seen_last = when
             elif when < w.seen_first:
