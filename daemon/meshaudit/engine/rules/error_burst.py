@@ -87,6 +87,8 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
             d = h.direction
             if h.method is None:
                 continue
+            # The destination's entry counts only for a client without a sidecar: no
+            # certificate, and no client-sidecar entry of the request.
             if d != OUTBOUND and (d != INBOUND or h.peer_principal is not None or not self._no_client_sidecar(h, now)):
                 continue
             status: int = h.status
