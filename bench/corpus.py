@@ -134,6 +134,10 @@ class TrafficShape:
     plaintext_violation: float = 0.001  # plaintext inbound from a mesh pod (plaintext_hop)
     path_violation: float = 0.001  # a path outside the route policy (unexpected_path)
     outbound: float = 0.35  # entries observed by the client's sidecar
+    # Of the outbound entries (excessive_retries, error_burst; below their thresholds per edge):
+    retried: float = 0.03  # fixed by one retry: 200 after 2 attempts
+    retries_exhausted: float = 0.005  # 503 after 3 attempts, URX
+    upstream_failure: float = 0.005  # 503, UF (connection failure)
     tcp_messages: float = 0.1  # messages carrying TCP entries instead of HTTP
     random_paths: bool = False  # cardinality stress: every path distinct
     source_accounts: int = 0  # >0: extra distinct source service accounts (edge cardinality)
@@ -266,6 +270,20 @@ def _http_entry(rnd: random.Random, shape: TrafficShape, svc_index: int, idx: in
     resp.response_code_details = "via_upstream"
     resp.response_headers_bytes = rnd.randint(100, 300)
     resp.response_body_bytes = rnd.randint(0, 20_000)
+    if outbound:
+        # Its own random stream, so that the rest of the corpus stays as it was.
+        fate = random.Random(idx).random()
+        c = e.common_properties
+        if fate < shape.retried:
+            c.upstream_request_attempt_count = 2
+        elif fate < shape.retried + shape.retries_exhausted:
+            c.upstream_request_attempt_count = 3
+            c.response_flags.upstream_retry_limit_exceeded = True
+            resp.response_code.value = 503
+        elif fate < shape.retried + shape.retries_exhausted + shape.upstream_failure:
+            c.response_flags.upstream_connection_failure = True
+            resp.response_code.value = 503
+            resp.response_code_details = "upstream_reset_before_response_started{connection_failure}"
     return e
 
 

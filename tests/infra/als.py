@@ -12,19 +12,12 @@ import grpc
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from meshaudit.receivers.envoy_als.decode import FLAG_NAMES
 
 TLSProperties = accesslog_pb2.TLSProperties
+# Envoy's short response-flag names -> ResponseFlags fields ("URX" -> upstream_retry_limit_exceeded).
+FLAG_FIELDS = {short: name for name, short in FLAG_NAMES.items()}
 METHODS = {"GET": 1, "HEAD": 2, "POST": 3, "PUT": 4, "DELETE": 5, "OPTIONS": 7, "PATCH": 9}
-# Envoy's short response-flag names -> ResponseFlags fields (UAEX is a message: ext_authz's reason).
-FLAGS = {
-    "UH": "no_healthy_upstream",
-    "UF": "upstream_connection_failure",
-    "UC": "upstream_connection_termination",
-    "NR": "no_route_found",
-    "NC": "no_cluster_found",
-    "URX": "upstream_retry_limit_exceeded",
-    "DC": "downstream_connection_termination",
-}
 
 
 def _set_flags(c: Any, flags: Sequence[str]) -> None:
@@ -32,7 +25,7 @@ def _set_flags(c: Any, flags: Sequence[str]) -> None:
         if f == "UAEX":
             c.response_flags.unauthorized_details.reason = accesslog_pb2.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
         else:
-            setattr(c.response_flags, FLAGS[f], True)
+            setattr(c.response_flags, FLAG_FIELDS[f], True)
 
 
 def node_id(svc: str, ns: str = "default", ip: str = "10.0.0.1") -> str:
@@ -97,11 +90,13 @@ def http_entry(
     traceparent: str | None = None,
     start: float | None = None,
     route_name: str = "default",
+    attempts: int | None = None,
     details: str = "",
     flags: Sequence[str] = (),
 ) -> Any:
-    """``details``: response code details (``via_upstream``, ``rbac_access_denied_matched_policy[...]``);
-    ``flags``: Envoy's short response flags (``NR``, ``UAEX``, ...)."""
+    """``attempts``: ``upstream_request_attempt_count`` (unset if None); ``details``: response code
+    details (``via_upstream``, ``rbac_access_denied_matched_policy[...]``); ``flags``: Envoy's short
+    response flags (``NR``, ``URX``, ``UAEX``, ...)."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
     _common(
         e.common_properties,
@@ -114,6 +109,8 @@ def http_entry(
         tls=tls,
     )
     e.common_properties.route_name = route_name
+    if attempts is not None:
+        e.common_properties.upstream_request_attempt_count = attempts
     _set_flags(e.common_properties, flags)
     r = e.request
     r.request_method = METHODS[method]  # type: ignore[assignment]  # enum fields take ints

@@ -145,3 +145,31 @@ def test_every_rule_declares_its_name_config_summary_and_hops() -> None:
         assert r.hops in ("logged", "spans", "all")
         assert issubclass(r.Config, RuleConfig)
         assert r.__module__ == f"meshaudit.engine.rules.{r.name}", "one module per rule, named after it"
+
+
+def test_a_per_edge_violation_brings_its_windows_examples_and_they_cross_between_workers() -> None:
+    from meshaudit.engine.aggregate import Aggregator
+    from meshaudit.engine.api import Violation
+    from meshaudit.workers import violation_from_wire, violation_to_wire
+
+    hops = [logged(503, f"x{i}") for i in range(4)]
+    v = Violation("toy", "warning", CLIENT, SVC, hops[0], "4 of 4", T0, more=hops[1:])
+    agg = Aggregator(60, 3, 1000)
+    agg.add(violation_from_wire(violation_to_wire(v)), T0)
+    (a,) = agg.drain()
+    assert [x.request_id for x in a.examples] == ["x0", "x1", "x2"]  # engine.examples caps them
+
+
+def test_edge_windows_stay_bounded_and_count_an_evicted_window() -> None:
+    e = Engine(Config.model_validate({"engine": {"store_max_items": 100}}), Policy(), [Toy])
+    toy = e.rules[0]
+    assert isinstance(toy, Toy)
+    for i in range(150):
+        src = identity(f"client-{i}", "default")
+        toy.edges.add(src, SVC, logged(200, f"r{i}"), T0, 1, 0)
+    assert len(toy.edges.windows) == 100 and toy.edges.windows.evicted_capacity == 50
+    # The oldest went from the lookup too: a later hop of that edge opens a new window.
+    toy.edges.add(identity("client-0", "default"), SVC, logged(500, "again"), T0 + 1, 1, 1)
+    assert toy.edges.windows.evicted_capacity == 51
+    e.tick(T0 + 2)
+    assert (1, 1, False) in toy.judged and len(toy.judged) == 100

@@ -192,6 +192,10 @@ class Aggregator:
         st.first_seen = min(st.first_seen, v.when)
         if h is not None and len(st.examples) < self.max_examples:
             st.examples.append(Example(h))
+            for more in v.more:  # a per-edge violation brings its window's examples
+                if len(st.examples) >= self.max_examples:
+                    break
+                st.examples.append(Example(more))
         if fresh or urgent:
             self._emit(st, now)
 

@@ -28,7 +28,7 @@ The core imports no rule: it builds what the registry lists, filters hops by ``h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
@@ -61,7 +61,7 @@ class Violation:
     """One request or connection (or, ``hop`` None, one fact about a service) that breaks a rule,
     before aggregation."""
 
-    __slots__ = ("blocked", "detail", "dst", "hop", "rule", "severity", "src", "summary", "when")
+    __slots__ = ("blocked", "detail", "dst", "hop", "more", "rule", "severity", "src", "summary", "when")
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class Violation:
         when: float,
         summary: str | None = None,
         blocked: bool | None = None,
+        more: Sequence[Hop] = (),
     ) -> None:
         self.rule = rule
         self.summary = summary  # overrides the rule's summary template
@@ -87,6 +88,8 @@ class Violation:
         # None for rules where enforcement does not apply. The aggregator keeps a window's
         # "all blocked so far" from it.
         self.blocked = blocked
+        # Further examples after ``hop`` (a per-edge violation stands for many requests).
+        self.more = more
 
 
 Emit = Callable[[Violation], None]
@@ -172,10 +175,21 @@ class Window:
         self.start = start  # receive time the window opened
         self.total = 0  # requests (or connections) counted
         self.hits = 0  # of them, what the rule counts against the edge (retries, failures, ...)
-        self.seen_first = when  # data time of the first and last counted hop
+        # Data time of the first and last hop that counted as a hit (until the first hit, of the
+        # hop that opened the window): the time of the evidence, and no per-request time read.
+        self.seen_first = when
         self.seen_last = when
-        self.examples: list[Hop] = []  # the first few hops that counted as hits, detached
+        self.examples: list[Hop] = []  # the first few hops that counted as hits (their example fields)
         self.judged = False  # the rule raised its violation for this window already
+
+
+def _example(h: Hop, when: float) -> Hop:
+    """What an alert's example needs of a hop, and no more: a window keeps a few of them for its
+    whole length, and an access-log entry's hop, detached, holds every field it has read."""
+    return Hop(
+        h.origin, h.observer, h.observer_service, h.direction, h.src, h.dst, when, method=h.method, path=h.path,
+        request_id=h.request_id, trace_id=h.trace_id,
+    )  # fmt: skip
 
 
 class EdgeWindows:
@@ -196,24 +210,43 @@ class EdgeWindows:
         self.judge = judge
         self.examples = examples
         self.windows: TTLStore[tuple[str, str], Window] = TTLStore(name, window_secs, max_items, self._closed)
+        # The open windows again, in a plain dict: ``add``'s lookup, once per counted request.
+        self._open: dict[tuple[str, str], Window] = {}
         self._dirty: dict[tuple[str, str], Window] = {}
 
     def add(self, src: Identity, dst: Identity, hop: Hop, now: float, total: int, hits: int) -> None:
+        """Count ``total`` requests of the edge, ``hits`` of them against it. Called for every
+        counted request: a request that is no hit costs two dict lookups, and its time (a lazy
+        field of an access-log entry) is not read."""
         key = (src.key, dst.key)
-        w = self.windows.get(key)
+        w = self._open.get(key)
         if w is None:
-            w = Window(src, dst, now, hop.start)
-            self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
+            w = self._open_window(key, src, dst, hop, now)
         w.total += total
         if hits:
             w.hits += hits
+            when = hop.start
             if len(w.examples) < self.examples:
-                hop.detach()
-                w.examples.append(hop)
-        when = hop.start
-        w.seen_first = min(w.seen_first, when)
-        w.seen_last = max(w.seen_last, when)
+                w.examples.append(_example(hop, when))
+            if w.hits == hits:  # the first hit: its time replaces the opening hop's
+                w.seen_first = w.seen_last = when
+            elif when < w.seen_first:
+                w.seen_first = when
+            elif when > w.seen_last:
+                w.seen_last = when
         self._dirty[key] = w
+
+    def _open_window(self, key: tuple[str, str], src: Identity, dst: Identity, hop: Hop, now: float) -> Window:
+        w = Window(src, dst, now, hop.start)
+        if len(self._open) >= self.windows.max_items:
+            # Full: the store evicts its oldest window (unjudged, counted); both hold the windows
+            # in the order they opened, so it is this dict's first.
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self._dirty.pop(oldest, None)
+        self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
+        self._open[key] = w
+        return w
 
     def tick(self, now: float) -> None:
         dirty, self._dirty = self._dirty, {}
@@ -223,6 +256,7 @@ class EdgeWindows:
         self.windows.expire(now)
 
     def _closed(self, key: tuple[str, str], w: Window, now: float) -> None:
+        self._open.pop(key, None)
         self._dirty.pop(key, None)
         if not w.judged:
             self.judge(w, True)
@@ -288,9 +322,13 @@ class Rule(Generic[C]):
         severity: str | None = None,
         summary: str | None = None,
         blocked: bool | None = None,
+        more: Sequence[Hop] = (),
     ) -> None:
-        """Emit a violation of this rule (after its exemptions: ``exempt`` first)."""
-        self.emit(Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, blocked))
+        """Emit a violation of this rule (after its exemptions: ``exempt`` first); ``more``:
+        further examples after ``hop``."""
+        self.emit(
+            Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, blocked, more)
+        )
 
     def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
         return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)

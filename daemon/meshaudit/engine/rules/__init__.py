@@ -7,6 +7,8 @@ from typing import Any
 
 from meshaudit.engine.api import Rule
 from meshaudit.engine.rules.authz_denied import AuthzDenied
+from meshaudit.engine.rules.error_burst import ErrorBurst
+from meshaudit.engine.rules.excessive_retries import ExcessiveRetries
 from meshaudit.engine.rules.identity_mismatch import IdentityMismatch
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
@@ -24,6 +26,8 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     AuthzDenied,
     WeakTls,
     IdentityMismatch,
+    ExcessiveRetries,
+    ErrorBurst,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)

@@ -180,7 +180,7 @@ def _tls_cipher(e: Any) -> int | None:
 
 
 def _details(e: Any) -> str:
-    return str(e.response.response_code_details) if e.HasField("response") else ""
+    return str(e.response.response_code_details)
 
 
 def _response_flags(e: Any) -> str:
@@ -345,7 +345,9 @@ _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
 
 class AlsHop(Hop):
     """A Hop from an Envoy access-log entry: the fields every rule reads are set at once, the rest
-    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use. The entry is immutable once parsed."""
+    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use (``status`` and
+    ``attempts`` of an outbound HTTP entry are set by ``decode_http``: rules read them of every
+    one). The entry is immutable once parsed."""
 
     __slots__ = ("_e",)
 
@@ -482,28 +484,31 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             dst = found[1] or _outbound_fallback(e, direction, cluster, r.authority or None)
             if rid is None and c.HasField("upstream_local_address"):
                 conn = _addr(c.upstream_local_address)
-        append(
-            AlsHop(
-                e,
-                ALS_HTTP,
-                node_id,
-                observer,
-                direction,
-                src,
-                dst,
-                tls_version,
-                peer,
-                METHODS[m] if 0 < m < 10 else "OTHER",
-                r.path or None,
-                rid,
-                trace_id,
-                conn,
-                cluster,
-                # Read at once, not lazily: the rules that judge every request by its answer
-                # (authz_denied, route_mismatch) read it first, and a lazy read costs ~3x more.
-                e.response.response_code.value,
-            )
+        h = AlsHop(
+            e,
+            ALS_HTTP,
+            node_id,
+            observer,
+            direction,
+            src,
+            dst,
+            tls_version,
+            peer,
+            METHODS[m] if 0 < m < 10 else "OTHER",
+            r.path or None,
+            rid,
+            trace_id,
+            conn,
+            cluster,
+            # Read at once, not lazily: the rules that judge every request by its answer
+            # (authz_denied, route_mismatch, error_burst) read it first, and a lazy read costs ~3x more.
+            e.response.response_code.value,
         )
+        if direction != INBOUND:
+            # excessive_retries reads it of every outbound entry: read here it costs ~0.15 us,
+            # where a lazy read costs ~0.6 us.
+            h.attempts = c.upstream_request_attempt_count
+        append(h)
 
 
 def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:

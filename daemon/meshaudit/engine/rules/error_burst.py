@@ -1,0 +1,129 @@
+"""error_burst: an edge where at least ``min_ratio`` of the requests in a window failed, with at
+least ``min_requests`` requests in it.
+
+Failed: a 5xx the upstream answered (``response_code_details`` ``via_upstream``), or an
+upstream failure flag (UF, UH, UO, UT, UC, UR, URX: connection failure, no healthy host,
+overflow, timeout, termination, reset, retries exhausted). Not failed: a 1xx-4xx status, and the
+mesh's own refusals (no route or cluster: NR, NC, ``route_not_found``; ``direct_response``;
+``rbac_access_denied...``, UAEX): those never reached the upstream, so they are neither
+``via_upstream`` nor flagged as an upstream failure. ``BlackHoleCluster`` (egress the mesh
+blocks) is a refusal too.
+
+Each request counts once, with its final outcome, at the *source* sidecar (outbound HTTP
+entries): its router logs the request once after its retries (a 503 that a retry fixed logs as
+200 with 2 attempts), while the destination sidecar logs every attempt. A source without a
+sidecar (an inbound entry with no peer certificate and no client-sidecar entry of the same
+request or connection in the correlation) is counted from the destination sidecar's inbound
+entry instead, once per request id.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pydantic import Field
+
+from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity, Window
+from meshaudit.engine.store import GenStore
+from meshaudit.model import INBOUND, OUTBOUND, Hop
+
+UPSTREAM_FAILURE_FLAGS: Final = frozenset(("UF", "UH", "UO", "UT", "UC", "UR", "URX"))
+BLACKHOLE: Final = "BlackHoleCluster"
+
+
+class ErrorBurstConfig(RuleConfig):
+    severity: Severity = "warning"
+    window_secs: int = Field(
+        60, ge=1, description="Requests and failures are counted per edge in windows of this length."
+    )
+    min_ratio: float = Field(
+        0.5, gt=0, le=1, description="Alert when at least this share of a window's requests failed ..."
+    )
+    min_requests: int = Field(20, ge=1, description="... among at least this many requests.")
+
+
+def failed(h: Hop) -> bool:
+    """Whether a request failed upstream (the module doc). The status is read first; the flags
+    and details (costly fields of an access-log entry) only for a 5xx or a missing status."""
+    status: int = h.status
+    if 0 < status < 500:  # nearly every request
+        return False
+    if h.upstream_cluster == BLACKHOLE:
+        return False
+    flags: str = h.response_flags
+    if flags and flags != "-":  # "-": none, as an OpenTelemetry access log writes it
+        if not UPSTREAM_FAILURE_FLAGS.isdisjoint(flags.split(",")):
+            return True
+        if status < 500:
+            return False
+        details: str = h.response_code_details
+        return details == "via_upstream"
+    if status < 500:
+        return False
+    details = h.response_code_details
+    # No details at all (an OpenTelemetry access log that does not carry them) and no flag: no
+    # sign of a local reply, so the upstream answered.
+    return details == "via_upstream" or not details
+
+
+class ErrorBurst(Rule[ErrorBurstConfig]):
+    name = "error_burst"
+    Config = ErrorBurstConfig
+    summary = "A burst of failed requests from {src} to {dst}"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        self.window_secs = self.cfg.window_secs
+        self.edges = self.edge_windows(self.window_secs, self._judge)
+        # Request ids counted from inbound entries (sources without a sidecar), once each.
+        self.inbound_counted: GenStore[str, bool] = GenStore(
+            "error_burst_inbound_request_ids", self.window_secs, ctx.max_items
+        )
+        self.store(self.inbound_counted)
+
+    def on_hops(self, hops: list[Hop], now: float) -> None:
+        add = self.edges.add
+        for h in hops:
+            d = h.direction
+            if h.method is None:
+                continue
+            # The destination's entry counts only for a client without a sidecar: no
+            # certificate, and no client-sidecar entry of the request.
+            if d != OUTBOUND and (d != INBOUND or h.peer_principal is not None or not self._no_client_sidecar(h, now)):
+                continue
+            status: int = h.status
+            if 0 < status < 500:  # failed()'s first test, inlined: nearly every request
+                add(h.src, h.dst, h, now, 1, 0)
+            elif failed(h) and not self.exempt(h.src, h.dst, h):
+                add(h.src, h.dst, h, now, 1, 1)
+            else:
+                add(h.src, h.dst, h, now, 1, 0)
+
+    def _no_client_sidecar(self, h: Hop, now: float) -> bool:
+        """An inbound entry counts when no client sidecar logged the request (its outbound entry
+        counts then), once per request id."""
+        if self.ctx.corr.source_of(h) is not None:
+            return False
+        rid = h.request_id
+        if rid:
+            if rid in self.inbound_counted:
+                return False
+            self.inbound_counted.put(rid, True, now)
+        return True
+
+    def _judge(self, w: Window, final: bool) -> None:
+        cfg = self.cfg
+        failures, requests = w.hits, w.total
+        if requests < cfg.min_requests or failures / requests < cfg.min_ratio:
+            return
+        w.judged = True
+        ex = w.examples
+        detail = (
+            f"{failures} of {requests} requests failed ({failures / requests:.0%}) "
+            f"in a {self.window_secs} s window: 5xx from the upstream or upstream failure flags"
+        )
+        self.violation(w.src, w.dst, ex[0] if ex else None, detail, w.seen_first, more=ex[1:])
+
+    def on_tick(self, now: float) -> None:
+        super().on_tick(now)
+        self.inbound_counted.expire(now)
