@@ -22,7 +22,10 @@ class Correlation:
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
         self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
         # (request_id, observer) and (trace_id, observer service key) seen in access logs
-        self.logged_rid: GenStore[tuple[str, str], bool] = GenStore("logged_request_ids", ttl, max_items)
+        # (request id, observer service) -> the peer certificate's SPIFFE id the entry showed, or
+        # True (plaintext, or no certificate logged): a span's access log, and the identity a
+        # request presented at its destination (identity_mismatch pairs it with the client's entry).
+        self.logged_rid: GenStore[tuple[str, str], str | bool] = GenStore("logged_request_ids", ttl, max_items)
         self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
@@ -83,7 +86,7 @@ class Correlation:
                 if rid:
                     # Keyed by the observer's service, not its node id: any replica's sidecar
                     # logging the request satisfies a span of that service.
-                    rids[rid, svc] = True
+                    rids[rid, svc] = h.peer_principal or True
                 tid = h.trace_id
                 if tid:
                     traces[tid, svc] = True

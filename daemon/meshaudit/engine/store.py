@@ -137,6 +137,11 @@ class GenStore(Generic[K, V]):
         """The current generation, for a batch of writes in place; call ``settle`` after."""
         return self._cur
 
+    def generations(self) -> tuple[dict[K, V], dict[K, V]]:
+        """(current, previous) dicts, for look-ups inlined in a per-entry loop (current first);
+        valid until the next write through ``put``, ``settle`` or ``expire``."""
+        return self._cur, self._old
+
     def settle(self, now: float) -> None:
         """The capacity check after writes through ``writable``."""
         if len(self._cur) >= self._half:

@@ -12,13 +12,15 @@ What a workload may present: its own service account ``spiffe://<mesh.trust_doma
 compared; without it, the namespace and trust domain), the identity its peer metadata names, and
 what ``policy.identities`` adds for it (globs, by service pattern).
 
-Pairing: the two sidecars flush independently, so the inbound entry may come first. Then it
-waits, up to ``pairing_wait_ms``, for the client's entry, indexed by request id or client
-socket. The wait keeps a small record (the presented id, the destination, the observer), not the
-hop: most inbound entries wait, and detaching a hop from its message costs as much as decoding
-it. With no client entry and no peer metadata there is no evidence and nothing is alerted; with
-``workers: N`` the client's entry may have reached another worker, which is asked at the end of
-the wait (``finish``).
+Pairing: the two sidecars flush independently, so the inbound entry may come first. In one
+process an HTTP request pairs through the shared correlation index (the outbound entry by request
+id names the client; ``logged_request_ids`` keeps the certificate each destination saw) from
+whichever entry comes second: nothing is kept per request here. A TCP connection waits, up to
+``pairing_wait_ms``, for the client's entry by client socket, as a small record (the presented
+id, the observer), not the hop: detaching a hop from its message costs as much as decoding it.
+With no client entry and no peer metadata there is no evidence and nothing is alerted; with
+``workers: N`` every unpaired inbound entry waits here, and the client's entry may have reached
+another worker, which is asked at the end of the wait (``finish``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _CACHE_LIMIT = 100_000
 # and numbers only: the garbage collector stops tracking such a tuple, and ~1e5 of them wait at
 # full load (with a party in it, every full collection walked them all: 3x the rule's cost).
 Waiting = tuple[str, str, int, float, str | None, str | None]
+Short = tuple[str, str]  # presented id, observer: what one process keeps
 
 PEER_SAMPLE = 256  # while no entry carried peer metadata, one unpaired entry in this many is checked
 PEER_META_SECS = 60.0  # after an entry carried it, every unpaired entry is read for this long
@@ -53,8 +56,9 @@ class IdentityMismatchConfig(RuleConfig):
     pairing_wait_ms: int = Field(
         1500,
         ge=0,
-        description="How long an inbound mTLS entry whose client entry has not come yet waits for it "
-        "(the two sidecars flush independently); with none by then, nothing is alerted.",
+        description="How long an inbound mTLS TCP entry (or, with workers, any inbound mTLS entry) whose "
+        "client entry has not come yet waits for it; with none by then, nothing is alerted. HTTP "
+        "requests in one process pair through the request-id index for its TTL.",
     )
 
 
@@ -62,6 +66,12 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     name = "identity_mismatch"
     Config = IdentityMismatchConfig
     summary = "Identity mismatch from {src} to {dst}: the client presented a certificate that is not its own"
+
+    @classmethod
+    def correlation(cls, cfg: RuleConfig) -> tuple[float, float]:
+        # The request-id index of the shared correlation state keeps, per (request id, service),
+        # the certificate the destination sidecar saw: kept on whether or not spans come.
+        return 0.0, float("inf")
 
     def __init__(self, ctx: EngineContext) -> None:
         # here, not at the top: config imports the rule registry, and these import config
@@ -82,7 +92,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         # Inbound entries waiting for their client's entry, by request id or client socket. A
         # generational store alone (a dict write per entry, expiry drops a generation whole): the
         # end of a wait is no event. With peers it is (ask the others): an exact TTL store.
-        self.waiting: GenStore[str, Waiting] | TTLStore[str, Waiting]
+        self.waiting: GenStore[str, Short] | TTLStore[str, Waiting]
         if ctx.peers:
             self.waiting = TTLStore("identity_awaiting_client", self.wait, ctx.max_items, self._expired)
         else:
@@ -125,16 +135,21 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
 
     # --- judging --------------------------------------------------------------------------------
     def on_hops(self, hops: list[Hop], now: float) -> None:
-        # Runs for every access-log entry: locals, and the stores' dicts written in place.
+        # Runs for every access-log entry: locals, the stores' dicts read in place (a method call
+        # per look-up cost a third of the rule). One process: the pair of an HTTP request is found
+        # in the shared correlation index from whichever side comes second (the outbound entry
+        # by request id names the client; the inbound entry's certificate is kept per request id
+        # and service), so nothing is stored here per request. TCP (no request id) waits here
+        # by client socket; with peers, every wait is here (its end is a question to the others).
         corr = self.ctx.corr
-        by_rid = corr.outbound_by_rid
+        rid_cur, rid_old = corr.outbound_by_rid.generations()
+        seen_cur, seen_old = corr.logged_rid.generations()
+        peers = self.ctx.peers
         waiting = self.waiting
         gen = waiting if isinstance(waiting, GenStore) else None
+        exact = waiting if isinstance(waiting, TTLStore) else None
         pending = gen.writable() if gen is not None else None
-        # Entries of this batch were indexed before any rule ran (their pairs are found through
-        # by_rid), so only records of earlier batches can wait for an outbound entry here.
         waited = len(waiting) > 0
-        pop = waiting.pop
         wait = self.wait > 0
         check_peer = now < self.peer_meta_until
         countdown = self.countdown
@@ -144,11 +159,23 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         for h in hops:
             d = h.direction
             if d != INBOUND:
-                if waited and d == OUTBOUND:  # a client sidecar's entry names a waiting entry's sender
-                    rid = h.request_id
-                    w = pop(rid) if rid else None
+                if d != OUTBOUND:
+                    continue
+                rid = h.request_id
+                w: Short | Waiting | None = None
+                if rid and not peers:
+                    k = (rid, h.dst.key)
+                    shown = seen_cur.get(k) or seen_old.get(k)
+                    if shown.__class__ is str:  # the destination's entry came first, over mTLS
+                        assert isinstance(shown, str)
+                        if not self.may_present(h.src, shown):
+                            self._alert(h.src, shown, self._paired_hop(shown, h), PAIRED)
+                        continue
+                if waited:  # a client sidecar's entry names a waiting entry's sender
+                    if exact is not None and rid:
+                        w = exact.pop(rid)
                     if w is None and h.conn:
-                        w = pop(h.conn)
+                        w = waiting.pop(h.conn)
                     if w is not None and not self.may_present(h.src, w[0]):
                         self._alert(h.src, w[0], self._hop(w, h), PAIRED)
                 continue
@@ -160,7 +187,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if presented is None:
                     continue
             rid = h.request_id
-            client = by_rid.get(rid) if rid else corr.source_of(h)
+            client = (rid_cur.get(rid) or rid_old.get(rid)) if rid else corr.source_of(h)
             if client is not None:
                 if not self.may_present(client, presented):
                     self._alert(client, presented, h, PAIRED)
@@ -177,32 +204,55 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                     continue
             else:
                 countdown -= 1
-            if wait:
-                conn = h.conn
-                key = rid or conn
-                if key:
-                    observer = h.observer
-                    if observer is not last_observer:  # a batch comes from one sidecar: once per batch
-                        if len(dst_of) >= _CACHE_LIMIT:
-                            dst_of.clear()
-                        dst_of[observer] = h.dst
-                        last_observer = observer
-                    w = (presented, observer, h.origin, now, rid, conn)
-                    if pending is not None:
-                        pending[key] = w
-                    else:
-                        waiting.put(key, w, now)
+            if not wait or (rid and not peers and h.peer_principal is not None):
+                continue  # the request-id index holds it (an XFCC-only entry waits here)
+            key = rid or h.conn
+            if not key:
+                continue
+            if pending is not None:
+                pending[key] = (presented, h.observer)
+                continue
+            observer = h.observer
+            if observer is not last_observer:  # a batch comes from one sidecar: once per batch
+                if len(dst_of) >= _CACHE_LIMIT:
+                    dst_of.clear()
+                dst_of[observer] = h.dst
+                last_observer = observer
+            if exact is not None:
+                exact.put(key, (presented, observer, h.origin, now, rid, h.conn), now)
         if gen is not None:
             gen.settle(now)
         self.countdown = countdown
         if seen_peer:
             self.peer_meta_until = now + PEER_META_SECS
 
-    def _hop(self, w: Waiting, out: Hop | None) -> Hop:
+    def _paired_hop(self, presented: str, out: Hop) -> Hop:
+        return self._hop((presented, out.observer), out)
+
+    def _hop(self, w: Short | Waiting, out: Hop | None) -> Hop:
         """The inbound entry a waiting record stands for, for the alert's example: what the
         destination sidecar saw, with the request's method, path and trace from the client's entry
-        when there is one (the same request)."""
-        presented, observer, origin, when, rid, conn = w
+        when there is one (the same request). A short record (one process) takes the rest from
+        the client's entry."""
+        if len(w) == 2:
+            assert out is not None
+            presented, observer = w[0], w[1]
+            return Hop(
+                out.origin,
+                observer,
+                out.dst,
+                INBOUND,
+                self.ctx.namer.principal(presented),
+                out.dst,
+                out.start,
+                peer_principal=presented,
+                method=out.method,
+                path=out.path,
+                trace_id=out.trace_id,
+                request_id=out.request_id,
+                conn=out.conn,
+            )
+        presented, observer, origin, when, rid, conn = w  # the long record
         dst = self.dst_of.get(observer) or self.ctx.namer.node(observer, "")
         return Hop(
             origin,
