@@ -330,6 +330,13 @@ class Rule(Generic[C]):
             Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, blocked, more)
         )
 
+    def window_violation(self, w: Window, detail: str) -> None:
+        """Emit the violation of a per-edge window (once per window): its first example as the
+        hop, the others after it."""
+        w.judged = True
+        ex = w.examples
+        self.violation(w.src, w.dst, ex[0] if ex else None, detail, w.seen_first, more=ex[1:])
+
     def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
         return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)
 

@@ -116,13 +116,11 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
         failures, requests = w.hits, w.total
         if requests < cfg.min_requests or failures / requests < cfg.min_ratio:
             return
-        w.judged = True
-        ex = w.examples
-        detail = (
+        self.window_violation(
+            w,
             f"{failures} of {requests} requests failed ({failures / requests:.0%}) "
-            f"in a {self.window_secs} s window: 5xx from the upstream or upstream failure flags"
+            f"in a {self.window_secs} s window: 5xx from the upstream or upstream failure flags",
         )
-        self.violation(w.src, w.dst, ex[0] if ex else None, detail, w.seen_first, more=ex[1:])
 
     def on_tick(self, now: float) -> None:
         super().on_tick(now)

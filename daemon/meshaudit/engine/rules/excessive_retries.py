@@ -69,10 +69,8 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
         retries, requests = w.hits, w.total
         if retries < cfg.min_retries or retries / requests < cfg.min_ratio:
             return
-        w.judged = True
-        ex = w.examples
-        detail = (
+        self.window_violation(
+            w,
             f"{retries} retries over {requests} requests (ratio {retries / requests:.2f}) "
-            f"in a {self.window_secs} s window, from the source sidecar's outbound entries"
+            f"in a {self.window_secs} s window, from the source sidecar's outbound entries",
         )
-        self.violation(w.src, w.dst, ex[0] if ex else None, detail, w.seen_first, more=ex[1:])
