@@ -388,12 +388,30 @@ class AlsHop(Hop):
         self.status = status
 
     def detach(self) -> None:
-        """Read every lazy field now and drop the entry: a hop kept past its batch must not keep
-        the whole message it came in alive (25-100 entries, 12-50 KB)."""
-        if self._e is not None:
-            for name in _LAZY_TCP if self.origin == ALS_TCP else _LAZY_HTTP:
-                getattr(self, name)
-            self._e = None
+        """Read the lazy fields now and drop the entry: a hop kept past its batch must not keep
+        the whole message it came in alive (25-100 entries, 12-50 KB). A field read twice from the
+        same entry is the same value, so most are simply read again: asking a slot whether it is
+        set raises when it is not, and those exceptions were most of the cost (~0.7 us a field).
+        Only fields whose reading counts something (a clamped time, unsupported peer metadata)
+        are read if not read yet; the x-forwarded-client-cert pair comes from one parse."""
+        e = self._e
+        if e is None:
+            return
+        xfcc: tuple[str | None, str | None] | None = None
+        for name, read, slot, once in _DETACH_TCP if self.origin == ALS_TCP else _DETACH_HTTP:
+            if once:
+                try:
+                    slot.__get__(self, Hop)
+                    continue  # read already, and counted
+                except AttributeError:
+                    pass
+            if read is None:  # the pair of x-forwarded-client-cert fields (HTTP)
+                if xfcc is None:
+                    xfcc = _xfcc(e)
+                slot.__set__(self, xfcc[0] if name == "xfcc_by" else xfcc[1])
+            else:
+                slot.__set__(self, read(e))
+        self._e = None
 
     def __getattr__(self, name: str) -> Any:  # called only for a field not set yet
         read = (_LAZY_TCP if self.origin == ALS_TCP else _LAZY_HTTP).get(name)
@@ -403,6 +421,22 @@ class AlsHop(Hop):
         setattr(self, name, value)
         return value
 
+
+# (field, reader, slot, read only once) for ``detach``: a reader of None is one of the
+# x-forwarded-client-cert pair; "once" marks the fields whose reading counts something.
+_DetachPlan = list[tuple[str, Callable[[Any], Any] | None, Any, bool]]
+_XFCC_FIELDS: Final = frozenset(("xfcc_uri", "xfcc_by"))
+_COUNTED_FIELDS: Final = frozenset(("start", "downstream_peer", "upstream_peer"))
+
+
+def _plan(table: dict[str, Callable[[Any], Any]], pair: bool) -> _DetachPlan:
+    return [
+        (n, None if pair and n in _XFCC_FIELDS else r, Hop.__dict__[n], n in _COUNTED_FIELDS) for n, r in table.items()
+    ]
+
+
+_DETACH_HTTP: Final = _plan(_LAZY_HTTP, pair=True)
+_DETACH_TCP: Final = _plan(_LAZY_TCP, pair=False)
 
 _TCP_END: Final = frozenset(("response_flags", "connection_termination_details"))
 
