@@ -12,6 +12,33 @@ from meshaudit.engine.store import GenStore
 from meshaudit.model import OUTBOUND, SPAN, Hop, Identity
 
 
+class PeerMetadata:
+    """Istio's peer metadata on an entry (filter state ``downstream_peer``, Istio >= 1.24) names
+    the client without its sidecar's entry. Reading it is a lazy read per entry, so while no entry
+    of this mesh has carried it, one entry in ``SAMPLE`` is read; once one has, every entry asked
+    about is read for ``HOLD_SECS``. Shared by the rules that name a client from it."""
+
+    SAMPLE = 256
+    HOLD_SECS = 60.0
+
+    __slots__ = ("countdown", "until")
+
+    def __init__(self) -> None:
+        self.until = float("-inf")
+        self.countdown = 0
+
+    def client(self, h: Hop, now: float) -> Identity | None:
+        if now >= self.until:
+            if self.countdown > 0:
+                self.countdown -= 1
+                return None
+            self.countdown = self.SAMPLE
+        peer: Identity | None = h.downstream_peer
+        if peer is not None:
+            self.until = now + self.HOLD_SECS
+        return peer
+
+
 class Correlation:
     """What the access logs showed recently, shared by all rules. Bounded stores only."""
 
@@ -34,6 +61,7 @@ class Correlation:
         # start-up, for one horizon). When spans resume after a longer pause, spans that started
         # before the index did cannot be joined (their access logs may have come while it was
         # off): missing_access_log judges those against ``sidecar_last_log`` instead.
+        self.peer_metadata = PeerMetadata()
         self.ttl = ttl
         self.horizon = max(ttl, horizon)
         self.index_logged_until: float | None = None  # None: not started yet

@@ -43,8 +43,6 @@ _CACHE_LIMIT = 100_000
 Waiting = tuple[str, str, int, float, str | None, str | None]
 Short = tuple[str, str]  # presented id, observer: what one process keeps
 
-PEER_SAMPLE = 256  # while no entry carried peer metadata, one unpaired entry in this many is checked
-PEER_META_SECS = 60.0  # after an entry carried it, every unpaired entry is read for this long
 
 PAIRED = "the client sidecar's entry of the same request"
 PEER_METADATA = "Istio peer metadata (downstream_peer)"
@@ -99,9 +97,6 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
             self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items)
         self.store(self.waiting)
         self.dst_of: dict[str, Identity] = {}  # observer -> the destination it logs inbound entries for
-        # Peer metadata (Istio >= 1.24) is read on every unpaired entry until this time, else sampled.
-        self.peer_meta_until = float("-inf")
-        self.countdown = 0
 
     # --- who may present what ------------------------------------------------------------------
     def may_present(self, client: Identity, presented: str) -> bool:
@@ -151,9 +146,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         pending = gen.writable() if gen is not None else None
         waited = len(waiting) > 0
         wait = self.wait > 0
-        check_peer = now < self.peer_meta_until
-        countdown = self.countdown
-        seen_peer = False
+        peer_metadata = corr.peer_metadata
         dst_of = self.dst_of
         last_observer = None
         for h in hops:
@@ -192,18 +185,13 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if not self.may_present(client, presented):
                     self._alert(client, presented, h, PAIRED)
                 continue
-            # No client entry yet. Istio's peer metadata names the sender at once; it is read while
-            # this mesh's entries are seen to carry it, else on one unpaired entry in PEER_SAMPLE.
-            if check_peer or countdown <= 0:
-                countdown = PEER_SAMPLE
-                peer = h.downstream_peer  # lazy
-                if peer is not None:
-                    check_peer = seen_peer = True
-                    if not self.may_present(peer, presented):
-                        self._alert(peer, presented, h, PEER_METADATA)
-                    continue
-            else:
-                countdown -= 1
+            # No client entry yet. Istio's peer metadata names the sender at once (read while this
+            # mesh's entries are seen to carry it, else sampled: ``Correlation.peer_metadata``).
+            peer = peer_metadata.client(h, now)
+            if peer is not None:
+                if not self.may_present(peer, presented):
+                    self._alert(peer, presented, h, PEER_METADATA)
+                continue
             if not wait or (rid and not peers and h.peer_principal is not None):
                 continue  # the request-id index holds it (an XFCC-only entry waits here)
             key = rid or h.conn
@@ -222,9 +210,6 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 exact.put(key, (presented, observer, h.origin, now, rid, h.conn), now)
         if gen is not None:
             gen.settle(now)
-        self.countdown = countdown
-        if seen_peer:
-            self.peer_meta_until = now + PEER_META_SECS
 
     def _paired_hop(self, presented: str, out: Hop) -> Hop:
         return self._hop((presented, out.observer), out)

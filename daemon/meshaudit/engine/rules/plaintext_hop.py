@@ -66,9 +66,9 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
                 continue
             src = corr.source_of(h)
             if src is None:
-                # Istio's peer metadata on the entry names the client without waiting (lazy: read
-                # only for plaintext inbound entries, which are rare)
-                src = h.downstream_peer
+                # Istio's peer metadata on the entry names the client without waiting (sampled
+                # while this mesh's entries do not carry it: a lazy read per entry)
+                src = corr.peer_metadata.client(h, now)
             if src is None:
                 if h.src.service is None and self.wait > 0:
                     self._seq += 1
