@@ -12,7 +12,9 @@ import grpc
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from meshaudit.receivers.envoy_als.decode import FLAG_NAMES
+from meshaudit.model import Hop
+from meshaudit.naming import Namer
+from meshaudit.receivers.envoy_als.decode import FLAG_NAMES, StreamContext, decode_http, decode_tcp
 
 TLSProperties = accesslog_pb2.TLSProperties
 # Envoy's short response-flag names -> ResponseFlags fields ("URX" -> upstream_retry_limit_exceeded).
@@ -225,3 +227,16 @@ def weaken_tls(entry: Any, version: int, cipher: int) -> Any:
     t.tls_version = version
     t.tls_cipher_suite.value = cipher
     return entry
+
+
+def decode(msg: Any, namer: Namer) -> list[Hop]:
+    """A message through the wire (serialized, parsed) and the ALS decoder, as the receiver does."""
+    wire = als_pb2.StreamAccessLogsMessage.FromString(msg.SerializeToString())
+    node = wire.identifier.node
+    ctx = StreamContext(namer, node.id, node.cluster, wire.identifier.log_name)
+    out: list[Hop] = []
+    if wire.WhichOneof("log_entries") == "http_logs":
+        decode_http(wire.http_logs.log_entry, ctx, namer, out)
+    else:
+        decode_tcp(wire.tcp_logs.log_entry, ctx, namer, out)
+    return out

@@ -18,7 +18,7 @@ from meshaudit.config import Config, MeshConfig
 from meshaudit.engine.setup import build_engine
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, ORIGIN_NAMES, OTEL_LOG, OUTBOUND, SPAN, UNKNOWN, Hop
 from meshaudit.naming import Namer
-from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
+from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http
 from meshaudit.receivers.otlp.decode import (
     ExportLogsServiceRequest,
     ExportTraceServiceRequest,
@@ -32,15 +32,7 @@ NAMER = Namer(MeshConfig())
 
 
 def _decode(msg: als_pb2.StreamAccessLogsMessage) -> list[Hop]:
-    wire = als_pb2.StreamAccessLogsMessage.FromString(msg.SerializeToString())
-    node = wire.identifier.node
-    ctx = StreamContext(NAMER, node.id, node.cluster, wire.identifier.log_name)
-    out: list[Hop] = []
-    if wire.WhichOneof("log_entries") == "http_logs":
-        decode_http(wire.http_logs.log_entry, ctx, NAMER, out)
-    else:
-        decode_tcp(wire.tcp_logs.log_entry, ctx, NAMER, out)
-    return out
+    return als.decode(msg, NAMER)
 
 
 def test_inbound_mtls_entry() -> None:

@@ -11,22 +11,14 @@ from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import MeshConfig
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
-from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp, parse_xfcc
+from meshaudit.receivers.envoy_als.decode import parse_xfcc
 
 NAMER = Namer(MeshConfig())
 UNSUPPORTED = metrics.REJECTED.labels("envoy_als", "unsupported_peer_metadata")
 
 
 def _decode(msg: als_pb2.StreamAccessLogsMessage) -> list[Hop]:
-    wire = als_pb2.StreamAccessLogsMessage.FromString(msg.SerializeToString())
-    node = wire.identifier.node
-    ctx = StreamContext(NAMER, node.id, node.cluster, wire.identifier.log_name)
-    out: list[Hop] = []
-    if wire.WhichOneof("log_entries") == "http_logs":
-        decode_http(wire.http_logs.log_entry, ctx, NAMER, out)
-    else:
-        decode_tcp(wire.tcp_logs.log_entry, ctx, NAMER, out)
-    return out
+    return als.decode(msg, NAMER)
 
 
 def test_downstream_and_upstream_peer_filter_state_name_the_workloads() -> None:

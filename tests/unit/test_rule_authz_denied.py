@@ -87,19 +87,23 @@ def test_decoded_entries_carry_what_the_rule_reads() -> None:
     """Through the ALS decoder: a TCP entry's connection termination details and the UAEX flag are
     read lazily; an HTTP entry's termination details read as ""."""
     from infra import als
-    from test_decode import _decode
+    from meshaudit.config import MeshConfig
+    from meshaudit.naming import Namer
 
-    tcp = _decode(
+    namer = Namer(MeshConfig())
+    tcp = als.decode(
         als.tcp_message(
             [als.tcp_entry(cluster="inbound|5432||", peer=als.spiffe("frontend"), termination=RBAC)],
             als.identifier("db"),
-        )
+        ),
+        namer,
     )
-    http = _decode(
+    http = als.decode(
         als.http_message(
             [als.inbound_http("frontend", status=403, details="ext_authz_denied", flags=["UAEX"])],
             als.identifier("reviews"),
-        )
+        ),
+        namer,
     )
     hop: Any = tcp[0]
     assert hop.response_flags == ""
