@@ -11,15 +11,9 @@ from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
 from meshaudit.engine.rules.excessive_retries import ExcessiveRetries
 from meshaudit.engine.setup import build_engine
-from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OTEL_LOG, OUTBOUND, Alert, Hop, identity
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OTEL_LOG, OUTBOUND, Alert, Hop
+from test_engine import FRONTEND, FRONTEND_SA, NODE_FRONTEND, NODE_REVIEWS, RATINGS, REVIEWS, T0
 
-T0 = 1_800_000_000.0
-FRONTEND = identity("frontend", "default")
-REVIEWS = identity("reviews", "default")
-RATINGS = identity("ratings", "default")
-FRONTEND_SA = identity("frontend", "default", None, "spiffe://cluster.local/ns/default/sa/frontend")
-NODE_FRONTEND = "sidecar~10.0.0.1~frontend-1.default~default.svc.cluster.local"
-NODE_REVIEWS = "sidecar~10.0.0.2~reviews-v1-1.default~default.svc.cluster.local"
 RULE = "excessive_retries"
 
 

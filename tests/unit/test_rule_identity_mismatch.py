@@ -12,14 +12,12 @@ from meshaudit.engine.api import PeerAnswer
 from meshaudit.engine.core import Engine
 from meshaudit.engine.rules import REGISTRY
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, Alert, Hop, Identity, identity
+from test_engine import NODE_FRONTEND, NODE_REVIEWS, T0
 
-T0 = 1_800_000_000.0
 TD = "spiffe://cluster.local"
 REVIEWS = identity("reviews", "default", "reviews-v1-1")
 FRONTEND = identity("frontend", "default", "frontend-1")  # the client sidecar's workload
 RATINGS = identity("ratings", "default", "ratings-1")
-NODE_REVIEWS = "sidecar~10.0.0.2~reviews-v1-1.default~default.svc.cluster.local"
-NODE_FRONTEND = "sidecar~10.0.0.1~frontend-1.default~default.svc.cluster.local"
 
 ONLY = {
     r: {"enabled": False}
