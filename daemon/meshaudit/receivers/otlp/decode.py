@@ -112,10 +112,6 @@ def _value(v: Any) -> Any:
     return None
 
 
-def _str(v: Any) -> str | None:
-    return None if v is None or v in {"", "-"} else str(v)
-
-
 def _int(v: Any) -> int:
     try:
         return int(v)
