@@ -299,15 +299,17 @@ def test_bypassed_request_is_named_after_the_parent_span() -> None:
 def test_without_spans_the_logged_index_pauses_and_resumes_without_false_alarms() -> None:
     """No span for the span index horizon: the access-log index used only by span joins stops
     being written. When spans resume, a span of a request logged while the index was off is not
-    joined (no false missing_access_log); a later span with no access log still alerts. (With
-    identity_mismatch on, the request-id index is never paused: it pairs certificates too.)"""
-    e = engine(unexpected_path={"enabled": False}, identity_mismatch={"enabled": False})
-    horizon = e.corr.horizon
+    joined (no false missing_access_log); a later span with no access log still alerts. From
+    start-up the index is written for one correlation TTL, for the spans of a tracer that has not
+    sent yet; identity_mismatch (on here) keeps nothing in it."""
+    e = engine(unexpected_path={"enabled": False})
     e.evaluate([inbound(rid="a", trace_id="11" * 16)], T0)
-    assert ("11" * 16, "reviews.default") in e.corr.logged_trace
-    t = T0 + horizon + 1  # no span for the horizon
+    assert e.corr.logged_trace.has("reviews.default", "11" * 16)
+    e.evaluate([inbound(rid="a2", trace_id="12" * 16)], T0 + e.corr.ttl + 1)  # no span since start-up
+    assert not e.corr.logged_trace.has("reviews.default", "12" * 16)
+    t = T0 + e.corr.horizon + 1
     e.evaluate([inbound(rid="b", trace_id="22" * 16)], t)
-    assert ("22" * 16, "reviews.default") not in e.corr.logged_trace
+    assert not e.corr.logged_trace.has("reviews.default", "22" * 16)
     # A span of request b (logged while paused) arrives: not judged.
     e.evaluate([app_span(trace="22" * 16, start=t)], t + 0.5)
     assert e.tick(t + 5) == []

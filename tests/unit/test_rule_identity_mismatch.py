@@ -130,12 +130,33 @@ def test_no_client_entry_ever_means_no_evidence() -> None:
     assert run(e, (0, [inbound(sa("frontend"), rid="lonely")])) == []
     e.tick(T0 + 240)  # a generational store drops a record within two waits
     [rule] = [r for r in e.rules if r.name == "identity_mismatch"]
-    assert len(rule.stores()[0]) == 0
+    assert [len(s) for s in rule.stores()] == [0, 0]
+
+
+def test_a_request_id_passed_along_a_chain_pairs_each_hop_with_its_own_client() -> None:
+    """The application forwards x-request-id: frontend -> reviews -> ratings share one request
+    id. Both destinations' entries come first; each client's entry pairs with the certificate its
+    own destination saw (frontend's at reviews, reviews' at ratings), never the other's."""
+    at_ratings = Hop(
+        ALS_HTTP, "sidecar~10.0.0.9~ratings-1.default~default.svc.cluster.local", RATINGS, INBOUND,
+        identity("reviews", "default", None, sa("reviews")), RATINGS, T0, tls_version="TLSv1.3",
+        peer_principal=sa("reviews"), method="GET", path="/ratings/1", request_id="chain",
+        upstream_cluster="inbound|9080||",
+    )  # fmt: skip
+    reviews_out = Hop(
+        ALS_HTTP, NODE_REVIEWS, REVIEWS, OUTBOUND, REVIEWS, identity("ratings", "default"), T0,
+        method="GET", path="/ratings/1", request_id="chain",
+        upstream_cluster="outbound|9080||ratings.default.svc.cluster.local",
+    )  # fmt: skip
+    got = run(
+        engine(), (0, [inbound(sa("frontend"), rid="chain"), at_ratings]), (1, [outbound(rid="chain"), reviews_out])
+    )
+    assert got == []
 
 
 def test_a_late_client_entry_of_an_http_request_is_still_paired() -> None:
-    """One process: an HTTP request pairs through the shared request-id index for its TTL (at
-    least 60 s), however late the client's sidecar flushes; the same request id is the evidence."""
+    """One process: an HTTP request pairs by request id for the correlation TTL (at least 60 s),
+    however late the client's sidecar flushes; the same request id is the evidence."""
     e = engine()
     got = run(e, (0, [inbound(rid="x")]), (1.0, []), (2.0, []), (3.1, []), (4.0, [outbound(RATINGS, rid="x")]))
     assert [a.rule for a in got] == ["identity_mismatch"] and got[0].source is RATINGS

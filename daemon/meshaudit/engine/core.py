@@ -101,8 +101,8 @@ class Engine:
         for q in queries:
             svc = q.service
             covered = (
-                (q.request_id is not None and (q.request_id, svc) in logged_rid)
-                or (q.trace_id is not None and (q.trace_id, svc) in logged_trace)
+                (q.request_id is not None and logged_rid.has(svc, q.request_id))
+                or (q.trace_id is not None and logged_trace.has(svc, q.trace_id))
                 or not corr.judgeable(q.start)
             )
             src = by_rid.get(q.request_id) if q.request_id else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshaudit.engine.store import GenStore
+from meshaudit.engine.store import GenStore, PairStore
 from meshaudit.model import OUTBOUND, SPAN, Hop, Identity
 
 
@@ -48,26 +48,26 @@ class Correlation:
         self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
         self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
-        # (request_id, observer) and (trace_id, observer service key) seen in access logs
-        # (request id, observer service) -> the peer certificate's SPIFFE id the entry showed, or
-        # True (plaintext, or no certificate logged): a span's access log, and the identity a
-        # request presented at its destination (identity_mismatch pairs it with the client's entry).
-        self.logged_rid: GenStore[tuple[str, str], str | bool] = GenStore("logged_request_ids", ttl, max_items)
-        self.logged_trace: GenStore[tuple[str, str], bool] = GenStore("logged_trace_ids", ttl, max_items)
+        # (observer service, request id) and (observer service, trace id) the access logs showed:
+        # a span's access log (missing_access_log, and a peer's question with ``workers: N``).
+        self.logged_rid: PairStore[str, str, bool] = PairStore("logged_request_ids", ttl, max_items)
+        self.logged_trace: PairStore[str, str, bool] = PairStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
-        # The logged_* stores serve only span joins (missing_access_log). They are written while
-        # a span arrived within the horizon (``span_index_horizon_secs``, at least a TTL; from
-        # start-up, for one horizon). When spans resume after a longer pause, spans that started
-        # before the index did cannot be joined (their access logs may have come while it was
-        # off): missing_access_log judges those against ``sidecar_last_log`` instead.
+        # The logged_* stores serve only span joins. They are written from start-up for one TTL
+        # (a tracer that has not sent yet) and then while a span arrived within the horizon
+        # (``span_index_horizon_secs``, at least a TTL): a mesh that sends no spans stops paying
+        # for them a minute after start (~0.7 us of an entry's ~6 us). When spans resume after a
+        # longer pause, spans that started before the index did cannot be joined (their access
+        # logs may have come while it was off): missing_access_log judges those against
+        # ``sidecar_last_log`` instead.
         self.peer_metadata = PeerMetadata()
         self.ttl = ttl
         self.horizon = max(ttl, horizon)
         self.index_logged_until: float | None = None  # None: not started yet
         self.logged_since = float("-inf")
         self.spans_at = float("-inf")  # when this process last received a span itself
-        self.stores: list[GenStore[Any, Any]] = [
+        self.stores: list[GenStore[Any, Any] | PairStore[Any, Any, Any]] = [
             self.outbound_by_rid,
             self.outbound_by_conn,
             self.logged_rid,
@@ -91,38 +91,59 @@ class Correlation:
 
     def index(self, hops: list[Hop], now: float) -> None:
         # Written in place into each store's current generation; capacity checked once per batch.
+        # The span-join stores are grouped by the observer's service (not its node id: any
+        # replica's sidecar logging the request satisfies a span of that service); a batch comes
+        # from one stream, so the group changes once per run of one observer.
         by_rid = self.outbound_by_rid.writable()
         by_conn = self.outbound_by_conn.writable()
-        rids = self.logged_rid.writable()
-        traces = self.logged_trace.writable()
         observers = self.sidecar_last_log.writable()
         last_observer = None
         if self.index_logged_until is None:
-            self.index_logged_until = now + self.horizon
-        logged = now < self.index_logged_until
+            self.index_logged_until = now + self.ttl
+        if now < self.index_logged_until:
+            self._index_logged(hops, now)
         for h in hops:
             if h.origin == SPAN:
                 continue
-            rid = h.request_id
-            svc = h.observer_service.key
             if h.direction == OUTBOUND:
+                rid = h.request_id
                 if rid:
                     by_rid[rid] = h.src
                 if h.conn:
                     by_conn[h.conn] = h.src
-            if logged:
-                if rid:
-                    # Keyed by the observer's service, not its node id: any replica's sidecar
-                    # logging the request satisfies a span of that service.
-                    rids[rid, svc] = h.peer_principal or True
-                tid = h.trace_id
-                if tid:
-                    traces[tid, svc] = True
+            svc = h.observer_service.key
             if svc is not last_observer:  # batches come from one stream: one update per run
                 observers[svc] = now
                 last_observer = svc
-        for store in self.stores:
-            store.settle(now)
+        self.outbound_by_rid.settle(now)
+        self.outbound_by_conn.settle(now)
+        self.sidecar_last_log.settle(now)
+
+    def _index_logged(self, hops: list[Hop], now: float) -> None:
+        logged_rid, logged_trace = self.logged_rid, self.logged_trace
+        last = None
+        rids: dict[str, bool] = {}
+        traces: dict[str, bool] = {}
+        nr = nt = 0
+        added_r = added_t = 0
+        for h in hops:
+            if h.origin == SPAN:
+                continue
+            svc = h.observer_service.key
+            if svc is not last:
+                added_r += len(rids) - nr
+                added_t += len(traces) - nt
+                rids, traces = logged_rid.writable(svc), logged_trace.writable(svc)
+                nr, nt = len(rids), len(traces)
+                last = svc
+            rid = h.request_id
+            if rid:
+                rids[rid] = True
+            tid = h.trace_id
+            if tid:
+                traces[tid] = True
+        logged_rid.settle(now, added_r + len(rids) - nr)
+        logged_trace.settle(now, added_t + len(traces) - nt)
 
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""

@@ -179,6 +179,96 @@ class GenStore(Generic[K, V]):
         return list(merged.items())
 
 
+G = TypeVar("G", bound=Hashable)
+
+
+class PairStore(Generic[G, K, V]):
+    """A :class:`GenStore` keyed by pairs (group, key), held as one dict per group: what the
+    correlation index writes for nearly every entry, (service, request id) and (service, trace
+    id). A tuple key per write cost a tuple allocation, its hash and its tracking by the garbage
+    collector, and made the index the largest single cost of an entry; here a write is one store
+    into the group's dict (a batch comes from one sidecar: one group), keyed by the id string,
+    whose hash Python caches. Same generations, TTL and capacity as a GenStore; the capacity
+    counts pairs."""
+
+    __slots__ = (
+        "_cur", "_half", "_n_cur", "_n_old", "_old", "_rotated_at", "evicted_capacity", "expired", "name", "ttl",
+    )  # fmt: skip
+
+    def __init__(self, name: str, ttl: float, max_items: int) -> None:
+        self.name = name
+        self.ttl = ttl
+        self._half = max(1, max_items // 2)
+        self._cur: dict[G, dict[K, V]] = {}
+        self._old: dict[G, dict[K, V]] = {}
+        self._n_cur = 0  # pairs in the current generation (kept by ``settle``)
+        self._n_old = 0
+        self._rotated_at: float | None = None
+        self.expired = 0
+        self.evicted_capacity = 0
+
+    def __len__(self) -> int:
+        return self._n_cur + self._n_old
+
+    def has(self, group: G, key: K) -> bool:
+        cur = self._cur.get(group)
+        if cur is not None and key in cur:
+            return True
+        old = self._old.get(group)
+        return old is not None and key in old
+
+    def get(self, group: G, key: K) -> V | None:
+        cur = self._cur.get(group)
+        v = cur.get(key) if cur is not None else None
+        if v is None:
+            old = self._old.get(group)
+            v = old.get(key) if old is not None else None
+        return v
+
+    def put(self, group: G, key: K, value: V, now: float) -> None:
+        d = self.writable(group)
+        n = len(d)
+        d[key] = value
+        self.settle(now, len(d) - n)
+
+    def writable(self, group: G) -> dict[K, V]:
+        """The group's dict in the current generation, for writes in place; then ``settle``
+        with the number of pairs added."""
+        d = self._cur.get(group)
+        if d is None:
+            d = self._cur[group] = {}
+        return d
+
+    def generations(self) -> tuple[dict[G, dict[K, V]], dict[G, dict[K, V]]]:
+        """(current, previous) dicts of groups, for look-ups inlined in a per-entry loop; valid
+        until the next ``put``, ``settle`` or ``expire``."""
+        return self._cur, self._old
+
+    def settle(self, now: float, added: int) -> None:
+        """The capacity check after ``added`` new pairs were written through ``writable``."""
+        self._n_cur += added
+        if self._n_cur >= self._half:
+            self.evicted_capacity += self._n_old
+            self._rotate(now)
+
+    def _rotate(self, now: float) -> None:
+        self._old, self._n_old = self._cur, self._n_cur
+        self._cur, self._n_cur = {}, 0
+        self._rotated_at = now
+
+    def expire(self, now: float) -> int:
+        """Rotate when a TTL has passed since the last rotation; returns the pairs dropped."""
+        if self._rotated_at is None:
+            self._rotated_at = now
+            return 0
+        if now - self._rotated_at < self.ttl:
+            return 0
+        n = self._n_old
+        self._rotate(now)
+        self.expired += n
+        return n
+
+
 class Store(Protocol):
     """What the metrics need of any store."""
 

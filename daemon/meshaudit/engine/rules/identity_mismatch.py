@@ -13,9 +13,10 @@ compared; without it, the namespace and trust domain), the identity its peer met
 what ``policy.identities`` adds for it (globs, by service pattern).
 
 Pairing: the two sidecars flush independently, so the inbound entry may come first. In one
-process an HTTP request pairs through the shared correlation index (the outbound entry by request
-id names the client; ``logged_request_ids`` keeps the certificate each destination saw) from
-whichever entry comes second: nothing is kept per request here. A TCP connection waits, up to
+process an HTTP request pairs from whichever entry comes second: the shared correlation index of
+outbound entries by request id names the client; an inbound entry that came first leaves the
+certificate it showed, by (destination service, request id), for the correlation TTL
+(``identity_shown_by_request_id``). A TCP connection waits, up to
 ``pairing_wait_ms``, for the client's entry by client socket, as a small record (the presented
 id, the observer), not the hop: detaching a hop from its message costs as much as decoding it.
 With no client entry and no peer metadata there is no evidence and nothing is alerted; with
@@ -31,7 +32,7 @@ import re
 from pydantic import Field
 
 from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
-from meshaudit.engine.store import GenStore, TTLStore
+from meshaudit.engine.store import GenStore, PairStore, TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
 
 _CACHE_LIMIT = 100_000
@@ -65,12 +66,6 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     Config = IdentityMismatchConfig
     summary = "Identity mismatch from {src} to {dst}: the client presented a certificate that is not its own"
 
-    @classmethod
-    def correlation(cls, cfg: RuleConfig) -> tuple[float, float]:
-        # The request-id index of the shared correlation state keeps, per (request id, service),
-        # the certificate the destination sidecar saw: kept on whether or not spans come.
-        return 0.0, float("inf")
-
     def __init__(self, ctx: EngineContext) -> None:
         # here, not at the top: config imports the rule registry, and these import config
         from meshaudit.engine.policy import PartyMatcher
@@ -96,6 +91,11 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         else:
             self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items)
         self.store(self.waiting)
+        # One process, HTTP: the certificate a destination sidecar saw on a request whose client
+        # entry had not come yet, by (destination service, request id), for the correlation TTL
+        # (the client's entry names its sender when it comes).
+        self.shown: PairStore[str, str, str] = PairStore("identity_shown_by_request_id", ctx.corr.ttl, ctx.max_items)
+        self.store(self.shown)
         self.dst_of: dict[str, Identity] = {}  # observer -> the destination it logs inbound entries for
 
     # --- who may present what ------------------------------------------------------------------
@@ -132,13 +132,18 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     def on_hops(self, hops: list[Hop], now: float) -> None:
         # Runs for every access-log entry: locals, the stores' dicts read in place (a method call
         # per look-up cost a third of the rule). One process: the pair of an HTTP request is found
-        # in the shared correlation index from whichever side comes second (the outbound entry
-        # by request id names the client; the inbound entry's certificate is kept per request id
-        # and service), so nothing is stored here per request. TCP (no request id) waits here
-        # by client socket; with peers, every wait is here (its end is a question to the others).
+        # from whichever side comes second (the shared index of outbound entries by request id
+        # names the client; ``shown`` keeps the certificate of an inbound entry that came first).
+        # TCP (no request id) waits here by client socket; with peers, every wait is here (its
+        # end is a question to the others).
         corr = self.ctx.corr
         rid_cur, rid_old = corr.outbound_by_rid.generations()
-        seen_cur, seen_old = corr.logged_rid.generations()
+        shown_store = self.shown
+        shown_cur, shown_old = shown_store.generations()
+        any_shown = len(shown_store) > 0
+        shown_to: dict[str, str] | None = None  # the group written last, and its service
+        shown_svc = None
+        added = 0
         peers = self.ctx.peers
         waiting = self.waiting
         gen = waiting if isinstance(waiting, GenStore) else None
@@ -156,11 +161,14 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                     continue
                 rid = h.request_id
                 w: Short | Waiting | None = None
-                if rid and not peers:
-                    k = (rid, h.dst.key)
-                    shown = seen_cur.get(k) or seen_old.get(k)
-                    if shown.__class__ is str:  # the destination's entry came first, over mTLS
-                        assert isinstance(shown, str)
+                if rid and any_shown:  # did the destination's entry come first?
+                    dk = h.dst.key
+                    g = shown_cur.get(dk)
+                    shown = g.get(rid) if g is not None else None
+                    if shown is None:
+                        g = shown_old.get(dk)
+                        shown = g.get(rid) if g is not None else None
+                    if shown is not None:
                         if not self.may_present(h.src, shown):
                             self._alert(h.src, shown, self._paired_hop(shown, h), PAIRED)
                         continue
@@ -192,8 +200,17 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if not self.may_present(peer, presented):
                     self._alert(peer, presented, h, PEER_METADATA)
                 continue
-            if not wait or (rid and not peers and h.peer_principal is not None):
-                continue  # the request-id index holds it (an XFCC-only entry waits here)
+            if rid and not peers:  # kept for the client's entry of the same request
+                svc = h.observer_service.key
+                if svc is not shown_svc:
+                    shown_to, shown_svc = shown_store.writable(svc), svc
+                assert shown_to is not None
+                if rid not in shown_to:
+                    added += 1
+                shown_to[rid] = presented
+                continue
+            if not wait:
+                continue
             key = rid or h.conn
             if not key:
                 continue
@@ -210,6 +227,8 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 exact.put(key, (presented, observer, h.origin, now, rid, h.conn), now)
         if gen is not None:
             gen.settle(now)
+        if added:
+            shown_store.settle(now, added)
 
     def _paired_hop(self, presented: str, out: Hop) -> Hop:
         return self._hop((presented, out.observer), out)
@@ -282,3 +301,4 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
 
     def on_tick(self, now: float) -> None:
         self.waiting.expire(now)
+        self.shown.expire(now)

@@ -129,9 +129,9 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                 if not corr.judgeable(h.start):
                     self.unjoined.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
                     continue
-                if h.request_id and (h.request_id, svc) in corr.logged_rid:
+                if h.request_id and corr.logged_rid.has(svc, h.request_id):
                     continue
-                if h.trace_id and (h.trace_id, svc) in corr.logged_trace:
+                if h.trace_id and corr.logged_trace.has(svc, h.trace_id):
                     continue
                 pending.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
@@ -139,7 +139,7 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                 if h.direction == INBOUND:
                     self._seen_serving(svc, h, now)
                 rid = h.request_id
-                if not rid or (rid, svc) in corr.logged_rid:
+                if not rid or corr.logged_rid.has(svc, rid):
                     continue
                 (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
 
