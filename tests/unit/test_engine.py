@@ -215,6 +215,18 @@ def test_no_edge_policy_means_no_edge_alerts() -> None:
     assert engine(Policy()).evaluate([outbound(dst=RATINGS)], T0) == []
 
 
+def test_an_app_server_span_is_not_satisfied_by_its_services_outbound_entry_of_the_same_trace() -> None:
+    """frontend's own server span (trace T) was never logged by frontend's inbound side (the
+    request bypassed its sidecar); frontend's sidecar did log its outbound call to reviews, which
+    carries the same trace id. That entry is another request: the span still alerts."""
+    e = engine()
+    e.evaluate([inbound(rid="seen")], T0)  # a logging mesh
+    e.evaluate([outbound(rid="call", trace_id="ab" * 16)], T0 + 0.2)
+    assert e.evaluate([app_span(service=FRONTEND)], T0 + 0.5) == []
+    got = e.tick(T0 + 3)
+    assert rules(got) == ["missing_access_log"] and got[0].destination is FRONTEND
+
+
 def test_missing_access_log_after_grace() -> None:
     e = engine()
     e.evaluate([inbound(rid="seen")], T0)  # reviews' sidecar is known to log

@@ -90,60 +90,56 @@ class Correlation:
         return span_start >= self.logged_since + 1.0
 
     def index(self, hops: list[Hop], now: float) -> None:
-        # Written in place into each store's current generation; capacity checked once per batch.
-        # The span-join stores are grouped by the observer's service (not its node id: any
-        # replica's sidecar logging the request satisfies a span of that service); a batch comes
-        # from one stream, so the group changes once per run of one observer.
+        # One pass, written in place into each store's current generation; capacity checked once
+        # per batch. The span-join stores are grouped by the observer's service (not its node
+        # id: any replica's sidecar logging the request satisfies a span of that service); a
+        # batch comes from one stream, so the group changes once per run of one observer. Trace
+        # ids only from the entries a server span can be joined to (not outbound: an
+        # application's server span is its own sidecar's inbound entry; a client sidecar's
+        # entry of the same trace is another request).
         by_rid = self.outbound_by_rid.writable()
         by_conn = self.outbound_by_conn.writable()
         observers = self.sidecar_last_log.writable()
-        last_observer = None
         if self.index_logged_until is None:
             self.index_logged_until = now + self.ttl
-        if now < self.index_logged_until:
-            self._index_logged(hops, now)
+        logged = now < self.index_logged_until
+        logged_rid, logged_trace = self.logged_rid, self.logged_trace
+        rids: dict[str, bool] = {}
+        traces: dict[str, bool] = {}
+        nr = nt = added_r = added_t = 0
+        last = None
         for h in hops:
             if h.origin == SPAN:
                 continue
+            svc = h.observer_service.key
+            if svc is not last:  # batches come from one stream: once per run
+                observers[svc] = now
+                if logged:
+                    added_r += len(rids) - nr
+                    added_t += len(traces) - nt
+                    rids, traces = logged_rid.writable(svc), logged_trace.writable(svc)
+                    nr, nt = len(rids), len(traces)
+                last = svc
+            rid = h.request_id
             if h.direction == OUTBOUND:
-                rid = h.request_id
                 if rid:
                     by_rid[rid] = h.src
                 if h.conn:
                     by_conn[h.conn] = h.src
-            svc = h.observer_service.key
-            if svc is not last_observer:  # batches come from one stream: one update per run
-                observers[svc] = now
-                last_observer = svc
+                if logged and rid:
+                    rids[rid] = True
+            elif logged:
+                if rid:
+                    rids[rid] = True
+                tid = h.trace_id
+                if tid:
+                    traces[tid] = True
         self.outbound_by_rid.settle(now)
         self.outbound_by_conn.settle(now)
         self.sidecar_last_log.settle(now)
-
-    def _index_logged(self, hops: list[Hop], now: float) -> None:
-        logged_rid, logged_trace = self.logged_rid, self.logged_trace
-        last = None
-        rids: dict[str, bool] = {}
-        traces: dict[str, bool] = {}
-        nr = nt = 0
-        added_r = added_t = 0
-        for h in hops:
-            if h.origin == SPAN:
-                continue
-            svc = h.observer_service.key
-            if svc is not last:
-                added_r += len(rids) - nr
-                added_t += len(traces) - nt
-                rids, traces = logged_rid.writable(svc), logged_trace.writable(svc)
-                nr, nt = len(rids), len(traces)
-                last = svc
-            rid = h.request_id
-            if rid:
-                rids[rid] = True
-            tid = h.trace_id
-            if tid:
-                traces[tid] = True
-        logged_rid.settle(now, added_r + len(rids) - nr)
-        logged_trace.settle(now, added_t + len(traces) - nt)
+        if logged:
+            logged_rid.settle(now, added_r + len(rids) - nr)
+            logged_trace.settle(now, added_t + len(traces) - nt)
 
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""

@@ -34,7 +34,7 @@ from meshaudit.engine.api import (
     Severity,
 )
 from meshaudit.engine.store import GenStore
-from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
+from meshaudit.model import INBOUND, OUTBOUND, SPAN, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Hop, Identity, identity
 
 # A silent sidecar is about all of its traffic, whoever the clients are.
 ANY_SOURCE = identity("*")
@@ -109,7 +109,7 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                     # The log arrived after its span: the span is satisfied.
                     if h.request_id:
                         pending.pop((h.request_id, h.observer_service.key))
-                    if h.trace_id:
+                    if h.direction != OUTBOUND and h.trace_id:  # an app's server span: its inbound entry
                         pending.pop((h.trace_id, h.observer_service.key))
                 continue
             if h.origin != SPAN:
