@@ -167,7 +167,9 @@ class Parking(TTLStore[K, Hop]):
 class Window:
     """One edge's counts in one window (``EdgeWindows``)."""
 
-    __slots__ = ("dst", "examples", "hits", "judged", "seen_first", "seen_last", "src", "start", "total")
+    __slots__ = (
+        "dirty", "dst", "examples", "hits", "judged", "live", "seen_first", "seen_last", "src", "start", "total",
+    )  # fmt: skip
 
     def __init__(self, src: Identity, dst: Identity, start: float, when: float) -> None:
         self.src = src
@@ -181,6 +183,8 @@ class Window:
         self.seen_last = when
         self.examples: list[Hop] = []  # the first few hops that counted as hits (their example fields)
         self.judged = False  # the rule raised its violation for this window already
+        self.dirty = False  # counted since the last tick
+        self.live = True  # open: not closed, not evicted
 
 
 def _example(h: Hop, when: float) -> Hop:
@@ -210,18 +214,25 @@ class EdgeWindows:
         self.judge = judge
         self.examples = examples
         self.windows: TTLStore[tuple[str, str], Window] = TTLStore(name, window_secs, max_items, self._closed)
-        # The open windows again, in a plain dict: ``add``'s lookup, once per counted request.
-        self._open: dict[tuple[str, str], Window] = {}
-        self._dirty: dict[tuple[str, str], Window] = {}
+        # The open windows again, by source key then destination key: ``add``'s lookup, once
+        # per counted request, with no key tuple; and the last edge added to, since a batch
+        # from one sidecar mostly repeats a few edges.
+        self._open: dict[str, dict[str, Window]] = {}
+        self._dirty: list[Window] = []
+        self._last: tuple[Identity, Identity, Window] | None = None
 
     def add(self, src: Identity, dst: Identity, hop: Hop, now: float, total: int, hits: int) -> None:
         """Count ``total`` requests of the edge, ``hits`` of them against it. Called for every
         counted request: a request that is no hit costs two dict lookups, and its time (a lazy
         field of an access-log entry) is not read."""
-        key = (src.key, dst.key)
-        w = self._open.get(key)
-        if w is None:
-            w = self._open_window(key, src, dst, hop, now)
+        last = self._last
+        if last is not None and last[0] is src and last[1] is dst and last[2].live:
+            w = last[2]
+        else:
+            by_dst = self._open.get(src.key)
+            found = by_dst.get(dst.key) if by_dst is not None else None
+            w = found if found is not None else self._open_window(src, dst, hop, now)
+            self._last = (src, dst, w)
         w.total += total
         if hits:
             w.hits += hits
@@ -234,30 +245,38 @@ class EdgeWindows:
                 w.seen_first = when
             elif when > w.seen_last:
                 w.seen_last = when
-        self._dirty[key] = w
+        if not w.dirty:
+            w.dirty = True
+            self._dirty.append(w)
 
-    def _open_window(self, key: tuple[str, str], src: Identity, dst: Identity, hop: Hop, now: float) -> Window:
+    def _open_window(self, src: Identity, dst: Identity, hop: Hop, now: float) -> Window:
         w = Window(src, dst, now, hop.start)
-        if len(self._open) >= self.windows.max_items:
-            # Full: the store evicts its oldest window (unjudged, counted); both hold the windows
-            # in the order they opened, so it is this dict's first.
-            oldest = next(iter(self._open))
-            del self._open[oldest]
-            self._dirty.pop(oldest, None)
+        key = (src.key, dst.key)
+        oldest = self.windows.oldest() if len(self.windows) >= self.windows.max_items else None
+        if oldest is not None:  # full: the store evicts its oldest window (unjudged, counted)
+            self._forget(oldest[0], oldest[1])
         self.windows.put(key, w, now)  # the TTL is the window: its end is the expire hook
-        self._open[key] = w
+        self._open.setdefault(src.key, {})[dst.key] = w
         return w
 
+    def _forget(self, key: tuple[str, str], w: Window) -> None:
+        w.live = False
+        by_dst = self._open.get(key[0])
+        if by_dst is not None:
+            by_dst.pop(key[1], None)
+            if not by_dst:
+                del self._open[key[0]]
+
     def tick(self, now: float) -> None:
-        dirty, self._dirty = self._dirty, {}
-        for w in dirty.values():
-            if not w.judged:
+        dirty, self._dirty = self._dirty, []
+        for w in dirty:
+            w.dirty = False
+            if w.live and not w.judged:
                 self.judge(w, False)
         self.windows.expire(now)
 
     def _closed(self, key: tuple[str, str], w: Window, now: float) -> None:
-        self._open.pop(key, None)
-        self._dirty.pop(key, None)
+        self._forget(key, w)
         if not w.judged:
             self.judge(w, True)
 

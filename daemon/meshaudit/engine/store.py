@@ -17,7 +17,7 @@ violation: alerting on it would turn overload into false alarms).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, KeysView
 from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -76,6 +76,16 @@ class TTLStore(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         item = self._data.pop(key, None)
         return None if item is None else item[0]
+
+    def keys(self) -> KeysView[K]:
+        """A live view of the keys, for membership tests inlined in a per-entry loop."""
+        return self._data.keys()
+
+    def oldest(self) -> tuple[K, V] | None:
+        """The entry that expires (or is evicted) first."""
+        for key, (value, _) in self._data.items():
+            return key, value
+        return None
 
     def expire(self, now: float) -> int:
         """Remove every entry whose deadline has passed, calling the hook for each."""

@@ -141,9 +141,9 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         shown_store = self.shown
         shown_cur, shown_old = shown_store.generations()
         any_shown = len(shown_store) > 0
-        shown_to: dict[str, str] | None = None  # the group written last, and its service
+        shown_to: dict[str, str] = {}  # the group written last, its service, its size then
         shown_svc = None
-        added = 0
+        added = before = 0
         peers = self.ctx.peers
         waiting = self.waiting
         gen = waiting if isinstance(waiting, GenStore) else None
@@ -203,10 +203,9 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
             if rid and not peers:  # kept for the client's entry of the same request
                 svc = h.observer_service.key
                 if svc is not shown_svc:
+                    added += len(shown_to) - before
                     shown_to, shown_svc = shown_store.writable(svc), svc
-                assert shown_to is not None
-                if rid not in shown_to:
-                    added += 1
+                    before = len(shown_to)
                 shown_to[rid] = presented
                 continue
             if not wait:
@@ -227,6 +226,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 exact.put(key, (presented, observer, h.origin, now, rid, h.conn), now)
         if gen is not None:
             gen.settle(now)
+        added += len(shown_to) - before
         if added:
             shown_store.settle(now, added)
 

@@ -57,9 +57,12 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
     def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         pending = self.pending
+        waiting_rids, waiting_conns = self.by_rid.keys(), self.by_conn.keys()
         for h in hops:
             if h.direction == OUTBOUND:
-                if len(pending):
+                # a client sidecar's entry of a waiting hop? (a membership test: most are not)
+                rid, conn = h.request_id, h.conn
+                if (rid and rid in waiting_rids) or (conn and conn in waiting_conns):
                     self._attribute(h)
                 continue
             if h.direction != INBOUND or h.tls_version is not None:
