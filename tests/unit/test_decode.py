@@ -8,7 +8,7 @@ import time
 import orjson
 import pytest
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from infra import als
@@ -18,7 +18,7 @@ from meshaudit.config import Config, MeshConfig
 from meshaudit.engine.setup import build_engine
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, ORIGIN_NAMES, OTEL_LOG, OUTBOUND, SPAN, UNKNOWN, Hop
 from meshaudit.naming import Namer
-from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http
+from meshaudit.receivers.envoy_als.decode import AlsHop, StreamContext, decode_http
 from meshaudit.receivers.otlp.decode import (
     ExportLogsServiceRequest,
     ExportTraceServiceRequest,
@@ -245,19 +245,29 @@ def _every_origin() -> list[list[Hop]]:
     return out
 
 
-def test_hops_kept_past_their_batch_read_every_field_first() -> None:
-    """A parked hop lets its message go (detach) after reading every field: every slot of a
-    detached hop, of every origin, is set and equal to what the undetached twin reads lazily."""
+def _is_set(h: Hop, name: str) -> bool:
+    try:
+        Hop.__dict__[name].__get__(h, Hop)  # the slot itself, not through __getattr__
+    except AttributeError:
+        return False
+    return True
+
+
+def test_hops_kept_past_their_batch_let_their_message_go_and_read_the_same() -> None:
+    """A parked hop lets its message go (detach): it refers to no protobuf object of the message
+    it came in (an access-log entry's hop keeps its own entry's bytes), and every field of a
+    detached hop, of every origin, reads what the undetached twin reads."""
     lazy, detached = _every_origin()
     assert sorted(h.origin for h in detached) == [ALS_HTTP, ALS_TCP, OTEL_LOG, SPAN]
     for h in detached:
         h.detach()
+        kept = [Hop.__dict__[n].__get__(h, Hop) for n in Hop.__slots__ if _is_set(h, n)]
+        kept += [h._e] if isinstance(h, AlsHop) else []
+        assert not any(isinstance(v, Message) for v in kept), ORIGIN_NAMES[h.origin]
     slots = [s for s in Hop.__slots__ if not s.startswith("_")]
     for twin, h in zip(lazy, detached, strict=True):
         for name in slots:
-            # Read the slot itself, not through __getattr__: a field detach left unread is empty.
-            stored = Hop.__dict__[name].__get__(h, Hop)
-            assert stored == getattr(twin, name), (ORIGIN_NAMES[h.origin], name)
+            assert getattr(h, name) == getattr(twin, name), (ORIGIN_NAMES[h.origin], name)
     http, tcp, span, log = detached
     assert (http.start, http.conn, http.status, http.method, http.path) == (
         1_700_000_002.25,
