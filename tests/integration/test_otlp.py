@@ -36,6 +36,19 @@ def _server_span(exporter: SpanExporter, service: str, path: str) -> tuple[str, 
     return trace_id, f"00-{trace_id}-{ctx.span_id:016x}-01"
 
 
+def _client_span(exporter: SpanExporter, service: str, host: str, request_id: str) -> None:
+    """A CLIENT span of an app that records the x-request-id it sent (the semantic conventions'
+    ``http.request.header.x-request-id``, a string array)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service, "service.namespace": "default"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test-app").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        span.set_attribute("http.request.method", "GET")
+        span.set_attribute("server.address", host)
+        span.set_attribute("url.full", f"http://{host}/reviews/1")
+        span.set_attribute("http.request.header.x-request-id", [request_id])
+    provider.shutdown()
+
+
 def _rules(alerts: list[dict[str, Any]]) -> list[str]:
     return [a["rule"] for a in alerts]
 
@@ -162,3 +175,17 @@ def test_otlp_http_bad_input_gets_clear_errors_and_is_counted(daemon: Daemon) ->
     # Still serving.
     status, _ = _post(daemon, "/v1/traces", b"{}", "application/json")
     assert status == 200
+
+
+async def test_a_client_span_names_a_workload_presenting_another_certificate(daemon: Daemon) -> None:
+    """batch-job (no sidecar) called reviews with payments' certificate. The destination sidecar's
+    entry shows the certificate; batch-job's own span (real SDK, over OTLP/HTTP), carrying the
+    request id, names the sender: identity_mismatch, naming batch-job."""
+    rid = "8a1b2c3d-0000-4000-8000-00000000beef"
+    stolen = als.inbound_http("payments", path="/reviews/1", request_id=rid)
+    await als.stream(daemon.grpc, [als.http_message([stolen], als.identifier("reviews"))])
+    _client_span(HttpSpanExporter(endpoint=f"http://{daemon.http}/v1/traces"), "batch-job", "reviews:9080", rid)
+    got = daemon.wait_alerts(lambda a: "identity_mismatch" in _rules(a), timeout=5)
+    [a] = [x for x in got if x["rule"] == "identity_mismatch"]
+    assert a["source"]["service"] == "batch-job" and a["destination"]["service"] == "reviews"
+    assert "sa/payments" in a["evidence"]["detail"] and "client span" in a["evidence"]["detail"]

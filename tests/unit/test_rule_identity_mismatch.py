@@ -11,7 +11,7 @@ from meshaudit.config import Config, Policy
 from meshaudit.engine.api import PeerAnswer
 from meshaudit.engine.core import Engine
 from meshaudit.engine.rules import REGISTRY
-from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, Alert, Hop, Identity, identity
+from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, SPAN, SPAN_KIND_CLIENT, Alert, Hop, Identity, identity
 from test_engine import NODE_FRONTEND, NODE_REVIEWS, T0
 
 TD = "spiffe://cluster.local"
@@ -130,7 +130,7 @@ def test_no_client_entry_ever_means_no_evidence() -> None:
     assert run(e, (0, [inbound(sa("frontend"), rid="lonely")])) == []
     e.tick(T0 + 240)  # a generational store drops a record within two waits
     [rule] = [r for r in e.rules if r.name == "identity_mismatch"]
-    assert [len(s) for s in rule.stores()] == [0, 0]
+    assert [len(s) for s in rule.stores()] == [0, 0, 0]
 
 
 def test_a_request_id_passed_along_a_chain_pairs_each_hop_with_its_own_client() -> None:
@@ -239,3 +239,52 @@ def test_with_workers_the_end_of_a_wait_asks_the_others() -> None:
     e2.evaluate([outbound(rid="p")], T0 + 0.5)
     e2.tick(T0 + 5)
     assert e2.take_deferred() == [] and e2.forwarded == []
+
+
+BATCH = identity("batch-job", "default")  # a workload without a sidecar that traces its calls
+
+
+def client_span(client: Identity = BATCH, rid: str = "s1", host: str = "reviews.default.svc.cluster.local:9080") -> Hop:
+    """An application's client span (OpenTelemetry SDK) that carries the request id it sent
+    (``http.request.header.x-request-id``); the host it called is all it knows of the destination."""
+    return Hop(
+        SPAN, "span:" + client.key, client, OUTBOUND, client, identity(host), T0, method="GET",
+        path="/reviews/1", trace_id="cd" * 16, request_id=rid, span_kind=SPAN_KIND_CLIENT,
+    )  # fmt: skip
+
+
+def test_a_client_span_names_the_sender_of_a_request_that_presented_another_certificate() -> None:
+    """batch-job has no sidecar: it called reviews with a certificate of payments it should not
+    hold. Its own span, carrying the request id, names it; the span usually comes seconds after
+    the destination's entry, and may come first."""
+    for order in ("entry first", "span first"):
+        stolen = inbound(sa("payments", "default"), rid="s1")
+        batches = [(0.0, [stolen]), (3.0, [client_span()])]
+        got = run(engine(), *(batches if order == "entry first" else batches[::-1]))
+        assert [a.rule for a in got] == ["identity_mismatch"], order
+        assert (got[0].source.key, got[0].destination.key) == ("batch-job.default", "reviews.default")
+        assert "its own client span" in (got[0].detail or "") and sa("payments") in (got[0].detail or "")
+
+
+def test_a_client_span_that_agrees_with_the_certificate_is_silent() -> None:
+    agree = identity("frontend", "default")
+    got = run(engine(), (0.0, [inbound(sa("frontend"), rid="s2")]), (2.0, [client_span(agree, "s2")]))
+    assert got == []
+    got = run(engine(), (0.0, [client_span(agree, "s3")]), (2.0, [inbound(sa("frontend"), rid="s3")]))
+    assert got == []
+
+
+def test_while_spans_come_a_paired_request_is_also_judged_against_its_span() -> None:
+    """The client sidecar's entry and the certificate agree (frontend), but the span of the same
+    request claims to be ratings: a workload naming itself as another service in its telemetry,
+    or a certificate used by the wrong workload. Judged once client spans with request ids are
+    seen; before that, a paired entry keeps nothing."""
+    e = engine()
+    ratings = identity("ratings", "default")
+    got = run(
+        e,
+        (0.0, [client_span(identity("frontend", "default"), "warm")]),  # client spans come
+        (10.0, [outbound(rid="p1"), inbound(sa("frontend"), rid="p1")]),
+        (12.0, [client_span(ratings, "p1")]),
+    )
+    assert [a.rule for a in got] == ["identity_mismatch"] and got[0].source == ratings

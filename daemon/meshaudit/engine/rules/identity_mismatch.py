@@ -33,7 +33,7 @@ from pydantic import Field
 
 from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
 from meshaudit.engine.store import GenStore, PairStore, TTLStore
-from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
+from meshaudit.model import INBOUND, OUTBOUND, SPAN, SPAN_KIND_CLIENT, Hop, Identity
 
 _CACHE_LIMIT = 100_000
 
@@ -46,6 +46,8 @@ Short = tuple[str, str]  # presented id, observer: what one process keeps
 
 
 PAIRED = "the client sidecar's entry of the same request"
+SPAN_CLAIM = "its own client span of the same request (service.name)"
+CLAIM_HOLD_SECS = 60.0  # after a client span with a request id: keep every certificate for spans
 PEER_METADATA = "Istio peer metadata (downstream_peer)"
 REMOTE = "the client sidecar's entry of the same request (at another worker)"
 
@@ -65,6 +67,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     name = "identity_mismatch"
     Config = IdentityMismatchConfig
     summary = "Identity mismatch from {src} to {dst}: the client presented a certificate that is not its own"
+    hops = "all"  # access-log entries, and client spans that carry the request id
 
     def __init__(self, ctx: EngineContext) -> None:
         # here, not at the top: config imports the rule registry, and these import config
@@ -96,6 +99,12 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         # (the client's entry names its sender when it comes).
         self.shown: PairStore[str, str, str] = PairStore("identity_shown_by_request_id", ctx.corr.ttl, ctx.max_items)
         self.store(self.shown)
+        # A client span that named the sender of a request before the destination's entry came,
+        # by (destination service, request id); while such spans come (``claims_until``), every
+        # inbound certificate is kept in ``shown`` for the spans still to come.
+        self.claims: PairStore[str, str, Identity] = PairStore("identity_claimed_by_span", ctx.corr.ttl, ctx.max_items)
+        self.store(self.claims)
+        self.claims_until = float("-inf")
         self.dst_of: dict[str, Identity] = {}  # observer -> the destination it logs inbound entries for
 
     # --- who may present what ------------------------------------------------------------------
@@ -152,6 +161,9 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         waited = len(waiting) > 0
         wait = self.wait > 0
         peer_metadata = corr.peer_metadata
+        claims = self.claims
+        claimed = len(claims) > 0
+        for_spans = now < self.claims_until and not peers  # keep every certificate for spans
         dst_of = self.dst_of
         last_observer = None
         for h in hops:
@@ -160,6 +172,10 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if d != OUTBOUND:
                     continue
                 rid = h.request_id
+                if h.origin == SPAN:  # a client span carrying the request id names its sender too
+                    if h.span_kind == SPAN_KIND_CLIENT and rid and h.src.service is not None:
+                        self._span_claim(h, rid, now)
+                    continue
                 w: Short | Waiting | None = None
                 if rid and any_shown:  # did the destination's entry come first?
                     dk = h.dst.key
@@ -188,19 +204,22 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if presented is None:
                     continue
             rid = h.request_id
+            if rid and claimed:  # a client's span named the sender before this entry came
+                claim = claims.get(h.observer_service.key, rid)
+                if claim is not None and not self.may_present(claim, presented):
+                    self._alert(claim, presented, h, SPAN_CLAIM)
             client = (rid_cur.get(rid) or rid_old.get(rid)) if rid else corr.source_of(h)
+            how = PAIRED
+            if client is None:
+                # No client entry yet. Istio's peer metadata names the sender at once (read while
+                # this mesh's entries carry it, else sampled: ``Correlation.peer_metadata``).
+                client, how = peer_metadata.client(h, now), PEER_METADATA
             if client is not None:
                 if not self.may_present(client, presented):
-                    self._alert(client, presented, h, PAIRED)
-                continue
-            # No client entry yet. Istio's peer metadata names the sender at once (read while this
-            # mesh's entries are seen to carry it, else sampled: ``Correlation.peer_metadata``).
-            peer = peer_metadata.client(h, now)
-            if peer is not None:
-                if not self.may_present(peer, presented):
-                    self._alert(peer, presented, h, PEER_METADATA)
-                continue
-            if rid and not peers:  # kept for the client's entry of the same request
+                    self._alert(client, presented, h, how)
+                if not (for_spans and rid):
+                    continue
+            if rid and not peers:  # kept for the client's entry (or span) of the same request
                 svc = h.observer_service.key
                 if svc is not shown_svc:
                     added += len(shown_to) - before
@@ -230,10 +249,24 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         if added:
             shown_store.settle(now, added)
 
+    def _span_claim(self, span: Hop, rid: str, now: float) -> None:
+        """A client span carrying the request id: its service claims to have sent the request.
+        Judged against the certificate its destination's entry showed, whichever comes first."""
+        dst = span.dst
+        if dst.namespace is None:  # the host it called, not a cluster (a sidecar's span): as a service
+            dst = self.ctx.namer.requested(dst.key, span.src.namespace)
+        self.claims_until = now + CLAIM_HOLD_SECS
+        presented = self.shown.get(dst.key, rid)
+        if presented is not None:
+            if not self.may_present(span.src, presented):
+                self._alert(span.src, presented, self._hop((presented, span.observer), span, dst), SPAN_CLAIM)
+        elif not self.ctx.peers:
+            self.claims.put(dst.key, rid, span.src, now)
+
     def _paired_hop(self, presented: str, out: Hop) -> Hop:
         return self._hop((presented, out.observer), out)
 
-    def _hop(self, w: Short | Waiting, out: Hop | None) -> Hop:
+    def _hop(self, w: Short | Waiting, out: Hop | None, dst: Identity | None = None) -> Hop:
         """The inbound entry a waiting record stands for, for the alert's example: what the
         destination sidecar saw, with the request's method, path and trace from the client's entry
         when there is one (the same request). A short record (one process) takes the rest from
@@ -241,13 +274,14 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         if len(w) == 2:
             assert out is not None
             presented, observer = w[0], w[1]
+            dst = dst or out.dst
             return Hop(
                 out.origin,
                 observer,
-                out.dst,
+                dst,
                 INBOUND,
                 self.ctx.namer.principal(presented),
-                out.dst,
+                dst,
                 out.start,
                 peer_principal=presented,
                 method=out.method,
@@ -302,3 +336,4 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     def on_tick(self, now: float) -> None:
         self.waiting.expire(now)
         self.shown.expire(now)
+        self.claims.expire(now)

@@ -206,6 +206,17 @@ def _sv(v: Any) -> str | None:
     return s if s and s != "-" else None
 
 
+def _header(v: Any) -> str | None:
+    """A request header captured as a span attribute: ``http.request.header.<name>`` is a string
+    array in the semantic conventions (its first value), a string in older instrumentations."""
+    if v is None:
+        return None
+    if v.HasField("array_value"):
+        values = v.array_value.values
+        return _sv(values[0]) if values else None
+    return _sv(v)
+
+
 def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer, start: float) -> Hop:
     """Envoy's tracer tags (node_id, upstream_cluster, guid:x-request-id, http.url, peer.address)
     are looked up first; OpenTelemetry semantic-convention names are the fallbacks. The keys
@@ -213,7 +224,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
     g = sp.attributes.get
     kind = sp.kind
     node_id = _sv(g("node_id"))
-    rid = _sv(g("guid:x-request-id")) or _sv(g("http.request.header.x-request-id"))
+    rid = _sv(g("guid:x-request-id")) or _header(g("http.request.header.x-request-id"))
     url = _sv(g("http.url"))
     if url is not None:
         path = _path_of(url)
