@@ -23,10 +23,12 @@ import grpc
 from aiohttp import web
 
 from meshaudit import __version__, health, metrics
-from meshaudit.config import Config, ConfigError, ListenConfig, Policy, load
+from meshaudit.config import Config, ConfigError, ListenConfig, Policy
+from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
 from meshaudit.guard import ERRORS, CoreTasks
+from meshaudit.loading import load
 from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
@@ -171,6 +173,23 @@ def publish_violations(violations: dict[str, int], seen: dict[str, int]) -> None
         if n > before:
             metrics.VIOLATIONS.labels(rule).inc(n - before)
             seen[rule] = n
+
+
+def publish_exceptions(exceptions: Exceptions) -> None:
+    """What the policy's exceptions covered since the last call, and those that expired. Every
+    exception shows, at 0 until it covers something: a reviewer sees the dead ones too."""
+    for name in exceptions.names:
+        metrics.POLICY_EXCEPTION_MATCHES.labels(name)
+    for name, n in exceptions.take_matches().items():
+        metrics.POLICY_EXCEPTION_MATCHES.labels(name).inc(n)
+    for x in exceptions.take_expired():
+        metrics.POLICY_EXCEPTIONS_EXPIRED.labels(x.name).inc()
+        log.warning(
+            "Policy exception %r expired (its expires date has passed): it no longer applies; the traffic it "
+            "covered (%s) alerts again. Renew or remove it in the policy.",
+            x.name,
+            x.reason,
+        )
 
 
 def publish_stores(stores: list[Store], seen: dict[tuple[str, str], int]) -> None:
@@ -324,6 +343,7 @@ class Daemon:
         self.queue.qsize()
         publish_violations(self.engine.agg.violations, self._violations_seen)
         publish_stores(self.engine.stores(), self._store_seen)
+        publish_exceptions(self.engine.ctx.policy.exceptions)
 
     # --- reload --------------------------------------------------------------------------------
     def reload(self) -> None:

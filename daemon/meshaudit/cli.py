@@ -1,6 +1,7 @@
 """Command line: ``meshaudit run --config FILE`` and ``meshaudit validate FILE``.
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port in use), 2 invalid configuration or usage.
+``validate`` prints every error and warning of the configuration and its policy files.
 """
 
 from __future__ import annotations
@@ -25,23 +26,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _validate(path: str) -> int:
+    """Every error and warning of the configuration and its policy files; 2 on an error."""
+    from meshaudit.config import ConfigError
+    from meshaudit.loading import load_with_diagnostics
+
+    try:
+        config, policy, warnings = load_with_diagnostics(path)
+    except ConfigError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(w, file=sys.stderr)
+    rules = [name for name, r in config.rules if getattr(r, "enabled", False)]
+    print(
+        f"{path}: valid{f' with {len(warnings)} warning(s)' if warnings else ''}. "
+        f"Rules enabled: {', '.join(rules) or 'none'}; policy: {len(policy.edges or [])} edges, "
+        f"{len(policy.routes)} routes, {len(policy.exceptions) + len(policy.exemptions)} exceptions, "
+        f"{len(policy.lists)} lists."
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
-        from meshaudit.config import ConfigError, load
-
-        try:
-            config, policy = load(args.file)
-        except ConfigError as exc:
-            print(f"{exc}", file=sys.stderr)
-            return 2
-        rules = [name for name, r in config.rules if getattr(r, "enabled", False)]
-        print(
-            f"{args.file}: valid. Rules enabled: {', '.join(rules) or 'none'}; "
-            f"policy: {len(policy.edges or [])} edges, {len(policy.routes)} routes, "
-            f"{len(policy.exemptions)} exemptions."
-        )
-        return 0
+        return _validate(args.file)
     from meshaudit.app import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}

@@ -1,19 +1,28 @@
 """Typed, strict configuration: one frozen model per section, defaults in one place (here),
 unknown keys are errors naming the key, the file and the line.
 
-``load(path)`` returns a :class:`Config` or raises :class:`ConfigError` whose message is ready to
-print. The policy (what traffic is allowed) may live inline under ``policy:`` or in its own file
-(``policy_file:``, relative to the config file) so a security team can review it on its own.
+Loading a file (``meshaudit.loading.load``) returns a :class:`Config` or raises
+:class:`ConfigError` whose message is ready to print. The policy (what traffic is allowed) may live
+inline under ``policy:`` or in its own files (``policy_file:``, ``policy_files:``, relative to the
+config file) so a security team can own and review it (``meshaudit.policyfile``).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+import datetime
+import ipaddress
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from meshaudit.engine.rules import REGISTRY, RULE_NAMES
 from meshaudit.sinks.jsonl import JsonlConfig
@@ -186,6 +195,9 @@ class RouteRule(_Strict):
 
 
 class Exemption(_Strict):
+    """The form before ``exceptions`` (inline ``policy.exemptions`` only): rule, source,
+    destination and path. Each one runs as an exception named ``exemptions[<n>]``."""
+
     rules: list[str] = Field(min_length=1)
     from_: list[str] = Field(default_factory=lambda: ["*"], alias="from")
     to: list[str] = Field(default_factory=lambda: ["*"])
@@ -195,10 +207,69 @@ class Exemption(_Strict):
     _rules = field_validator("rules")(_known_rules)
 
 
+def _as_list(v: Any) -> Any:
+    """A matcher may be one value or a list of them."""
+    return [v] if isinstance(v, str | int) else v
+
+
+def _cidr(v: str) -> str:
+    try:
+        ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP network: {v!r} (e.g. 10.0.0.0/8, fd00::/8, 10.1.2.3)") from None
+    return v
+
+
+def _status_pattern(v: int | str) -> int | str:
+    if isinstance(v, int):
+        if not 100 <= v <= 599:
+            raise ValueError(f"not an HTTP status: {v}")
+        return v
+    if len(v) == 3 and v[0] in "12345" and v[1:].lower() == "xx":
+        return v.lower()
+    raise ValueError(f"not a status or a class of them: {v!r} (e.g. 404, 5xx)")
+
+
+def _http_methods(v: list[str]) -> list[str]:
+    return [m.upper() for m in v]
+
+
+Str1 = Annotated[str, Field(min_length=1)]
+Patterns = Annotated[list[Str1], BeforeValidator(_as_list)]
+
+
+class PolicyException(_Strict):
+    """Traffic a rule does not alert on, with a reason a reviewer can judge. Every matcher that
+    is set must match (an unset one matches anything); within one matcher, any value may."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$", description="Unique; the metric label.")
+    rules: list[str] = Field(min_length=1, description="The rules it covers.")
+    reason: str = Field(min_length=1)
+    expires: datetime.date | None = Field(None, description="From this day (UTC) on it no longer applies.")
+    from_: Patterns | None = Field(None, alias="from", description="Source patterns (as in edges).")
+    to: Patterns | None = Field(None, description="Destination patterns.")
+    methods: Annotated[Patterns | None, AfterValidator(lambda v: _http_methods(v) if v else v)] = None
+    paths: Patterns | None = Field(None, description="Path globs (`*` crosses `/`; the query is ignored).")
+    not_paths: Patterns | None = Field(None, description="... except these paths.")
+    user_agent: Patterns | None = Field(None, description="User-Agent globs, e.g. kube-probe/*.")
+    source_cidr: Annotated[list[Annotated[str, AfterValidator(_cidr)]], BeforeValidator(_as_list)] | None = None
+    response_codes: (
+        Annotated[list[Annotated[int | str, AfterValidator(_status_pattern)]], BeforeValidator(_as_list)] | None
+    ) = None
+    protocol: Annotated[list[Literal["http", "tcp"]], BeforeValidator(_as_list)] | None = None
+
+    _rules = field_validator("rules")(_known_rules)
+
+
 class Policy(_Strict):
     """What traffic is allowed. Patterns are shell globs matched against a party's
     ``service.namespace``, service, SPIFFE principal, workload or address."""
 
+    lists: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Named lists of patterns (services, SPIFFE ids, CIDRs, paths, user agents), used as @name "
+        "wherever a pattern goes; expanded when the policy is loaded.",
+    )
     mesh_services: list[str] = Field(
         default_factory=list,
         description="Services that must have sidecars (missing_access_log); services whose sidecar "
@@ -206,7 +277,8 @@ class Policy(_Strict):
     )
     edges: list[EdgeRule] | None = Field(None, description="None: no edge policy (unexpected_edge idle).")
     routes: list[RouteRule] = Field(default_factory=list)
-    exemptions: list[Exemption] = Field(default_factory=list)
+    exceptions: list[PolicyException] = Field(default_factory=list)
+    exemptions: list[Exemption] = Field(default_factory=list, description="The form before exceptions (inline).")
     identities: dict[str, list[str]] = Field(
         default_factory=dict,
         description="identity_mismatch: service pattern (as in edges: svc.ns, svc) -> SPIFFE ids (globs) that "
@@ -235,7 +307,11 @@ class Config(_Strict):
     engine: EngineConfig = EngineConfig()
     rules: RulesConfig = RulesConfig()
     policy: Policy = Policy()
-    policy_file: str | None = None
+    policy_file: str | None = Field(None, description="One policy file (relative to this file).")
+    policy_files: list[str] = Field(
+        default_factory=list,
+        description="Policy files, merged in order; a directory stands for its *.yaml/*.yml files by name.",
+    )
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: int = Field(
@@ -249,95 +325,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _one_policy(self) -> Config:
-        if self.policy_file and self.policy != Policy():
-            raise ValueError("set either policy or policy_file, not both")
+        given = [k for k, set_ in (("policy", self.policy != Policy()), ("policy_file", bool(self.policy_file)),
+                                   ("policy_files", bool(self.policy_files))) if set_]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError(f"set one of policy, policy_file and policy_files, not {' and '.join(given)}")
         return self
 
 
 Config.model_rebuild()
-
-
-# --- loading --------------------------------------------------------------------------------
-def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each key path in a YAML document to its 1-based line, for error messages."""
-    index: dict[tuple[str | int, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                p = (*path, str(k.value))
-                index[p] = k.start_mark.line + 1
-                walk(v, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                p = (*path, i)
-                index[p] = v.start_mark.line + 1
-                walk(v, p)
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return index
-    if root is not None:
-        walk(root, ())
-    return index
-
-
-def _format_errors(exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int]) -> str:
-    out = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        line = None
-        for n in range(len(loc), 0, -1):
-            line = lines.get(loc[:n])
-            if line:
-                break
-        where = f"{source}:{line}" if line else source
-        if err["type"] == "extra_forbidden":
-            out.append(f"{where}: unknown key '{key}'")
-        else:
-            out.append(f"{where}: {key}: {err['msg']}")
-    return "\n".join(out)
-
-
-def _read_yaml(path: Path) -> tuple[Any, str]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return ({} if data is None else data), text
-
-
-def load_policy(path: Path) -> Policy:
-    data, text = _read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the policy must be a mapping")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path), _line_index(text))) from None
-
-
-def load(path: str | os.PathLike[str] | None) -> tuple[Config, Policy]:
-    """Load and validate a config file (None: built-in defaults). Returns config and policy."""
-    if path is None:
-        cfg = Config()
-        return cfg, cfg.policy
-    p = Path(path)
-    data, text = _read_yaml(p)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the configuration must be a mapping of sections")
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(p), _line_index(text))) from None
-    if cfg.policy_file:
-        return cfg, load_policy((p.parent / cfg.policy_file).resolve())
-    return cfg, cfg.policy

@@ -39,6 +39,18 @@ MESSAGES = Counter(
     ["receiver"],
     registry=REGISTRY,
 )
+POLICY_EXCEPTION_MATCHES = Counter(
+    "meshaudit_policy_exception_matches_total",
+    "Violations a policy exception covered (not alerted), by exception name (bounded by the policy).",
+    ["exception"],
+    registry=REGISTRY,
+)
+POLICY_EXCEPTIONS_EXPIRED = Counter(
+    "meshaudit_policy_exceptions_expired_total",
+    "Policy exceptions that reached their expires date and stopped applying, by exception name.",
+    ["exception"],
+    registry=REGISTRY,
+)
 STREAMS_OPENED = Counter("meshaudit_als_streams_opened_total", "Envoy access-log streams opened.", registry=REGISTRY)
 STREAMS_ACTIVE = Gauge("meshaudit_als_streams_active", "Envoy access-log streams open now.", registry=REGISTRY)
 INGEST_QUEUE_DEPTH = Gauge("meshaudit_ingest_queue_batches", "Hop batches waiting for the engine.", registry=REGISTRY)

@@ -167,6 +167,7 @@ class Hop:
         "response_code_details",
         "response_flags",
         "route_name",
+        "source_address",
         "span_id",
         "span_kind",
         "src",
@@ -177,6 +178,7 @@ class Hop:
         "trace_id",
         "upstream_cluster",
         "upstream_peer",
+        "user_agent",
         "xfcc_by",
         "xfcc_uri",
     )
@@ -215,6 +217,8 @@ class Hop:
         upstream_peer: Identity | None = None,
         xfcc_uri: str | None = None,
         xfcc_by: str | None = None,
+        user_agent: str | None = None,
+        source_address: str | None = None,
     ) -> None:
         self.origin = origin
         self.observer = observer  # sidecar node id, or "span:<service>"
@@ -257,6 +261,11 @@ class Hop:
         # By= the receiving proxy's own (the last element, the nearest hop).
         self.xfcc_uri = xfcc_uri
         self.xfcc_by = xfcc_by
+        # For policy exceptions (read only when a violation is checked against them): the
+        # request's User-Agent, and the address the request or connection came from ("ip:port":
+        # the downstream remote address), whatever names its source.
+        self.user_agent = user_agent
+        self.source_address = source_address
 
     def detach(self) -> None:
         """Called before a hop is kept past the batch it came in (a rule parks it): a hop that

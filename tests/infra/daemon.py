@@ -113,6 +113,16 @@ class Daemon:
         with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5) as r:
             return str(r.read().decode())
 
+    def wait_metric(self, name: str, want: float, timeout: float = 6.0, **labels: str) -> float:
+        """``metric`` once it equals ``want`` (metrics publish about every second), or its value
+        when ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        got = self.metric(name, **labels)
+        while got != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+            got = self.metric(name, **labels)
+        return got
+
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``; 0 when absent."""
         total = 0.0

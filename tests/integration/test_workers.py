@@ -40,15 +40,6 @@ def _span(d: Daemon, path: str) -> tuple[str, str]:
     return _server_span(OTLPSpanExporter(endpoint=f"http://{d.http}/v1/traces"), "reviews", path)
 
 
-def _wait_metric(d: Daemon, name: str, want: float, timeout: float = 6.0, **labels: str) -> float:
-    deadline = time.monotonic() + timeout
-    got = d.metric(name, **labels)
-    while got != want and time.monotonic() < deadline:
-        time.sleep(0.1)
-        got = d.metric(name, **labels)
-    return got
-
-
 def _by_rule(alerts: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     return [a for a in alerts if a["rule"] == rule]
 
@@ -77,9 +68,9 @@ async def test_correlation_holds_across_workers(workers2: Daemon) -> None:
         await als.stream(d.grpc, [als.http_message([client], frontend)])
         sent += 2
 
-    assert _wait_metric(d, "meshaudit_hops_evaluated_total", sent) == sent  # summed over both workers
-    assert _wait_metric(d, "meshaudit_violations_total", 6, rule="plaintext_hop") == 6
-    assert _wait_metric(d, "meshaudit_violations_total", 2, rule="missing_access_log") == 2
+    assert d.wait_metric("meshaudit_hops_evaluated_total", sent) == sent  # summed over both workers
+    assert d.wait_metric("meshaudit_violations_total", 6, rule="plaintext_hop") == 6
+    assert d.wait_metric("meshaudit_violations_total", 2, rule="missing_access_log") == 2
     alerts = d.wait_alerts(lambda a: bool(_by_rule(a, "missing_access_log")), timeout=5)
     missing = _by_rule(alerts, "missing_access_log")
     assert len(missing) == 1 and missing[0]["evidence"]["examples"][0]["trace_id"] in bypassed
@@ -110,8 +101,8 @@ async def test_a_worker_that_dies_is_started_again(workers2: Daemon) -> None:
     pids = _worker_pids(d)
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)  # a process this test started (through the daemon)
-    assert _wait_metric(d, "meshaudit_worker_restarts_total", 1, timeout=10) == 1
-    assert _wait_metric(d, "meshaudit_workers_ready", 2, timeout=15) == 2
+    assert d.wait_metric("meshaudit_worker_restarts_total", 1, timeout=10) == 1
+    assert d.wait_metric("meshaudit_workers_ready", 2, timeout=15) == 2
     status, body = d.readyz()
     assert status == 200, body
     assert len(_worker_pids(d)) == 2 and pids[0] not in _worker_pids(d)
@@ -119,7 +110,7 @@ async def test_a_worker_that_dies_is_started_again(workers2: Daemon) -> None:
     reviews = als.identifier("reviews")
     for i in range(6):
         await als.stream(d.grpc, [als.http_message([als.inbound_http("frontend", path=f"/reviews/{i}")], reviews)])
-    assert _wait_metric(d, "meshaudit_hops_evaluated_total", 6) >= 6
+    assert d.wait_metric("meshaudit_hops_evaluated_total", 6) >= 6
     assert d.alerts() == []
 
 
@@ -143,15 +134,15 @@ async def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None
                 await als.stream(d.grpc, [als.http_message([entry], frontend)])
 
         await call_ratings(4)
-        assert _wait_metric(d, "meshaudit_hops_evaluated_total", 4) == 4
+        assert d.wait_metric("meshaudit_hops_evaluated_total", 4) == 4
         assert d.alerts() == []
         strict = {**d.config, "policy": {**d.config["policy"], "edges": WORKERS_CONFIG["policy"]["edges"]}}
         d.config_path.write_text(yaml.safe_dump(strict))
         d.signal(signal.SIGHUP)
-        assert _wait_metric(d, "meshaudit_config_reloads_total", 1, result="ok") == 1
+        assert d.wait_metric("meshaudit_config_reloads_total", 1, result="ok") == 1
         await asyncio.sleep(0.5)  # the workers reload on the coordinator's signal
         await call_ratings(8)
-        assert _wait_metric(d, "meshaudit_violations_total", 8, rule="unexpected_edge") == 8
+        assert d.wait_metric("meshaudit_violations_total", 8, rule="unexpected_edge") == 8
         got = d.wait_alerts(bool)
         assert [(a["rule"], a["destination"]["service"]) for a in got] == [("unexpected_edge", "ratings")]
 

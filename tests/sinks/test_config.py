@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from meshaudit.config import ConfigError, load
+from meshaudit.config import ConfigError
+from meshaudit.loading import load
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError
 from meshaudit.sinks.secrets import read_secret

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshaudit.config import Config, ConfigError, load
+from meshaudit.config import Config, ConfigError
+from meshaudit.loading import load
 from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,11 +114,12 @@ def test_wrong_value_is_explained(tmp_path: Path) -> None:
 
 
 def test_policy_file_errors_name_the_policy_file(tmp_path: Path) -> None:
-    (tmp_path / "policy.yaml").write_text("edges:\n  - from: [a]\n    to: [b]\n    unless: x\n")
+    policy = "apiVersion: meshaudit/v1\nedges:\n  - from: [a]\n    to: [b]\n    unless: x\n"
+    (tmp_path / "policy.yaml").write_text(policy)
     (tmp_path / "c.yaml").write_text("policy_file: policy.yaml\n")
     with pytest.raises(ConfigError) as exc:
         load(tmp_path / "c.yaml")
-    assert "policy.yaml:4" in str(exc.value) and "unknown key 'edges.0.unless'" in str(exc.value)
+    assert f"{tmp_path / 'policy.yaml'}:5: error P003 edges[0].unless: unknown key 'unless'" in str(exc.value)
 
 
 def test_validate_command(tmp_path: Path) -> None:
@@ -154,3 +156,13 @@ def test_fuzzed_configs_fail_only_with_config_error(data: object) -> None:
         f.write_text(yaml.safe_dump(data))
         with contextlib.suppress(ConfigError):
             load(f)
+
+
+def test_the_kubernetes_manifest_config_and_policy_are_valid(tmp_path: Path) -> None:
+    """The ConfigMap in deploy/kubernetes/meshaudit.yaml, written out as the pod mounts it."""
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "meshaudit.yaml").read_text()))
+    [cm] = [d for d in docs if d and d.get("kind") == "ConfigMap"]
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    cfg, policy = load(tmp_path / "config.yaml")
+    assert cfg.policy_file == "policy.yaml" and policy.exceptions[0].name == "kubelet-probes"

@@ -112,3 +112,12 @@ def test_detached_hops_keep_the_evidence() -> None:
     del msg
     assert h.downstream_peer is not None and h.downstream_peer.key == "frontend.default"
     assert (h.xfcc_by, h.xfcc_uri, h.tls_cipher) == ("spiffe://b", "spiffe://u", 0x1301)
+
+
+def test_user_agent_and_source_address_for_policy_exceptions() -> None:
+    e = als.inbound_http(None, path="/healthz", remote="10.128.0.7:51234")
+    e.request.user_agent = "kube-probe/1.29"
+    [h] = _decode(als.http_message([e], als.identifier("reviews")))
+    assert (h.user_agent, h.source_address) == ("kube-probe/1.29", "10.128.0.7:51234")
+    [t] = _decode(als.tcp_message([als.tcp_entry(cluster="inbound|5432||", tls=False)], als.identifier("db")))
+    assert t.user_agent is None and t.source_address is not None

@@ -6,7 +6,7 @@ import fnmatch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshaudit.engine.policy import PathMatcher
+from meshaudit.engine.matchers import PathMatcher
 
 _CHARS = st.sampled_from(list("/ab1.-_*?[]!"))
 _PATHS = st.text(alphabet=st.sampled_from(list("/ab1.-_?=&")), max_size=16)

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from meshaudit.config import Config, ConfigError, Policy, load
+from meshaudit.config import Config, ConfigError, Policy
 from meshaudit.engine.api import Rule, RuleConfig, Window
 from meshaudit.engine.core import Engine
 from meshaudit.engine.rules import REGISTRY, RULE_NAMES
+from meshaudit.loading import load
 from meshaudit.model import ALS_HTTP, INBOUND, SPAN, Hop, identity
 from pydantic import Field
 

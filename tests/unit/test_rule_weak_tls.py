@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from meshaudit.config import Config, ConfigError, Policy, load
+from meshaudit.config import Config, ConfigError, Policy
 from meshaudit.engine.core import Engine
 from meshaudit.engine.setup import build_engine
+from meshaudit.loading import load
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OTEL_LOG, OUTBOUND, Alert, Hop, identity
 
 T0 = 1_800_000_000.0

@@ -357,7 +357,7 @@ class Rule(Generic[C]):
         self.violation(w.src, w.dst, ex[0] if ex else None, detail, w.seen_first, more=ex[1:])
 
     def exempt(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
-        return self.ctx.policy.exempt(self.name, src, dst, hop.path if hop is not None else None)
+        return self.ctx.policy.exempt(self.name, src, dst, hop)
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         raise NotImplementedError

@@ -65,6 +65,7 @@ class Engine:
         if self.ctx.started is None:
             self.ctx.started = now
         self._now = now
+        self.ctx.policy.exceptions.clock(now)
         self.corr.index(hops, now)
         # Each rule gets the hops it judges; one pass splits a batch that mixes spans in.
         spans = [h for h in hops if h.origin == SPAN]
@@ -79,6 +80,7 @@ class Engine:
 
     def tick(self, now: float) -> list[Alert]:
         self._now = now
+        self.ctx.policy.exceptions.clock(now)
         for rule in self.rules:
             rule.on_tick(now)
         for s in self.corr.stores:

@@ -71,7 +71,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         # here, not at the top: config imports the rule registry, and these import config
-        from meshaudit.engine.policy import PartyMatcher
+        from meshaudit.engine.matchers import PartyMatcher
         from meshaudit.naming import parse_spiffe
 
         super().__init__(ctx)

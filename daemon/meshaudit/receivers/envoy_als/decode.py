@@ -338,6 +338,11 @@ _LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
     "span_kind": lambda e: 0,
     "downstream_peer": _downstream_peer,
     "upstream_peer": _upstream_peer,
+    "source_address": lambda e: (
+        _addr(e.common_properties.downstream_remote_address)
+        if e.common_properties.HasField("downstream_remote_address")
+        else None
+    ),
 }
 _LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
@@ -347,6 +352,7 @@ _LAZY_HTTP: dict[str, Callable[[Any], Any]] = {
     "connection_termination_details": lambda e: "",
     "xfcc_uri": lambda e: _xfcc(e)[1],
     "xfcc_by": lambda e: _xfcc(e)[0],
+    "user_agent": lambda e: (e.request.user_agent or None) if e.HasField("request") else None,
 }
 _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
     **_LAZY_COMMON,
@@ -356,6 +362,7 @@ _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
     "connection_termination_details": lambda e: str(e.common_properties.connection_termination_details),
     "xfcc_uri": lambda e: None,
     "xfcc_by": lambda e: None,
+    "user_agent": lambda e: None,
 }
 
 

@@ -251,6 +251,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         src = me
         tsvc, tns = outbound_cluster_target(cluster)
         dst = namer.service(tsvc, tns) if tsvc else identity(_sv(g("server.address")))
+        peer_addr = None
     else:
         peer_addr = (
             _sv(g("peer.address"))
@@ -278,6 +279,8 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         parent_span_id=sp.parent_span_id.hex() or None,
         request_id=rid,
         span_kind=kind,
+        user_agent=_sv(g("user_agent.original")) or _sv(g("http.user_agent")),
+        source_address=peer_addr,
     )
 
 
@@ -357,6 +360,8 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer, start: float) -
         span_id=lr.span_id.hex() or None,
         request_id=rid,
         conn=conn,
+        user_agent=_first_str(a, "user_agent.original", "user_agent", "http.user_agent"),
+        source_address=remote,
     )
 
 

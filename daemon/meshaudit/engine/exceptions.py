@@ -1,0 +1,145 @@
+"""Policy exceptions, compiled: traffic a rule does not alert on. Every matcher an exception sets
+must match (an unset one matches anything); within a matcher, any of its values may. Checked only
+for violations, never for every entry, so the hop's lazy fields (user agent, source address) are
+read only then.
+
+An exception stops applying from its ``expires`` day (00:00 UTC) on: the engine's clock
+(``clock``, on every batch and tick) drops it, and the daemon logs and counts it (``take_expired``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Sequence
+
+from meshaudit.config import Exemption, PolicyException
+from meshaudit.engine.matchers import PartyMatcher, PathMatcher
+from meshaudit.model import Hop, Identity
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _glob(patterns: Sequence[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of "ip:port", "[v6]:port", "ip" or "v6"; None if it is none of them."""
+    if addr.startswith("["):
+        addr = addr[1 : addr.find("]")]
+    elif addr.count(":") == 1:
+        addr = addr.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+
+
+def _status_ok(codes: Sequence[int | str], status: int) -> bool:
+    """404 is one status; "5xx" a class of them (no status, 0, is in none)."""
+    return any(status == c or (isinstance(c, str) and status > 0 and str(status)[0] == c[0]) for c in codes)
+
+
+class CompiledException:
+    __slots__ = (
+        "codes", "dst", "expires_at", "methods", "name", "networks", "not_paths", "paths", "protocols", "reason",
+        "rules", "src", "user_agents",
+    )  # fmt: skip
+
+    def __init__(self, x: PolicyException | Exemption, name: str) -> None:
+        self.name = name
+        self.rules = frozenset(x.rules)
+        self.reason = x.reason
+        self.src = PartyMatcher(x.from_) if x.from_ is not None else None
+        self.dst = PartyMatcher(x.to) if x.to is not None else None
+        self.paths = PathMatcher(x.paths) if x.paths is not None else None
+        self.methods: frozenset[str] | None = None
+        self.not_paths: PathMatcher | None = None
+        self.user_agents: re.Pattern[str] | None = None
+        self.networks: list[IPNetwork] | None = None
+        self.codes: list[int | str] | None = None
+        self.protocols: frozenset[str] | None = None
+        self.expires_at = float("inf")
+        if isinstance(x, PolicyException):
+            if x.methods is not None and "*" not in x.methods:
+                self.methods = frozenset(x.methods)
+            if x.not_paths is not None:
+                self.not_paths = PathMatcher(x.not_paths)
+            if x.user_agent is not None:
+                self.user_agents = _glob(x.user_agent)
+            if x.source_cidr is not None:
+                self.networks = [ipaddress.ip_network(c, strict=False) for c in x.source_cidr]
+            self.codes = x.response_codes
+            self.protocols = frozenset(x.protocol) if x.protocol is not None else None
+            if x.expires is not None:
+                midnight = datetime.datetime.combine(x.expires, datetime.time(), datetime.UTC)
+                self.expires_at = midnight.timestamp()
+
+    def matches(self, src: Identity, dst: Identity, hop: Hop | None) -> bool:
+        if self.src is not None and not self.src(src):
+            return False
+        if self.dst is not None and not self.dst(dst):
+            return False
+        if hop is None:  # nothing else is known: only an exception about parties alone applies
+            return (self.paths, self.methods, self.not_paths, self.user_agents, self.networks, self.codes) == (
+                None, None, None, None, None, None,
+            ) and self.protocols is None  # fmt: skip
+        if self.protocols is not None and ("http" if hop.method is not None else "tcp") not in self.protocols:
+            return False
+        if self.methods is not None and hop.method not in self.methods:
+            return False
+        if self.paths is not None and not self.paths(hop.path):
+            return False
+        if self.not_paths is not None and hop.path is not None and self.not_paths(hop.path):
+            return False
+        if self.user_agents is not None:
+            ua = hop.user_agent
+            if ua is None or self.user_agents.match(ua) is None:
+                return False
+        if self.networks is not None:
+            addr = hop.source_address or src.address or hop.conn
+            ip = _ip(addr) if addr else None
+            if ip is None or not any(ip in net for net in self.networks):
+                return False
+        return self.codes is None or _status_ok(self.codes, hop.status)
+
+
+class Exceptions:
+    """Every exception of a policy, in order; the first that matches decides. Counts its matches
+    per exception name (bounded by the policy) for ``meshaudit_policy_exception_matches_total``."""
+
+    def __init__(self, exceptions: Sequence[PolicyException], exemptions: Sequence[Exemption]) -> None:
+        self.active = [CompiledException(x, x.name) for x in exceptions]
+        self.active += [CompiledException(x, f"exemptions[{i}]") for i, x in enumerate(exemptions)]
+        self.names = [x.name for x in self.active]
+        self.now = float("-inf")  # the engine's clock, set on every batch and tick
+        self._matches: dict[str, int] = {}
+        self._expired: list[CompiledException] = []
+
+    def exempt(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> bool:
+        for x in self.active:
+            if rule in x.rules and x.matches(src, dst, hop):
+                self._matches[x.name] = self._matches.get(x.name, 0) + 1
+                return True
+        return False
+
+    def clock(self, now: float) -> None:
+        self.now = now
+        for x in self.active:
+            if x.expires_at <= now:
+                self._expire(x)
+
+    def _expire(self, x: CompiledException) -> None:
+        self.active = [y for y in self.active if y is not x]
+        self._expired.append(x)
+
+    def take_matches(self) -> dict[str, int]:
+        out, self._matches = self._matches, {}
+        return out
+
+    def take_expired(self) -> list[CompiledException]:
+        out, self._expired = self._expired, []
+        return out

@@ -1,0 +1,106 @@
+"""Loading a configuration file and its policy: every error names the file, the line and the key.
+
+``load(path)`` returns (config, policy) or raises :class:`meshaudit.config.ConfigError` whose
+message is ready to print; ``load_with_diagnostics`` also returns the policy's warnings (for
+``meshaudit validate``, which prints every error and warning, not only the first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from meshaudit.config import Config, ConfigError, Policy
+from meshaudit.policyfile import Diagnostic, PolicyError, Source, line_index, load_policy, policy_paths, read_source
+
+log = logging.getLogger("meshaudit.policy")
+
+
+def _format_errors(exc: ValidationError, src: Source) -> str:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = src.line(loc)
+        where = f"{src.file}:{line}" if line else src.file
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}: unknown key '{key}'")
+        else:
+            out.append(f"{where}: {key}: {err['msg']}")
+    return "\n".join(out)
+
+
+def _read_config(path: Path) -> Source:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = line_index(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of sections")
+    return Source(str(path), data, lines, versioned=False)
+
+
+def load_with_diagnostics(
+    path: str | os.PathLike[str] | None, today: datetime.date | None = None
+) -> tuple[Config, Policy, list[Diagnostic]]:
+    """Config, merged policy and the policy's warnings. Raises ConfigError on any error; its
+    message lists every error of the policy (with the warnings after them)."""
+    if path is None:
+        cfg = Config()
+        return cfg, cfg.policy, []
+    p = Path(path)
+    src = _read_config(p)
+    data: dict[str, Any] = dict(src.data)
+    inline = data.pop("policy", None)  # validated below, after its @lists are expanded
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, src)) from None
+    diags: list[Diagnostic] = []
+    sources: list[Source] = []
+    if inline is not None:
+        if not isinstance(inline, dict):
+            raise ConfigError(f"{p}:{src.line(('policy',))}: policy must be a mapping")
+        if cfg.policy_file or cfg.policy_files:
+            raise ConfigError(f"{p}: set one of policy, policy_file and policy_files")
+        sources.append(Source(str(p), inline, src.lines, prefix=("policy",), versioned=False))
+    names = [cfg.policy_file] if cfg.policy_file else cfg.policy_files
+    for f in policy_paths(p.parent, names):
+        s = read_source(f, diags)
+        if s is not None:
+            sources.append(s)
+    try:
+        policy, warnings = load_policy(sources, cfg, today) if sources else (Policy(), [])
+    except PolicyError as exc:
+        errors = [d for d in exc.diagnostics if d.level == "error"] + diags
+        raise ConfigError(
+            "\n".join(str(d) for d in [*errors, *(d for d in exc.diagnostics if d.level != "error")])
+        ) from None
+    if diags:  # an unreadable file
+        raise ConfigError("\n".join(str(d) for d in diags))
+    if inline is not None:
+        cfg = cfg.model_copy(update={"policy": policy})
+    return cfg, policy, warnings
+
+
+def load(path: str | os.PathLike[str] | None) -> tuple[Config, Policy]:
+    """Load and validate a config file (None: built-in defaults). Returns config and policy; the
+    policy's warnings are logged."""
+    cfg, policy, warnings = load_with_diagnostics(path)
+    for w in warnings:
+        log.warning("%s", w)
+    return cfg, policy
