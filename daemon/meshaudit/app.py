@@ -23,7 +23,7 @@ import grpc
 from aiohttp import web
 
 from meshaudit import __version__, health, metrics
-from meshaudit.config import Config, ConfigError, ListenConfig, Policy
+from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
 from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
@@ -36,6 +36,7 @@ from meshaudit.receivers.otlp.http import OtlpHttp
 from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError, Sink
+from meshaudit.watch import FileWatch
 
 if TYPE_CHECKING:
     from meshaudit.workers import WorkerLink
@@ -175,6 +176,24 @@ def publish_violations(violations: dict[str, int], seen: dict[str, int]) -> None
             seen[rule] = n
 
 
+def watched_files(config_path: str | None, config: Config) -> list[Path]:
+    if config_path is None:
+        return []
+    base = Path(config_path).parent
+    names = [config.policy_file] if config.policy_file else config.policy_files
+    return [Path(config_path), *(base / n for n in names)]
+
+
+async def watch_guarded(files: FileWatch, reload: Callable[[], None], interval: float) -> None:
+    """The file watch, restarted after a failure (counted): a broken watch must not fail /healthz."""
+    while True:
+        try:
+            await files.run(reload, interval)
+        except Exception as exc:
+            ERRORS.record("watch", exc, "watching the configuration files for changes")
+            await asyncio.sleep(interval)
+
+
 def publish_exceptions(exceptions: Exceptions) -> None:
     """What the policy's exceptions covered since the last call, and those that expired. Every
     exception shows, at 0 until it covers something: a reviewer sees the dead ones too."""
@@ -214,6 +233,8 @@ class Daemon:
         self.config = config
         self.policy = policy
         self.config_path = config_path
+        # the configuration's files as last loaded: a change reloads (reload_watch_ms)
+        self.files = FileWatch(lambda: watched_files(self.config_path, self.config))
         self.link = link
         self.engine = build_engine(config, policy, peers=link is not None)
         r = config.receivers
@@ -306,10 +327,10 @@ class Daemon:
                 ERRORS.record("peers", exc, "sending violations and queries to the coordinator")
 
     async def _tick_loop(self) -> None:
-        interval = self.config.engine.tick_ms / 1000
         loop = asyncio.get_running_loop()
         last_stats = 0.0
         while True:
+            interval = self.config.engine.tick_ms / 1000  # a reload may change it
             expected = loop.time() + interval
             await asyncio.sleep(interval)
             metrics.LOOP_LAG.observe(max(0.0, loop.time() - expected))
@@ -347,17 +368,25 @@ class Daemon:
 
     # --- reload --------------------------------------------------------------------------------
     def reload(self) -> None:
+        """SIGHUP, or the files changed: the whole new configuration is validated first (an
+        invalid one changes nothing); then it is applied without losing state: correlation
+        indexes, waits, per-edge and aggregation windows and the learned baseline survive."""
+        self.files.mark()
         loaded = load_for_reload(self.config_path, self.dispatch)
         if loaded is None:
             return
-        config, policy = loaded
-        if config.listen != self.config.listen or config.sinks != self.config.sinks:
-            log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        self.engine = build_engine(config, policy, peers=self.link is not None)
-        self.config, self.policy = config, policy
+        config, waiting = for_reload(self.config, loaded[0])
+        if waiting:  # a worker's coordinator says it once
+            (log.debug if self.link is not None else log.warning)(
+                "Changed keys that apply only on restart (the running values stay until then): %s",
+                ", ".join(waiting),
+            )
+        self.engine.reconfigure(config, loaded[1])
+        self.config, self.policy = config, loaded[1]
+        logging.getLogger().setLevel(config.log_level.upper())
         if self.link is None:  # a worker reloads when its coordinator says; that one counts
             metrics.CONFIG_RELOADS.labels("ok").inc()
-        log.info("Configuration reloaded from %s; rule windows start afresh.", self.config_path)
+        log.info("Configuration reloaded from %s; windows, waits and the learned baseline are kept.", self.config_path)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -393,6 +422,8 @@ class Daemon:
         if not worker:  # Ctrl-C reaches every process of the group: the coordinator stops workers
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if not worker and self.config_path and cfg.reload_watch_ms:
+            self.core.start(watch_guarded(self.files, self.reload, cfg.reload_watch_ms / 1000), "watch")
         if self.link is not None:
             self.link.ready(self)
         elif ready_message:

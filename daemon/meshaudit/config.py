@@ -314,6 +314,11 @@ class Config(_Strict):
     )
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    reload_watch_ms: int = Field(
+        1000,
+        ge=0,
+        description="Poll the config and policy files this often and reload when they changed (0: SIGHUP only).",
+    )
     workers: int = Field(
         1,
         ge=1,
@@ -333,3 +338,33 @@ class Config(_Strict):
 
 
 Config.model_rebuild()
+
+
+# Keys a reload cannot apply to a running daemon: the ports, the receivers' bounds and naming, the
+# sinks, the processes, and the stores' bounds. A changed one is logged by name and waits for a
+# restart; everything else (rules, policy, engine timing, log level, the watch) applies at once.
+RESTART_ONLY: tuple[str, ...] = ("listen", "receivers", "mesh", "sinks", "workers", "engine.store_max_items")
+
+
+def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (down to the sections' own keys)."""
+    out: list[str] = []
+    for name in type(new).model_fields:
+        a, b = getattr(old, name), getattr(new, name)
+        if a == b:
+            continue
+        key = prefix + name
+        if isinstance(a, BaseModel) and isinstance(b, BaseModel) and type(a) is type(b) and name != "policy":
+            out.extend(changed_keys(a, b, key + "."))
+        else:
+            out.append(key)
+    return out
+
+
+def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration a reload applies: ``new``, with the running values of the restart-only
+    keys; and the restart-only keys that changed (to log by name)."""
+    waiting = [k for k in changed_keys(running, new) if any(k == p or k.startswith(p + ".") for p in RESTART_ONLY)]
+    engine = new.engine.model_copy(update={"store_max_items": running.engine.store_max_items})
+    keep = {k: getattr(running, k) for k in ("listen", "receivers", "mesh", "sinks", "workers")}
+    return new.model_copy(update={**keep, "engine": engine}), waiting

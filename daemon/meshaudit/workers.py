@@ -67,8 +67,10 @@ from meshaudit.app import (
     setup_logging,
     start_sinks,
     tune_gc,
+    watch_guarded,
+    watched_files,
 )
-from meshaudit.config import Config, Policy
+from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import NO_ANSWER, PeerAnswer, Violation
 from meshaudit.engine.core import Engine
@@ -77,6 +79,7 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
 from meshaudit.receivers.sockets import ensure_free
 from meshaudit.sinks import build_sinks
+from meshaudit.watch import FileWatch
 
 log = logging.getLogger("meshaudit.workers")
 
@@ -369,6 +372,7 @@ class Coordinator:
         self.config = config
         self.policy = policy
         self.config_path = config_path
+        self.files = FileWatch(lambda: watched_files(self.config_path, self.config))
         self._listen_as_started = config.listen  # before the ports are bound (port 0 stays 0)
         self.n = config.workers
         self.agg = Aggregator.from_config(config.engine, SUMMARIES)
@@ -614,17 +618,21 @@ class Coordinator:
     # --- reload ----------------------------------------------------------------------------------
     def reload(self) -> None:
         """Check the file here first; the workers reload it only when it is valid."""
+        self.files.mark()
         loaded = load_for_reload(self.config_path, self.dispatch)
         if loaded is None:
             return
-        config, policy = loaded
-        old = self.config
-        if (config.workers, config.listen, config.sinks) != (old.workers, self._listen_as_started, old.sinks):
-            log.warning("Workers, listen addresses and sinks change only on restart; rules and policy reloaded now.")
-        self.agg = Aggregator.from_config(config.engine, SUMMARIES)
-        self.config = config.model_copy(update={"workers": self.n, "listen": self.config.listen})
-        self.policy = policy
-        self.baseline.clear()
+        # compared with the addresses as configured (port 0 stays 0), kept as bound
+        config, waiting = for_reload(self.config.model_copy(update={"listen": self._listen_as_started}), loaded[0])
+        config = config.model_copy(update={"listen": self.config.listen})
+        if waiting:
+            log.warning(
+                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
+            )
+        self.agg.reconfigure(config.engine)  # open windows and the learned baseline are kept
+        self.config = config
+        self.policy = loaded[1]
+        logging.getLogger().setLevel(config.log_level.upper())
         for w in self.workers.values():
             if w.process is not None and w.process.pid is not None:
                 os.kill(w.process.pid, signal.SIGHUP)
@@ -676,6 +684,8 @@ class Coordinator:
         self.core.start(self._tick(), "coordinator-tick")
         self.core.start(self._supervise(), "supervise")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.config_path and self.config.reload_watch_ms:
+            self.core.start(watch_guarded(self.files, self.reload, self.config.reload_watch_ms / 1000), "watch")
         tune_gc()
         if not self._stop.is_set():
             print_ready(self.bound, cfg.sinks.jsonl.path, self.n)

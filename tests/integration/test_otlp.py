@@ -12,41 +12,10 @@ from typing import Any
 import orjson
 from infra import als
 from infra.daemon import Daemon
+from infra.otlp import client_span, server_span
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import SpanKind
-
-
-def _server_span(exporter: SpanExporter, service: str, path: str) -> tuple[str, str]:
-    """Emit one SERVER span the way an instrumented app does; returns (trace_id, traceparent)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service, "service.namespace": "default"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test-app")
-    with tracer.start_as_current_span(f"GET {path}", kind=SpanKind.SERVER) as span:
-        span.set_attribute("http.request.method", "GET")
-        span.set_attribute("url.path", path)
-        span.set_attribute("client.address", "10.0.0.44")
-        ctx = span.get_span_context()
-    provider.shutdown()
-    trace_id = f"{ctx.trace_id:032x}"
-    return trace_id, f"00-{trace_id}-{ctx.span_id:016x}-01"
-
-
-def _client_span(exporter: SpanExporter, service: str, host: str, request_id: str) -> None:
-    """A CLIENT span of an app that records the x-request-id it sent (the semantic conventions'
-    ``http.request.header.x-request-id``, a string array)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service, "service.namespace": "default"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with provider.get_tracer("test-app").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
-        span.set_attribute("http.request.method", "GET")
-        span.set_attribute("server.address", host)
-        span.set_attribute("url.full", f"http://{host}/reviews/1")
-        span.set_attribute("http.request.header.x-request-id", [request_id])
-    provider.shutdown()
 
 
 def _rules(alerts: list[dict[str, Any]]) -> list[str]:
@@ -59,7 +28,7 @@ async def test_span_without_access_log_alerts_after_grace(daemon: Daemon) -> Non
         daemon.grpc, [als.http_message([als.inbound_http("frontend", path="/reviews/1")], als.identifier("reviews"))]
     )
     t0 = time.monotonic()
-    trace_id, _ = _server_span(GrpcSpanExporter(endpoint=daemon.grpc, insecure=True), "reviews", "/reviews/9")
+    trace_id, _ = server_span(GrpcSpanExporter(endpoint=daemon.grpc, insecure=True), "reviews", "/reviews/9")
     got = daemon.wait_alerts(lambda a: "missing_access_log" in _rules(a), timeout=5)
     elapsed = time.monotonic() - t0
     assert _rules(got) == ["missing_access_log"], got
@@ -71,7 +40,7 @@ async def test_span_without_access_log_alerts_after_grace(daemon: Daemon) -> Non
 
 
 async def test_span_matched_by_traceparent_in_access_log_raises_nothing(daemon: Daemon) -> None:
-    _trace_id, tp = _server_span(HttpSpanExporter(endpoint=f"http://{daemon.http}/v1/traces"), "reviews", "/reviews/3")
+    _trace_id, tp = server_span(HttpSpanExporter(endpoint=f"http://{daemon.http}/v1/traces"), "reviews", "/reviews/3")
     entry = als.inbound_http("frontend", path="/reviews/3", traceparent=tp)
     await als.stream(daemon.grpc, [als.http_message([entry], als.identifier("reviews"))])
     assert daemon.wait_alerts(lambda a: False, timeout=2.0) == []
@@ -79,7 +48,7 @@ async def test_span_matched_by_traceparent_in_access_log_raises_nothing(daemon: 
 
 
 async def test_span_for_service_without_sidecar_is_not_a_violation(daemon: Daemon) -> None:
-    _server_span(GrpcSpanExporter(endpoint=daemon.grpc, insecure=True), "batch-job", "/run")
+    server_span(GrpcSpanExporter(endpoint=daemon.grpc, insecure=True), "batch-job", "/run")
     assert daemon.wait_alerts(lambda a: False, timeout=2.0) == []
 
 
@@ -184,7 +153,7 @@ async def test_a_client_span_names_a_workload_presenting_another_certificate(dae
     rid = "8a1b2c3d-0000-4000-8000-00000000beef"
     stolen = als.inbound_http("payments", path="/reviews/1", request_id=rid)
     await als.stream(daemon.grpc, [als.http_message([stolen], als.identifier("reviews"))])
-    _client_span(HttpSpanExporter(endpoint=f"http://{daemon.http}/v1/traces"), "batch-job", "reviews:9080", rid)
+    client_span(HttpSpanExporter(endpoint=f"http://{daemon.http}/v1/traces"), "batch-job", "reviews:9080", rid)
     got = daemon.wait_alerts(lambda a: "identity_mismatch" in _rules(a), timeout=5)
     [a] = [x for x in got if x["rule"] == "identity_mismatch"]
     assert a["source"]["service"] == "batch-job" and a["destination"]["service"] == "reviews"

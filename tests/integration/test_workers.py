@@ -21,10 +21,10 @@ import pytest
 import yaml
 from infra import als
 from infra.daemon import MESHAUDIT, Daemon, deep_merge, running
+from infra.otlp import server_span
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from integration.conftest import CONFIG
-from integration.test_otlp import _server_span
 
 WORKERS_CONFIG = deep_merge(CONFIG, {"workers": 2})
 
@@ -37,7 +37,7 @@ def workers2(tmp_path: Path) -> Iterator[Daemon]:
 
 def _span(d: Daemon, path: str) -> tuple[str, str]:
     # A new exporter per span: its own HTTP connection, so its own pick of worker.
-    return _server_span(OTLPSpanExporter(endpoint=f"http://{d.http}/v1/traces"), "reviews", path)
+    return server_span(OTLPSpanExporter(endpoint=f"http://{d.http}/v1/traces"), "reviews", path)
 
 
 def _by_rule(alerts: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:

@@ -153,6 +153,12 @@ class Aggregator:
             engine.suppress_secs, engine.examples, engine.store_max_items, engine.alert_budget_per_window, summaries
         )
 
+    def reconfigure(self, engine: EngineConfig) -> None:
+        """A reload: open windows keep their deadlines and counts; new ones use the new length."""
+        self.window = self.states.ttl = engine.suppress_secs
+        self.max_examples = engine.examples
+        self.budget = engine.alert_budget_per_window
+
     def add(self, v: Violation, now: float) -> None:
         h = v.hop
         blocked = v.blocked

@@ -308,6 +308,19 @@ class Rule(Generic[C]):
         correlation state; the core keeps the largest any enabled rule asks for."""
         return 0.0, 0.0
 
+    # --- configuration ----------------------------------------------------------------------
+    def configure(self) -> None:
+        """Derive what the rule keeps from ``self.cfg`` and ``self.ctx.policy`` (thresholds,
+        wait times as store TTLs, compiled sets). Called by the rule's own ``__init__`` when it
+        needs it, and by ``reconfigure`` on every reload."""
+
+    def reconfigure(self, cfg: RuleConfig) -> None:
+        """A reload (new section, or a new policy in ``ctx``): the rule keeps its state (waiting
+        hops, open windows, what it learned) and only what it derives changes. A store whose TTL
+        changes keeps its entries until their old deadlines."""
+        self.cfg = cast(C, cfg)
+        self.configure()
+
     # --- state ------------------------------------------------------------------------------
     def store(self, s: Store) -> None:
         """Register a store of the rule's own (gauges, evictions, expiry on every tick)."""

@@ -37,11 +37,10 @@ class Engine:
         ``forwarded`` for the one aggregator, and waits that end without local evidence are
         deferred (``take_deferred``) until the other workers answered."""
         self.config = config
-        sections = {cls: getattr(config.rules, cls.name, None) or cls.Config() for cls in rules}
+        self.rule_classes = list(rules)
+        sections = self._sections(config)
         enabled = [cls for cls in rules if sections[cls].enabled]
-        needs = [cls.correlation(sections[cls]) for cls in enabled]
-        corr_ttl = max([CORRELATION_TTL_SECS, *(ttl for ttl, _ in needs)])
-        horizon = max([0.0, *(h for _, h in needs)])
+        corr_ttl, horizon = self._correlation_needs(enabled, sections)
         self.corr = Correlation(corr_ttl, config.engine.store_max_items, horizon)
         self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
         self.ctx.peers = peers
@@ -53,6 +52,43 @@ class Engine:
             r.emit = self._emit
         self._now = 0.0
         self.hops_evaluated = 0
+
+    def _sections(self, config: Config) -> dict[type[Rule[Any]], Any]:
+        return {cls: getattr(config.rules, cls.name, None) or cls.Config() for cls in self.rule_classes}
+
+    @staticmethod
+    def _correlation_needs(enabled: list[type[Rule[Any]]], sections: dict[type[Rule[Any]], Any]) -> tuple[float, float]:
+        needs = [cls.correlation(sections[cls]) for cls in enabled]
+        return max([CORRELATION_TTL_SECS, *(ttl for ttl, _ in needs)]), max([0.0, *(h for _, h in needs)])
+
+    def reconfigure(self, config: Config, policy: Policy) -> None:
+        """A reload that keeps the engine's state: the correlation indexes, every rule's waits,
+        windows and baseline, the aggregation windows. Rules still enabled get their new
+        section (``Rule.reconfigure``); newly enabled ones start; disabled ones go, with their
+        state. The mesh naming and store bounds are restart-only (the caller says so)."""
+        sections = self._sections(config)
+        enabled = [cls for cls in self.rule_classes if sections[cls].enabled]
+        corr_ttl, horizon = self._correlation_needs(enabled, sections)
+        corr = self.corr
+        corr.ttl = max(corr.ttl, corr_ttl)  # entries already indexed keep theirs
+        for s in (corr.outbound_by_rid, corr.outbound_by_conn, corr.logged_rid, corr.logged_trace):
+            s.ttl = corr.ttl
+        corr.horizon = max(corr.ttl, horizon)
+        self.config = config
+        self.ctx.config = config
+        self.ctx.policy = CompiledPolicy(policy)
+        running = {type(r): r for r in self.rules}
+        rules: list[Rule[Any]] = []
+        for cls in enabled:
+            r = running.get(cls)
+            if r is None:
+                r = cls(self.ctx)
+                r.emit = self._emit
+            else:
+                r.reconfigure(sections[cls])
+            rules.append(r)
+        self.rules = rules
+        self.agg.reconfigure(config.engine)
 
     @property
     def namer(self) -> Namer:

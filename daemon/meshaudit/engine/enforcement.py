@@ -97,6 +97,12 @@ class Enforcement:
             rule.store(s)
         self._seq = 0
 
+    def configure(self, wait_secs: float, severity: str, severity_when_served: str) -> None:
+        """A reload: new wait and severities; waiting entries keep their deadlines."""
+        self.wait = self.pending.ttl = self.by_key.ttl = wait_secs
+        self.severity = severity
+        self.severity_when_served = severity_when_served
+
     def judge(self, h: Hop, src: Identity, dst: Identity, detail: str, now: float) -> None:
         """``h`` breaks the rule: emit it with its verdict, or let it wait for the destination
         sidecar's entry (``resolve`` and the wait's end decide it)."""

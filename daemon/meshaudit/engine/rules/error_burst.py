@@ -81,6 +81,10 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
         )
         self.store(self.inbound_counted)
 
+    def configure(self) -> None:
+        self.window_secs = self.cfg.window_secs
+        self.edges.windows.ttl = self.inbound_counted.ttl = self.window_secs
+
     def on_hops(self, hops: list[Hop], now: float) -> None:
         add = self.edges.add
         for h in hops:

@@ -50,6 +50,10 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
         self.window_secs = self.cfg.window_secs
         self.edges = self.edge_windows(self.window_secs, self._judge)
 
+    def configure(self) -> None:
+        self.window_secs = self.cfg.window_secs
+        self.edges.windows.ttl = self.window_secs
+
     def on_hops(self, hops: list[Hop], now: float) -> None:
         add = self.edges.add
         for h in hops:

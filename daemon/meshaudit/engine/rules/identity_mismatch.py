@@ -32,6 +32,7 @@ import re
 from pydantic import Field
 
 from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
+from meshaudit.engine.matchers import PartyMatcher
 from meshaudit.engine.store import GenStore, PairStore, TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, SPAN, SPAN_KIND_CLIENT, Hop, Identity
 
@@ -70,20 +71,14 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
     hops = "all"  # access-log entries, and client spans that carry the request id
 
     def __init__(self, ctx: EngineContext) -> None:
-        # here, not at the top: config imports the rule registry, and these import config
-        from meshaudit.engine.matchers import PartyMatcher
+        # here, not at the top: config imports the rule registry, and naming imports config
         from meshaudit.naming import parse_spiffe
 
         super().__init__(ctx)
         self.parse_spiffe = parse_spiffe
-        mesh = ctx.config.mesh
+        mesh = ctx.config.mesh  # restart-only: the names of the mesh do not change on reload
         self.td_prefix = f"spiffe://{mesh.trust_domain}/"
         self.sa_is_service = mesh.service_account_is_service
-        self.extra = [
-            (PartyMatcher([svc]), re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in ids)))
-            for svc, ids in ctx.policy.policy.identities.items()
-        ]
-        self.ok: dict[str, dict[str, bool]] = {}  # client uid -> presented id -> may present it
         self.wait = self.cfg.pairing_wait_ms / 1000
         # Inbound entries waiting for their client's entry, by request id or client socket. A
         # generational store alone (a dict write per entry, expiry drops a generation whole): the
@@ -106,6 +101,15 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         self.store(self.claims)
         self.claims_until = float("-inf")
         self.dst_of: dict[str, Identity] = {}  # observer -> the destination it logs inbound entries for
+        self.configure()
+
+    def configure(self) -> None:
+        self.extra = [
+            (PartyMatcher([svc]), re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in ids)))
+            for svc, ids in self.ctx.policy.policy.identities.items()
+        ]
+        self.ok: dict[str, dict[str, bool]] = {}  # client uid -> presented id -> may present it
+        self.wait = self.waiting.ttl = self.cfg.pairing_wait_ms / 1000
 
     # --- who may present what ------------------------------------------------------------------
     def may_present(self, client: Identity, presented: str) -> bool:

@@ -68,13 +68,11 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        grace = self.cfg.grace_ms / 1000
-        self.pending = self.parking("spans_awaiting_access_log", grace, self._expired)
-        self.grace = grace
+        self.pending = self.parking("spans_awaiting_access_log", 0.0, self._expired)
         # Spans the index cannot join (see the module doc), judged on expiry against the
         # sidecar's last log; one second more than the grace: with workers, each sidecar's last
         # log is shared once a second.
-        self.unjoined = self.parking("spans_awaiting_any_access_log", grace + 1.0, self._expired_unjoined)
+        self.unjoined = self.parking("spans_awaiting_any_access_log", 0.0, self._expired_unjoined)
         # service key -> latest start time (the span's own clock) of a span showing it serving
         self.last_span: GenStore[str, float] = GenStore("service_last_span", 86_400, ctx.max_items)
         self.silence_reported: dict[str, float] = {}
@@ -83,9 +81,16 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
         self.silent_from: dict[str, float] = {}
         # span id -> the service that made the call: names the source of a bypassed request
         # from the parent span in the same trace.
-        self.client_spans: GenStore[str, Identity] = GenStore("client_spans", max(60.0, grace * 4), ctx.max_items)
+        self.client_spans: GenStore[str, Identity] = GenStore("client_spans", 60.0, ctx.max_items)
         self.store(self.last_span)
         self.store(self.client_spans)
+        self.configure()
+
+    def configure(self) -> None:
+        self.grace = self.cfg.grace_ms / 1000
+        self.pending.ttl = self.grace
+        self.unjoined.ttl = self.grace + 1.0
+        self.client_spans.ttl = max(60.0, self.grace * 4)
 
     def _seen_serving(self, svc: str, h: Hop, now: float) -> None:
         last = self.last_span.get(svc)

@@ -37,14 +37,18 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.wait = self.cfg.attribution_wait_ms / 1000
-        self.pending = self.parking("plaintext_pending_attribution", self.wait, self._expired)
+        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired)
         # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending.
-        self.by_rid: TTLStore[str, int] = TTLStore("plaintext_pending_by_request_id", self.wait, ctx.max_items)
-        self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", self.wait, ctx.max_items)
+        self.by_rid: TTLStore[str, int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
+        self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", 0.0, ctx.max_items)
         self.store(self.by_rid)
         self.store(self.by_conn)
         self._seq = 0
+        self.configure()
+
+    def configure(self) -> None:
+        self.wait = self.cfg.attribution_wait_ms / 1000
+        self.pending.ttl = self.by_rid.ttl = self.by_conn.ttl = self.wait
 
     def _check(self, h: Hop, src: Identity) -> None:
         if not self.exempt(src, h.dst, h):

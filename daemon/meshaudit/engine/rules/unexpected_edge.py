@@ -53,6 +53,11 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         cfg = self.cfg
         self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
 
+    def configure(self) -> None:
+        cfg = self.cfg
+        self.learn = cfg.mode == "learn"
+        self.enforcement.configure(cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
         policy = ctx.policy

@@ -48,6 +48,9 @@ class WeakTls(Rule[WeakTlsConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
+        self.configure()
+
+    def configure(self) -> None:
         self.allowed = self.cfg.allowed_ciphers
         min_rank = VERSION_RANK[self.cfg.min_version]
         # version -> True: below min_version (alert), False: judge the cipher, None: version
