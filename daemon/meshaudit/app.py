@@ -197,6 +197,8 @@ class Daemon:
         self.config_path = config_path
         self.link = link
         self.engine = build_engine(config, policy, peers=link is not None)
+        if link is not None:  # a worker: the learn-mode baseline comes from the coordinator
+            link.engine_built(self.engine)
         r = config.receivers
         self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
         self.core = CoreTasks(self._core_task_died)
@@ -334,6 +336,8 @@ class Daemon:
         if config.listen != self.config.listen or config.sinks != self.config.sinks:
             log.warning("Listen addresses and sinks change only on restart; rules and policy reloaded now.")
         self.engine = build_engine(config, policy, peers=self.link is not None)
+        if self.link is not None:
+            self.link.engine_built(self.engine)
         self.config, self.policy = config, policy
         if self.link is None:  # a worker reloads when its coordinator says; that one counts
             metrics.CONFIG_RELOADS.labels("ok").inc()
