@@ -295,6 +295,14 @@ class BaselineFile:
             self.log.info(
                 "No learned baseline at %s yet: learning edges for %d s, then saving them there.", self.path, learn_secs
             )
+            where = self.path.parent
+            if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+                self.log.warning(
+                    "The learned baseline cannot be saved in %s (%s); create it or make it writable before "
+                    "the learning window ends.",
+                    where,
+                    "no such directory" if not where.is_dir() else "not writable",
+                )
             return None
         metrics.BASELINE_LOADS.labels("loaded").inc()
         self.log.info(

@@ -283,3 +283,18 @@ def test_a_corrupt_file_is_not_replaced_when_its_copy_cannot_be_kept(small_disk:
     assert f.read_bytes() == b"x" * 1000  # still the original: no copy, no overwrite
     assert keeper.flush(sample, T0 + baseline.RETRY_SECS)
     assert Path(f"{f}.corrupt").read_bytes() == b"x" * 1000
+
+
+def test_a_state_file_in_a_missing_directory_is_warned_about_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = tmp_path / "not-there" / "baseline.json"
+    keeper = BaselineFile(f)
+    with caplog.at_level(logging.WARNING, "meshaudit.baseline"):
+        assert keeper.load(600) is None
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert str(f.parent) in msg and "no such directory" in msg
+    keeper.request()
+    assert not keeper.flush(sample, T0)  # counted and logged, never raised
+    f.parent.mkdir()
+    assert keeper.flush(sample, T0 + baseline.RETRY_SECS)
