@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "infra.brokers",
+    "infra.disk",
 ]

@@ -133,14 +133,26 @@ def dispatch_to(sinks: list[Sink], alerts: list[Alert]) -> None:
                 ERRORS.record("dispatch", exc, f"offering a {a.rule} alert to sink {s.name}")
 
 
-def load_for_reload(path: str | None, dispatch: Callable[[list[Alert]], None]) -> tuple[Config, Policy] | None:
+def with_listen(config: Config, overrides: dict[str, str]) -> Config:
+    """The command line's listen addresses (``--grpc``, ...) over the file's."""
+    if not overrides:
+        return config
+    return config.model_copy(
+        update={"listen": ListenConfig.model_validate({**config.listen.model_dump(), **overrides})}
+    )
+
+
+def load_for_reload(
+    path: str | None, dispatch: Callable[[list[Alert]], None], overrides: dict[str, str] | None = None
+) -> tuple[Config, Policy] | None:
     """SIGHUP: the file again, or None when there is none or it is invalid (then the running
     configuration stays; the failure is logged, counted and raised as a config_invalid alert)."""
     if path is None:
         log.warning("SIGHUP ignored: the daemon runs on built-in defaults, there is no file to reload.")
         return None
     try:
-        return load(path)
+        config, policy = load(path)
+        return with_listen(config, overrides or {}), policy
     except ConfigError as exc:
         metrics.CONFIG_RELOADS.labels("invalid").inc()
         log.error("Configuration reload failed; keeping the running configuration:\n%s", exc)
@@ -229,14 +241,25 @@ class Daemon:
     """The whole daemon in one process, or (``link`` set) one worker of ``workers: N``: then it
     runs the receivers and the rules only, and its violations go to the coordinator."""
 
-    def __init__(self, config: Config, policy: Policy, config_path: str | None, link: WorkerLink | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        policy: Policy,
+        config_path: str | None,
+        link: WorkerLink | None = None,
+        overrides: dict[str, str] | None = None,
+    ) -> None:
+        """``overrides``: the command line's listen addresses, applied again on every reload."""
         self.config = config
+        self.overrides = overrides or {}
         self.policy = policy
         self.config_path = config_path
         # the configuration's files as last loaded: a change reloads (reload_watch_ms)
         self.files = FileWatch(lambda: watched_files(self.config_path, self.config))
         self.link = link
         self.engine = build_engine(config, policy, peers=link is not None)
+        if link is not None:  # a worker: the learn-mode baseline comes from the coordinator
+            link.engine_built(self.engine)
         r = config.receivers
         self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
         self.core = CoreTasks(self._core_task_died)
@@ -372,7 +395,7 @@ class Daemon:
         invalid one changes nothing); then it is applied without losing state: correlation
         indexes, waits, per-edge and aggregation windows and the learned baseline survive."""
         self.files.mark()
-        loaded = load_for_reload(self.config_path, self.dispatch)
+        loaded = load_for_reload(self.config_path, self.dispatch, self.overrides)
         if loaded is None:
             return
         config, waiting = for_reload(self.config, loaded[0])
@@ -473,9 +496,7 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
     """Load, validate and run; returns the process exit code (2 for a bad configuration)."""
     try:
         config, policy = load(config_path)
-        if overrides:
-            listen = ListenConfig.model_validate({**config.listen.model_dump(), **overrides})
-            config = config.model_copy(update={"listen": listen})
+        config = with_listen(config, overrides)
     except ConfigError as exc:
         print(f"meshaudit: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -491,9 +512,9 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
     if config.workers > 1:
         from meshaudit.workers import Coordinator
 
-        return uvloop.run(Coordinator(config, policy, path).run())
-    return uvloop.run(_main(config, policy, path))
+        return uvloop.run(Coordinator(config, policy, path, overrides).run())
+    return uvloop.run(_main(config, policy, path, overrides))
 
 
-async def _main(config: Config, policy: Policy, path: str | None) -> int:
-    return await Daemon(config, policy, path).run()
+async def _main(config: Config, policy: Policy, path: str | None, overrides: dict[str, str]) -> int:
+    return await Daemon(config, policy, path, overrides=overrides).run()

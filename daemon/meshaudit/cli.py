@@ -1,4 +1,5 @@
-"""Command line: ``meshaudit run --config FILE`` and ``meshaudit validate FILE``.
+"""Command line: ``meshaudit run --config FILE``, ``meshaudit validate FILE`` and
+``meshaudit baseline export --state FILE [--since WHEN]``.
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port in use), 2 invalid configuration or usage.
 ``validate`` prints every error and warning of the configuration and its policy files.
@@ -23,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", metavar="HOST:PORT", help="listen address for /metrics, /healthz, /readyz")
     val = sub.add_parser("validate", help="check a configuration file and its policy, then exit")
     val.add_argument("file")
+    base = sub.add_parser("baseline", help="the baseline unexpected_edge learned (learn mode, state_file)")
+    base_sub = base.add_subparsers(dest="baseline_command", required=True)
+    exp = base_sub.add_parser("export", help="print a learned baseline as a reviewable policy file (YAML)")
+    exp.add_argument("--state", required=True, metavar="FILE", help="the state file (rules.unexpected_edge.state_file)")
+    exp.add_argument(
+        "--since", metavar="WHEN", help="only edges first seen at or after WHEN: YYYY-MM-DD (UTC) or RFC 3339"
+    )
     return p
 
 
@@ -48,8 +56,30 @@ def _validate(path: str) -> int:
     return 0
 
 
+def _export(state: str, since_arg: str | None) -> int:
+    from meshaudit.baseline import BaselineError, export_policy, load, parse_since
+
+    try:
+        since = parse_since(since_arg) if since_arg is not None else None
+    except ValueError as exc:
+        print(f"meshaudit baseline export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        b = load(state)
+    except BaselineError as exc:
+        print(f"meshaudit baseline export: {exc}", file=sys.stderr)
+        return 2
+    if b is None:
+        print(f"meshaudit baseline export: {state}: no such file", file=sys.stderr)
+        return 2
+    sys.stdout.write(export_policy(b, state, since))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "baseline":
+        return _export(args.state, args.since)
     if args.command == "validate":
         return _validate(args.file)
     from meshaudit.app import run

@@ -343,7 +343,18 @@ Config.model_rebuild()
 # Keys a reload cannot apply to a running daemon: the ports, the receivers' bounds and naming, the
 # sinks, the processes, and the stores' bounds. A changed one is logged by name and waits for a
 # restart; everything else (rules, policy, engine timing, log level, the watch) applies at once.
-RESTART_ONLY: tuple[str, ...] = ("listen", "receivers", "mesh", "sinks", "workers", "engine.store_max_items")
+RESTART_ONLY: tuple[str, ...] = (
+    "listen",
+    "receivers",
+    "mesh",
+    "sinks",
+    "workers",
+    "engine.store_max_items",
+    # what learn mode starts from: the baseline file it loads at start, and what it learns
+    "rules.unexpected_edge.mode",
+    "rules.unexpected_edge.state_file",
+    "rules.unexpected_edge.learn_routes",
+)
 
 
 def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
@@ -365,6 +376,16 @@ def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
     """The configuration a reload applies: ``new``, with the running values of the restart-only
     keys; and the restart-only keys that changed (to log by name)."""
     waiting = [k for k in changed_keys(running, new) if any(k == p or k.startswith(p + ".") for p in RESTART_ONLY)]
-    engine = new.engine.model_copy(update={"store_max_items": running.engine.store_max_items})
-    keep = {k: getattr(running, k) for k in ("listen", "receivers", "mesh", "sinks", "workers")}
-    return new.model_copy(update={**keep, "engine": engine}), waiting
+    applied = new
+    for key in RESTART_ONLY:
+        applied = _keep(applied, running, key.split("."))
+    return applied, waiting
+
+
+def _keep(new: Any, running: Any, path: list[str]) -> Any:
+    """``new`` with the running value at ``path`` (its models copied on the way down)."""
+    head, rest = path[0], path[1:]
+    value = getattr(running, head)
+    if rest:
+        value = _keep(getattr(new, head), value, rest)
+    return new.model_copy(update={head: value})

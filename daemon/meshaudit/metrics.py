@@ -173,3 +173,19 @@ ALERTS_SUPPRESSED = Counter(
     ["rule"],
     registry=REGISTRY,
 )
+
+# --- unexpected_edge in learn mode: the learned baseline's state file -------------------------------
+BASELINE_WRITES = Counter(
+    "meshaudit_baseline_writes_total",
+    "Writes of the learned baseline to rules.unexpected_edge.state_file, by result (ok, error: disk full, "
+    "I/O error, read-only; the daemon goes on and tries again).",
+    ["result"],
+    registry=REGISTRY,
+)
+BASELINE_LOADS = Counter(
+    "meshaudit_baseline_loads_total",
+    "Reads of the learned baseline's state file at start, by result (loaded; missing: learning; corrupt: "
+    "refused, learning again).",
+    ["result"],
+    registry=REGISTRY,
+)

@@ -15,8 +15,8 @@ a process boundary, in batches:
   hop's client after ``attribution_wait_ms``) is *deferred*: the coordinator asks every other
   worker at once and returns the merged answer, then the worker decides;
 - shared facts, sent at most once a second: spans are flowing (so every worker keeps indexing
-  access logs), each sidecar's last access log (silent sidecars, mesh membership), edges
-  learned in ``learn`` mode;
+  access logs), each sidecar's last access log (silent sidecars, mesh membership), edges (and
+  routes) learned in ``learn`` mode;
 - violations go to the coordinator's aggregator; each worker's metrics are summed on
   ``/metrics``.
 
@@ -25,6 +25,12 @@ logged once per kind and skipped (``meshaudit.guard``). A worker whose engine or
 anyway exits non-zero and is started again; a coordinator task that ends fails ``/healthz``.
 Each worker reports whether it can receive (engine tasks, ingest queue) once a second, and the
 coordinator's ``/readyz`` combines them.
+
+In ``learn`` mode the coordinator owns the baseline of ``unexpected_edge``: it reads the state file
+(``rules.unexpected_edge.state_file``) at start, answers each worker's hello with the baseline and
+whether learning is over (the worker builds its engine from it before it listens), merges what the
+workers learn, ends the learning window (``learn_secs`` after the first edge a worker learned),
+tells the workers, and writes the file. A worker that reloads its configuration asks again.
 
 Frames on the coordinator's Unix socket (a private 0700 directory) are 4-byte big-endian
 lengths and pickles: both ends are this program, started by this process.
@@ -70,11 +76,13 @@ from meshaudit.app import (
     watch_guarded,
     watched_files,
 )
+from meshaudit.baseline import Baseline, BaselineFile
 from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import NO_ANSWER, PeerAnswer, Violation
 from meshaudit.engine.core import Engine
 from meshaudit.engine.rules import SUMMARIES
+from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
 from meshaudit.receivers.sockets import ensure_free
@@ -154,6 +162,14 @@ def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:
             into[i] = PeerAnswer(a.covered or b.covered, a.source or b.source)
 
 
+def learner(engine: Engine) -> UnexpectedEdge | None:
+    """The engine's unexpected_edge rule when it runs in learn mode."""
+    for r in engine.rules:
+        if isinstance(r, UnexpectedEdge) and r.learn:
+            return r
+    return None
+
+
 # --- metrics: each worker's registry, summed ----------------------------------------------------
 Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
 
@@ -216,10 +232,26 @@ class WorkerLink:
         self._spans_sent = float("-inf")
         self._last_log_sent = float("-inf")
         self._reader_task: asyncio.Task[None] | None = None
+        self.seed: Message | None = None  # the coordinator's answer to hello: the baseline to start from
 
     def send(self, msg: Message) -> None:
         if not self.writer.is_closing():
             self.writer.write(frame(msg))
+
+    def engine_built(self, engine: Engine) -> None:
+        """A new engine (at start, or after a reload): its learn-mode baseline comes from the
+        coordinator. At start the answer to hello is here already; after a reload the worker
+        asks, and until the answer comes the rule alerts as if learning were over (the
+        coordinator drops what its own baseline knows, and everything while it still learns)."""
+        rule = learner(engine)
+        seed, self.seed = self.seed, None
+        if rule is None:
+            return
+        if seed is not None:
+            rule.seed(seed[1], seed[2])
+        else:
+            rule.learning_over = True
+            self.send(("baseline?",))
 
     def ready(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -248,11 +280,10 @@ class WorkerLink:
         if fresh:
             self._last_log_sent = max(fresh.values())
             self.send(("last_log", fresh))
-        for r in engine.rules:
-            learned = getattr(r, "learned_new", None)
-            if learned:
-                self.send(("learned", list(learned)))
-                learned.clear()
+        rule = learner(engine)
+        if rule is not None and (rule.learned_new or rule.routes_new):
+            self.send(("learned", rule.learned_new, rule.routes_new))
+            rule.learned_new, rule.routes_new = [], []
         self.send(("metrics", snapshot(metrics.REGISTRY, worker=True)))
         if self.daemon is not None:
             self.send(("intake", self.daemon.intake_state()))
@@ -292,13 +323,18 @@ class WorkerLink:
                 mine = store.get(svc)
                 if mine is None or mine < t:
                     store.put(svc, t, now)
-        elif tag == "learned":  # (source, destination) tuples another worker learned
-            now = time.time()
-            for r in engine.rules:
-                baseline = getattr(r, "baseline", None)
-                if baseline is not None:
-                    for k in msg[1]:
-                        baseline.put(k, True, now)
+        elif tag == "learned":  # (source, destination, first seen) another worker learned
+            rule = learner(engine)
+            if rule is not None:
+                rule.add_learned(msg[1])
+        elif tag == "learn_over":  # the coordinator's learning window ended
+            rule = learner(engine)
+            if rule is not None:
+                rule.learning_over = True
+        elif tag == "baseline":  # the answer to "baseline?" after a reload
+            rule = learner(engine)
+            if rule is not None:
+                rule.seed(msg[1], msg[2])
 
     async def close(self, deadline: float) -> None:
         if self.daemon is not None:
@@ -324,6 +360,12 @@ async def _worker_main(config: Config, policy: Policy, config_path: str | None, 
     reader, writer = await asyncio.open_unix_connection(sock_path)
     link = WorkerLink(index, reader, writer)
     link.send(("hello", index, os.getpid()))
+    # The coordinator answers with the learn-mode baseline: the engine starts from it, before
+    # the worker listens, so no hop is ever judged without it.
+    link.seed = await read_frame(reader)
+    if link.seed is None or link.seed[0] != "baseline":
+        log.error("Worker %d: no answer from the coordinator; stopping.", index)
+        return 1
     return await Daemon(config, policy, config_path, link=link).run(ready_message=False)
 
 
@@ -368,8 +410,11 @@ class _Fanout:
 
 
 class Coordinator:
-    def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
+    def __init__(
+        self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
+    ) -> None:
         self.config = config
+        self.overrides = overrides or {}  # the command line's listen addresses, again on each reload
         self.policy = policy
         self.config_path = config_path
         self.files = FileWatch(lambda: watched_files(self.config_path, self.config))
@@ -381,7 +426,12 @@ class Coordinator:
         self.fanouts: dict[int, _Fanout] = {}
         self._cqids = itertools.count(1)
         self.last_log: dict[str, float] = {}
-        self.baseline: set[tuple[str, str]] = set()
+        # learn mode: the merged baseline, its window and its file (``_start_baseline``)
+        self.baseline = Baseline()
+        self.learn_started: float | None = None
+        self.learn_over = False
+        self.baseline_file: BaselineFile | None = None
+        self._start_baseline()
         self.summed = SummedMetrics(metrics.REGISTRY)
         self.expo = CollectorRegistry(auto_describe=False)
         self.expo.register(self.summed)
@@ -435,6 +485,58 @@ class Coordinator:
         r = self.config.rules.unexpected_edge
         return bool(r.enabled and r.mode == "learn")
 
+    # --- learn mode: the baseline --------------------------------------------------------------
+    def _start_baseline(self) -> None:
+        """At start and on reload: an empty baseline, or the one saved in the state file (then
+        learning is over already)."""
+        cfg = self.config
+        limit = cfg.engine.store_max_items
+        self.baseline = Baseline(limit, limit)
+        self.learn_started = None
+        self.learn_over = False
+        self.baseline_file = None
+        r = cfg.rules.unexpected_edge
+        if not self._learn_mode() or r.state_file is None:
+            return
+        self.baseline_file = BaselineFile(r.state_file)
+        saved = self.baseline_file.load(r.learn_secs)
+        if saved is not None:
+            self.baseline.add_edges((s, d, t) for (s, d), t in saved.edges.items())
+            self.baseline.routes.update(saved.routes)
+            self.learn_over = True
+
+    def _seed(self) -> Message:
+        """What a worker's engine starts from: the baseline's edges and whether learning is over."""
+        return ("baseline", [(s, d, t) for (s, d), t in self.baseline.edges.items()], self.learn_over)
+
+    def _learned(self, index: int, edges: list[tuple[str, str, float]], routes: list[tuple[str, str, str]]) -> None:
+        if self.learn_started is None and edges:
+            self.learn_started = min(t for _, _, t in edges)
+        new = self.baseline.add_edges(edges)
+        fresh_routes = [r for r in routes if self.baseline.routes.add(*r)]
+        if new:
+            self._broadcast(index, ("learned", new))
+        if self.learn_over and (new or fresh_routes) and self.baseline_file is not None:
+            self.baseline_file.request()  # learned just before the window ended: saved again
+
+    def _baseline_tick(self, now: float) -> None:
+        if not self._learn_mode():
+            return
+        started = self.learn_started
+        learn_secs = self.config.rules.unexpected_edge.learn_secs
+        if not self.learn_over and started is not None and now - started >= learn_secs:
+            self.learn_over = True
+            log.info(
+                "Learning window over: %d edges learned by the workers; edges not among them alert from now on.",
+                len(self.baseline),
+            )
+            self._broadcast(-1, ("learn_over",))
+            if self.baseline_file is not None:
+                self.baseline_file.request()
+        f = self.baseline_file
+        if f is not None and f.pending:
+            f.flush(lambda: self.baseline, now)
+
     # --- messages from workers -------------------------------------------------------------------
     def _send(self, index: int, msg: Message) -> None:
         w = self.workers.get(index)
@@ -454,8 +556,12 @@ class Coordinator:
             learn = self._learn_mode()
             for wire in msg[1]:
                 v = violation_from_wire(wire)
-                if learn and v.rule == "unexpected_edge" and (v.src.key, v.dst.key) in self.baseline:
-                    continue  # learned by another worker: not new after all
+                if (
+                    learn
+                    and v.rule == "unexpected_edge"
+                    and (not self.learn_over or (v.src.key, v.dst.key) in self.baseline.edges)
+                ):
+                    continue  # learned by another worker (or still learning): not new after all
                 self.agg.add(v, now)
             self.dispatch(self.agg.drain())
         elif tag == "query":
@@ -474,11 +580,10 @@ class Coordinator:
             if fresh:
                 self.last_log.update(fresh)
                 self._broadcast(index, ("last_log", fresh))
-        elif tag == "learned":
-            new = [k for k in msg[1] if k not in self.baseline]  # (source, destination) tuples
-            self.baseline.update(new)
-            if new:
-                self._broadcast(index, ("learned", new))
+        elif tag == "learned":  # (source, destination, first seen), (destination, method, path)
+            self._learned(index, msg[1], msg[2])
+        elif tag == "baseline?":  # a worker that reloaded its configuration
+            self._send(index, self._seed())
         elif tag == "metrics":
             self.summed.workers[index] = msg[1]
             if len(msg) > 2 and msg[2] == self._scrape_seq:
@@ -521,6 +626,7 @@ class Coordinator:
         w = self.workers[hello[1]]
         w.writer = writer
         w.gone.clear()
+        writer.write(frame(self._seed()))  # before any broadcast: the worker starts from it
         try:
             while True:
                 msg = await read_frame(reader)
@@ -601,6 +707,10 @@ class Coordinator:
             except Exception as exc:  # windows are checked again on the next tick
                 ERRORS.record("tick", exc)
             self.dispatch(self.agg.drain())
+            try:
+                self._baseline_tick(now)
+            except Exception as exc:
+                ERRORS.record("tick", exc, "the learned baseline")
             mono = time.monotonic()
             for cqid in [c for c, fo in self.fanouts.items() if fo.deadline <= mono]:
                 try:
@@ -619,7 +729,7 @@ class Coordinator:
     def reload(self) -> None:
         """Check the file here first; the workers reload it only when it is valid."""
         self.files.mark()
-        loaded = load_for_reload(self.config_path, self.dispatch)
+        loaded = load_for_reload(self.config_path, self.dispatch, self.overrides)
         if loaded is None:
             return
         # compared with the addresses as configured (port 0 stays 0), kept as bound

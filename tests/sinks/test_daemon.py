@@ -19,8 +19,8 @@ import pytest
 from infra import als
 from infra.brokers import Mosquitto, Tansu, free_port
 from infra.daemon import Daemon
+from infra.disk import SmallDisk
 
-from sinks.conftest import SmallDisk
 from sinks.support import KafkaReader, create_topic, mqtt_reader, unique, wait_for
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,8 @@ import errno
 from pathlib import Path
 
 import pytest
+from infra.disk import SmallDisk
 from meshaudit.sinks.spool import HEADER, Spool
-
-from sinks.conftest import SmallDisk
 
 
 def _fill(spool: Spool, n: int, start: int = 0) -> None:

@@ -76,3 +76,13 @@ def test_restart_only_keys_are_named_and_keep_their_running_values() -> None:
     assert applied.listen == running.listen and applied.mesh == running.mesh
     assert applied.engine.store_max_items == 1000 and applied.engine.suppress_secs == 30
     assert applied.log_level == "debug"
+
+
+def test_learn_mode_and_its_state_file_are_restart_only() -> None:
+    running = cfg()
+    edge = {"mode": "learn", "state_file": "/tmp/b.json", "severity": "warning"}
+    new = cfg(rules={**BASE["rules"], "unexpected_edge": edge})
+    applied, waiting = for_reload(running, new)
+    assert waiting == ["rules.unexpected_edge.mode", "rules.unexpected_edge.state_file"]
+    section = applied.rules.unexpected_edge
+    assert (section.mode, section.state_file, section.severity) == ("policy", None, "warning")

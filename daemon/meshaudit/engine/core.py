@@ -1,4 +1,6 @@
-"""The rule engine: pure, no I/O, no asyncio; the clock is passed in.
+"""The rule engine: pure, no I/O, no asyncio; the clock is passed in. One exception: in learn
+mode with a ``state_file`` (one process), unexpected_edge reads its baseline when it is built
+and writes it at the tick that ends its learning window (``meshaudit.baseline``).
 
 ``Engine.evaluate(hops, now)`` and ``Engine.tick(now)`` return alerts. Per batch the engine
 first indexes every hop into the shared :class:`Correlation` (stage 1: both sidecars' entries of

@@ -9,18 +9,33 @@ Hops whose source cannot be named (plaintext with no pairing yet) are left to pl
 Each violation says whether the mesh blocked the request (``engine/enforcement.py``): denied by
 RBAC or ext_authz (``severity``) or served (``severity_when_served``); a source sidecar's entry
 that cannot tell waits up to ``denial_wait_ms`` for the destination sidecar's entry.
+
+Learn mode: the window opens at the first hop the engine sees and ends ``learn_secs`` later (the
+first tick after it ends it); from then on an edge not learned alerts. With ``state_file`` the
+baseline is read at construction (``meshaudit.baseline``): a saved one means learning is over
+already; otherwise the baseline is written at the tick that ends the window (the one file write
+the engine does). With ``learn_routes`` the (method, path) pairs per destination are learned and
+saved too, for ``meshaudit baseline export``; this rule never alerts on a route. With peers
+(``workers: N``) the coordinator owns the window and the file: it seeds each worker's baseline
+(:meth:`UnexpectedEdge.seed`), merges what the workers learned and tells them when learning is
+over.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import Field
 
+from meshaudit.baseline import Baseline, BaselineFile, Routes, route_path
 from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity
 from meshaudit.engine.enforcement import DENIAL_WAIT_MS, Enforcement
 from meshaudit.engine.store import TTLStore
 from meshaudit.model import UNKNOWN, Hop
+
+log = logging.getLogger("meshaudit.rules.unexpected_edge")
 
 
 class UnexpectedEdgeConfig(RuleConfig):
@@ -36,6 +51,17 @@ class UnexpectedEdgeConfig(RuleConfig):
         description="How long a source sidecar's entry that cannot tell a denial (HTTP 4xx/5xx from the "
         "upstream, TCP) waits for the destination sidecar's entry of the same request.",
     )
+    state_file: str | None = Field(
+        None,
+        description="In learn mode: a file (relative to the working directory) that keeps the learned baseline "
+        "across restarts: read at start (a saved baseline means no relearning), written when the learning "
+        "window ends. None: the baseline is learned again on every start.",
+    )
+    learn_routes: bool = Field(
+        False,
+        description="In learn mode: also learn (method, path) pairs per destination (at most 1000 each), saved in "
+        "state_file and exported by `meshaudit baseline export` as a routes: policy. Never alerted by this rule.",
+    )
 
 
 class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
@@ -45,12 +71,28 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.learn = self.cfg.mode == "learn"
-        # Baseline edges: kept for the daemon's life (bounded; a full baseline stops learning).
-        self.baseline: TTLStore[tuple[str, str], bool] = TTLStore("learned_edges", float("inf"), ctx.max_items)
-        self.store(self.baseline)
-        self.learned_new: list[tuple[str, str]] = []  # with peers: learned here, not yet shared
         cfg = self.cfg
+        self.learn = cfg.mode == "learn"
+        # Baseline edges -> the time each was first seen: kept for the daemon's life (bounded; a
+        # full baseline stops learning).
+        self.baseline: TTLStore[tuple[str, str], float] = TTLStore("learned_edges", float("inf"), ctx.max_items)
+        self.store(self.baseline)
+        self.routes: Routes | None = None  # learn_routes: (method, path) per destination key
+        if self.learn and cfg.learn_routes:
+            self.routes = Routes(ctx.max_items)
+            self.store(self.routes)
+        # With peers: learned here, not yet shared (source, destination, first seen) and
+        # (destination, method, path).
+        self.learned_new: list[tuple[str, str, float]] = []
+        self.routes_new: list[tuple[str, str, str]] = []
+        # The window ended, or a saved baseline was loaded (with peers: the coordinator says so).
+        self.learning_over = False
+        self.file: BaselineFile | None = None
+        if self.learn and cfg.state_file is not None and not ctx.peers:
+            self.file = BaselineFile(cfg.state_file)
+            saved = self.file.load(cfg.learn_secs)
+            if saved is not None:
+                self.seed(((s, d, t) for (s, d), t in saved.edges.items()), True, saved.routes)
         self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
 
     def configure(self) -> None:
@@ -58,17 +100,76 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         self.learn = cfg.mode == "learn"
         self.enforcement.configure(cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
 
+    # --- the baseline ----------------------------------------------------------------------------
+    def seed(self, edges: Iterable[tuple[str, str, float]], over: bool, routes: Routes | None = None) -> None:
+        """Start from a baseline learned before: the state file's, or (with peers) the
+        coordinator's merged one. ``over``: learning is over (edges not in it alert at once)."""
+        store = self.baseline
+        dropped = 0
+        for s, d, t in edges:
+            if len(store) >= store.max_items:
+                dropped += 1
+            else:
+                store.add((s, d), t, t)
+        if dropped:
+            log.warning(
+                "The learned baseline has %d more edges than engine.store_max_items (%d) holds; they are "
+                "left out and alert when seen.",
+                dropped,
+                store.max_items,
+            )
+        if routes is not None and self.routes is not None:
+            self.routes.update(routes)
+        self.learning_over = over
+
+    def add_learned(self, edges: Iterable[tuple[str, str, float]]) -> None:
+        """Edges another worker learned (with peers), merged into this one's baseline."""
+        store = self.baseline
+        for s, d, t in edges:
+            if len(store) < store.max_items:
+                store.add((s, d), t, t)
+
+    def end_learning(self) -> None:
+        if not self.learning_over:
+            self.learning_over = True
+            n = len(self.baseline)
+            log.info("Learning window over: %d edges learned; edges not among them alert from now on.", n)
+            if self.file is not None:
+                self.file.request()
+
+    def snapshot(self) -> Baseline:
+        """The baseline as it is saved."""
+        b = Baseline(self.baseline.max_items, self.ctx.max_items)
+        b.edges = dict(self.baseline.items())
+        if self.routes is not None:
+            b.routes = self.routes
+        return b
+
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
         policy = ctx.policy
         if not self.learn and not policy.has_edges:
             return
-        learning = self.learn and ctx.started is not None and now - ctx.started < self.cfg.learn_secs
+        # With peers the coordinator ends the window (``learning_over``); alone, the clock does.
+        learning = (
+            self.learn
+            and not self.learning_over
+            and (ctx.peers or (ctx.started is not None and now - ctx.started < self.cfg.learn_secs))
+        )
+        baseline = self.baseline
+        routes = self.routes
         edge_cache = policy.edge_cache
         enf = self.enforcement
         for h in hops:
             if h.direction == UNKNOWN:
                 continue
+            if learning and routes is not None:  # any request, as unexpected_path judges: named source or not
+                method = h.method
+                if method is not None:
+                    path = route_path(h.path)
+                    dkey = h.dst.key
+                    if path is not None and routes.add(dkey, method, path) and ctx.peers:
+                        self.routes_new.append((dkey, method, path))
             # corr.named_source() and edge_allowed()'s cache hit, inlined: this loop runs for every entry,
             # and the two calls cost ~0.1 us per entry (~1 % of the daemon's work)
             src = h.src
@@ -81,12 +182,12 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
             if self.learn:
                 k = (src.key, dst.key)
                 if learning:
-                    if len(self.baseline) < self.baseline.max_items:
-                        if ctx.peers and k not in self.baseline:
-                            self.learned_new.append(k)
-                        self.baseline.put(k, True, now)
+                    if k not in baseline and len(baseline) < baseline.max_items:
+                        baseline.add(k, now, now)
+                        if ctx.peers:
+                            self.learned_new.append((k[0], k[1], now))
                     continue
-                if k in self.baseline:
+                if k in baseline:
                     continue
                 detail = "edge not in the baseline learned at start-up"
             else:
@@ -104,3 +205,10 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
     def on_tick(self, now: float) -> None:
         super().on_tick(now)
         self.enforcement.tick(now)
+        if self.learn and not self.learning_over and not self.ctx.peers:
+            started = self.ctx.started
+            if started is not None and now - started >= self.cfg.learn_secs:
+                self.end_learning()
+        file = self.file
+        if file is not None and file.pending:
+            file.flush(self.snapshot, now)
