@@ -177,6 +177,10 @@ def _known_rules(names: list[str]) -> list[str]:
 class EdgeRule(_Strict):
     from_: list[str] = Field(alias="from", min_length=1, description="Source patterns.")
     to: list[str] = Field(min_length=1, description="Destination patterns.")
+    protocol: Literal["http", "tcp"] | None = Field(None, description="Only requests (http) or connections (tcp).")
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(
+        None, description="Only to these destination ports (the port of the Envoy cluster: inbound|9000||)."
+    )
 
 
 class RouteAllow(_Strict):
@@ -261,6 +265,62 @@ class PolicyException(_Strict):
     _rules = field_validator("rules")(_known_rules)
 
 
+# Options a destination's override may set: the severity of every rule, and what each rule reads
+# when it judges one destination's traffic (per-edge windows: their thresholds, not their length).
+PER_DESTINATION: dict[str, frozenset[str]] = {
+    name: frozenset({"severity", "severity_when_served", "min_ratio", "min_requests", "min_retries"})
+    & set(cls.Config.model_fields)
+    for name, cls in ((r.name, r) for r in REGISTRY)
+}
+
+
+class RuleOverride(BaseModel):
+    """A rule's options set by the policy (a security team's file), for all traffic or for a
+    destination (``to``): ``{rule: error_burst, to: [payments.*], min_ratio: 0.2}``. Over the
+    configuration's ``rules.<name>``; later overrides over earlier ones."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    rule: str
+    to: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_list)] | None = None
+
+    _rule = field_validator("rule")(lambda v: _known_rules([v])[0])
+
+    @model_validator(mode="after")
+    def _options_of_the_rule(self) -> RuleOverride:
+        options = dict(self.__pydantic_extra__ or {})
+        cls = next(r for r in REGISTRY if r.name == self.rule)
+        known = set(cls.Config.model_fields) - {"enabled"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"{self.rule} has no option {unknown[0]!r} (options: {', '.join(sorted(known))})")
+        if not options:
+            raise ValueError("an override sets at least one option of its rule")
+        if self.to is not None:
+            fixed = sorted(set(options) - PER_DESTINATION[self.rule])
+            if fixed:
+                allowed = ", ".join(sorted(PER_DESTINATION[self.rule]))
+                raise ValueError(f"{fixed[0]!r} is set for all traffic only (for a destination: {allowed})")
+        cls.Config.model_validate(options)  # the values, as the rule's own section checks them
+        return self
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class TlsPolicy(_Strict):
+    """What TLS the mesh must use (weak_tls): over ``rules.weak_tls``."""
+
+    min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] | None = None
+    allowed_ciphers: list[str | int] | None = None
+
+    @model_validator(mode="after")
+    def _as_weak_tls_reads_them(self) -> TlsPolicy:
+        cls = next(r for r in REGISTRY if r.name == "weak_tls")
+        cls.Config.model_validate({k: v for k, v in self.model_dump().items() if v is not None})
+        return self
+
+
 class Policy(_Strict):
     """What traffic is allowed. Patterns are shell globs matched against a party's
     ``service.namespace``, service, SPIFFE principal, workload or address."""
@@ -278,6 +338,8 @@ class Policy(_Strict):
     edges: list[EdgeRule] | None = Field(None, description="None: no edge policy (unexpected_edge idle).")
     routes: list[RouteRule] = Field(default_factory=list)
     exceptions: list[PolicyException] = Field(default_factory=list)
+    overrides: list[RuleOverride] = Field(default_factory=list)
+    tls: TlsPolicy | None = None
     exemptions: list[Exemption] = Field(default_factory=list, description="The form before exceptions (inline).")
     identities: dict[str, list[str]] = Field(
         default_factory=dict,

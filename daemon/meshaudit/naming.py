@@ -60,6 +60,14 @@ def outbound_cluster_target(cluster: str) -> tuple[str | None, str | None]:
     return labels[0], None
 
 
+def cluster_port(cluster: str) -> int | None:
+    """The port of an Istio cluster name: ``inbound|9000||`` or ``outbound|9000||db.data...``."""
+    parts = cluster.split("|", 2)
+    if len(parts) < 3 or parts[0] not in ("inbound", "outbound") or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
 def strip_pod_hash(pod: str) -> str:
     """``reviews-v1-5d8f7c9b6-x2kq4`` -> ``reviews-v1`` (Deployment pods); other names unchanged."""
     parts = pod.split("-")

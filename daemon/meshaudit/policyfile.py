@@ -253,6 +253,8 @@ def _code(err: Any) -> str:
     if t == "missing":
         return "P004"
     msg = str(err.get("msg", ""))
+    if "has no option" in msg:
+        return "P003"
     if "unknown rule" in msg:
         return "P002"
     if "not an IP network" in msg:
@@ -269,7 +271,7 @@ def _validation_diags(src: Source, exc: ValidationError) -> list[Diagnostic]:
     for err in exc.errors():
         loc = tuple(err["loc"])
         code = _code(err)
-        if code == "P003":
+        if err["type"] == "extra_forbidden":
             out.append(_at(src, loc, "error", code, f"unknown key {str(loc[-1])!r}"))
         elif code == "P004":
             out.append(_at(src, loc, "error", code, f"missing key {str(loc[-1])!r}"))

@@ -144,6 +144,9 @@ class EngineContext:
         # decision here instead of emitting: the worker asks its peers, then calls ``finish``.
         self.peers = False
         self.deferred: list[Deferred] = []
+        # Each rule's options as the core gives them: its ``rules.<name>`` section under the
+        # policy's overrides for all traffic.
+        self.sections: dict[str, RuleConfig] = {}
 
 
 C = TypeVar("C", bound=RuleConfig)
@@ -295,9 +298,10 @@ class Rule(Generic[C]):
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
-        # The rule's section of ``rules:`` (a rule the configuration does not know, e.g. in a
-        # test, runs on its defaults).
-        self.cfg = cast(C, getattr(ctx.config.rules, self.name, None) or self.Config())
+        # The rule's options: its section of ``rules:`` under the policy's overrides for all
+        # traffic (``ctx.sections``, from the core; a rule the configuration does not know, e.g.
+        # in a test, runs on its defaults).
+        self.cfg = cast(C, ctx.sections.get(self.name) or getattr(ctx.config.rules, self.name, None) or self.Config())
         self.emit: Emit = _not_started  # set by the core before the rule's first call
         self._stores: list[Store] = []
         self._edges: list[EdgeWindows] = []
@@ -358,9 +362,17 @@ class Rule(Generic[C]):
     ) -> None:
         """Emit a violation of this rule (after its exemptions: ``exempt`` first); ``more``:
         further examples after ``hop``."""
-        self.emit(
-            Violation(self.name, severity or self.cfg.severity, src, dst, hop, detail, when, summary, blocked, more)
-        )
+        severity = severity or self.setting("severity", dst)
+        self.emit(Violation(self.name, severity, src, dst, hop, detail, when, summary, blocked, more))
+
+    def setting(self, name: str, dst: Identity) -> Any:
+        """An option as it applies to traffic to ``dst``: the policy's last override for a
+        destination that matches it, else the rule's own (``self.cfg``). Read on violations and
+        window judgements, never per entry."""
+        for matches, options in self.ctx.policy.dst_overrides.get(self.name, ()):
+            if name in options and matches(dst):
+                return options[name]
+        return getattr(self.cfg, name)
 
     def window_violation(self, w: Window, detail: str) -> None:
         """Emit the violation of a per-edge window (once per window): its first example as the

@@ -40,11 +40,13 @@ class Engine:
         deferred (``take_deferred``) until the other workers answered."""
         self.config = config
         self.rule_classes = list(rules)
-        sections = self._sections(config)
+        compiled = CompiledPolicy(policy)
+        sections = self._sections(config, compiled)
         enabled = [cls for cls in rules if sections[cls].enabled]
         corr_ttl, horizon = self._correlation_needs(enabled, sections)
         self.corr = Correlation(corr_ttl, config.engine.store_max_items, horizon)
-        self.ctx = EngineContext(config, CompiledPolicy(policy), Namer(config.mesh), self.corr)
+        self.ctx = EngineContext(config, compiled, Namer(config.mesh), self.corr)
+        self.ctx.sections = {cls.name: sections[cls] for cls in rules}
         self.ctx.peers = peers
         self.agg = Aggregator.from_config(config.engine, {cls.name: cls.summary for cls in rules})
         self.forwarded: list[Violation] = []
@@ -55,8 +57,12 @@ class Engine:
         self._now = 0.0
         self.hops_evaluated = 0
 
-    def _sections(self, config: Config) -> dict[type[Rule[Any]], Any]:
-        return {cls: getattr(config.rules, cls.name, None) or cls.Config() for cls in self.rule_classes}
+    def _sections(self, config: Config, policy: CompiledPolicy) -> dict[type[Rule[Any]], Any]:
+        """Each rule's options: its ``rules.<name>`` section, under the policy's overrides."""
+        return {
+            cls: policy.rule_section(cls.name, getattr(config.rules, cls.name, None) or cls.Config())
+            for cls in self.rule_classes
+        }
 
     @staticmethod
     def _correlation_needs(enabled: list[type[Rule[Any]]], sections: dict[type[Rule[Any]], Any]) -> tuple[float, float]:
@@ -68,7 +74,8 @@ class Engine:
         windows and baseline, the aggregation windows. Rules still enabled get their new
         section (``Rule.reconfigure``); newly enabled ones start; disabled ones go, with their
         state. The mesh naming and store bounds are restart-only (the caller says so)."""
-        sections = self._sections(config)
+        compiled = CompiledPolicy(policy)
+        sections = self._sections(config, compiled)
         enabled = [cls for cls in self.rule_classes if sections[cls].enabled]
         corr_ttl, horizon = self._correlation_needs(enabled, sections)
         corr = self.corr
@@ -78,7 +85,8 @@ class Engine:
         corr.horizon = max(corr.ttl, horizon)
         self.config = config
         self.ctx.config = config
-        self.ctx.policy = CompiledPolicy(policy)
+        self.ctx.policy = compiled
+        self.ctx.sections = {cls.name: sections[cls] for cls in self.rule_classes}
         running = {type(r): r for r in self.rules}
         rules: list[Rule[Any]] = []
         for cls in enabled:

@@ -78,11 +78,9 @@ class Enforcement:
     and when the wait ends without it the request counts as served (the destination may have no
     sidecar at all, and then nothing denied it)."""
 
-    def __init__(self, rule: Rule[Any], wait_secs: float, severity: str, severity_when_served: str) -> None:
+    def __init__(self, rule: Rule[Any], wait_secs: float) -> None:
         self.rule = rule
         self.wait = wait_secs
-        self.severity = severity
-        self.severity_when_served = severity_when_served
         max_items = rule.ctx.max_items
         name = rule.name
         # seq -> (the waiting outbound hop, source, destination, detail)
@@ -97,11 +95,9 @@ class Enforcement:
             rule.store(s)
         self._seq = 0
 
-    def configure(self, wait_secs: float, severity: str, severity_when_served: str) -> None:
-        """A reload: new wait and severities; waiting entries keep their deadlines."""
+    def configure(self, wait_secs: float) -> None:
+        """A reload: a new wait; waiting entries keep their deadlines."""
         self.wait = self.pending.ttl = self.by_key.ttl = wait_secs
-        self.severity = severity
-        self.severity_when_served = severity_when_served
 
     def judge(self, h: Hop, src: Identity, dst: Identity, detail: str, now: float) -> None:
         """``h`` breaks the rule: emit it with its verdict, or let it wait for the destination
@@ -148,9 +144,11 @@ class Enforcement:
 
     def _emit(self, h: Hop, src: Identity, dst: Identity, detail: str, den: str | None) -> None:
         if den is None:
-            self.rule.violation(src, dst, h, detail, h.start, self.severity_when_served, blocked=False)
+            severity = self.rule.setting("severity_when_served", dst)
+            self.rule.violation(src, dst, h, detail, h.start, severity, blocked=False)
         else:
-            self.rule.violation(src, dst, h, f"{detail}; denied by {den}", h.start, self.severity, blocked=True)
+            severity = self.rule.setting("severity", dst)
+            self.rule.violation(src, dst, h, f"{detail}; denied by {den}", h.start, severity, blocked=True)
 
     def _expired(self, seq: int, item: tuple[Hop, Identity, Identity, str], now: float) -> None:
         h, src, dst, detail = item

@@ -116,9 +116,9 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
         return True
 
     def _judge(self, w: Window, final: bool) -> None:
-        cfg = self.cfg
         failures, requests = w.hits, w.total
-        if requests < cfg.min_requests or failures / requests < cfg.min_ratio:
+        dst = w.dst  # the policy may set them for a destination
+        if requests < self.setting("min_requests", dst) or failures / requests < self.setting("min_ratio", dst):
             return
         self.window_violation(
             w,

@@ -69,9 +69,9 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
             add(h.src, h.dst, h, now, 1, n)
 
     def _judge(self, w: Window, final: bool) -> None:
-        cfg = self.cfg
         retries, requests = w.hits, w.total
-        if retries < cfg.min_retries or retries / requests < cfg.min_ratio:
+        dst = w.dst  # the policy may set them for a destination
+        if retries < self.setting("min_retries", dst) or retries / requests < self.setting("min_ratio", dst):
             return
         self.window_violation(
             w,

@@ -93,12 +93,12 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
             saved = self.file.load(cfg.learn_secs)
             if saved is not None:
                 self.seed(((s, d, t) for (s, d), t in saved.edges.items()), True, saved.routes)
-        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000)
 
     def configure(self) -> None:
         cfg = self.cfg
         self.learn = cfg.mode == "learn"
-        self.enforcement.configure(cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+        self.enforcement.configure(cfg.denial_wait_ms / 1000)
 
     # --- the baseline ----------------------------------------------------------------------------
     def seed(self, edges: Iterable[tuple[str, str, float]], over: bool, routes: Routes | None = None) -> None:
@@ -193,7 +193,7 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
             else:
                 by_dst = edge_cache.get(src.uid)
                 ok = by_dst.get(dst.uid) if by_dst is not None else None
-                if ok or (ok is None and policy.edge_allowed(src, dst)):
+                if ok or (ok is None and policy.edge_allowed(src, dst)) or policy.narrow_edge_allows(src, dst, h):
                     continue
                 detail = "no policy edge allows it"
             if self.exempt(src, dst, h):

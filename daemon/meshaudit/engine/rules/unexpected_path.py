@@ -38,11 +38,11 @@ class UnexpectedPath(Rule[UnexpectedPathConfig]):
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
         cfg = self.cfg
-        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000)
 
     def configure(self) -> None:
         cfg = self.cfg
-        self.enforcement.configure(cfg.denial_wait_ms / 1000, cfg.severity, cfg.severity_when_served)
+        self.enforcement.configure(cfg.denial_wait_ms / 1000)
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
