@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, KeysView
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -107,6 +107,15 @@ class TTLStore(Generic[K, V]):
         return [(k, v) for k, (v, _) in self._data.items()]
 
 
+def due(store: GenStore[Any, Any] | PairStore[Any, Any, Any], now: float) -> bool:
+    """Whether a generational store's TTL has passed since it last rotated (its first call
+    only starts the clock)."""
+    if store._rotated_at is None:
+        store._rotated_at = now
+        return False
+    return now - store._rotated_at >= store.ttl
+
+
 class GenStore(Generic[K, V]):
     """Generational store: ``put`` writes the current dict; every ``ttl`` (checked by ``expire``,
     which the engine calls on its tick) the previous generation is dropped and the current one
@@ -171,10 +180,7 @@ class GenStore(Generic[K, V]):
 
     def expire(self, now: float) -> int:
         """Rotate when a TTL has passed since the last rotation; returns the entries dropped."""
-        if self._rotated_at is None:
-            self._rotated_at = now
-            return 0
-        if now - self._rotated_at < self.ttl:
+        if not due(self, now):
             return 0
         n = len(self._old)
         self._old = self._cur
@@ -268,10 +274,7 @@ class PairStore(Generic[G, K, V]):
 
     def expire(self, now: float) -> int:
         """Rotate when a TTL has passed since the last rotation; returns the pairs dropped."""
-        if self._rotated_at is None:
-            self._rotated_at = now
-            return 0
-        if now - self._rotated_at < self.ttl:
+        if not due(self, now):
             return 0
         n = self._n_old
         self._rotate(now)
