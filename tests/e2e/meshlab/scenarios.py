@@ -50,11 +50,14 @@ POLICY: dict[str, Any] = {
         {"to": ["reviews.default"], "allow": [{"methods": ["GET"], "paths": ["/reviews/*"]}]},
         {"to": ["ratings.default"], "allow": [{"methods": ["GET"], "paths": ["/ratings/*"]}]},
     ],
-    "exemptions": [
+    "lists": {"health": ["/healthz"]},
+    "exceptions": [
         {
+            "name": "kubelet-probes",
             "rules": ["plaintext_hop", "unexpected_edge", "unexpected_path"],
-            "paths": ["/healthz"],
             "reason": "kubelet probes: plaintext, from outside the mesh",
+            "methods": ["GET"],
+            "paths": ["@health"],
         }
     ],
 }
