@@ -30,6 +30,7 @@ from meshaudit.engine.store import Store
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
 from meshaudit.model import Alert, Hop, alert_id, identity
+from meshaudit.receivers.grpc_health import GrpcHealth
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.http import OtlpHttp
@@ -270,10 +271,16 @@ class Daemon:
         self._violations_seen: dict[str, int] = {}
         self._store_seen: dict[tuple[str, str], int] = {}
         self.bound: dict[str, str] = {}
+        self.grpc_health = GrpcHealth()
 
     # --- health and readiness ---------------------------------------------------------------
     def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
         return readiness_of(self.intake_state(), self.sinks)
+
+    async def _grpc_health(self) -> None:
+        """grpc.health.v1: SERVING exactly when /readyz says ready."""
+        gates, _ = self.readiness()
+        await self.grpc_health.update(all(v == "ok" for v in gates.values()))
 
     def intake_state(self) -> dict[str, str]:
         """Whether this process can receive: listening, engine tasks alive, queue not saturated."""
@@ -375,6 +382,7 @@ class Daemon:
                 last_stats = now
                 try:
                     self._publish_stats()
+                    await self._grpc_health()
                 except Exception as exc:
                     ERRORS.record("stats", exc)
                 if link is not None:
@@ -428,6 +436,7 @@ class Daemon:
         runners: list[web.AppRunner] = []
         try:
             grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
+            self.grpc_health.attach(grpc_server)
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
             # Workers share the coordinator's ports (SO_REUSEPORT); it serves /metrics itself.
@@ -440,6 +449,7 @@ class Daemon:
             await self._shutdown(grpc_server, runners)
             return 1
         self._listening = True
+        await self._grpc_health()
         tune_gc()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         if not worker:  # Ctrl-C reaches every process of the group: the coordinator stops workers
@@ -461,6 +471,7 @@ class Daemon:
         self._listening = False
         # Receivers first: no new data; open ALS streams are cut (Envoy reconnects elsewhere).
         if grpc_server is not None:
+            await self.grpc_health.shutdown()  # NOT_SERVING first: checkers stop sending
             await grpc_server.stop(grace=1.0)
         for r in runners[:1]:
             await r.cleanup()

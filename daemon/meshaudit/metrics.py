@@ -7,9 +7,38 @@ per request, path or service pair.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+import os
+import platform
+from importlib.metadata import version
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from meshaudit import __version__
+
+# A counter's `_created` series doubles what a scrape carries and no dashboard reads it: off,
+# unless MESHAUDIT_METRICS_CREATED=1 asks for it.
+if os.environ.get("MESHAUDIT_METRICS_CREATED", "") != "1":
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+BUILD = Info("meshaudit_build", "What this daemon is built of (the value is always 1).", registry=REGISTRY)
+BUILD.info(
+    {
+        "version": __version__,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": version("protobuf"),
+    }
+)
 # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... (with workers: N, summed
 # over the processes, but for the start time and the fd limit, which are the coordinator's)
 ProcessCollector(registry=REGISTRY)
