@@ -503,11 +503,15 @@ def setup_logging(level: str) -> None:
     )
 
 
-def run(config_path: str | None, overrides: dict[str, str]) -> int:
-    """Load, validate and run; returns the process exit code (2 for a bad configuration)."""
+def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None) -> int:
+    """Load, validate and run; returns the process exit code (2 for a bad configuration).
+    ``alerts_format``: the command line's over ``sinks.jsonl.format``."""
     try:
         config, policy = load(config_path)
         config = with_listen(config, overrides)
+        if alerts_format is not None:
+            jsonl = config.sinks.jsonl.model_copy(update={"format": alerts_format})
+            config = config.model_copy(update={"sinks": config.sinks.model_copy(update={"jsonl": jsonl})})
     except ConfigError as exc:
         print(f"meshaudit: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grpc", metavar="HOST:PORT", help="listen address for Envoy ALS and OTLP/gRPC")
     run.add_argument("--http", metavar="HOST:PORT", help="listen address for OTLP/HTTP")
     run.add_argument("--metrics", metavar="HOST:PORT", help="listen address for /metrics, /healthz, /readyz")
+    run.add_argument(
+        "--alerts-format",
+        choices=("auto", "json", "text"),
+        help="the jsonl sink's lines: json records, readable text, or auto (text on a terminal; sinks.jsonl.format)",
+    )
     val = sub.add_parser("validate", help="check a configuration file and its policy, then exit")
     val.add_argument("file")
     base = sub.add_parser("baseline", help="the baseline unexpected_edge learned (learn mode, state_file)")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshaudit.app import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}
-    return run(args.config, overrides)
+    return run(args.config, overrides, args.alerts_format)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ class Daemon:
     def metrics_url(self) -> str:
         return f"http://{self.metrics_addr}"
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 20.0, stdout: int = subprocess.DEVNULL) -> Daemon:
+        """``stdout``: where the daemon's standard output goes (a terminal, for its text alerts)."""
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
@@ -74,7 +75,7 @@ class Daemon:
                 "--metrics",
                 self.metrics_addr,
             ],
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=self._stderr,
             cwd=self.workdir,
         )

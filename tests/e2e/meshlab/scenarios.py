@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from meshaudit.sinks.text import party, readable
+
 from meshlab.mesh import Mesh
 
 SERVICES = (
@@ -154,10 +156,8 @@ class Expected:
         return None
 
 
-def party_key(party: dict[str, Any]) -> str:
-    if party.get("service"):
-        return f"{party['service']}.{party['namespace']}" if party.get("namespace") else str(party["service"])
-    return str(party.get("principal") or party.get("address") or "unknown")
+def party_key(p: dict[str, Any]) -> str:
+    return party(p)
 
 
 # --- traffic ----------------------------------------------------------------------------------
@@ -413,18 +413,5 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 
 def one_line(alert: dict[str, Any]) -> str:
-    """An alert as one readable line: rule, source -> destination, count, an example."""
-    ev = alert.get("evidence") or {}
-    examples = ev.get("examples") or []
-    example = ""
-    if examples:
-        ex = examples[0]
-        what = " ".join(x for x in (ex.get("method"), ex.get("path")) if x) or "a TCP connection"
-        ids = ex.get("trace_id") or ex.get("request_id") or ""
-        example = f"  e.g. {what}" + (f" (trace {ids[:16]})" if ids else "")
-    elif ev.get("detail"):
-        example = f"  ({ev['detail']})"
-    return (
-        f"[{alert.get('severity', '?'):>8}] {alert['rule']:<18} "
-        f"{party_key(alert['source'])} -> {party_key(alert['destination'])}  x{ev.get('count', 1)}{example}"
-    )
+    """An alert as one readable line, as the daemon prints it on a terminal."""
+    return readable(alert)
