@@ -363,6 +363,7 @@ class Alert:
         "first_seen",
         "id",
         "last_seen",
+        "observers",
         "rule",
         "severity",
         "source",
@@ -387,6 +388,7 @@ class Alert:
         detail: str | None,
         emitted_at: float,
         blocked: bool | None = None,
+        observers: int = 1,
     ) -> None:
         self.id = id
         self.rule = rule
@@ -404,6 +406,7 @@ class Alert:
         # Whether the mesh denied (RBAC, ext_authz) every request the alert counts; None for
         # rules where enforcement does not apply.
         self.blocked = blocked
+        self.observers = observers
         self._payload: bytes | None = None
 
     def encode(self) -> bytes:
@@ -435,6 +438,7 @@ class Alert:
                 "examples": [e.to_json() for e in self.examples],
                 "detail": self.detail,
                 "blocked": self.blocked,
+                "observers": self.observers,
             },
             "emitted_at": rfc3339(self.emitted_at),
         }

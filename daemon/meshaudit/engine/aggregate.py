@@ -21,7 +21,7 @@ from meshaudit import metrics
 from meshaudit.config import EngineConfig
 from meshaudit.engine.api import Violation
 from meshaudit.engine.store import GenStore, TTLStore
-from meshaudit.model import SEVERITIES, Alert, Example, alert_id, identity
+from meshaudit.model import SEVERITIES, Alert, Example, Hop, alert_id, identity
 
 BUDGET_PARTY: Final = identity("meshaudit")  # source and destination of an alert_budget_exceeded alert
 
@@ -37,6 +37,7 @@ class _AggState:
         "examples",
         "first_seen",
         "last_seen",
+        "observers",
         "opened_at",
         "opened_first",
         "rule",
@@ -63,6 +64,7 @@ class _AggState:
         self.emitted_count = 0
         self.seq = 0
         self.examples: list[Example] = []
+        self.observers: set[str] = set()  # distinct observers reporting it (at most MAX_OBSERVERS)
         # What names the window in its alerts' ids: when it opened (receive time), its ordinal
         # among the aggregator's windows, and the data time of its first violation.
         self.opened_at = now
@@ -82,6 +84,7 @@ class _AggState:
 BUDGET_RULE: Final = "alert_budget_exceeded"
 _SEVERITY_RANK: Final = {s: i for i, s in enumerate(SEVERITIES)}
 _DEFAULT_BUDGET: Final[int] = EngineConfig.model_fields["alert_budget_per_window"].default
+MAX_OBSERVERS: Final = 1000  # distinct observers counted per window (the count stops there)
 
 
 class _Windows(TTLStore[tuple[str, str, str], _AggState]):
@@ -196,14 +199,30 @@ class Aggregator:
         st.count += 1
         st.last_seen = max(st.last_seen, v.when)
         st.first_seen = min(st.first_seen, v.when)
-        if h is not None and len(st.examples) < self.max_examples:
-            st.examples.append(Example(h))
+        if h is not None:
+            if len(st.observers) < MAX_OBSERVERS:
+                st.observers.add(h.observer)
+            self._add_example(st, h)
             for more in v.more:  # a per-edge violation brings its window's examples
-                if len(st.examples) >= self.max_examples:
-                    break
-                st.examples.append(Example(more))
+                self._add_example(st, more)
         if fresh or urgent:
             self._emit(st, now)
+
+    def _add_example(self, st: _AggState, h: Hop) -> None:
+        """Keep a few examples, from as many observers as report it: once the list is full, an
+        example from an observer not shown yet replaces the latest one of an observer shown
+        twice. A forged report that came first cannot hide a real one behind its own examples."""
+        examples = st.examples
+        if len(examples) < self.max_examples:
+            examples.append(Example(h))
+            return
+        shown = [e.observer for e in examples]
+        if h.observer in shown:
+            return
+        for i in range(len(examples) - 1, -1, -1):
+            if shown.count(shown[i]) > 1:
+                examples[i] = Example(h)
+                return
 
     def _denied_after_all(
         self, k: tuple[str, str], seen: tuple[tuple[str, str, str], int, bool | None], v: Violation, now: float
@@ -250,6 +269,7 @@ class Aggregator:
                 detail=st.detail,
                 emitted_at=now,
                 blocked=st.blocked,
+                observers=max(1, len(st.observers)),
             )
         )
         st.emitted_count = st.count

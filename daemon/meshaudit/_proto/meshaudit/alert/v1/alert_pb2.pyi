@@ -35,7 +35,7 @@ class Example(_message.Message):
     def __init__(self, trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., observer: _Optional[str] = ...) -> None: ...
 
 class Evidence(_message.Message):
-    __slots__ = ("count", "first_seen", "last_seen", "window_secs", "examples", "detail", "blocked")
+    __slots__ = ("count", "first_seen", "last_seen", "window_secs", "examples", "detail", "blocked", "observers")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Evidence(_message.Message):
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVERS_FIELD_NUMBER: _ClassVar[int]
     count: int
     first_seen: str
     last_seen: str
@@ -50,7 +51,8 @@ class Evidence(_message.Message):
     examples: _containers.RepeatedCompositeFieldContainer[Example]
     detail: str
     blocked: bool
-    def __init__(self, count: _Optional[int] = ..., first_seen: _Optional[str] = ..., last_seen: _Optional[str] = ..., window_secs: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., detail: _Optional[str] = ..., blocked: _Optional[bool] = ...) -> None: ...
+    observers: int
+    def __init__(self, count: _Optional[int] = ..., first_seen: _Optional[str] = ..., last_seen: _Optional[str] = ..., window_secs: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., detail: _Optional[str] = ..., blocked: _Optional[bool] = ..., observers: _Optional[int] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("schema", "id", "rule", "severity", "summary", "source", "destination", "evidence", "emitted_at")
