@@ -43,7 +43,7 @@ from typing import Any, Final
 import yaml
 from pydantic import ValidationError
 
-from meshaudit.config import Config, Policy
+from meshaudit.config import Config, Policy, TlsPolicy
 
 API_VERSION: Final = "meshaudit/v1"
 Loc = tuple[str | int, ...]
@@ -357,6 +357,8 @@ def _merge(parts: list[Policy]) -> Policy:
         for k, v in p.identities.items():
             identities.setdefault(k, []).extend(v)
     edges = [e for p in parts for e in p.edges or []]
+    # tls: each key from the last file that sets it (a later file over an earlier one, as overrides)
+    tls = {k: v for p in parts if p.tls is not None for k, v in p.tls.model_dump(exclude_none=True).items()}
     return Policy.model_construct(
         lists=lists,
         mesh_services=[s for p in parts for s in p.mesh_services],
@@ -364,6 +366,8 @@ def _merge(parts: list[Policy]) -> Policy:
         routes=[r for p in parts for r in p.routes],
         exceptions=[x for p in parts for x in p.exceptions],
         exemptions=[x for p in parts for x in p.exemptions],
+        overrides=[o for p in parts for o in p.overrides],
+        tls=TlsPolicy.model_validate(tls) if tls else None,
         identities=identities,
     )
 
