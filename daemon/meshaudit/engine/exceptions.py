@@ -120,11 +120,18 @@ class Exceptions:
         self._expired: list[CompiledException] = []
 
     def exempt(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> bool:
+        x = self.covering(rule, src, dst, hop)
+        if x is None:
+            return False
+        self._matches[x.name] = self._matches.get(x.name, 0) + 1
+        return True
+
+    def covering(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> CompiledException | None:
+        """The first active exception that covers this violation of ``rule`` (not counted)."""
         for x in self.active:
             if rule in x.rules and x.matches(src, dst, hop):
-                self._matches[x.name] = self._matches.get(x.name, 0) + 1
-                return True
-        return False
+                return x
+        return None
 
     def clock(self, now: float) -> None:
         self.now = now
