@@ -43,6 +43,11 @@ def _status_ok(codes: Sequence[int | str], status: int) -> bool:
     return any(status == c or (isinstance(c, str) and status > 0 and str(status)[0] == c[0]) for c in codes)
 
 
+def exemption_name(i: int) -> str:
+    """The name the ``i``-th entry of ``policy.exemptions`` (the form before exceptions) runs as."""
+    return f"exemptions[{i}]"
+
+
 class CompiledException:
     __slots__ = (
         "codes", "dst", "expires_at", "methods", "name", "networks", "not_paths", "paths", "protocols", "reason",
@@ -113,7 +118,7 @@ class Exceptions:
 
     def __init__(self, exceptions: Sequence[PolicyException], exemptions: Sequence[Exemption]) -> None:
         self.active = [CompiledException(x, x.name) for x in exceptions]
-        self.active += [CompiledException(x, f"exemptions[{i}]") for i, x in enumerate(exemptions)]
+        self.active += [CompiledException(x, exemption_name(i)) for i, x in enumerate(exemptions)]
         self.names = [x.name for x in self.active]
         self.now = float("-inf")  # the engine's clock, set on every batch and tick
         self._matches: dict[str, int] = {}
