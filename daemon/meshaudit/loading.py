@@ -132,13 +132,14 @@ class OptionOrigin:
 
     kind: OptionKind
     at: Origin | None = None  # None: the default
+    over: Origin | None = None  # the policy's value stands over this rules.<name>.<option> of the config
 
     def __str__(self) -> str:
         if self.at is None:
             return "default"
         if self.kind == "config":
             return f"config {self.at}"
-        return f"policy {self.at} ({self.kind})"
+        return f"policy {self.at} ({self.kind}{f', over config {self.over}' if self.over else ''})"
 
 
 @dataclass
@@ -181,12 +182,13 @@ def load_explained(path: str | os.PathLike[str] | None, today: datetime.date | N
         for option in type(section).model_fields:
             layer = layers.get(option)
             line = src.lines.get(("rules", name, option)) if src is not None else None
+            config = Origin(src.file, line) if src is not None and line is not None else None
             if layer == "tls":
-                where[option] = OptionOrigin("tls", origins.tls[option])
+                where[option] = OptionOrigin("tls", origins.tls[option], config)
             elif isinstance(layer, int):
-                where[option] = OptionOrigin("override", origins.overrides[layer])
-            elif src is not None and line is not None:
-                where[option] = OptionOrigin("config", Origin(src.file, line))
+                where[option] = OptionOrigin("override", origins.overrides[layer], config)
+            elif config is not None:
+                where[option] = OptionOrigin("config", config)
             else:
                 where[option] = OptionOrigin("default")
         options[name] = where

@@ -56,14 +56,14 @@ def test_each_option_and_item_names_its_origin(tmp_path: Path) -> None:
     assert eb == {
         "enabled": "default",
         "severity": f"config {c}:3",
-        "window_secs": f"policy {a}:5 (override)",  # over the configuration's 90
+        "window_secs": f"policy {a}:5 (override, over config {c}:4)",  # the configuration said 90
         "min_ratio": "default",  # the override for a destination is not the rule's own value
         "min_requests": f"config {c}:5",
     }
     assert x.provenance.sections["error_burst"].model_dump() == {
         "enabled": True, "severity": "high", "window_secs": 30, "min_ratio": 0.5, "min_requests": 5,
     }  # fmt: skip
-    assert str(x.provenance.options["weak_tls"]["min_version"]) == f"policy {a}:3 (tls)"
+    assert str(x.provenance.options["weak_tls"]["min_version"]) == f"policy {a}:3 (tls, over config {c}:6)"
     p = x.provenance.policy
     assert p.edges == [Origin(a, 8), Origin(b, 3)]
     assert p.routes == [Origin(b, 5)]

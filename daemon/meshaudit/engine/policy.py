@@ -105,6 +105,11 @@ class CompiledPolicy:
         i = self._narrow_edge(src, dst, hop) if self._narrow else None
         return (i, True) if i is not None else None
 
+    def edges_from(self, src: Identity) -> list[int]:
+        """The indexes in ``policy.edges`` of the edges whose ``from`` matches ``src``."""
+        narrow = [(i, f) for i, f, _, _, _ in self._narrow]
+        return sorted(i for i, f in [*((i, f) for i, f, _ in self._edges), *narrow] if f(src))
+
     def _plain_edge(self, src: Identity, dst: Identity) -> int | None:
         for i, f, t in self._edges:
             if f(src) and t(dst):
@@ -126,7 +131,8 @@ class CompiledPolicy:
         if dst.uid in cache:
             return cache[dst.uid]
         check: dict[str | None, PathMatcher] | None = None
-        allows = [(methods, paths) for r in self._routes if r.dst(dst) for methods, paths in r.allow]
+        routes = self._routes
+        allows = [(methods, paths) for i in self.covering_routes(dst) for methods, paths in routes[i].allow]
         if allows:
             named = {m for methods, _ in allows for m in methods if m != "*"}
             check = {
@@ -140,15 +146,18 @@ class CompiledPolicy:
         cache[dst.uid] = check
         return check
 
+    def covering_routes(self, dst: Identity) -> list[int]:
+        """The indexes in ``policy.routes`` of the routes whose ``to`` matches ``dst``."""
+        return [i for i, r in enumerate(self._routes) if r.dst(dst)]
+
     def allowing_route(self, dst: Identity, method: str, path: str | None) -> tuple[int, int] | None:
         """Which route allows ``method`` ``path`` on ``dst``: (index in ``policy.routes``, index
         in its ``allow``), the first in the policy's order; None when none does. ``route_check``
         decides (unexpected_path); this names the entry, for explanations."""
-        for i, r in enumerate(self._routes):
-            if r.dst(dst):
-                for j, (methods, paths) in enumerate(r.allow):
-                    if _method_in(methods, method) and paths(path):
-                        return i, j
+        for i in self.covering_routes(dst):
+            for j, (methods, paths) in enumerate(self._routes[i].allow):
+                if _method_in(methods, method) and paths(path):
+                    return i, j
         return None
 
     def rule_section(self, rule: str, section: RuleConfig) -> RuleConfig:
