@@ -2,7 +2,9 @@
 
 ``load(path)`` returns (config, policy) or raises :class:`meshaudit.config.ConfigError` whose
 message is ready to print; ``load_with_diagnostics`` also returns the policy's warnings (for
-``meshaudit validate``, which prints every error and warning, not only the first).
+``meshaudit validate``, which prints every error and warning, not only the first);
+``load_explained`` also says where every setting and policy item came from (for ``meshaudit
+rules`` and ``meshaudit policy explain``).
 """
 
 from __future__ import annotations
@@ -10,14 +12,28 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import ValidationError
 
 from meshaudit.config import Config, ConfigError, Policy
-from meshaudit.policyfile import Diagnostic, PolicyError, Source, line_index, load_policy, policy_paths, read_source
+from meshaudit.policyfile import (
+    Diagnostic,
+    Origin,
+    PolicyError,
+    PolicyOrigins,
+    Source,
+    line_index,
+    load_policy_explained,
+    policy_paths,
+    read_source,
+)
+
+if TYPE_CHECKING:
+    from meshaudit.engine.api import RuleConfig
 
 log = logging.getLogger("meshaudit.policy")
 
@@ -59,9 +75,18 @@ def load_with_diagnostics(
 ) -> tuple[Config, Policy, list[Diagnostic]]:
     """Config, merged policy and the policy's warnings. Raises ConfigError on any error; its
     message lists every error of the policy (with the warnings after them)."""
+    cfg, policy, warnings, _, _ = _load(path, today)
+    return cfg, policy, warnings
+
+
+def _load(
+    path: str | os.PathLike[str] | None, today: datetime.date | None
+) -> tuple[Config, Policy, list[Diagnostic], PolicyOrigins, Source | None]:
+    """``load_with_diagnostics``, with where each policy item was written and the configuration
+    file as read (its line index); None without a file."""
     if path is None:
         cfg = Config()
-        return cfg, cfg.policy, []
+        return cfg, cfg.policy, [], PolicyOrigins(), None
     p = Path(path)
     src = _read_config(p)
     data: dict[str, Any] = dict(src.data)
@@ -84,7 +109,7 @@ def load_with_diagnostics(
         if s is not None:
             sources.append(s)
     try:
-        policy, warnings = load_policy(sources, cfg, today) if sources else (Policy(), [])
+        policy, warnings, origins = load_policy_explained(sources, cfg, today) if sources else (Policy(), [], None)
     except PolicyError as exc:
         errors = [d for d in exc.diagnostics if d.level == "error"] + diags
         raise ConfigError(
@@ -94,7 +119,80 @@ def load_with_diagnostics(
         raise ConfigError("\n".join(str(d) for d in diags))
     if inline is not None:
         cfg = cfg.model_copy(update={"policy": policy})
-    return cfg, policy, warnings
+    return cfg, policy, warnings, origins or PolicyOrigins(), src
+
+
+OptionKind = Literal["default", "config", "override", "tls"]
+
+
+@dataclass(frozen=True)
+class OptionOrigin:
+    """Where a rule option's effective value came from: its default, the configuration's
+    ``rules.<name>.<option>``, a policy override for all traffic, or the policy's ``tls``."""
+
+    kind: OptionKind
+    at: Origin | None = None  # None: the default
+    over: Origin | None = None  # the policy's value stands over this rules.<name>.<option> of the config
+
+    def __str__(self) -> str:
+        if self.at is None:
+            return "default"
+        if self.kind == "config":
+            return f"config {self.at}"
+        return f"policy {self.at} ({self.kind}{f', over config {self.over}' if self.over else ''})"
+
+
+@dataclass
+class Provenance:
+    """Where each setting and policy item of a loaded configuration came from."""
+
+    config_file: str | None  # None: the built-in defaults
+    # Each rule's effective options, as the engine builds them (``rules.<name>`` under the
+    # policy's overrides for all traffic and, for weak_tls, its tls), and where each came from.
+    sections: dict[str, RuleConfig]
+    options: dict[str, dict[str, OptionOrigin]]
+    policy: PolicyOrigins  # each edge, route, override, exception and tls key
+
+
+@dataclass
+class Explained:
+    config: Config
+    policy: Policy
+    warnings: list[Diagnostic]
+    provenance: Provenance
+
+
+def load_explained(path: str | os.PathLike[str] | None, today: datetime.date | None = None) -> Explained:
+    """``load_with_diagnostics``, and where every setting and policy item came from. Each rule's
+    effective options are the engine's own (``CompiledPolicy.rule_section``); an option is
+    ``default`` unless the configuration file writes ``rules.<name>.<option>`` or the policy
+    sets it (the policy wins, as in the engine). Raises ConfigError as ``load`` does."""
+    from meshaudit.engine.policy import CompiledPolicy
+    from meshaudit.engine.rules import REGISTRY
+
+    cfg, policy, warnings, origins, src = _load(path, today)
+    compiled = CompiledPolicy(policy)
+    sections: dict[str, RuleConfig] = {}
+    options: dict[str, dict[str, OptionOrigin]] = {}
+    for cls in REGISTRY:
+        name = cls.name
+        section, layers = compiled.rule_section_explained(name, getattr(cfg.rules, name, None) or cls.Config())
+        sections[name] = section
+        where: dict[str, OptionOrigin] = {}
+        for option in type(section).model_fields:
+            layer = layers.get(option)
+            line = src.lines.get(("rules", name, option)) if src is not None else None
+            config = Origin(src.file, line) if src is not None and line is not None else None
+            if layer == "tls":
+                where[option] = OptionOrigin("tls", origins.tls[option], config)
+            elif isinstance(layer, int):
+                where[option] = OptionOrigin("override", origins.overrides[layer], config)
+            elif config is not None:
+                where[option] = OptionOrigin("config", config)
+            else:
+                where[option] = OptionOrigin("default")
+        options[name] = where
+    return Explained(cfg, policy, warnings, Provenance(src.file if src else None, sections, options, origins))
 
 
 def load(path: str | os.PathLike[str] | None) -> tuple[Config, Policy]:

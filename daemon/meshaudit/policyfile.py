@@ -43,7 +43,8 @@ from typing import Any, Final
 import yaml
 from pydantic import ValidationError
 
-from meshaudit.config import Config, Policy
+from meshaudit.config import Config, Policy, TlsPolicy
+from meshaudit.engine.exceptions import exemption_name
 
 API_VERSION: Final = "meshaudit/v1"
 Loc = tuple[str | int, ...]
@@ -68,6 +69,30 @@ class Diagnostic:
         where = f"{self.file}:{self.line}" if self.line else self.file
         key = f" {self.key}:" if self.key else ""
         return f"{where}: {self.level} {self.code}{key} {self.message}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting or a policy item was written: a file and the line (None: the file)."""
+
+    file: str
+    line: int | None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+@dataclass
+class PolicyOrigins:
+    """Where each item of a merged policy was written: the lists run parallel to the policy's
+    (``edges[i]`` is where ``policy.edges[i]`` was written)."""
+
+    edges: list[Origin] = field(default_factory=list)
+    routes: list[Origin] = field(default_factory=list)
+    overrides: list[Origin] = field(default_factory=list)
+    # by the name the engine runs each one as (``exemptions[<n>]`` for the form before exceptions)
+    exceptions: dict[str, Origin] = field(default_factory=dict)
+    tls: dict[str, Origin] = field(default_factory=dict)  # each key of tls: the last file that sets it
 
 
 class PolicyError(Exception):
@@ -357,6 +382,8 @@ def _merge(parts: list[Policy]) -> Policy:
         for k, v in p.identities.items():
             identities.setdefault(k, []).extend(v)
     edges = [e for p in parts for e in p.edges or []]
+    # tls: each key from the last file that sets it (a later file over an earlier one, as overrides)
+    tls = {k: v for p in parts if p.tls is not None for k, v in p.tls.model_dump(exclude_none=True).items()}
     return Policy.model_construct(
         lists=lists,
         mesh_services=[s for p in parts for s in p.mesh_services],
@@ -364,8 +391,31 @@ def _merge(parts: list[Policy]) -> Policy:
         routes=[r for p in parts for r in p.routes],
         exceptions=[x for p in parts for x in p.exceptions],
         exemptions=[x for p in parts for x in p.exemptions],
+        overrides=[o for p in parts for o in p.overrides],
+        tls=TlsPolicy.model_validate(tls) if tls else None,
         identities=identities,
     )
+
+
+def _origins(parts: list[tuple[Source, Policy]]) -> PolicyOrigins:
+    """Where each item of ``_merge(parts)`` was written: the same parts, in the same order."""
+    out = PolicyOrigins()
+    exemptions = 0
+    for src, p in parts:
+
+        def at(*loc: str | int, src: Source = src) -> Origin:
+            return Origin(src.file, src.line(loc))
+
+        out.edges += [at("edges", i) for i in range(len(p.edges or ()))]
+        out.routes += [at("routes", i) for i in range(len(p.routes))]
+        out.overrides += [at("overrides", i) for i in range(len(p.overrides))]
+        out.exceptions.update((x.name, at("exceptions", i)) for i, x in enumerate(p.exceptions))
+        for i in range(len(p.exemptions)):
+            out.exceptions[exemption_name(exemptions)] = at("exemptions", i)
+            exemptions += 1
+        if p.tls is not None:
+            out.tls.update((k, at("tls", k)) for k in p.tls.model_dump(exclude_none=True))
+    return out
 
 
 def load_policy(
@@ -374,6 +424,14 @@ def load_policy(
     """The merged policy of ``sources`` and every warning; raises :class:`PolicyError` (with
     the warnings too) when any source has an error. ``config``: for the warnings that depend on
     which rules are enabled."""
+    policy, diags, _ = load_policy_explained(sources, config, today)
+    return policy, diags
+
+
+def load_policy_explained(
+    sources: list[Source], config: Config | None = None, today: datetime.date | None = None
+) -> tuple[Policy, list[Diagnostic], PolicyOrigins]:
+    """``load_policy``, and where each item of the merged policy was written."""
     today = today or datetime.datetime.now(datetime.UTC).date()
     diags: list[Diagnostic] = []
     for src in sources:
@@ -424,4 +482,6 @@ def load_policy(
     diags.sort(key=lambda d: (d.level != "error", order.get(d.file, -1), d.line or 0))
     if any(d.level == "error" for d in diags):
         raise PolicyError(diags)
-    return _merge([p for _, p in parts]) if parts else Policy(), diags
+    if not parts:
+        return Policy(), diags, PolicyOrigins()
+    return _merge([p for _, p in parts]), diags, _origins(parts)

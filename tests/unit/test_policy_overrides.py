@@ -120,3 +120,24 @@ def test_a_tcp_edge_with_ports_allows_only_those_connections() -> None:
     assert [a.rule for a in alerts(engine(policy, unexpected_edge={"enabled": True}), out(5432, http=True))] == [
         "unexpected_edge"
     ]
+
+
+def test_overrides_and_tls_of_every_policy_file_are_merged(tmp_path: Path) -> None:
+    """Several files: overrides add up in file order; tls takes each key from the last file that
+    sets it (before, a second file made the first one's overrides and tls vanish)."""
+    (tmp_path / "a.yaml").write_text(
+        "apiVersion: meshaudit/v1\ntls: {min_version: TLSv1.3, allowed_ciphers: [TLS_AES_128_GCM_SHA256]}\n"
+        "overrides:\n  - {rule: error_burst, window_secs: 30}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "apiVersion: meshaudit/v1\ntls: {min_version: TLSv1.2}\n"
+        "overrides:\n  - {rule: error_burst, to: [ratings.*], min_ratio: 0.1}\n"
+    )
+    (tmp_path / "c.yaml").write_text("policy_files: [a.yaml, b.yaml]\n")
+    _, policy = load(tmp_path / "c.yaml")
+    assert [(o.rule, o.to, o.options()) for o in policy.overrides] == [
+        ("error_burst", None, {"window_secs": 30}),
+        ("error_burst", ["ratings.*"], {"min_ratio": 0.1}),
+    ]
+    assert policy.tls is not None
+    assert (policy.tls.min_version, policy.tls.allowed_ciphers) == ("TLSv1.2", ["TLS_AES_128_GCM_SHA256"])

@@ -369,10 +369,8 @@ class Rule(Generic[C]):
         """An option as it applies to traffic to ``dst``: the policy's last override for a
         destination that matches it, else the rule's own (``self.cfg``). Read on violations and
         window judgements, never per entry."""
-        for matches, options in self.ctx.policy.dst_overrides.get(self.name, ()):
-            if name in options and matches(dst):
-                return options[name]
-        return getattr(self.cfg, name)
+        found = self.ctx.policy.dst_setting(self.name, name, dst)
+        return found[0] if found is not None else getattr(self.cfg, name)
 
     def window_violation(self, w: Window, detail: str) -> None:
         """Emit the violation of a per-edge window (once per window): its first example as the

@@ -43,6 +43,11 @@ def _status_ok(codes: Sequence[int | str], status: int) -> bool:
     return any(status == c or (isinstance(c, str) and status > 0 and str(status)[0] == c[0]) for c in codes)
 
 
+def exemption_name(i: int) -> str:
+    """The name the ``i``-th entry of ``policy.exemptions`` (the form before exceptions) runs as."""
+    return f"exemptions[{i}]"
+
+
 class CompiledException:
     __slots__ = (
         "codes", "dst", "expires_at", "methods", "name", "networks", "not_paths", "paths", "protocols", "reason",
@@ -113,18 +118,25 @@ class Exceptions:
 
     def __init__(self, exceptions: Sequence[PolicyException], exemptions: Sequence[Exemption]) -> None:
         self.active = [CompiledException(x, x.name) for x in exceptions]
-        self.active += [CompiledException(x, f"exemptions[{i}]") for i, x in enumerate(exemptions)]
+        self.active += [CompiledException(x, exemption_name(i)) for i, x in enumerate(exemptions)]
         self.names = [x.name for x in self.active]
         self.now = float("-inf")  # the engine's clock, set on every batch and tick
         self._matches: dict[str, int] = {}
         self._expired: list[CompiledException] = []
 
     def exempt(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> bool:
+        x = self.covering(rule, src, dst, hop)
+        if x is None:
+            return False
+        self._matches[x.name] = self._matches.get(x.name, 0) + 1
+        return True
+
+    def covering(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> CompiledException | None:
+        """The first active exception that covers this violation of ``rule`` (not counted)."""
         for x in self.active:
             if rule in x.rules and x.matches(src, dst, hop):
-                self._matches[x.name] = self._matches.get(x.name, 0) + 1
-                return True
-        return False
+                return x
+        return None
 
     def clock(self, now: float) -> None:
         self.now = now

@@ -22,6 +22,11 @@ from meshaudit.model import INBOUND, OTEL_LOG, Hop
 from meshaudit.tls import DEFAULT_ALLOWED, ENVOY_TLS13_SUITES, VERSION_RANK, cipher_code, cipher_name
 
 
+def older_than(version: str, min_version: str) -> bool:
+    """Whether TLS ``version`` (as Hop.tls_version spells it) is older than ``min_version``."""
+    return VERSION_RANK[version] < VERSION_RANK[min_version]
+
+
 class WeakTlsConfig(RuleConfig):
     severity: Severity = "high"
     min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = Field(
@@ -52,13 +57,12 @@ class WeakTls(Rule[WeakTlsConfig]):
 
     def configure(self) -> None:
         self.allowed = self.cfg.allowed_ciphers
-        min_rank = VERSION_RANK[self.cfg.min_version]
         # version -> True: below min_version (alert), False: judge the cipher, None: version
         # ok and the cipher needs no read (TLS 1.3 from Envoy with every Envoy TLS 1.3 suite allowed)
         tls13_settled = self.allowed >= ENVOY_TLS13_SUITES
         self.versions: dict[str, bool | None] = {
-            v: True if r < min_rank else (None if v == "TLSv1.3" and tls13_settled else False)
-            for v, r in VERSION_RANK.items()
+            v: True if older_than(v, self.cfg.min_version) else (None if v == "TLSv1.3" and tls13_settled else False)
+            for v in VERSION_RANK
         }
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
