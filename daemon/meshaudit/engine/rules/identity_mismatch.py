@@ -176,8 +176,9 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 if d != OUTBOUND:
                     continue
                 rid = h.request_id
-                if h.origin == SPAN:  # a client span carrying the request id names its sender too
-                    if h.span_kind == SPAN_KIND_CLIENT and rid and h.src.service is not None:
+                if h.origin == SPAN:  # an application's client span with the request id names its sender
+                    # (an Envoy sidecar's own span says what its outbound entry says already)
+                    if h.span_kind == SPAN_KIND_CLIENT and rid and h.observer.startswith("span:") and h.src.service:
                         self._span_claim(h, rid, now)
                     continue
                 w: Short | Waiting | None = None

@@ -279,7 +279,7 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         parent_span_id=sp.parent_span_id.hex() or None,
         request_id=rid,
         span_kind=kind,
-        user_agent=_sv(g("user_agent.original")) or _sv(g("http.user_agent")),
+        user_agent=_sv(g("user_agent.original")),  # the semantic conventions' (http.user_agent before 1.19)
         source_address=peer_addr,
     )
 
