@@ -24,11 +24,13 @@ from aiohttp import web
 
 from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
+from meshaudit.engine.api import Parking
 from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
+from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Alert, Hop, alert_id, identity
 from meshaudit.receivers.grpc_health import GrpcHealth
 from meshaudit.receivers.grpc_server import build_server
@@ -224,6 +226,39 @@ def publish_exceptions(exceptions: Exceptions) -> None:
         )
 
 
+_floods = RateLimited(log, interval=60.0)
+
+
+def publish_floods(stores: list[Store], top: dict[str, str]) -> None:
+    """A store of waiting hops whose fair share one observer overran: the top offender of the
+    last second, as a metric (one label set per store) and a rate-limited log line."""
+    for st in stores:
+        if not isinstance(st, Parking):
+            continue
+        counts, st.evicted_by = st.evicted_by, {}
+        before = top.get(st.name)
+        if not counts:
+            if before is not None:
+                metrics.STORE_FLOOD_TOP.labels(st.name, before).set(0)
+            continue
+        observer, n = max(counts.items(), key=lambda kv: kv[1])
+        observer = wire(observer)
+        if before is not None and before != observer:
+            metrics.STORE_FLOOD_TOP.remove(st.name, before)
+        metrics.STORE_FLOOD_TOP.labels(st.name, observer).set(n)
+        top[st.name] = observer
+        _floods.warning(
+            f"flood:{st.name}",
+            "Store %s: observer %s sends more waiting hops than its share (%d): %d of its own were evicted "
+            'in the last second (counted in store_evictions_total{reason="capacity"}); other observers\' '
+            "evidence is kept.",
+            st.name,
+            observer,
+            st.quota,
+            n,
+        )
+
+
 def publish_stores(stores: list[Store], seen: dict[tuple[str, str], int]) -> None:
     items: dict[str, int] = {}
     for st in stores:
@@ -270,6 +305,7 @@ class Daemon:
         self._listening = False
         self._violations_seen: dict[str, int] = {}
         self._store_seen: dict[tuple[str, str], int] = {}
+        self._flood_top: dict[str, str] = {}  # store -> the observer its flood gauge names
         self.bound: dict[str, str] = {}
         self.grpc_health = GrpcHealth()
 
@@ -395,6 +431,7 @@ class Daemon:
         self.queue.qsize()
         publish_violations(self.engine.agg.violations, self._violations_seen)
         publish_stores(self.engine.stores(), self._store_seen)
+        publish_floods(self.engine.stores(), self._flood_top)
         publish_exceptions(self.engine.ctx.policy.exceptions)
 
     # --- reload --------------------------------------------------------------------------------

@@ -68,6 +68,13 @@ MESSAGES = Counter(
     ["receiver"],
     registry=REGISTRY,
 )
+STORE_FLOOD_TOP = Gauge(
+    "meshaudit_store_flood_top_observer",
+    "The observer whose own waiting hops a store evicted most (its fair share full) in the last second; "
+    "one label set per store at a time, 0 once the flood stops.",
+    ["store", "observer"],
+    registry=REGISTRY,
+)
 POLICY_EXCEPTION_MATCHES = Counter(
     "meshaudit_policy_exception_matches_total",
     "Violations a policy exception covered (not alerted), by exception name (bounded by the policy).",

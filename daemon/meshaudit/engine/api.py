@@ -155,16 +155,66 @@ K = TypeVar("K")
 
 class Parking(TTLStore[K, Hop]):
     """Hops a rule keeps past their batch, waiting for evidence; a hop is detached from its
-    message when parked, and the rule's hook is called when its wait ends."""
+    message when parked, and the rule's hook is called when its wait ends.
 
-    __slots__ = ()
+    Shared fairly among observers (the sidecar or tracer that reported each hop): one observer
+    holds at most ``OBSERVER_SHARE`` of the store, and past that its own oldest hop makes room.
+    A flood from one stream (a forged one, or one runaway sidecar) so evicts its own evidence,
+    never another observer's; ``evicted_by`` counts whose hops went (the top offender is logged
+    and exported). Only when the whole store is full does the oldest hop of all go."""
+
+    OBSERVER_SHARE: ClassVar[float] = 1 / 8
+
+    __slots__ = ("_by_observer", "evicted_by", "quota")
+
+    def __init__(self, name: str, ttl: float, max_items: int, on_expire: Callable[[K, Hop, float], None]) -> None:
+        def expired(key: K, hop: Hop, now: float) -> None:
+            self._forget(key, hop.observer)
+            on_expire(key, hop, now)
+
+        super().__init__(name, ttl, max_items, expired)
+        self.quota = max(1, int(max_items * self.OBSERVER_SHARE))
+        self._by_observer: dict[str, dict[K, None]] = {}  # each observer's keys, oldest first
+        self.evicted_by: dict[str, int] = {}  # observer -> its hops evicted for capacity (bounded)
 
     def park(self, key: K, hop: Hop, now: float) -> bool:
         """Keep ``hop`` until its wait ends; a key already waiting keeps its first hop (False)."""
         if key in self:
             return False
         hop.detach()
+        observer = hop.observer
+        mine = self._by_observer.get(observer)
+        if mine is None:
+            mine = self._by_observer[observer] = {}
+        if len(mine) >= self.quota:  # this observer's share is full: its own oldest goes
+            self._evict(next(iter(mine)), observer)
+        elif len(self) >= self.max_items:  # the store is full: the oldest of all goes
+            oldest = self.oldest()
+            if oldest is not None:
+                self._evict(oldest[0], oldest[1].observer)
+        mine[key] = None
         return self.add(key, hop, now)
+
+    def pop(self, key: K) -> Hop | None:
+        hop = super().pop(key)
+        if hop is not None:
+            self._forget(key, hop.observer)
+        return hop
+
+    def _evict(self, key: K, observer: str) -> None:
+        super().pop(key)
+        self._forget(key, observer)
+        self.evicted_capacity += 1
+        if len(self.evicted_by) >= 1000 and observer not in self.evicted_by:
+            self.evicted_by.clear()
+        self.evicted_by[observer] = self.evicted_by.get(observer, 0) + 1
+
+    def _forget(self, key: K, observer: str) -> None:
+        mine = self._by_observer.get(observer)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_observer[observer]
 
 
 class Window:
