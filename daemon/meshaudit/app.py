@@ -26,6 +26,7 @@ from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
 from meshaudit.engine.api import Parking
 from meshaudit.engine.exceptions import Exceptions
+from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
 from meshaudit.guard import ERRORS, CoreTasks
@@ -265,7 +266,10 @@ def publish_stores(stores: list[Store], seen: dict[tuple[str, str], int]) -> Non
         items[st.name] = items.get(st.name, 0) + len(st)
         for reason, n in (("expired", st.expired), ("capacity", st.evicted_capacity)):
             k = (st.name, reason)
-            before = seen.get(k, 0)
+            before = seen.get(k)
+            if before is None:  # the series exists from the store's first publish, at 0
+                metrics.STORE_EVICTIONS.labels(st.name, reason)
+                before = seen[k] = 0
             if n > before:
                 metrics.STORE_EVICTIONS.labels(st.name, reason).inc(n - before)
                 seen[k] = n
@@ -486,6 +490,7 @@ class Daemon:
             await self._shutdown(grpc_server, runners)
             return 1
         self._listening = True
+        metrics.init_series([*(r.name for r in REGISTRY), "config_invalid"])
         await self._grpc_health()
         tune_gc()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)

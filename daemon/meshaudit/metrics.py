@@ -225,3 +225,30 @@ BASELINE_LOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+
+# --- series that exist from the start ---------------------------------------------------------
+# A labelled counter's series appears with its first event, already at 1 (or 150): Prometheus's
+# increase() and rate() see no increase in it, so an alert rule on the first burst of rejects, or
+# on the first critical alert, would never fire. The series the daemon knows up front are created
+# at 0 when it starts.
+RECEIVERS = ("envoy_als", "otlp_grpc", "otlp_http")
+REJECT_REASONS = (
+    "undecodable", "too_large", "too_many_entries", "no_identifier", "clamped_time", "busy", "invalid_id",
+    "unsupported_peer_metadata", "internal_error", "timeout", "too_many_connections", "method_not_allowed",
+    "not_found", "unsupported_encoding", "unsupported_media_type", "bad_request",
+)  # fmt: skip
+SEVERITY_NAMES = ("info", "warning", "high", "critical")
+
+
+def init_series(rules: list[str]) -> None:
+    """Create at 0 the series of every receiver's rejects and drops, and of every rule's
+    violations and alerts (by severity); ``rules``: the rule names alerts may carry."""
+    for receiver in RECEIVERS:
+        DROPPED.labels(receiver, "queue_full")
+        for reason in REJECT_REASONS:
+            REJECTED.labels(receiver, reason)
+    for rule in rules:
+        VIOLATIONS.labels(rule)
+        for severity in SEVERITY_NAMES:
+            ALERTS.labels(rule, severity)

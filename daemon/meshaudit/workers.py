@@ -794,6 +794,7 @@ class Coordinator:
         self.core.start(self._tick(), "coordinator-tick")
         self.core.start(self._supervise(), "supervise")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        metrics.init_series([*SUMMARIES, "config_invalid"])  # the alerts are counted here
         if self.config_path and self.config.reload_watch_ms:
             self.core.start(watch_guarded(self.files, self.reload, self.config.reload_watch_ms / 1000), "watch")
         tune_gc()
