@@ -44,3 +44,9 @@ def test_every_alert_has_a_runbook_section() -> None:
     runbook = (RULES_DIR / "RUNBOOK.md").read_text()
     for name in alerts:
         assert f"\n## {name}\n" in runbook, name
+
+
+def test_the_prometheus_rule_for_the_operator_holds_the_same_rules() -> None:
+    manifest = yaml.safe_load((RULES_DIR / "prometheusrule.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert manifest["spec"] == yaml.safe_load(RULES.read_text())
