@@ -146,7 +146,8 @@ async def test_a_damaged_state_file_is_refused_learned_again_and_kept(tmp_path: 
         assert read(state) == damaged  # not overwritten before the new window ends
         assert wait_for(lambda: Path(f"{state}.corrupt").exists()), d.stderr()
         assert read(f"{state}.corrupt") == damaged
-        assert wait_for(lambda: saved_edges(state) == KNOWN)
+        # The damaged file is copied first, then replaced: until then it is still the damaged one.
+        assert wait_for(lambda: read(state) != damaged and saved_edges(state) == KNOWN)
         await send(d, [new_edge()])
         got = d.wait_alerts(lambda a: bool(edge_alerts(a)), timeout=10)
         assert edge_alerts(got) == [("frontend", "details")], got
