@@ -78,26 +78,27 @@ class Enforcement:
     and when the wait ends without it the request counts as served (the destination may have no
     sidecar at all, and then nothing denied it)."""
 
-    def __init__(self, rule: Rule[Any], wait_secs: float) -> None:
+    def __init__(self, rule: Rule[Any]) -> None:
+        """``rule``: one whose options have ``denial_wait_ms`` (the wait; ``configure`` reads it)."""
         self.rule = rule
-        self.wait = wait_secs
         max_items = rule.ctx.max_items
         name = rule.name
         # seq -> (the waiting outbound hop, source, destination, detail)
         self.pending: TTLStore[int, tuple[Hop, Identity, Identity, str]] = TTLStore(
-            f"{name}_pending_verdict", wait_secs, max_items, self._expired
+            f"{name}_pending_verdict", 0.0, max_items, self._expired
         )
-        self.by_key: TTLStore[str, int] = TTLStore(f"{name}_pending_verdict_keys", wait_secs, max_items)
+        self.by_key: TTLStore[str, int] = TTLStore(f"{name}_pending_verdict_keys", 0.0, max_items)
         # Request ids and client sockets a destination sidecar's entry already decided (judged as
         # a violation here): the source sidecar's entry of the same request adds nothing.
         self.decided: TTLStore[str, bool] = TTLStore(f"{name}_decided_requests", rule.ctx.corr.ttl, max_items)
         for s in (self.pending, self.by_key, self.decided):
             rule.store(s)
         self._seq = 0
+        self.configure()
 
-    def configure(self, wait_secs: float) -> None:
-        """A reload: a new wait; waiting entries keep their deadlines."""
-        self.wait = self.pending.ttl = self.by_key.ttl = wait_secs
+    def configure(self) -> None:
+        """The wait from the rule's options (again on a reload: waiting entries keep their deadlines)."""
+        self.wait = self.pending.ttl = self.by_key.ttl = self.rule.cfg.denial_wait_ms / 1000
 
     def judge(self, h: Hop, src: Identity, dst: Identity, detail: str, now: float) -> None:
         """``h`` breaks the rule: emit it with its verdict, or let it wait for the destination

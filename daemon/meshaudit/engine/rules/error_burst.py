@@ -73,13 +73,11 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.window_secs = self.cfg.window_secs
-        self.edges = self.edge_windows(self.window_secs, self._judge)
+        self.edges = self.edge_windows(0.0, self._judge)
         # Request ids counted from inbound entries (sources without a sidecar), once each.
-        self.inbound_counted: GenStore[str, bool] = GenStore(
-            "error_burst_inbound_request_ids", self.window_secs, ctx.max_items
-        )
+        self.inbound_counted: GenStore[str, bool] = GenStore("error_burst_inbound_request_ids", 0.0, ctx.max_items)
         self.store(self.inbound_counted)
+        self.configure()
 
     def configure(self) -> None:
         self.window_secs = self.cfg.window_secs

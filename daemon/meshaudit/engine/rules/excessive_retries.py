@@ -47,8 +47,8 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.window_secs = self.cfg.window_secs
-        self.edges = self.edge_windows(self.window_secs, self._judge)
+        self.edges = self.edge_windows(0.0, self._judge)
+        self.configure()
 
     def configure(self) -> None:
         self.window_secs = self.cfg.window_secs

@@ -93,12 +93,11 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
             saved = self.file.load(cfg.learn_secs)
             if saved is not None:
                 self.seed(((s, d, t) for (s, d), t in saved.edges.items()), True, saved.routes)
-        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000)
+        self.enforcement = Enforcement(self)
 
     def configure(self) -> None:
-        cfg = self.cfg
-        self.learn = cfg.mode == "learn"
-        self.enforcement.configure(cfg.denial_wait_ms / 1000)
+        self.learn = self.cfg.mode == "learn"
+        self.enforcement.configure()
 
     # --- the baseline ----------------------------------------------------------------------------
     def seed(self, edges: Iterable[tuple[str, str, float]], over: bool, routes: Routes | None = None) -> None:

@@ -37,12 +37,10 @@ class UnexpectedPath(Rule[UnexpectedPathConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        cfg = self.cfg
-        self.enforcement = Enforcement(self, cfg.denial_wait_ms / 1000)
+        self.enforcement = Enforcement(self)
 
     def configure(self) -> None:
-        cfg = self.cfg
-        self.enforcement.configure(cfg.denial_wait_ms / 1000)
+        self.enforcement.configure()
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         ctx = self.ctx
