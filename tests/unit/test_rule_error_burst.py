@@ -9,7 +9,8 @@ from typing import Any
 
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
-from meshaudit.engine.rules.error_burst import ErrorBurst, failed
+from meshaudit.engine.outcome import failed
+from meshaudit.engine.rules.error_burst import ErrorBurst
 from meshaudit.engine.setup import build_engine
 from meshaudit.model import ALS_HTTP, INBOUND, OTEL_LOG, OUTBOUND, Alert, Hop, identity
 from test_engine import FRONTEND, FRONTEND_SA, NODE_FRONTEND, NODE_REVIEWS, RATINGS, REVIEWS, T0

@@ -19,16 +19,12 @@ entry instead, once per request id.
 
 from __future__ import annotations
 
-from typing import Final
-
 from pydantic import Field
 
 from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity, Window
+from meshaudit.engine.outcome import failed
 from meshaudit.engine.store import GenStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop
-
-UPSTREAM_FAILURE_FLAGS: Final = frozenset(("UF", "UH", "UO", "UT", "UC", "UR", "URX"))
-BLACKHOLE: Final = "BlackHoleCluster"
 
 
 class ErrorBurstConfig(RuleConfig):
@@ -40,30 +36,6 @@ class ErrorBurstConfig(RuleConfig):
         0.5, gt=0, le=1, description="Alert when at least this share of a window's requests failed ..."
     )
     min_requests: int = Field(20, ge=1, description="... among at least this many requests.")
-
-
-def failed(h: Hop) -> bool:
-    """Whether a request failed upstream (the module doc). The status is read first; the flags
-    and details (costly fields of an access-log entry) only for a 5xx or a missing status."""
-    status: int = h.status
-    if 0 < status < 500:  # nearly every request
-        return False
-    if h.upstream_cluster == BLACKHOLE:
-        return False
-    flags: str = h.response_flags
-    if flags and flags != "-":  # "-": none, as an OpenTelemetry access log writes it
-        if not UPSTREAM_FAILURE_FLAGS.isdisjoint(flags.split(",")):
-            return True
-        if status < 500:
-            return False
-        details: str = h.response_code_details
-        return details == "via_upstream"
-    if status < 500:
-        return False
-    details = h.response_code_details
-    # No details at all (an OpenTelemetry access log that does not carry them) and no flag: no
-    # sign of a local reply, so the upstream answered.
-    return details == "via_upstream" or not details
 
 
 class ErrorBurst(Rule[ErrorBurstConfig]):
