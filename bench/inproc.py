@@ -2,7 +2,7 @@
 decode to hops, and parse + decode + engine (every rule on, the bench policy), in microseconds per
 entry or span. For iterating on the hot path; the end-to-end figures come from ``bench.run``.
 
-    .venv/bin/python -m bench.inproc [--per 25] [--seconds 3] [--repeat 3] [--otlp]
+    .venv/bin/python -m bench.inproc [--per 25] [--seconds 3] [--repeat 3] [--otlp] [--no-graph]
 """
 
 from __future__ import annotations
@@ -60,9 +60,14 @@ def _loop(seconds: float, step: Callable[[int], int]) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def als(per: int, seconds: float) -> dict[str, float]:
-    msgs = _messages(per)
+def _config(graph: bool) -> Config:
     cfg = Config.model_validate(meshaudit_config(Path("/dev/null")))
+    return cfg.model_copy(update={"graph": cfg.graph.model_copy(update={"enabled": graph})})
+
+
+def als(per: int, seconds: float, graph: bool = True) -> dict[str, float]:
+    msgs = _messages(per)
+    cfg = _config(graph)
     namer = Namer(cfg.mesh)
     ctxs = [
         StreamContext(namer, corpus.node_id(s, ns, i, 0), f"{s}.{ns}", "envoy_accesslog")
@@ -104,6 +109,8 @@ def als(per: int, seconds: float) -> dict[str, float]:
         engine.evaluate(hops, now)
         if (i & 63) == 0:
             engine.tick(now)
+        if i % (100_000 // per) == 0:  # the daemon takes the graph's counts once a second
+            engine.ctx.tally.take()
         return len(hops)
 
     out = {}
@@ -112,9 +119,9 @@ def als(per: int, seconds: float) -> dict[str, float]:
     return out
 
 
-def otlp(seconds: float) -> dict[str, float]:
+def otlp(seconds: float, graph: bool = True) -> dict[str, float]:
     exports = [b.replace(corpus.TOKEN, b"%08x" % i) for i, b in enumerate(corpus.build_otlp() * 5)]
-    cfg = Config.model_validate(meshaudit_config(Path("/dev/null")))
+    cfg = _config(graph)
     n = len(exports)
 
     def parse(i: int) -> int:
@@ -137,6 +144,7 @@ def otlp(seconds: float) -> dict[str, float]:
         engine.evaluate(hops, now)
         if (i & 7) == 0:
             engine.tick(now)
+            engine.ctx.tally.take()
         return k
 
     return {"parse": _loop(seconds, parse), "decode": _loop(seconds, decode), "engine": _loop(seconds, full)}
@@ -149,13 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--otlp", action="store_true", help="OTLP spans instead of ALS entries")
     p.add_argument("--gc-freeze", action="store_true", help="as the daemon does: gc.freeze() before the loop")
+    p.add_argument("--no-graph", action="store_true", help="graph.enabled: false (the service graph's per-edge counts)")
     a = p.parse_args(argv)
+    graph = not a.no_graph
     cases: list[tuple[str, Callable[[], dict[str, float]]]] = []
     if a.otlp:
-        cases.append(("OTLP 200/export", lambda: otlp(a.seconds)))
+        cases.append(("OTLP 200/export", lambda: otlp(a.seconds, graph)))
     else:
         for per in a.per or [25, 100]:
-            cases.append((f"ALS {per}/msg", functools.partial(als, per, a.seconds)))
+            cases.append((f"ALS {per}/msg", functools.partial(als, per, a.seconds, graph)))
     for name, fn in cases:
         runs: list[dict[str, Any]] = []
         for _ in range(a.repeat):

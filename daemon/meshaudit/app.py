@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING
 import grpc
 from aiohttp import web
 
-from meshaudit import __version__, health, metrics
+from meshaudit import __version__, graphpage, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
 from meshaudit.engine.api import Parking
 from meshaudit.engine.exceptions import Exceptions
+from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.store import Store
+from meshaudit.graph import MeshGraph
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
 from meshaudit.logsafe import RateLimited, wire
@@ -123,6 +125,13 @@ def readiness_of(gates: dict[str, str], sinks: list[Sink]) -> tuple[dict[str, st
     "ok" or why not), and each sink's state, shown only with ``?verbose``: a backend that is down
     never stops ingestion, so it must not take the daemon out of its Service either."""
     return gates, {s.name: s.ready_reason for s in sinks}
+
+
+def mesh_graph(config: Config, policy: CompiledPolicy) -> MeshGraph:
+    g = config.graph
+    graph = MeshGraph(g.max_edges, g.history_bucket_secs, g.history_hours)
+    graph.policy = policy
+    return graph
 
 
 def dispatch_to(sinks: list[Sink], alerts: list[Alert]) -> None:
@@ -312,6 +321,8 @@ class Daemon:
         self._flood_top: dict[str, str] = {}  # store -> the observer its flood gauge names
         self.bound: dict[str, str] = {}
         self.grpc_health = GrpcHealth()
+        # The service graph (/graph): this process's own, or (a worker) the coordinator's.
+        self.graph = mesh_graph(config, self.engine.ctx.policy)
 
     # --- health and readiness ---------------------------------------------------------------
     def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -339,6 +350,7 @@ class Daemon:
     # --- alerts ----------------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
         dispatch_to(self.sinks, alerts)
+        self.graph.alerts(alerts, time.time())
 
     # --- engine tasks ------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
@@ -432,6 +444,8 @@ class Daemon:
                         ERRORS.record("peers", exc, "sending shared facts and metrics to the coordinator")
 
     def _publish_stats(self) -> None:
+        if self.link is None:  # a worker sends its tally to the coordinator (WorkerLink.periodic)
+            self.graph.absorb(self.engine.ctx.tally.take(), time.time())
         self.queue.qsize()
         publish_violations(self.engine.agg.violations, self._violations_seen)
         publish_stores(self.engine.stores(), self._store_seen)
@@ -455,6 +469,7 @@ class Daemon:
             )
         self.engine.reconfigure(config, loaded[1])
         self.config, self.policy = config, loaded[1]
+        self.graph.policy = self.engine.ctx.policy
         logging.getLogger().setLevel(config.log_level.upper())
         if self.link is None:  # a worker reloads when its coordinator says; that one counts
             metrics.CONFIG_RELOADS.labels("ok").inc()
@@ -484,6 +499,7 @@ class Daemon:
             self.bound["http"] = await otlp_http.serve(cfg.listen.http, runners, reuse_port=worker)
             if not worker:
                 app = health.build_app(self.readiness, liveness=self.core.dead)
+                graphpage.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
                 self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot listen: %s", exc)

@@ -362,6 +362,22 @@ class SinksConfig(_Strict):
     mqtt: MqttConfig | None = Field(None, description="Absent: no MQTT sink.")
 
 
+class GraphConfig(_Strict):
+    """The live service graph (``/graph``, ``/graph.json``) and what ``meshaudit report`` reads."""
+
+    enabled: bool = Field(True, description="Count traffic per edge for /graph and reports.")
+    max_edges: int = Field(
+        1000, ge=1, description="Edges kept; past it the edge seen longest ago goes (counted in /graph.json)."
+    )
+    history_bucket_secs: int = Field(
+        300, ge=1, description="Reports see each edge's counts in buckets of this length ..."
+    )
+    history_hours: float = Field(
+        24, gt=0, le=24 * 31, description="... for this long (about 20 KB an edge at the defaults)."
+    )
+    top_edges: int = Field(100, ge=1, description="/graph draws the busiest this many edges; the rest are counted.")
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     receivers: ReceiversConfig = ReceiversConfig()
@@ -375,6 +391,7 @@ class Config(_Strict):
         description="Policy files, merged in order; a directory stands for its *.yaml/*.yml files by name.",
     )
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    graph: GraphConfig = GraphConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     reload_watch_ms: int = Field(
         1000,
@@ -412,6 +429,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "sinks",
     "workers",
     "engine.store_max_items",
+    "graph",
     # what learn mode starts from: the baseline file it loads at start, and what it learns
     "rules.unexpected_edge.mode",
     "rules.unexpected_edge.state_file",

@@ -155,6 +155,7 @@ class Hop:
         "direction",
         "downstream_peer",
         "dst",
+        "duration_ms",
         "local_principal",
         "method",
         "observer",
@@ -219,6 +220,7 @@ class Hop:
         xfcc_by: str | None = None,
         user_agent: str | None = None,
         source_address: str | None = None,
+        duration_ms: float | None = None,
     ) -> None:
         self.origin = origin
         self.observer = observer  # sidecar node id, or "span:<service>"
@@ -266,6 +268,9 @@ class Hop:
         # the downstream remote address), whatever names its source.
         self.user_agent = user_agent
         self.source_address = source_address
+        # How long the request or connection took, as its observer timed it (Envoy's
+        # ``duration``, a span's end - start): the service graph's latency. None: not known.
+        self.duration_ms = duration_ms
 
     def detach(self) -> None:
         """Called before a hop is kept past the batch it came in (a rule parks it): a hop that

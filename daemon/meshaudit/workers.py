@@ -59,12 +59,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from meshaudit import health, metrics
+from meshaudit import graphpage, health, metrics
 from meshaudit.app import (
     SHUTDOWN_SECS,
     Daemon,
     dispatch_to,
     load_for_reload,
+    mesh_graph,
     print_ready,
     publish_stores,
     publish_violations,
@@ -81,6 +82,7 @@ from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import NO_ANSWER, PeerAnswer, Violation
 from meshaudit.engine.core import Engine
+from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import SUMMARIES
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.guard import ERRORS, CoreTasks
@@ -284,6 +286,9 @@ class WorkerLink:
         if rule is not None and (rule.learned_new or rule.routes_new):
             self.send(("learned", rule.learned_new, rule.routes_new))
             rule.learned_new, rule.routes_new = [], []
+        tally = engine.ctx.tally.take()
+        if tally:
+            self.send(("graph", tally))
         self.send(("metrics", snapshot(metrics.REGISTRY, worker=True)))
         if self.daemon is not None:
             self.send(("intake", self.daemon.intake_state()))
@@ -432,6 +437,7 @@ class Coordinator:
         self.learn_over = False
         self.baseline_file: BaselineFile | None = None
         self._start_baseline()
+        self.graph = mesh_graph(config, CompiledPolicy(policy))
         self.summed = SummedMetrics(metrics.REGISTRY)
         self.expo = CollectorRegistry(auto_describe=False)
         self.expo.register(self.summed)
@@ -464,6 +470,7 @@ class Coordinator:
 
     def dispatch(self, alerts: list[Alert]) -> None:
         dispatch_to(self.sinks, alerts)
+        self.graph.alerts(alerts, time.time())
 
     async def gather_metrics(self) -> None:
         """Before /metrics renders: every worker's counters as of now (each also sends them
@@ -590,6 +597,8 @@ class Coordinator:
                 self._scrape_waiting.discard(index)
                 if not self._scrape_waiting:
                     self._scrape_done.set()
+        elif tag == "graph":  # the worker's per-edge counts of the last second
+            self.graph.absorb(msg[1], now)
         elif tag == "intake":
             self._intake[index] = dict(msg[1])
         elif tag == "ready":
@@ -742,6 +751,7 @@ class Coordinator:
         self.agg.reconfigure(config.engine)  # open windows and the learned baseline are kept
         self.config = config
         self.policy = loaded[1]
+        self.graph.policy = CompiledPolicy(self.policy)
         logging.getLogger().setLevel(config.log_level.upper())
         for w in self.workers.values():
             if w.process is not None and w.process.pid is not None:
@@ -786,6 +796,7 @@ class Coordinator:
             if failed:
                 raise OSError(failed)
             app = health.build_app(self.readiness, self.expo, self.gather_metrics, self.core.dead)
+            graphpage.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
             self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot start: %s", exc)

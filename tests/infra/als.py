@@ -95,10 +95,11 @@ def http_entry(
     attempts: int | None = None,
     details: str = "",
     flags: Sequence[str] = (),
+    duration_ms: float | None = None,
 ) -> Any:
     """``attempts``: ``upstream_request_attempt_count`` (unset if None); ``details``: response code
     details (``via_upstream``, ``rbac_access_denied_matched_policy[...]``); ``flags``: Envoy's short
-    response flags (``NR``, ``URX``, ``UAEX``, ...)."""
+    response flags (``NR``, ``URX``, ``UAEX``, ...); ``duration_ms``: Envoy's ``duration``."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
     _common(
         e.common_properties,
@@ -111,6 +112,8 @@ def http_entry(
         tls=tls,
     )
     e.common_properties.route_name = route_name
+    if duration_ms is not None:
+        e.common_properties.duration.FromNanoseconds(int(duration_ms * 1e6))
     if attempts is not None:
         e.common_properties.upstream_request_attempt_count = attempts
     _set_flags(e.common_properties, flags)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedT
 from pydantic import BaseModel, ConfigDict
 
 from meshaudit.engine.store import Store, TTLStore
+from meshaudit.engine.tally import EdgeTally
 from meshaudit.model import ALS_HTTP, ALS_TCP, OTEL_LOG, Hop, Identity
 
 if TYPE_CHECKING:
@@ -147,6 +148,9 @@ class EngineContext:
         # Each rule's options as the core gives them: its ``rules.<name>`` section under the
         # policy's overrides for all traffic.
         self.sections: dict[str, RuleConfig] = {}
+        # Per-edge traffic counts for the service graph; rules report what only they decide
+        # (missing_access_log: whether a traced request was logged).
+        self.tally = EdgeTally(config.graph.enabled)
 
 
 C = TypeVar("C", bound=RuleConfig)

@@ -116,6 +116,9 @@ class Engine:
         # Each rule gets the hops it judges; one pass splits a batch that mixes spans in.
         spans = [h for h in hops if h.origin == SPAN]
         logged = [h for h in hops if h.origin != SPAN] if spans else hops
+        tally = self.ctx.tally
+        if tally.enabled and logged:
+            tally.add(logged, self.corr)
         by_kind = {"logged": logged, "spans": spans, "all": hops}
         for rule in self.rules:
             batch = by_kind[rule.hops]

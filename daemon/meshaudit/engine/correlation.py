@@ -51,7 +51,8 @@ class Correlation:
         # (observer service, request id) and (observer service, trace id) the access logs showed:
         # a span's access log (missing_access_log, and a peer's question with ``workers: N``).
         self.logged_rid: PairStore[str, str, bool] = PairStore("logged_request_ids", ttl, max_items)
-        self.logged_trace: PairStore[str, str, bool] = PairStore("logged_trace_ids", ttl, max_items)
+        # trace id -> the client the logging sidecar saw (names a traced request's source)
+        self.logged_trace: PairStore[str, str, Identity] = PairStore("logged_trace_ids", ttl, max_items)
         # service key -> last time its sidecar logged anything; bounded by the number of services
         self.sidecar_last_log: GenStore[str, float] = GenStore("sidecar_last_log", 86_400, max_items)
         # The logged_* stores serve only span joins. They are written from start-up for one TTL
@@ -105,7 +106,7 @@ class Correlation:
         logged = now < self.index_logged_until
         logged_rid, logged_trace = self.logged_rid, self.logged_trace
         rids: dict[str, bool] = {}
-        traces: dict[str, bool] = {}
+        traces: dict[str, Identity] = {}
         nr = nt = added_r = added_t = 0
         last = None
         for h in hops:
@@ -133,7 +134,7 @@ class Correlation:
                     rids[rid] = True
                 tid = h.trace_id
                 if tid:
-                    traces[tid] = True
+                    traces[tid] = h.src
         self.outbound_by_rid.settle(now)
         self.outbound_by_conn.settle(now)
         self.sidecar_last_log.settle(now)

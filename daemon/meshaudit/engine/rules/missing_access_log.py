@@ -113,9 +113,9 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                 if len(pending):
                     # The log arrived after its span: the span is satisfied.
                     if h.request_id:
-                        pending.pop((h.request_id, h.observer_service.key))
+                        self._logged(pending.pop((h.request_id, h.observer_service.key)))
                     if h.direction != OUTBOUND and h.trace_id:  # an app's server span: its inbound entry
-                        pending.pop((h.trace_id, h.observer_service.key))
+                        self._logged(pending.pop((h.trace_id, h.observer_service.key)), h.src)
                 continue
             if h.origin != SPAN:
                 continue
@@ -135,8 +135,11 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                     self.unjoined.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
                     continue
                 if h.request_id and corr.logged_rid.has(svc, h.request_id):
+                    self._logged(h)
                     continue
-                if h.trace_id and corr.logged_trace.has(svc, h.trace_id):
+                logged_by = corr.logged_trace.get(svc, h.trace_id) if h.trace_id else None
+                if logged_by is not None:  # the client its sidecar saw names the edge
+                    self._logged(h, logged_by)
                     continue
                 pending.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
             else:  # a sidecar's own span: that sidecar must have logged the request
@@ -144,9 +147,19 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                 if h.direction == INBOUND:
                     self._seen_serving(svc, h, now)
                 rid = h.request_id
-                if not rid or corr.logged_rid.has(svc, rid):
+                if not rid:
+                    continue
+                if corr.logged_rid.has(svc, rid):
+                    self._logged(h)
                     continue
                 (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
+
+    def _logged(self, h: Hop | None, client: Identity | None = None) -> None:
+        """A traced request its sidecar logged (the service graph's access-log coverage); ``client``:
+        the source the sidecar's entry names, when the span does not."""
+        if h is not None:
+            src = client if client is not None and client.service and h.src.service is None else self._source(h)
+            self.ctx.tally.traced(src, h.dst, True)
 
     def _source(self, h: Hop, remote: Identity | None = None) -> Identity:
         """Who sent the unlogged request: the client sidecar's entry for the same request id,
@@ -189,6 +202,7 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
 
     def _alert(self, h: Hop, remote_source: Identity | None) -> None:
         src = self._source(h, remote_source)
+        self.ctx.tally.traced(src, h.dst, False)
         if self.exempt(src, h.dst, h):
             return
         if h.observer.startswith("span:"):

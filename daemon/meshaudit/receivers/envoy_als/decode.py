@@ -338,6 +338,9 @@ _LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
     "span_kind": lambda e: 0,
     "downstream_peer": _downstream_peer,
     "upstream_peer": _upstream_peer,
+    "duration_ms": lambda e: (
+        e.common_properties.duration.ToNanoseconds() / 1e6 if e.common_properties.HasField("duration") else None
+    ),
     "source_address": lambda e: (
         _addr(e.common_properties.downstream_remote_address)
         if e.common_properties.HasField("downstream_remote_address")

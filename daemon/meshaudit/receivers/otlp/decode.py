@@ -281,6 +281,9 @@ def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer
         span_kind=kind,
         user_agent=_sv(g("user_agent.original")),  # the semantic conventions' (http.user_agent before 1.19)
         source_address=peer_addr,
+        duration_ms=(sp.end_time_unix_nano - sp.start_time_unix_nano) / 1e6
+        if sp.end_time_unix_nano > sp.start_time_unix_nano
+        else None,
     )
 
 
@@ -362,7 +365,17 @@ def _log_hop(lr: Any, me: Identity, observer: str, namer: Namer, start: float) -
         conn=conn,
         user_agent=_first_str(a, "user_agent.original", "user_agent", "http.user_agent"),
         source_address=remote,
+        duration_ms=_duration_ms(_first(a, "duration", "duration_ms")),
     )
+
+
+def _duration_ms(v: Any) -> float | None:
+    """Envoy's ``%DURATION%`` (milliseconds), as an int or a string attribute."""
+    try:
+        ms = float(v) if v is not None and v != "-" else None
+    except (TypeError, ValueError):
+        return None
+    return ms if ms is not None and 0 <= ms < 1e12 else None
 
 
 # --- OTLP/JSON --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshaudit/otlpview/v1/view.proto\x12\x15meshaudit.otlpview.v1\"\xa8\x01\n\x08\x41nyValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x38\n\x0b\x61rray_value\x18\x05 \x01(\x0b\x32!.meshaudit.otlpview.v1.ArrayValueH\x00\x42\x07\n\x05value\"=\n\nArrayValue\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue\"\xa3\x01\n\x08Resource\x12\x43\n\nattributes\x18\x01 \x03(\x0b\x32/.meshaudit.otlpview.v1.Resource.AttributesEntry\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\"Y\n\x19\x45xportTraceServiceRequest\x12<\n\x0eresource_spans\x18\x01 \x03(\x0b\x32$.meshaudit.otlpview.v1.ResourceSpans\"z\n\rResourceSpans\x12\x31\n\x08resource\x18\x01 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.Resource\x12\x36\n\x0bscope_spans\x18\x02 \x03(\x0b\x32!.meshaudit.otlpview.v1.ScopeSpans\"8\n\nScopeSpans\x12*\n\x05spans\x18\x02 \x03(\x0b\x32\x1b.meshaudit.otlpview.v1.Span\"\x82\x02\n\x04Span\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x0f\n\x07span_id\x18\x02 \x01(\x0c\x12\x16\n\x0eparent_span_id\x18\x04 \x01(\x0c\x12\x0c\n\x04kind\x18\x06 \x01(\x05\x12\x1c\n\x14start_time_unix_nano\x18\x07 \x01(\x06\x12?\n\nattributes\x18\t \x03(\x0b\x32+.meshaudit.otlpview.v1.Span.AttributesEntry\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\"V\n\x18\x45xportLogsServiceRequest\x12:\n\rresource_logs\x18\x01 \x03(\x0b\x32#.meshaudit.otlpview.v1.ResourceLogs\"w\n\x0cResourceLogs\x12\x31\n\x08resource\x18\x01 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.Resource\x12\x34\n\nscope_logs\x18\x02 \x03(\x0b\x32 .meshaudit.otlpview.v1.ScopeLogs\"B\n\tScopeLogs\x12\x35\n\x0blog_records\x18\x02 \x03(\x0b\x32 .meshaudit.otlpview.v1.LogRecord\"\x81\x02\n\tLogRecord\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x06\x12\x44\n\nattributes\x18\x06 \x03(\x0b\x32\x30.meshaudit.otlpview.v1.LogRecord.AttributesEntry\x12\x10\n\x08trace_id\x18\t \x01(\x0c\x12\x0f\n\x07span_id\x18\n \x01(\x0c\x12\x1f\n\x17observed_time_unix_nano\x18\x0b \x01(\x06\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshaudit/otlpview/v1/view.proto\x12\x15meshaudit.otlpview.v1\"\xa8\x01\n\x08\x41nyValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x38\n\x0b\x61rray_value\x18\x05 \x01(\x0b\x32!.meshaudit.otlpview.v1.ArrayValueH\x00\x42\x07\n\x05value\"=\n\nArrayValue\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue\"\xa3\x01\n\x08Resource\x12\x43\n\nattributes\x18\x01 \x03(\x0b\x32/.meshaudit.otlpview.v1.Resource.AttributesEntry\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\"Y\n\x19\x45xportTraceServiceRequest\x12<\n\x0eresource_spans\x18\x01 \x03(\x0b\x32$.meshaudit.otlpview.v1.ResourceSpans\"z\n\rResourceSpans\x12\x31\n\x08resource\x18\x01 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.Resource\x12\x36\n\x0bscope_spans\x18\x02 \x03(\x0b\x32!.meshaudit.otlpview.v1.ScopeSpans\"8\n\nScopeSpans\x12*\n\x05spans\x18\x02 \x03(\x0b\x32\x1b.meshaudit.otlpview.v1.Span\"\x9e\x02\n\x04Span\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x0f\n\x07span_id\x18\x02 \x01(\x0c\x12\x16\n\x0eparent_span_id\x18\x04 \x01(\x0c\x12\x0c\n\x04kind\x18\x06 \x01(\x05\x12\x1c\n\x14start_time_unix_nano\x18\x07 \x01(\x06\x12\x1a\n\x12\x65nd_time_unix_nano\x18\x08 \x01(\x06\x12?\n\nattributes\x18\t \x03(\x0b\x32+.meshaudit.otlpview.v1.Span.AttributesEntry\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\"V\n\x18\x45xportLogsServiceRequest\x12:\n\rresource_logs\x18\x01 \x03(\x0b\x32#.meshaudit.otlpview.v1.ResourceLogs\"w\n\x0cResourceLogs\x12\x31\n\x08resource\x18\x01 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.Resource\x12\x34\n\nscope_logs\x18\x02 \x03(\x0b\x32 .meshaudit.otlpview.v1.ScopeLogs\"B\n\tScopeLogs\x12\x35\n\x0blog_records\x18\x02 \x03(\x0b\x32 .meshaudit.otlpview.v1.LogRecord\"\x81\x02\n\tLogRecord\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x06\x12\x44\n\nattributes\x18\x06 \x03(\x0b\x32\x30.meshaudit.otlpview.v1.LogRecord.AttributesEntry\x12\x10\n\x08trace_id\x18\t \x01(\x0c\x12\x0f\n\x07span_id\x18\n \x01(\x0c\x12\x1f\n\x17observed_time_unix_nano\x18\x0b \x01(\x06\x1aR\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.meshaudit.otlpview.v1.AnyValue:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,17 +52,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOPESPANS']._serialized_start=674
   _globals['_SCOPESPANS']._serialized_end=730
   _globals['_SPAN']._serialized_start=733
-  _globals['_SPAN']._serialized_end=991
+  _globals['_SPAN']._serialized_end=1019
   _globals['_SPAN_ATTRIBUTESENTRY']._serialized_start=375
   _globals['_SPAN_ATTRIBUTESENTRY']._serialized_end=457
-  _globals['_EXPORTLOGSSERVICEREQUEST']._serialized_start=993
-  _globals['_EXPORTLOGSSERVICEREQUEST']._serialized_end=1079
-  _globals['_RESOURCELOGS']._serialized_start=1081
-  _globals['_RESOURCELOGS']._serialized_end=1200
-  _globals['_SCOPELOGS']._serialized_start=1202
-  _globals['_SCOPELOGS']._serialized_end=1268
-  _globals['_LOGRECORD']._serialized_start=1271
-  _globals['_LOGRECORD']._serialized_end=1528
+  _globals['_EXPORTLOGSSERVICEREQUEST']._serialized_start=1021
+  _globals['_EXPORTLOGSSERVICEREQUEST']._serialized_end=1107
+  _globals['_RESOURCELOGS']._serialized_start=1109
+  _globals['_RESOURCELOGS']._serialized_end=1228
+  _globals['_SCOPELOGS']._serialized_start=1230
+  _globals['_SCOPELOGS']._serialized_end=1296
+  _globals['_LOGRECORD']._serialized_start=1299
+  _globals['_LOGRECORD']._serialized_end=1556
   _globals['_LOGRECORD_ATTRIBUTESENTRY']._serialized_start=375
   _globals['_LOGRECORD_ATTRIBUTESENTRY']._serialized_end=457
 # @@protoc_insertion_point(module_scope)
