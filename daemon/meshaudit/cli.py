@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="every rule with its effective settings and where each came from")
     rules.add_argument("--config", "-c", help="YAML configuration (default: built-in defaults)")
     rules.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    rep = sub.add_parser("report", help="an audit report from a running daemon: edges, coverage, violations, health")
+    rep.add_argument("--url", default="http://127.0.0.1:9464", help="the daemon's metrics address (listen.metrics)")
+    rep.add_argument("--format", choices=("md", "html", "json"), default="md", help="default: md (Markdown)")
+    rep.add_argument("--since", default="1h", metavar="DUR", help="how far back: 90s, 15m, 1h, 7d (default 1h)")
+    rep.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
     pol = sub.add_parser("policy", help="ask the policy")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     ex = pol_sub.add_parser("explain", help="which rule would fire on a request, and which edge or exception decides")
@@ -405,6 +410,22 @@ def _exception_text(a: RuleAnswer, where: _Paths) -> str:
     return "no exception covers it"
 
 
+def _report(url: str, fmt: str, since: str, output: str | None) -> int:
+    from meshaudit import report
+
+    try:
+        body = report.render(report.build(url, since), fmt)
+    except (report.ReportError, ValueError) as exc:
+        print(f"meshaudit report: {exc}", file=sys.stderr)
+        return 2
+    if output:
+        with open(output, "wb") as f:
+            f.write(body)
+    else:
+        sys.stdout.buffer.write(body)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "baseline":
@@ -415,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         return _rules(args.config, args.json)
     if args.command == "policy":
         return _explain(args)
+    if args.command == "report":
+        return _report(args.url, args.format, args.since, args.output)
     from meshaudit.app import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}

@@ -11,14 +11,18 @@ A scenario whose rules the daemon does not have yet is skipped, saying which (se
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from infra.chromium import Elements, dump_dom, screenshot  # type: ignore[import-not-found,unused-ignore]
 from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from meshlab.mesh import Mesh
 from meshlab.procs import wait_until
@@ -167,3 +171,37 @@ def test_envoy_stats_and_daemon_metrics_agree(mesh: Mesh, daemon: Daemon) -> Non
         assert lines > 0, rule
         assert daemon.metric("meshaudit_alerts_total", rule=rule) == lines, rule
     assert not mesh.dead(), f"processes exited early: {mesh.dead()}"
+
+
+def test_graph_page_and_report_render_in_chromium(mesh: Mesh, daemon: Daemon, tmp_path: Path) -> None:
+    """What the scenarios sent, as an on-call engineer and a reviewer see it: /graph and the HTML
+    report in real headless Chromium. The drawn edges and their mTLS state are those of
+    /graph.json; the page refreshes itself; screenshots go to the test's output directory."""
+    url = daemon.metrics_url
+
+    def edges_json() -> dict[tuple[str, str], str]:
+        with urllib.request.urlopen(f"{url}/graph.json?window=300", timeout=5) as r:
+            view = json.loads(r.read())
+        return {(e["source"], e["destination"]): e["mtls"] for e in view["edges"]}
+
+    before = edges_json()
+    dom = Elements(dump_dom(f"{url}/graph?window=300", wait_ms=7000))  # past one refresh
+    after = edges_json()
+    drawn = {(a["data-src"], a["data-dst"]): a["data-mtls"] for a in dom.all("g", class_="edge")}
+    assert drawn in (before, after), (drawn, before)
+    states = set(drawn.values())
+    assert {"mtls", "plaintext"} <= states, states  # the scenarios sent both
+    assert dom.all("g", class_="edge", data_violating="true"), "policy violations stand out"
+    assert "updated " in "".join(dump_dom(f"{url}/graph?window=300", wait_ms=6000).split('id="status"')[1:2])
+    shot = screenshot(f"{url}/graph?window=300", tmp_path / "graph.png")
+
+    report = tmp_path / "report.html"
+    cmd = [sys.executable, "-m", "meshaudit", "report", "--url", url, "--format", "html", "--since", "1h"]
+    r = subprocess.run([*cmd, "-o", str(report)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    rdom = Elements(dump_dom(report.as_uri()))
+    assert rdom.all("svg", id="coverage-chart") and rdom.all("polyline")
+    rules = {a["data-rule"] for a in rdom.all("g", class_="bar")}
+    assert {"plaintext_hop", "unexpected_edge", "missing_access_log"} <= rules, rules
+    screenshot(report.as_uri(), tmp_path / "report.png", size="1200,1600")
+    print(f"\nscreenshots: {shot} {tmp_path / 'report.png'}")
