@@ -233,8 +233,11 @@ async def test_every_query_returns_data_from_a_live_daemon(mosquitto: Mosquitto,
 
         # Every query returns data: a finite value, as a panel draws it.
         queries = {(title, ref): substitute(e, "meshaudit", instance) for title, ref, e in targets(dash)}
-        empty = [q for q in queries.values() if not prom.wait(lambda q=q: _has_finite_data(prom, q), timeout=10)]
-        assert empty == [], empty
+
+        def empty() -> list[str]:
+            return [q for q in queries.values() if not _has_finite_data(prom, q)]
+
+        assert prom.wait(lambda: not empty(), timeout=10), empty()
 
         def panel(title: str, ref: str = "A") -> list[tuple[dict[str, str], float]]:
             """(labels, value) of each series the panel's query ``ref`` draws now."""
