@@ -239,16 +239,25 @@ REJECT_REASONS = (
     "not_found", "unsupported_encoding", "unsupported_media_type", "bad_request",
 )  # fmt: skip
 SEVERITY_NAMES = ("info", "warning", "high", "critical")
+SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "spool_corrupt", "permanent_error", "shutdown")
 
 
 def init_series(rules: list[str]) -> None:
     """Create at 0 the series of every receiver's rejects and drops, and of every rule's
-    violations and alerts (by severity); ``rules``: the rule names alerts may carry."""
+    violations, alerts (by severity) and alerts held back by the budget; ``rules``: the rule
+    names alerts may carry."""
     for receiver in RECEIVERS:
         DROPPED.labels(receiver, "queue_full")
         for reason in REJECT_REASONS:
             REJECTED.labels(receiver, reason)
     for rule in rules:
         VIOLATIONS.labels(rule)
+        ALERTS_SUPPRESSED.labels(rule)
         for severity in SEVERITY_NAMES:
             ALERTS.labels(rule, severity)
+
+
+def init_sink_series(sink: str) -> None:
+    """Create at 0 the series of a sink's dropped alerts, one per reason."""
+    for reason in SINK_DROP_REASONS:
+        SINK_DROPPED.labels(sink, reason)

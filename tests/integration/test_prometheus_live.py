@@ -7,14 +7,11 @@ start (they did not: the first burst was invisible to increase())."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
-from infra import als
 from infra.daemon import Daemon
+from infra.faults import post_garbage, stolen_certificate
 from infra.prometheus import prometheus
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "meshaudit-rules.yaml"
@@ -29,11 +26,8 @@ async def test_the_alert_rules_on_a_live_daemon(daemon: Daemon, tmp_path: Path) 
                 prom.query(rule["expr"])
         assert prom.firing() == []
         # Faults: a critical violation (a stolen certificate), and 150 undecodable OTLP bodies.
-        stolen = als.inbound_http("payments", path="/reviews/1", request_id="stolen-1")
-        client = als.outbound_http("reviews", request_id="stolen-1", path="/reviews/1")
-        await als.stream(daemon.grpc, [als.http_message([stolen], als.identifier("reviews"))])
-        await als.stream(daemon.grpc, [als.http_message([client], als.identifier("ratings"))])
-        await asyncio.to_thread(_post_garbage, daemon, 150)
+        await stolen_certificate(daemon.grpc, "stolen-1")
+        await asyncio.to_thread(post_garbage, daemon.http, 150)
         want = {"MeshauditCriticalViolation", "MeshauditRejecting"}
 
         def firing_names() -> set[str]:
@@ -43,14 +37,3 @@ async def test_the_alert_rules_on_a_live_daemon(daemon: Daemon, tmp_path: Path) 
         assert firing_names() >= want, firing_names()
         critical = [a for a in prom.firing() if a["labels"]["alertname"] == "MeshauditCriticalViolation"]
         assert critical[0]["labels"]["rule"] == "identity_mismatch"
-
-
-def _post_garbage(daemon: Daemon, n: int) -> None:
-    """``n`` undecodable OTLP/HTTP bodies (each answered 400 and counted as rejected)."""
-    for _ in range(n):
-        req = urllib.request.Request(
-            f"http://{daemon.http}/v1/traces", data=b"\xff\x00garbage", method="POST",
-            headers={"Content-Type": "application/x-protobuf"},
-        )  # fmt: skip
-        with contextlib.suppress(urllib.error.HTTPError):
-            urllib.request.urlopen(req, timeout=5).read()

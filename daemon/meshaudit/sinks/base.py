@@ -123,6 +123,7 @@ class Sink(ABC):
         self._latency = metrics.SINK_LATENCY.labels(name)
         self._ready_gauge = metrics.SINK_READY.labels(name)
         self._ready_gauge.set(0)
+        metrics.init_sink_series(name)
         self._rate = RateLimited(log)
 
     # --- subclass hooks -------------------------------------------------------------------
