@@ -45,7 +45,7 @@ KUBERNETES_VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
 # The oldest Kubernetes the manifests are for (gRPC probes are GA from 1.27) and the newest schema
 # kubernetes-validate has.
 K8S_VERSIONS = ("1.28", "1.37")
-CRD_SCHEMAS = Path(os.environ.get("MESHAUDIT_CRD_SCHEMAS") or REPO.parent / "shared" / "schemas" / "crds")
+CRD_SCHEMAS = Path(os.environ.get("MESHAUDIT_CRD_SCHEMAS") or REPO.parent / "shared/schemas/crds")
 CRD_KINDS = {"Telemetry", "ServiceMonitor", "PrometheusRule"}
 
 Doc = dict[str, Any]
