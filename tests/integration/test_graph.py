@@ -180,9 +180,9 @@ def _report(d: Daemon, fmt: str, out: Path) -> subprocess.CompletedProcess[str]:
 
 def test_report_json_covers_what_a_review_asks(fed: Daemon, tmp_path: Path) -> None:
     _graph(fed)
-    r = _report(fed, "json", tmp_path / "r.json")
+    r = _report(fed, "json", tmp_path / "report.json")
     assert r.returncode == 0, r.stderr
-    rep = json.loads((tmp_path / "r.json").read_text())
+    rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["schema"] == "meshaudit.report.v1"
     s = rep["summary"]
     assert s["edges_not_allowed"] == 1 and s["services"] >= 3
@@ -203,12 +203,12 @@ def test_report_json_covers_what_a_review_asks(fed: Daemon, tmp_path: Path) -> N
 
 def test_report_markdown_and_html(fed: Daemon, tmp_path: Path) -> None:
     _graph(fed)
-    assert _report(fed, "md", tmp_path / "r.md").returncode == 0
-    md = (tmp_path / "r.md").read_text()
+    assert _report(fed, "md", tmp_path / "report-md.txt").returncode == 0
+    md = (tmp_path / "report-md.txt").read_text()
     assert "| reviews.default | ratings.default | 4 | 0.0% |" in md
     assert "**unexpected_edge**: 1" in md and "probes: excused 6 violations" in md
-    assert _report(fed, "html", tmp_path / "r.html").returncode == 0
-    page = (tmp_path / "r.html").read_text()
+    assert _report(fed, "html", tmp_path / "report.html").returncode == 0
+    page = (tmp_path / "report.html").read_text()
     assert 'id="coverage-chart"' in page and 'data-rule="plaintext_hop"' in page
     assert "<script" not in page and "http://" not in page.replace(fed.metrics_url, "")
 
