@@ -152,12 +152,5 @@ async def test_bookinfo_through_its_ingress_gateway_raises_no_alert(daemon: Daem
     }, got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshaudit pairs an inbound entry with the client sidecar's entry by x-request-id alone "
-    "(engine/correlation.py, outbound_by_rid): when the apps forward the id, as bookinfo's do, every "
-    "call of a page shares it, and productpage's own outbound entry is taken for the gateway's, so "
-    "identity_mismatch reports productpage presenting the gateway's certificate",
-)
 async def test_bookinfo_with_the_request_id_forwarded_along_a_page_raises_no_alert(daemon: Daemon) -> None:
     await browse_quietly(daemon, Mesh(propagate=True))

@@ -137,6 +137,22 @@ def test_plaintext_pairing_after_the_fact_names_the_source() -> None:
     assert e.tick(T0 + 5) == []  # no second alert when the wait expires
 
 
+def test_a_forwarded_request_id_pairs_each_call_with_its_own_destination() -> None:
+    """Applications forward x-request-id (bookinfo's do): a page's calls share it. Only the
+    client's entry of the call to this destination names the source: frontend's call to ratings,
+    sent with the id of its own call to reviews, must not name reviews' plaintext client."""
+    e = engine()
+    to_ratings = Hop(ALS_HTTP, "sidecar~10.0.0.3~ratings-1.default~default.svc.cluster.local", RATINGS, INBOUND,
+                     ADDR, RATINGS, T0, method="GET", path="/ratings/1", request_id="page-1",
+                     upstream_cluster="inbound|9080||")  # fmt: skip
+    # frontend's entry of its call to reviews, with the same id, comes first: not ratings' client
+    assert e.evaluate([outbound(rid="page-1"), to_ratings], T0) == []
+    late = e.tick(T0 + 1.6)  # attribution_wait_ms: still unnamed, so the address
+    assert rules(late) == ["plaintext_hop"] and late[0].source is ADDR
+    assert e.corr.outbound_by_rid.get(("page-1", "reviews.default")) is FRONTEND
+    assert e.corr.outbound_by_rid.get(("page-1", "ratings.default")) is None
+
+
 def test_plaintext_tcp_paired_by_connection() -> None:
     e = engine()
     inb = Hop(ALS_TCP, NODE_REVIEWS, REVIEWS, INBOUND, ADDR, REVIEWS, T0, conn="10.0.0.1:5000")
@@ -274,7 +290,7 @@ def test_stores_are_bounded_and_count_evictions() -> None:
     # Bounded by store_max_items; every entry is either kept or counted as evicted; the newest
     # are kept (generational store: it drops its older half when the newer one fills).
     assert len(st) <= 1000 and len(st) + st.evicted_capacity == 5000
-    assert all(st.get(f"r{i}") is FRONTEND for i in range(4500, 5000))
+    assert all(st.get((f"r{i}", "reviews.default")) is FRONTEND for i in range(4500, 5000))
 
 
 def test_idle_sidecar_is_not_silent() -> None:

@@ -156,7 +156,7 @@ class Engine:
                 or (q.trace_id is not None and logged_trace.has(svc, q.trace_id))
                 or not corr.judgeable(q.start)
             )
-            src = by_rid.get(q.request_id) if q.request_id else None
+            src = by_rid.get((q.request_id, svc)) if q.request_id else None
             if src is None and q.conn:
                 src = by_conn.get(q.conn)
             if src is None:

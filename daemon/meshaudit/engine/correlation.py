@@ -45,7 +45,10 @@ class Correlation:
     def __init__(self, ttl: float, max_items: int, horizon: float = 0.0) -> None:
         # request_id -> client-side (outbound) hop, for naming the source of an inbound hop
         # (the client's interned Identity, not the Hop: a Hop keeps many unique strings alive)
-        self.outbound_by_rid: GenStore[str, Identity] = GenStore("outbound_by_request_id", ttl, max_items)
+        # (request id, destination service key) -> the client. The destination is part of the key:
+        # applications forward x-request-id (bookinfo's do), so every call a request causes
+        # shares it, and only the destination tells them apart.
+        self.outbound_by_rid: GenStore[tuple[str, str], Identity] = GenStore("outbound_by_request_id", ttl, max_items)
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
         self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
         # (observer service, request id) and (observer service, trace id) the access logs showed:
@@ -124,7 +127,7 @@ class Correlation:
             rid = h.request_id
             if h.direction == OUTBOUND:
                 if rid:
-                    by_rid[rid] = h.src
+                    by_rid[rid, h.dst.key] = h.src
                 if h.conn:
                     by_conn[h.conn] = h.src
                 if logged and rid:
@@ -145,7 +148,7 @@ class Correlation:
     def source_of(self, h: Hop) -> Identity | None:
         """The client of an inbound hop, from the client sidecar's entry of the same request."""
         if h.request_id:
-            src = self.outbound_by_rid.get(h.request_id)
+            src = self.outbound_by_rid.get((h.request_id, h.dst.key))
             if src is not None:
                 return src
         if h.conn:

@@ -44,6 +44,7 @@ _CACHE_LIMIT = 100_000
 # full load (with a party in it, every full collection walked them all: 3x the rule's cost).
 Waiting = tuple[str, str, int, float, str | None, str | None]
 Short = tuple[str, str]  # presented id, observer: what one process keeps
+WaitKey = tuple[str, str] | str  # (request id, destination key), or the client socket
 
 
 PAIRED = "the client sidecar's entry of the same request"
@@ -80,10 +81,11 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         self.td_prefix = f"spiffe://{mesh.trust_domain}/"
         self.sa_is_service = mesh.service_account_is_service
         self.wait = self.cfg.pairing_wait_ms / 1000
-        # Inbound entries waiting for their client's entry, by request id or client socket. A
+        # Inbound entries waiting for their client's entry, by (request id, destination key) or
+        # client socket. A
         # generational store alone (a dict write per entry, expiry drops a generation whole): the
         # end of a wait is no event. With peers it is (ask the others): an exact TTL store.
-        self.waiting: GenStore[str, Short] | TTLStore[str, Waiting]
+        self.waiting: GenStore[WaitKey, Short] | TTLStore[WaitKey, Waiting]
         if ctx.peers:
             self.waiting = TTLStore("identity_awaiting_client", self.wait, ctx.max_items, self._expired)
         else:
@@ -195,7 +197,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                         continue
                 if waited:  # a client sidecar's entry names a waiting entry's sender
                     if exact is not None and rid:
-                        w = exact.pop(rid)
+                        w = exact.pop((rid, h.dst.key))
                     if w is None and h.conn:
                         w = waiting.pop(h.conn)
                     if w is not None and not self.may_present(h.src, w[0]):
@@ -213,7 +215,8 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 claim = claims.get(h.observer_service.key, rid)
                 if claim is not None and not self.may_present(claim, presented):
                     self._alert(claim, presented, h, SPAN_CLAIM)
-            client = (rid_cur.get(rid) or rid_old.get(rid)) if rid else corr.source_of(h)
+            pair = (rid, h.dst.key) if rid else None  # the client's entry of this request to this service
+            client = (rid_cur.get(pair) or rid_old.get(pair)) if pair else corr.source_of(h)
             how = PAIRED
             if client is None:
                 # No client entry yet. Istio's peer metadata names the sender at once (read while
@@ -234,7 +237,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
                 continue
             if not wait:
                 continue
-            key = rid or h.conn
+            key = pair or h.conn
             if not key:
                 continue
             if pending is not None:
@@ -327,7 +330,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         )
 
     # --- peers (``workers: N``) -----------------------------------------------------------------
-    def _expired(self, key: str, w: Waiting, now: float) -> None:
+    def _expired(self, key: WaitKey, w: Waiting, now: float) -> None:
         """No client entry came here: with peers, ask whether another worker saw it."""
         h = self._hop(w, None)
         self.ctx.deferred.append(Deferred(self, h, PeerQuery(h.request_id, None, h.dst.key, h.start, h.conn, None)))

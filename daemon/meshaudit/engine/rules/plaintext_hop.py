@@ -39,7 +39,8 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
         super().__init__(ctx)
         self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired)
         # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending.
-        self.by_rid: TTLStore[str, int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
+        # (request id, destination key): forwarded request ids are shared by a page's calls
+        self.by_rid: TTLStore[tuple[str, str], int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
         self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", 0.0, ctx.max_items)
         self.store(self.by_rid)
         self.store(self.by_conn)
@@ -66,7 +67,7 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
             if h.direction == OUTBOUND:
                 # a client sidecar's entry of a waiting hop? (a membership test: most are not)
                 rid, conn = h.request_id, h.conn
-                if (rid and rid in waiting_rids) or (conn and conn in waiting_conns):
+                if (rid and (rid, h.dst.key) in waiting_rids) or (conn and conn in waiting_conns):
                     self._attribute(h)
                 continue
             if h.direction != INBOUND or h.tls_version is not None:
@@ -81,7 +82,7 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
                     self._seq += 1
                     pending.park(self._seq, h, now)
                     if h.request_id:
-                        self.by_rid.put(h.request_id, self._seq, now)
+                        self.by_rid.put((h.request_id, h.dst.key), self._seq, now)
                     if h.conn:
                         self.by_conn.put(h.conn, self._seq, now)
                     continue
@@ -90,7 +91,7 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
 
     def _attribute(self, out: Hop) -> None:
         """A client sidecar's entry names the source of a waiting plaintext hop."""
-        key = self.by_rid.pop(out.request_id) if out.request_id else None
+        key = self.by_rid.pop((out.request_id, out.dst.key)) if out.request_id else None
         if key is None and out.conn:
             key = self.by_conn.pop(out.conn)
         if key is not None:
