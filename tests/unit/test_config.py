@@ -163,3 +163,14 @@ def test_the_kubernetes_manifest_config_and_policy_are_valid() -> None:
     checks the rendered ConfigMap holds exactly these)."""
     cfg, policy = load(REPO / "deploy" / "kubernetes" / "base" / "config" / "config.yaml")
     assert cfg.policy_file == "policy.yaml" and policy.exceptions[0].name == "kubelet-probes"
+
+
+def test_the_example_and_the_configmap_ship_one_bookinfo_policy() -> None:
+    """config/example.yaml is what the ConfigMap ships (deploy/kubernetes/base/config/): the same
+    policy file, the same mesh settings (kustomize cannot read files outside its directory)."""
+    deploy = REPO / "deploy" / "kubernetes" / "base" / "config"
+    assert (REPO / "config" / "policy.example.yaml").read_bytes() == (deploy / "policy.yaml").read_bytes()
+    example, example_policy = load(REPO / "config" / "example.yaml")
+    shipped, shipped_policy = load(deploy / "config.yaml")
+    assert example_policy == shipped_policy
+    assert example.mesh == shipped.mesh and example.listen == shipped.listen
