@@ -24,7 +24,7 @@ from aiohttp import web
 from meshaudit.graph import MeshGraph, parse_duration
 
 REFRESH_SECS: Final = 5
-COL_W, COL_GAP, NODE_W, NODE_H, ROW_H, TOP = 190, 110, 170, 44, 64, 70
+COL_GAP, LAYER_GAP, PAD, NODE_W, NODE_H, ROW_H, TOP = 110, 70, 10, 170, 44, 64, 70
 OUTSIDE: Final = "(outside the mesh)"
 STROKE: Final = {"mtls": "#2e7d32", "plaintext": "#c62828", "mixed": "#ef6c00", "unknown": "#757575"}
 DASH: Final = {"mtls": "", "plaintext": "8 5", "mixed": "10 4 2 4", "unknown": "2 4"}
@@ -48,21 +48,51 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:g} ms"
 
 
-def _layout(view: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], list[tuple[str, float, int]]]:
-    """Node positions by service key, and the namespace columns (name, x, rows)."""
-    columns: dict[str, list[str]] = {}
+def _ranks(keys: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
+    """Layers inside one namespace: a service sits one layer right of the furthest service that
+    calls it (longest path from the callers; a cycle stops growing at the namespace's size)."""
+    rank = dict.fromkeys(keys, 0)
+    cap = len(keys) - 1
+    for _ in range(len(keys)):
+        changed = False
+        for src, dst in edges:
+            if src != dst and rank[src] + 1 > rank[dst] and rank[src] < cap:
+                rank[dst] = rank[src] + 1
+                changed = True
+        if not changed:
+            break
+    return rank
+
+
+def _layout(view: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], list[tuple[str, float, float, int]]]:
+    """Node positions by service key, and the namespace boxes (name, x, width, rows): one box per
+    namespace, left to right, and inside it the services in layers, callers left of callees."""
+    members: dict[str, list[str]] = {}
+    ns_of: dict[str, str] = {}
     for s in view["services"]:
         ns = s["namespace"] or OUTSIDE
-        columns.setdefault(ns, []).append(s["key"])
-    names = sorted(n for n in columns if n != OUTSIDE) + ([OUTSIDE] if OUTSIDE in columns else [])
+        members.setdefault(ns, []).append(s["key"])
+        ns_of[s["key"]] = ns
+    names = sorted(n for n in members if n != OUTSIDE) + ([OUTSIDE] if OUTSIDE in members else [])
     pos: dict[str, tuple[float, float]] = {}
-    cols: list[tuple[str, float, int]] = []
-    for i, ns in enumerate(names):
-        x = 20 + i * (COL_W + COL_GAP)
-        for j, key in enumerate(sorted(columns[ns])):
-            pos[key] = (x + (COL_W - NODE_W) / 2, TOP + j * ROW_H)
-        cols.append((ns, x, len(columns[ns])))
-    return pos, cols
+    boxes: list[tuple[str, float, float, int]] = []
+    x = 20.0
+    for ns in names:
+        keys = sorted(members[ns])
+        inside = [(e["source"], e["destination"]) for e in view["edges"]
+                  if ns_of.get(e["source"]) == ns and ns_of.get(e["destination"]) == ns]  # fmt: skip
+        rank = _ranks(keys, inside)
+        layers = max(rank.values()) + 1
+        rows = 0
+        for r in range(layers):
+            column = [k for k in keys if rank[k] == r]
+            for j, k in enumerate(column):
+                pos[k] = (x + PAD + r * (NODE_W + LAYER_GAP), TOP + j * ROW_H)
+            rows = max(rows, len(column))
+        width = 2 * PAD + layers * NODE_W + (layers - 1) * LAYER_GAP
+        boxes.append((ns, x, width, rows))
+        x += width + COL_GAP
+    return pos, boxes
 
 
 def _edge_title(e: dict[str, Any]) -> str:
@@ -80,19 +110,20 @@ def _edge_title(e: dict[str, Any]) -> str:
 
 
 def svg(view: dict[str, Any]) -> str:
-    pos, cols = _layout(view)
-    rows = max((n for _, _, n in cols), default=1)
-    width = max(400, 40 + len(cols) * (COL_W + COL_GAP))
+    pos, boxes = _layout(view)
+    rows = max((n for *_, n in boxes), default=1)
+    width = max(400.0, max((x + w for _, x, w, _ in boxes), default=0.0) + 40)
     height = TOP + rows * ROW_H + 30
     out = [
         f'<svg id="mesh" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="service graph">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" markerHeight="9" '
+        'markerUnits="userSpaceOnUse" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker>'
+        "</defs>",
     ]
-    for ns, x, n in cols:
+    for ns, x, w, n in boxes:
         out.append(
-            f'<g class="namespace" data-namespace="{_e(ns)}"><rect x="{x}" y="{TOP - 40}" width="{COL_W}" '
+            f'<g class="namespace" data-namespace="{_e(ns)}"><rect x="{x}" y="{TOP - 40}" width="{w}" '
             f'height="{n * ROW_H + 40}" rx="10" fill="#f3f6fa" stroke="#c5d0dc"/>'
             f'<text x="{x + 10}" y="{TOP - 18}" font-weight="bold" fill="#37474f">{_e(ns)}</text></g>'
         )
