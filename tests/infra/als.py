@@ -178,6 +178,7 @@ async def stream(
     messages: Iterable[Any],
     timeout: float = 10.0,
     credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> grpc.StatusCode:
     """Send ``messages`` on one StreamAccessLogs stream and close it; returns the status code.
     Each call opens its own connection, as each Envoy does (with ``workers: N`` the kernel
@@ -196,7 +197,7 @@ async def stream(
                 yield m
 
         try:
-            await stub.StreamAccessLogs(gen(), timeout=timeout)
+            await stub.StreamAccessLogs(gen(), timeout=timeout, metadata=metadata or None)
         except grpc.aio.AioRpcError as exc:
             return exc.code()
     return grpc.StatusCode.OK

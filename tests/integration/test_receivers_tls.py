@@ -292,3 +292,20 @@ async def test_rotated_certificates_are_used_without_a_restart(pki: Pki, tmp_pat
         ctx = https_context(new_ca.cert_path, newcomer)
         assert post_traces(d, ctx, trace_export("frontend", "default")) == 200
         assert "TLS certificates reloaded for the gRPC receiver" in d.stderr()
+
+
+async def test_behind_a_sidecar_the_sender_is_the_forwarded_client_cert_from_loopback(tmp_path: Path) -> None:
+    # The daemon's own sidecar terminates mTLS and appends its element to x-forwarded-client-cert.
+    with running(tmp_path, {**CONFIG, "receivers": {"trust_forwarded_client_cert": True}}) as d:
+        xfcc = "By=spiffe://cluster.local/ns/meshaudit/sa/meshaudit;URI=spiffe://cluster.local/ns/default/sa/frontend"
+        msg = als.http_message(outbound(2), als.identifier("reviews"))
+        assert await als.stream(d.grpc, [msg], metadata=(("x-forwarded-client-cert", xfcc),)) == grpc.StatusCode.OK
+        got = d.wait_alerts(lambda a: any(x["rule"] == "log_source_mismatch" for x in a), timeout=5)
+        [a] = [x for x in got if x["rule"] == "log_source_mismatch"]
+        assert a["source"]["principal"] == "spiffe://cluster.local/ns/default/sa/frontend"
+        assert "x-forwarded-client-cert from the daemon's sidecar" in a["evidence"]["detail"]
+        # Without the header the stream has no sender: nothing to check, and it is evaluated.
+        before = d.metric("meshaudit_received_total", receiver="envoy_als")
+        assert await als.stream(d.grpc, [msg]) == grpc.StatusCode.OK
+        assert d.wait_metric("meshaudit_received_total", before + 2, receiver="envoy_als") == before + 2
+        assert len([x for x in d.alerts() if x["rule"] == "log_source_mismatch"]) == 1
