@@ -84,10 +84,13 @@ def test_a_sidecar_claiming_another_node_raises_log_source_mismatch(
         assert "claimed node sidecar~127.0.0.1~reviews-v1-00001" in a["evidence"]["detail"] or (
             "claimed resource service.name reviews.default" in a["evidence"]["detail"]
         )
-        assert wait_until(lambda: d.metric("meshaudit_violations_total", rule="log_source_mismatch") >= 2, 5.0, 0.1)
         node = "sidecar~127.0.0.1~reviews-v1-00001.default~default.svc.cluster.local"
-        assert f"Access-log stream opened: node={node} log_name=http_envoy_accesslog" in d.stderr()
+        opened = f"Access-log stream opened: node={node} log_name=http_envoy_accesslog"
+        assert wait_until(lambda: opened in d.stderr(), 5.0, 0.1)
         assert f"sender={FRONTEND}" in d.stderr()
+        # ... and its claim was judged: the node is not frontend's
+        assert wait_until(lambda: f"{FRONTEND} sent envoy_als as node {node}" in d.stderr(), 5.0, 0.1)
+        assert wait_until(lambda: d.metric("meshaudit_violations_total", rule="log_source_mismatch") >= 2, 5.0, 0.1)
         # Not enforced: the entries were evaluated.
         assert wait_until(lambda: d.metric("meshaudit_received_total", receiver="envoy_als") >= 3, 5.0, 0.1)
         assert wait_until(lambda: d.metric("meshaudit_hops_evaluated_total") >= 3, 5.0, 0.1)
