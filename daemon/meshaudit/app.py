@@ -29,12 +29,14 @@ from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
+from meshaudit.engine.sources import Claim
 from meshaudit.engine.store import Store
 from meshaudit.graph import MeshGraph
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Alert, Hop, alert_id, identity
+from meshaudit.receivers.auth import SourceCheck, warn_plaintext
 from meshaudit.receivers.grpc_health import GrpcHealth
 from meshaudit.receivers.grpc_server import build_server
 from meshaudit.receivers.ingest import IngestQueue
@@ -357,6 +359,10 @@ class Daemon:
         queue = self.queue
         while True:
             batch = await queue.get()
+            if queue.claims:  # log_source_mismatch: a stream or export that claimed what it may not
+                self._claims(queue.take_claims())
+                if not batch:
+                    continue
             # Evaluate what is waiting in one go: fewer wake-ups and engine calls under load. A
             # small batch first lets the other ready streams run (one loop pass, microseconds
             # when idle), so that under load one engine call covers many messages.
@@ -390,6 +396,20 @@ class Daemon:
                     self._evaluate(batch[i:])
                     raise
             self._evaluate(batch[i : i + MAX_BATCH])
+
+    def _claims(self, claims: list[Claim]) -> None:
+        try:
+            alerts = self.engine.claims(claims, time.time())
+        except Exception as exc:
+            ERRORS.record("evaluate", exc, f"{len(claims)} sender claims")
+            return
+        if alerts:
+            self.dispatch(alerts)
+        if self.link is not None:
+            try:
+                self.link.after_engine(self.engine)
+            except Exception as exc:
+                ERRORS.record("peers", exc, "sending violations to the coordinator")
 
     def _evaluate(self, batch: list[Hop]) -> None:
         """One engine call. A failure costs this batch, never the engine task: counted, logged once
@@ -488,10 +508,14 @@ class Daemon:
         self.core.start(self._tick_loop(), "tick")
         worker = self.link is not None
         grpc_server: grpc.aio.Server | None = None
-        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers)
         runners: list[web.AppRunner] = []
+        # Authenticated senders' claims, judged under the running policy's sources (a reload applies).
+        sources = SourceCheck(
+            self.queue, cfg.mesh, lambda: self.engine.ctx.policy.sources, cfg.receivers.enforce_sources
+        )
         try:
-            grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc)
+            otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers, sources)
+            grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc, sources)
             self.grpc_health.attach(grpc_server)
             await grpc_server.start()
             self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
@@ -506,6 +530,8 @@ class Daemon:
             await self._shutdown(grpc_server, runners)
             return 1
         self._listening = True
+        if not worker:
+            warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)
         metrics.init_series([*(r.name for r in REGISTRY), "config_invalid"])
         await self._grpc_health()
         tune_gc()

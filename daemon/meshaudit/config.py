@@ -53,7 +53,68 @@ class ListenConfig(_Strict):
     _check = field_validator("grpc", "http", "metrics")(_host_port)
 
 
+def _readable(path: str) -> str:
+    """A file the daemon must read at start: checked at load, so a typo is a configuration error
+    naming the key, not a failure later."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in head and not head.lstrip().startswith(b"-----BEGIN"):
+        raise ValueError(f"{path!r} is not a PEM file (no -----BEGIN line at its start)")
+    return path
+
+
+class ReceiversTlsConfig(_Strict):
+    """TLS (and, with a client CA, mutual TLS) on the gRPC port (ALS, OTLP) and on OTLP/HTTP.
+    The files are read again when they change on disk (new connections get the new ones), so a
+    rotation by cert-manager or Istio needs no restart."""
+
+    cert_file: Annotated[str, AfterValidator(_readable)] = Field(description="The server's certificate chain (PEM).")
+    key_file: Annotated[str, AfterValidator(_readable)] = Field(description="Its private key (PEM).")
+    client_ca_file: Annotated[str, AfterValidator(_readable)] | None = Field(
+        None, description="CA certificates (PEM) client certificates must chain to; needed unless client_auth is none."
+    )
+    client_auth: Literal["none", "request", "require"] = Field(
+        "require",
+        description="none: no client certificate (TLS only, no sender identity); require: the TLS handshake "
+        "refuses a client without a valid certificate; request: a certificate is asked for and verified "
+        "when given, and the application refuses a client without one (UNAUTHENTICATED / 401, counted). "
+        "grpcio cannot make a certificate optional: on the gRPC port request acts as require.",
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field("TLSv1.2", description="The oldest TLS version accepted.")
+
+    @model_validator(mode="after")
+    def _ca_for_client_auth(self) -> ReceiversTlsConfig:
+        if self.client_auth != "none" and self.client_ca_file is None:
+            raise ValueError(f"client_auth {self.client_auth} needs client_ca_file (or set client_auth: none)")
+        if self.client_auth == "none" and self.client_ca_file is not None:
+            raise ValueError("client_ca_file is read only with client_auth request or require")
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cert_file and key_file do not load as a pair: {exc}") from None
+        return self
+
+
 class ReceiversConfig(_Strict):
+    tls: ReceiversTlsConfig | None = Field(
+        None, description="Absent: plaintext (a warning is logged when listening beyond loopback)."
+    )
+    trust_forwarded_client_cert: bool = Field(
+        False,
+        description="Behind the daemon's own Istio sidecar: take a sender's identity from the "
+        "x-forwarded-client-cert header (URI= of the element the nearest proxy appended), only on "
+        "connections from loopback.",
+    )
+    enforce_sources: bool = Field(
+        False,
+        description="Reject (count, do not evaluate) telemetry whose authenticated sender may not speak for "
+        "what it claims (log_source_mismatch), and telemetry without an identity.",
+    )
     ingest_queue_entries: int = Field(
         100_000,
         ge=1,
@@ -111,7 +172,17 @@ class ReceiversConfig(_Strict):
             raise ValueError("ingest_queue_entries must be at least max_entries_per_message")
         if self.ingest_queue_bytes < self.max_message_bytes:
             raise ValueError("ingest_queue_bytes must be at least max_message_bytes")
+        if self.enforce_sources and not self.authenticates:
+            raise ValueError(
+                "enforce_sources needs authenticated senders: tls with client_auth request or require, "
+                "or trust_forwarded_client_cert"
+            )
         return self
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether senders carry an identity (mutual TLS, or a trusted sidecar's XFCC)."""
+        return (self.tls is not None and self.tls.client_auth != "none") or self.trust_forwarded_client_cert
 
 
 class WorkloadRef(_Strict):
@@ -321,6 +392,23 @@ class TlsPolicy(_Strict):
         return self
 
 
+def _spiffe_glob(v: str) -> str:
+    if not v.startswith("spiffe://"):
+        raise ValueError(f"not a SPIFFE id pattern: {v!r} (e.g. spiffe://cluster.local/ns/observability/sa/*)")
+    return v
+
+
+class SourceRule(_Strict):
+    """log_source_mismatch: identities that may send telemetry for workloads other than their own
+    (a collector or gateway that forwards), and for which namespaces."""
+
+    identities: Annotated[list[Annotated[str, AfterValidator(_spiffe_glob)]], BeforeValidator(_as_list)] = Field(
+        min_length=1, description="SPIFFE id globs of the senders."
+    )
+    namespaces: Patterns = Field(min_length=1, description="Namespace globs they may send for (any service).")
+    reason: str = ""
+
+
 class Policy(_Strict):
     """What traffic is allowed. Patterns are shell globs matched against a party's
     ``service.namespace``, service, SPIFFE principal, workload or address."""
@@ -341,6 +429,11 @@ class Policy(_Strict):
     overrides: list[RuleOverride] = Field(default_factory=list)
     tls: TlsPolicy | None = None
     exemptions: list[Exemption] = Field(default_factory=list, description="The form before exceptions (inline).")
+    sources: list[SourceRule] = Field(
+        default_factory=list,
+        description="log_source_mismatch: senders that may speak for other workloads (beyond their own "
+        "namespace and service account), and for which namespaces.",
+    )
     identities: dict[str, list[str]] = Field(
         default_factory=dict,
         description="identity_mismatch: service pattern (as in edges: svc.ns, svc) -> SPIFFE ids (globs) that "

@@ -292,6 +292,8 @@ class _Explainer:
         hop = self.hop
         answers: list[RuleAnswer] = []
         for cls in REGISTRY:
+            if cls.hops == "none":  # about who sends telemetry (log_source_mismatch), never about a request
+                continue
             section = self.sections[cls.name]
             if not section.enabled:
                 at = self.x.provenance.options[cls.name]["enabled"].at  # where it was switched off

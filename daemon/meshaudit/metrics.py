@@ -237,6 +237,9 @@ REJECT_REASONS = (
     "undecodable", "too_large", "too_many_entries", "no_identifier", "clamped_time", "busy", "invalid_id",
     "unsupported_peer_metadata", "internal_error", "timeout", "too_many_connections", "method_not_allowed",
     "not_found", "unsupported_encoding", "unsupported_media_type", "bad_request",
+    # TLS and sender authentication (receivers.tls, enforce_sources): README, Security
+    "no_client_certificate", "untrusted_certificate", "expired_certificate", "tls_handshake_failed",
+    "unauthenticated", "tls_version", "source_mismatch",
 )  # fmt: skip
 SEVERITY_NAMES = ("info", "warning", "high", "critical")
 SINK_DROP_REASONS = ("queue_full", "spool_full", "spool_error", "spool_corrupt", "permanent_error", "shutdown")

@@ -24,6 +24,7 @@ P009    two exceptions with one name
 P010    missing or unsupported ``apiVersion``
 P011    unreadable file, invalid YAML, or not a mapping
 P012    not a status or a class of them (``response_codes``)
+P013    not a SPIFFE id pattern (``sources[].identities``)
 W001    a list no pattern uses
 W002    an exception that has expired
 W003    an exception that can never match
@@ -288,6 +289,8 @@ def _code(err: Any) -> str:
         return "P007"
     if "not a status" in msg:
         return "P012"
+    if "not a SPIFFE id pattern" in msg:
+        return "P013"
     return "P005"
 
 
@@ -394,6 +397,7 @@ def _merge(parts: list[Policy]) -> Policy:
         overrides=[o for p in parts for o in p.overrides],
         tls=TlsPolicy.model_validate(tls) if tls else None,
         identities=identities,
+        sources=[x for p in parts for x in p.sources],
     )
 
 

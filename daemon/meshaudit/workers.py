@@ -87,6 +87,7 @@ from meshaudit.engine.rules import SUMMARIES
 from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
+from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.receivers.sockets import ensure_free
 from meshaudit.sinks import build_sinks
 from meshaudit.watch import FileWatch
@@ -802,6 +803,7 @@ class Coordinator:
             log.error("Cannot start: %s", exc)
             await self._close(server, runners, reserved, time.monotonic() + SHUTDOWN_SECS)
             return 1
+        warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)  # once, not per worker
         self.core.start(self._tick(), "coordinator-tick")
         self.core.start(self._supervise(), "supervise")
         loop.add_signal_handler(signal.SIGHUP, self.reload)

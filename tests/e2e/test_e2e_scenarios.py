@@ -25,6 +25,7 @@ import pytest
 from infra.chromium import Elements, dump_dom, screenshot  # type: ignore[import-not-found,unused-ignore]
 from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from meshlab.mesh import Mesh
+from meshlab.pki import CertificateAuthority
 from meshlab.procs import wait_until
 from meshlab.scenarios import (
     ATTRIBUTION_WAIT_MS,
@@ -46,19 +47,34 @@ QUIET_SECS = max(GRACE_MS, ATTRIBUTION_WAIT_MS) / 1000 + 1.2
 EXPECT_TIMEOUT = 15.0
 
 
+# The scenarios run once, over mutual TLS: every sidecar (Envoy's gRPC cluster with a TLS transport
+# socket) and SDK app sends with its own workload certificate from the mesh CA, which the daemon
+# trusts as its client CA (as with Istio's root CA), and each stream's sender is checked against
+# its node (log_source_mismatch must stay silent, and nothing may be refused).
+DAEMON_SPIFFE = "spiffe://cluster.local/ns/meshaudit/sa/meshaudit"
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("meshaudit"), daemon_config()).start()
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority) -> Iterator[Daemon]:
+    server = ca.issue("meshaudit", "meshaudit", hosts=("localhost", "127.0.0.1"))
+    tls = {"cert_file": str(server.cert), "key_file": str(server.key), "client_ca_file": str(ca.cert_path)}
+    config = {**daemon_config(), "receivers": {"tls": tls}}
+    d = Daemon(tmp_path_factory.mktemp("meshaudit"), config).start()
     yield d
     d.stop()
 
 
 @pytest.fixture(scope="module")
-def mesh(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(daemon: Daemon, ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     grpc_port = int(daemon.grpc.rsplit(":", 1)[1])
     http_port = int(daemon.http.rsplit(":", 1)[1])
     run_dir: Path = tmp_path_factory.mktemp("mesh")
-    m = Mesh(run_dir, grpc_port, http_port).start()
+    m = Mesh(run_dir, grpc_port, http_port, ca=ca, collector_spiffe=DAEMON_SPIFFE).start()
     yield m
     m.stop()
 
@@ -79,6 +95,10 @@ def _logs_on_failure(request: pytest.FixtureRequest, mesh: Mesh, daemon: Daemon)
 def _is_silence(alert: dict[str, Any]) -> bool:
     """A "silent sidecar" alert (about a sidecar, not a request: it has no examples)."""
     return alert["rule"] == "missing_access_log" and not alert["evidence"].get("examples")
+
+
+def alerts_of(daemon: Daemon, rule: str) -> list[dict[str, Any]]:
+    return [a for a in daemon.alerts() if a["rule"] == rule]
 
 
 def _epoch(rfc3339: str) -> float:
@@ -164,6 +184,12 @@ def test_envoy_stats_and_daemon_metrics_agree(mesh: Mesh, daemon: Daemon) -> Non
     assert daemon.metric("meshaudit_received_total", receiver="otlp_grpc", kind="span") > 0
     assert daemon.metric("meshaudit_received_total", receiver="otlp_http", kind="span") > 0
     assert daemon.metric("meshaudit_dropped_total") == 0
+    # Over mTLS: every stream and export came with its workload's identity, each claimed only its
+    # own node or resource, and nothing was refused or counted as a mismatch.
+    assert "sender=spiffe://cluster.local/ns/default/sa/frontend" in daemon.stderr()
+    assert daemon.metric("meshaudit_rejected_total", reason="source_mismatch") == 0
+    assert daemon.metric("meshaudit_rejected_total", reason="unauthenticated") == 0
+    assert not [one_line(a) for a in alerts_of(daemon, "log_source_mismatch")]
     # Every alert line the user read was counted on /metrics under its rule.
     alerts = daemon.alerts()
     for rule in ("plaintext_hop", "unexpected_edge", "unexpected_path", "missing_access_log"):

@@ -176,11 +176,23 @@ def tcp_message(entries: Sequence[Any], ident: Any | None = None) -> Any:
     return msg
 
 
-async def stream(target: str, messages: Iterable[Any], timeout: float = 10.0) -> grpc.StatusCode:
+async def stream(
+    target: str,
+    messages: Iterable[Any],
+    timeout: float = 10.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> grpc.StatusCode:
     """Send ``messages`` on one StreamAccessLogs stream and close it; returns the status code.
     Each call opens its own connection, as each Envoy does (with ``workers: N`` the kernel
-    spreads connections over the workers)."""
-    async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+    spreads connections over the workers). ``credentials``: TLS (None: plaintext)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channel = (
+        grpc.aio.secure_channel(target, credentials, options=options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(target, options=options)
+    )
+    async with channel:
         stub = als_pb2_grpc.AccessLogServiceStub(channel)
 
         async def gen() -> Any:
@@ -188,7 +200,7 @@ async def stream(target: str, messages: Iterable[Any], timeout: float = 10.0) ->
                 yield m
 
         try:
-            await stub.StreamAccessLogs(gen(), timeout=timeout)
+            await stub.StreamAccessLogs(gen(), timeout=timeout, metadata=metadata or None)
         except grpc.aio.AioRpcError as exc:
             return exc.code()
     return grpc.StatusCode.OK

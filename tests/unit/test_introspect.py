@@ -110,7 +110,7 @@ def test_rules_names_every_origin_kind(conf: Path, capsys: pytest.CaptureFixture
         "  window_secs              30         policy p.yaml:17 (override, over config c.yaml:6)\n"
         "  min_ratio                0.5        default\n"
         "  min_requests             20         default\n"
-        "  to [payments.*]: min_ratio 0.1, severity critical  (p.yaml:20)\n"
+        "  to [payments.*]: min_ratio 0.1, severity critical  (p.yaml:20)"
     )
     assert block(out, "weak_tls").split("\n")[:5] == [
         "weak_tls",

@@ -106,6 +106,12 @@ ERRORS = {
         "exceptions[0].response_codes[0]",
         "not a status",
     ),
+    "P013": (
+        "sources:\n  - identities: [otel-collector.observability]\n    namespaces: ['*']\n",
+        3,
+        "sources[0].identities[0]",
+        "not a SPIFFE id pattern",
+    ),
 }
 
 

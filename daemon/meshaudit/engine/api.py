@@ -8,7 +8,8 @@ A rule is one module under ``engine/rules/`` with one class, registered by one l
   options, units in their names); ``rules.<name>`` in the configuration is built from it;
 - ``summary``: the one-sentence summary of its alerts, ``{src}`` and ``{dst}`` filled in;
 - ``hops``: which hops it judges: ``"logged"`` (access-log entries: ALS HTTP and TCP, OTLP log
-  records), ``"spans"``, or ``"all"``. The core hands it only those.
+  records), ``"spans"``, ``"all"``, or ``"none"`` (a rule whose input is the receivers' claims:
+  ``on_claims``). The core hands it only those.
 
 A hop is judged in two stages (the shape every rule fits; each stage's key says where its state
 may live when the daemon runs as several processes):
@@ -41,10 +42,11 @@ if TYPE_CHECKING:
     from meshaudit.config import Config
     from meshaudit.engine.correlation import Correlation
     from meshaudit.engine.policy import CompiledPolicy
+    from meshaudit.engine.sources import Claim
     from meshaudit.naming import Namer
 
 Severity = Literal["info", "warning", "high", "critical"]
-HopKind = Literal["logged", "spans", "all"]
+HopKind = Literal["logged", "spans", "all", "none"]
 LOGGED_ORIGINS: Final = frozenset((ALS_HTTP, ALS_TCP, OTEL_LOG))
 
 
@@ -438,6 +440,10 @@ class Rule(Generic[C]):
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         raise NotImplementedError
+
+    def on_claims(self, claims: list[Claim], now: float) -> None:
+        """Senders that claimed what they may not (``meshaudit.engine.sources``): once per ALS
+        stream or OTLP export, never per hop. Only log_source_mismatch reads them."""
 
     def on_tick(self, now: float) -> None:
         """Called every ``engine.tick_ms``; the base ticks the rule's edge windows."""

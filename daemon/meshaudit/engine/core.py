@@ -23,6 +23,7 @@ from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Rule, Violation
 from meshaudit.engine.correlation import Correlation
 from meshaudit.engine.policy import CompiledPolicy
+from meshaudit.engine.sources import Claim
 from meshaudit.engine.store import Store
 from meshaudit.model import SPAN, Alert, Hop
 from meshaudit.naming import Namer
@@ -119,12 +120,20 @@ class Engine:
         tally = self.ctx.tally
         if tally.enabled and logged:
             tally.add(logged, self.corr)
-        by_kind = {"logged": logged, "spans": spans, "all": hops}
+        by_kind: dict[str, list[Hop]] = {"logged": logged, "spans": spans, "all": hops, "none": []}
         for rule in self.rules:
             batch = by_kind[rule.hops]
             if batch:
                 rule.on_hops(batch, now)
         self.hops_evaluated += len(hops)
+        return self.agg.drain()
+
+    def claims(self, claims: list[Claim], now: float) -> list[Alert]:
+        """Senders whose claims the receivers found they may not make (log_source_mismatch)."""
+        self._now = now
+        self.ctx.policy.exceptions.clock(now)
+        for rule in self.rules:
+            rule.on_claims(claims, now)
         return self.agg.drain()
 
     def tick(self, now: float) -> list[Alert]:

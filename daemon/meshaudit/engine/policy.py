@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from meshaudit.config import Policy
 from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.matchers import CACHE_LIMIT, PartyMatcher, PathMatcher
+from meshaudit.engine.sources import SourceRules
 from meshaudit.model import Hop, Identity
 from meshaudit.naming import cluster_port
 
@@ -37,6 +38,7 @@ def _method_in(methods: frozenset[str], method: str | None) -> bool:
 class CompiledPolicy:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self.sources = SourceRules(policy.sources)  # who may send for whom (receivers judge with it)
         self.has_edges = policy.edges is not None
         # (index in policy.edges, source, destination): the index names the edge that decided
         # (``allowing_edge``, for ``meshaudit policy explain``)

@@ -34,6 +34,7 @@ from meshaudit.config import Config
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
+from meshaudit.receivers.auth import GrpcAuth, SourceCheck, grpc_credentials
 from meshaudit.receivers.envoy_als.server import RECEIVER as ALS
 from meshaudit.receivers.envoy_als.server import AccessLogService
 from meshaudit.receivers.ingest import IngestQueue
@@ -44,6 +45,8 @@ from meshaudit.receivers.otlp.decode import (
     OtlpRejected,
     decode_logs,
     decode_traces,
+    log_claims,
+    trace_claims,
 )
 from meshaudit.receivers.sockets import ensure_free
 
@@ -137,7 +140,17 @@ def _stream(handler: Callable[..., Any]) -> Callable[..., Any]:
 class OtlpGrpc:
     """OTLP TraceService/Export and LogsService/Export."""
 
-    def __init__(self, queue: IngestQueue, namer: Namer, max_entries: int = 100_000, max_skew: float = 86_400) -> None:
+    def __init__(
+        self,
+        queue: IngestQueue,
+        namer: Namer,
+        max_entries: int = 100_000,
+        max_skew: float = 86_400,
+        auth: GrpcAuth | None = None,
+        sources: SourceCheck | None = None,
+    ) -> None:
+        self.auth = auth
+        self.sources = sources
         self.queue = queue
         self.namer = namer
         self.max_entries = max_entries
@@ -154,10 +167,34 @@ class OtlpGrpc:
             self._busy.inc(len(hops))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "meshaudit ingest queue is full; retry later")
 
+    async def _authorize(
+        self, req: Any, context: grpc.aio.ServicerContext[Any, Any], claims: Callable[[Any], list[Any]]
+    ) -> None:
+        """Refuse a call without a usable sender (UNAUTHENTICATED) or, with enforce_sources, one
+        whose sender may not speak for a resource it carries (PERMISSION_DENIED); both counted."""
+        auth = self.auth
+        if auth is None or not auth.active:
+            return
+        sender, refuse = auth.sender(context)
+        if refuse is not None:
+            metrics.REJECTED.labels(OTLP, refuse).inc()
+            _bad.warning(f"{OTLP}:{refuse}", "Refused an OTLP/gRPC export from %s (%s).", wire(context.peer()), refuse)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"meshaudit refuses this sender: {refuse}")
+        if sender is None or self.sources is None:
+            return
+        judged = [(n, self.sources.judge(sender, claimed, OTLP, n)) for claimed, n in claims(req)]
+        if any(reject for _, reject in judged):
+            metrics.REJECTED.labels(OTLP, "source_mismatch").inc(sum(n for n, _ in judged))
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{sender.principal} may not send telemetry for what this export names",
+            )
+
     async def _export(
         self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]
     ) -> int:
         self._messages.inc()
+        await self._authorize(req, context, trace_claims if decode is decode_traces else log_claims)
         hops: list[Hop] = []
         check = Check(self.max_entries, self.max_skew)
         n = 0
@@ -233,13 +270,22 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
-def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    config: Config, queue: IngestQueue, namer: Namer, listen: str, sources: SourceCheck | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """The server on ``listen``; ``sources`` judges authenticated senders' claims (None: no check)."""
     r = config.receivers
     if config.workers <= 1:
         ensure_free(listen)
     server = grpc.aio.server(options=grpc_options(config))
-    als = AccessLogService(queue, namer)
-    otlp = OtlpGrpc(queue, namer, r.max_entries_per_message, r.max_clock_skew_secs)
+    auth = GrpcAuth(r)
+    if r.tls is not None and r.tls.client_auth == "request":
+        log.info(
+            "receivers.tls.client_auth is request: on the gRPC port it acts as require (grpcio cannot ask for an "
+            "optional client certificate), so a client without one is refused in the TLS handshake, uncounted."
+        )
+    als = AccessLogService(queue, namer, auth=auth, sources=sources)
+    otlp = OtlpGrpc(queue, namer, r.max_entries_per_message, r.max_clock_skew_secs, auth, sources)
     limit = r.max_message_bytes
     server.add_generic_rpc_handlers(
         (
@@ -276,7 +322,14 @@ def build_server(config: Config, queue: IngestQueue, namer: Namer, listen: str) 
         )
     )
     try:
-        port = server.add_insecure_port(listen)
+        if r.tls is not None:
+            try:
+                credentials = grpc_credentials(r.tls)
+            except ValueError as exc:
+                raise OSError(f"cannot use receivers.tls: {exc}") from None
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError:  # taken between our check and gRPC's bind
         port = 0
     if port == 0:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Final
+from typing import Any, Final
 
 from meshaudit import metrics
 from meshaudit.model import Hop
 
 SATURATED: Final = 0.9  # /readyz: not ready at or above this share of either bound
+MAX_CLAIMS: Final = 1000  # log_source_mismatch claims waiting for the engine (one per stream or export)
 
 
 class IngestQueue:
@@ -33,6 +34,9 @@ class IngestQueue:
         self.entries = 0
         self.bytes = 0
         self.closed = False
+        # Senders that claimed what they may not (meshaudit.engine.sources.Claim), for
+        # log_source_mismatch: beside the hops, so that no hop pays for them.
+        self.claims: list[Any] = []
 
     def offer(self, hops: list[Hop], *, nbytes: int = 0) -> bool:
         """Enqueue without waiting; False when it would pass a bound, or closed (the caller counts
@@ -48,11 +52,24 @@ class IngestQueue:
         self._nonempty.set()
         return True
 
+    def claim(self, claim: Any) -> None:
+        """A sender's mismatched claim for the engine; past MAX_CLAIMS waiting, dropped (counted)."""
+        if len(self.claims) >= MAX_CLAIMS:
+            metrics.DROPPED.labels(claim.receiver, "queue_full").inc()
+            return
+        self.claims.append(claim)
+        self._nonempty.set()
+
+    def take_claims(self) -> list[Any]:
+        out, self.claims = self.claims, []
+        return out
+
     async def get(self) -> list[Hop]:
-        while not self._q:
+        """The next batch of hops; an empty list when only claims wait (``take_claims``)."""
+        while not self._q and not self.claims:
             self._nonempty.clear()
             await self._nonempty.wait()
-        return self._take()
+        return self._take() if self._q else []
 
     def get_nowait(self) -> list[Hop] | None:
         return self._take() if self._q else None

@@ -58,14 +58,36 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         otel = cfg["otel"]
+        tls = "ca" in otel  # mTLS to the collector with the workload's own certificate
         if otel["protocol"] == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-            exporter: Any = GrpcExporter(endpoint=otel["endpoint"], insecure=True, timeout=2)
+            if tls:
+                import grpc
+
+                with open(otel["ca"], "rb") as ca, open(otel["key"], "rb") as key, open(otel["cert"], "rb") as cert:
+                    creds = grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
+                exporter: Any = GrpcExporter(endpoint=otel["endpoint"], insecure=False, credentials=creds, timeout=2)
+            else:
+                exporter = GrpcExporter(endpoint=otel["endpoint"], insecure=True, timeout=2)
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            exporter = HttpExporter(endpoint=otel["endpoint"], timeout=2)
+            files: dict[str, Any] = {}
+            if tls:
+                import requests
+
+                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment win over a
+                # session's own verify (its trust_env): the mesh CA must not lose to the system's.
+                session = requests.Session()
+                session.trust_env = False
+                files = {
+                    "certificate_file": otel["ca"],
+                    "client_certificate_file": otel["cert"],
+                    "client_key_file": otel["key"],
+                    "session": session,
+                }
+            exporter = HttpExporter(endpoint=otel["endpoint"], timeout=2, **files)
         resource = Resource.create(
             {
                 "service.name": cfg["service"],

@@ -114,6 +114,10 @@ class SidecarSpec:
     authz: tuple[AuthorizationPolicy, ...] = ()  # RBAC on the inbound HTTP listener
     unknown_hosts: Literal["blackhole", "direct_response"] = "blackhole"  # the block_all virtual host
     trust_domain: str = "cluster.local"
+    # mTLS to the collector (the daemon) with this workload's own certificate; None: plaintext.
+    # ``collector_spiffe`` is the daemon's identity, the one SAN the sidecar accepts from it.
+    collector_certs: CertFiles | None = None
+    collector_spiffe: str = ""
 
     @property
     def node_id(self) -> str:
@@ -356,6 +360,32 @@ def _upstream_tls(spec: SidecarSpec, peer: Upstream, service_port: int) -> dict[
     }
 
 
+def _collector_tls(spec: SidecarSpec) -> dict[str, Any]:
+    """Originate mTLS to the daemon as Istio's sidecar would to a meshed collector: the workload's
+    own certificate, the mesh CA, the daemon's SPIFFE id, HTTP/2 by ALPN (gRPC)."""
+    assert spec.collector_certs is not None
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(spec.collector_certs.cert)},
+                        "private_key": {"filename": str(spec.collector_certs.key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(spec.ca_cert)},
+                    "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": spec.collector_spiffe}}],
+                },
+            },
+        },
+    }
+
+
 def _inbound_filter_chains(
     spec: SidecarSpec, network_filter: dict[str, Any], trust_domain: str, tcp: bool = False
 ) -> list[dict[str, Any]]:
@@ -387,6 +417,7 @@ def bootstrap(spec: SidecarSpec) -> dict[str, Any]:
                     "explicit_http_config": {"http2_protocol_options": {}},
                 }
             },
+            **({"transport_socket": _collector_tls(spec)} if spec.collector_certs is not None else {}),
         ),
         _static_cluster(inbound_cluster, spec.app_port),
         _static_cluster("BlackHoleCluster", None),

@@ -159,7 +159,12 @@ class Mesh:
         collector_http_port: int,
         topology: list[ServiceSpec] | None = None,
         base_id_start: int = 0,
+        ca: CertificateAuthority | None = None,
+        collector_spiffe: str | None = None,
     ) -> None:
+        """``ca``: the mesh CA (made here when None); ``collector_spiffe``: send to the daemon over
+        mTLS, every sidecar and SDK app with its own workload certificate, accepting only this
+        identity of the daemon (whose server certificate ``ca`` issued); None: plaintext."""
         self.run_dir = run_dir
         self.collector_grpc_port = collector_grpc_port
         self.collector_http_port = collector_http_port
@@ -168,7 +173,8 @@ class Mesh:
         self.base_id_start = base_id_start or (collector_grpc_port % 5000) * 10
         self.group = ProcGroup()
         self.services: dict[str, Service] = {}
-        self.ca: CertificateAuthority | None = None
+        self.ca: CertificateAuthority | None = ca
+        self.collector_spiffe = collector_spiffe
         self._certs: dict[tuple[str, str], CertFiles] = {}  # (namespace, service account) -> files
         self.touched: set[str] = set()  # services whose sidecar carried traffic (calls, TCP, probes)
 
@@ -184,7 +190,8 @@ class Mesh:
 
     def _start(self, timeout: float) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ca = CertificateAuthority(self.run_dir / "pki")
+        if self.ca is None:
+            self.ca = CertificateAuthority(self.run_dir / "pki")
         # All ports in one allocation (no duplicates among them); apps bind theirs before the
         # Envoys start, so an Envoy's outgoing connections cannot take an app's port meanwhile.
         counts = [5 + (2 if spec.tcp_server else 0) + len(spec.tcp_peers) for spec in self.topology]
@@ -286,6 +293,10 @@ class Mesh:
             authz=svc.spec.authz,
             unknown_hosts=svc.spec.unknown_hosts,
             trust_domain=self.ca.trust_domain,
+            # To the daemon every workload speaks as itself, an impostor too: its stolen key is
+            # for the hop it forges (identity_mismatch), not for its own telemetry.
+            collector_certs=self.certs(svc.spec.namespace, svc.spec.name) if self.collector_spiffe else None,
+            collector_spiffe=self.collector_spiffe or "",
         )
 
     def _start_app(self, svc: Service) -> Proc:
@@ -294,6 +305,17 @@ class Mesh:
             otel = {"protocol": "grpc", "endpoint": f"127.0.0.1:{self.collector_grpc_port}"}
         elif svc.spec.otel == "http":
             otel = {"protocol": "http", "endpoint": f"http://127.0.0.1:{self.collector_http_port}/v1/traces"}
+        if otel is not None and self.collector_spiffe:
+            assert self.ca is not None
+            own = self.certs(svc.spec.namespace, svc.spec.name)
+            host = f"localhost:{self.collector_grpc_port}"
+            url = f"https://localhost:{self.collector_http_port}/v1/traces"
+            otel.update(
+                endpoint=host if otel["protocol"] == "grpc" else url,
+                ca=str(self.ca.cert_path),
+                cert=str(own.cert),
+                key=str(own.key),
+            )
         cfg = {
             "service": svc.spec.name,
             "namespace": svc.spec.namespace,

@@ -6,6 +6,7 @@ workloads. Keys live only in the run directory; nothing here is ever committed.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,17 @@ class CertificateAuthority:
         self.cert_path = directory / "root-cert.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, namespace: str, service_account: str) -> CertFiles:
+    def issue(self, namespace: str, service_account: str, hosts: tuple[str, ...] = ()) -> CertFiles:
         """A workload certificate for ``spiffe://<td>/ns/<namespace>/sa/<service_account>``,
-        usable both as TLS server and client (sidecars do both)."""
+        usable both as TLS server and client (sidecars do both). ``hosts``: DNS names and IP
+        addresses it also serves under (the daemon's, for clients that check the host name)."""
         uri = spiffe_id(namespace, service_account, self.trust_domain)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -96,7 +104,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(hours=12))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -10,6 +10,7 @@ from meshaudit.engine.rules.authz_denied import AuthzDenied
 from meshaudit.engine.rules.error_burst import ErrorBurst
 from meshaudit.engine.rules.excessive_retries import ExcessiveRetries
 from meshaudit.engine.rules.identity_mismatch import IdentityMismatch
+from meshaudit.engine.rules.log_source_mismatch import LogSourceMismatch
 from meshaudit.engine.rules.missing_access_log import MissingAccessLog
 from meshaudit.engine.rules.plaintext_hop import PlaintextHop
 from meshaudit.engine.rules.route_mismatch import RouteMismatch
@@ -28,6 +29,7 @@ REGISTRY: tuple[type[Rule[Any]], ...] = (
     IdentityMismatch,
     ExcessiveRetries,
     ErrorBurst,
+    LogSourceMismatch,
 )
 
 RULE_NAMES: frozenset[str] = frozenset(r.name for r in REGISTRY)

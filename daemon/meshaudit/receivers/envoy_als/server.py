@@ -17,17 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
 from meshaudit import metrics
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from meshaudit.engine.sources import claimed_by_node
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, decode_tcp
 from meshaudit.receivers.ingest import IngestQueue
+
+if TYPE_CHECKING:
+    from meshaudit.receivers.auth import GrpcAuth, SourceCheck
 
 log = logging.getLogger("meshaudit.receivers.envoy_als")
 RECEIVER = "envoy_als"
@@ -36,10 +40,27 @@ SLICE: Final = 2048  # entries decoded (and later evaluated) between yields to t
 Decoder = Callable[[Iterable[Any], StreamContext, Namer, list[Hop]], None]
 
 
+def node_metadata(node: Any) -> dict[str, str]:
+    """The node metadata a claim reads (Istio's ``NAMESPACE``, ``SERVICE_ACCOUNT``)."""
+    fields = node.metadata.fields
+    return {k: fields[k].string_value for k in ("NAMESPACE", "SERVICE_ACCOUNT") if k in fields}
+
+
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, queue: IngestQueue, namer: Namer, max_entries: int | None = None) -> None:
+    def __init__(
+        self,
+        queue: IngestQueue,
+        namer: Namer,
+        max_entries: int | None = None,
+        auth: GrpcAuth | None = None,
+        sources: SourceCheck | None = None,
+    ) -> None:
         self.queue = queue
         self.namer = namer
+        # Who sends (mTLS, or a trusted sidecar's XFCC) and whether it may claim its node: judged
+        # once per stream, when it opens and when its identifier comes.
+        self.auth = auth
+        self.sources = sources
         # receivers.max_entries_per_message; the queue carries it, so every receiver sees it
         self.max_entries = queue.max_message_entries if max_entries is None else max_entries
         self._http = metrics.RECEIVED.labels(RECEIVER, "http")
@@ -47,15 +68,26 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._messages = metrics.MESSAGES.labels(RECEIVER)
         self._dropped = metrics.DROPPED.labels(RECEIVER, "queue_full")
         self._too_many = metrics.REJECTED.labels(RECEIVER, "too_many_entries")
+        self._mismatch = metrics.REJECTED.labels(RECEIVER, "source_mismatch")
         self._bad = RateLimited(log)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> als_pb2.StreamAccessLogsResponse:
         ctx: StreamContext | None = None
+        peer = context.peer()
+        sender = None
+        if self.auth is not None and self.auth.active:
+            sender, refuse = self.auth.sender(context)
+            if refuse is not None:
+                metrics.REJECTED.labels(RECEIVER, refuse).inc()
+                self._bad.warning(
+                    refuse, "Refused an access-log stream from %s (%s): no usable sender identity.", wire(peer), refuse
+                )
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"meshaudit refuses this sender: {refuse}")
+        rejected = False  # the sender may not claim this stream's node and enforce_sources is on
         metrics.STREAMS_OPENED.inc()
         metrics.STREAMS_ACTIVE.inc()
-        peer = context.peer()
         try:
             async for msg, nbytes in request_iterator:  # grpc_server.Received: message, wire size
                 self._messages.inc()
@@ -64,11 +96,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     node = ident.node
                     ctx = StreamContext(self.namer, node.id, node.cluster, ident.log_name)
                     log.info(
-                        "Access-log stream opened: node=%s log_name=%s peer=%s",
+                        "Access-log stream opened: node=%s log_name=%s peer=%s sender=%s",
                         wire(ctx.node_id),
                         wire(ctx.log_name),
                         wire(peer),
+                        wire(sender.principal) if sender is not None else "-",
                     )
+                    if sender is not None and self.sources is not None:
+                        claimed = claimed_by_node(node.id, node.cluster, node_metadata(node))
+                        entries = self._count_entries(msg, msg.WhichOneof("log_entries"))
+                        rejected = self.sources.judge(sender, claimed, RECEIVER, entries)
                 kind = msg.WhichOneof("log_entries")
                 if ctx is None:
                     n = self._count_entries(msg, kind)
@@ -94,6 +131,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 else:
                     continue
                 n = len(entries)  # the count only: no entry is touched yet
+                if rejected:  # not evaluated: counted, the stream goes on (Envoy would only reconnect)
+                    self._mismatch.inc(n)
+                    continue
                 if n > self.max_entries:
                     self._too_many.inc(n)
                     self._bad.warning(

@@ -31,6 +31,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meshaudit._proto.meshaudit.otlpview.v1 import view_pb2
+from meshaudit.engine.sources import Claimed, claimed_by_node, claimed_by_resource
 from meshaudit.model import (
     INBOUND,
     NOBODY,
@@ -376,6 +377,40 @@ def _duration_ms(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return ms if ms is not None and 0 <= ms < 1e12 else None
+
+
+# --- who the data says it is (log_source_mismatch) ---------------------------------------------
+def trace_claims(req: Any) -> list[tuple[Claimed, int]]:
+    """Each resource's claim (``service.name``, ``service.namespace``, ``k8s.namespace.name``)
+    and its spans' count. Read only for an authenticated sender."""
+    out = []
+    for rs in req.resource_spans:
+        res = rs.resource.attributes
+        claimed = claimed_by_resource(
+            _first_str(res, "service.name"), _first_str(res, "service.namespace"), _first_str(res, "k8s.namespace.name")
+        )
+        out.append((claimed, sum(len(ss.spans) for ss in rs.scope_spans)))
+    return out
+
+
+def log_claims(req: Any) -> list[tuple[Claimed, int]]:
+    """Each resource's claim: an Envoy access logger's node (``node_name``, ``cluster_name``),
+    else its service and namespace; and its records' count."""
+    out = []
+    for rl in req.resource_logs:
+        res = rl.resource.attributes
+        node_id = _first_str(res, "node_name", "node_id")
+        n = sum(len(sl.log_records) for sl in rl.scope_logs)
+        if node_id:
+            claimed = claimed_by_node(node_id, _first_str(res, "cluster_name") or "", {})
+        else:
+            claimed = claimed_by_resource(
+                _first_str(res, "service.name"),
+                _first_str(res, "service.namespace"),
+                _first_str(res, "k8s.namespace.name"),
+            )
+        out.append((claimed, n))
+    return out
 
 
 # --- OTLP/JSON --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from asyncio import sslproto
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +42,8 @@ from meshaudit.config import ReceiversConfig
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
+from meshaudit.receivers.auth import HttpTls, Sender, SourceCheck, handshake_reason, spiffe_of_peercert, xfcc_sender
+from meshaudit.receivers.envoy_als.decode import XFCC_HEADER
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.receivers.otlp.decode import (
     Check,
@@ -49,7 +52,9 @@ from meshaudit.receivers.otlp.decode import (
     OtlpRejected,
     decode_logs,
     decode_traces,
+    log_claims,
     parse_json,
+    trace_claims,
 )
 
 log = logging.getLogger("meshaudit.receivers.otlp_http")
@@ -58,7 +63,7 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 ENCODINGS = frozenset(("", "identity", "gzip", "deflate"))  # what aiohttp undoes itself
 # google.rpc.Code for each HTTP status we answer with.
-RPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
+RPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
 _CLOSE = "meshaudit.close"  # request key: close the connection once the answer is written
 _DRAIN_SECS, _DRAIN_BYTES = 2.0, 64 << 20  # the most read of a refused body, so its sender reads the answer
 
@@ -97,10 +102,19 @@ def status_response(status: int, message: str, ctype: str, headers: dict[str, st
 
 
 class OtlpHttp:
-    def __init__(self, queue: IngestQueue, namer: Namer, limits: ReceiversConfig) -> None:
+    def __init__(
+        self, queue: IngestQueue, namer: Namer, limits: ReceiversConfig, sources: SourceCheck | None = None
+    ) -> None:
         self.queue = queue
         self.namer = namer
         self.limits = limits
+        # TLS (its own handshake per connection, so that refusals are counted: _Handler), who
+        # sends (the certificate's SPIFFE id, or a trusted sidecar's XFCC) and what it may claim.
+        self.tls = HttpTls(limits.tls) if limits.tls is not None else None
+        self.mutual = limits.tls is not None and limits.tls.client_auth != "none"
+        self.xfcc = limits.trust_forwarded_client_cert
+        self.enforce = limits.enforce_sources
+        self.sources = sources
         self.max_body_bytes = self.limits.max_message_bytes
         self.open_connections = 0
         self._messages = metrics.MESSAGES.labels(RECEIVER)
@@ -152,6 +166,29 @@ class OtlpHttp:
         metrics.REJECTED.labels(RECEIVER, reason).inc()
         self._log.warning(reason, message, *args)
 
+    # --- who sends ------------------------------------------------------------------------------
+    def sender_of(self, request: web.Request) -> tuple[Sender | None, str | None]:
+        """(sender, None); (None, None): no identity, let through; (None, reason): refuse (401)."""
+        if self.mutual:
+            conn = request.protocol
+            principal = getattr(conn, "principal", None)
+            if principal is not None:
+                return Sender(principal, "mtls", str(request.remote)), None
+            return None, "unauthenticated" if getattr(conn, "has_cert", False) else "no_client_certificate"
+        if self.xfcc:
+            remote = request.remote or ""
+            found = xfcc_sender(request.headers.get(XFCC_HEADER), remote, remote)
+            if found is not None:
+                return found, None
+        return None, ("unauthenticated" if self.enforce else None)
+
+    def _judge(self, sender: Sender, message: Any, kind: str) -> int:
+        """The entries to reject (enforce_sources), 0 when the export may be evaluated."""
+        assert self.sources is not None
+        claims = trace_claims(message) if kind == "traces" else log_claims(message)
+        judged = [(n, self.sources.judge(sender, claimed, RECEIVER, n)) for claimed, n in claims]
+        return sum(n for n, _ in judged) if any(reject for _, reject in judged) else 0
+
     # --- requests ---------------------------------------------------------------------------
     async def not_found(self, request: web.Request) -> web.Response:
         ctype = request.content_type if request.content_type == JSON else PROTOBUF
@@ -186,6 +223,11 @@ class OtlpHttp:
         peer = request.remote
         if request.method != "POST":
             return self.reject(405, "method_not_allowed", f"{request.method[:20]} is not POST", answer, peer)
+        sender: Sender | None = None
+        if self.mutual or self.xfcc:
+            sender, refuse = self.sender_of(request)
+            if refuse is not None:
+                return self.reject(401, refuse, "meshaudit refuses this sender: no usable identity", answer, peer)
         if ctype not in (PROTOBUF, JSON):
             return self.reject(
                 415, "unsupported_media_type", f"content type {ctype[:100]!r} is not {PROTOBUF} or {JSON}", answer, peer
@@ -208,6 +250,12 @@ class OtlpHttp:
             return self.reject(400, "undecodable", f"cannot decode the {kind} export: {exc}", answer, peer)
         except OtlpRejected as exc:
             return self.reject(400, exc.reason, f"cannot decode the {kind} export: {exc}", answer, peer)
+        if sender is not None and self.sources is not None:
+            refused = self._judge(sender, message, kind)
+            if refused:
+                metrics.REJECTED.labels(RECEIVER, "source_mismatch").inc(refused)
+                msg = f"{sender.principal} may not send telemetry for what this export names"
+                return status_response(403, msg, answer)
         hops: list[Hop] = []
         check = Check(self.limits.max_entries_per_message, self.limits.max_clock_skew_secs)
         try:
@@ -257,7 +305,10 @@ class _Handler(web.RequestHandler):
     (``http_body_timeout_ms``). A connection over ``http_max_connections`` is closed at once.
     """
 
-    __slots__ = ("_busy", "_got_bytes", "_head_timer", "_otlp", "_rejected", "_served")
+    __slots__ = (
+        "_busy", "_got_bytes", "_head_timer", "_otlp", "_raw_peer", "_rejected", "_served", "_tls_pending",
+        "has_cert", "principal",
+    )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, otlp: OtlpHttp, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -267,9 +318,22 @@ class _Handler(web.RequestHandler):
         self._got_bytes = False  # bytes since the last response
         self._rejected = False
         self._served = 0
+        self._tls_pending = False  # the TLS handshake runs: the next connection_made is its transport
+        self._raw_peer: Any = None
+        self.has_cert = False  # the client presented a certificate (verified: a bad one fails the handshake)
+        self.principal: str | None = None  # its SPIFFE id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         o = self._otlp
+        if self._tls_pending:  # the handshake is done: this is the TLS transport
+            self._tls_pending = False
+            ssl_object = transport.get_extra_info("ssl_object")
+            cert = ssl_object.getpeercert() if ssl_object is not None else None
+            self.has_cert = bool(cert)
+            self.principal = spiffe_of_peercert(cert)
+            super().connection_made(transport)
+            self._arm()
+            return
         if o.open_connections >= o.limits.http_max_connections:
             self._rejected = True
             transport.close()
@@ -280,8 +344,48 @@ class _Handler(web.RequestHandler):
             )
             return
         o.open_connections += 1
+        if o.tls is not None:
+            self._start_tls(transport)
+            return
         super().connection_made(transport)
         self._arm()
+
+    def _start_tls(self, raw: asyncio.BaseTransport) -> None:
+        """Run the TLS handshake here rather than in the server (``create_server(ssl=...)``), so
+        that a refused one is seen and counted, and each connection takes the context of the
+        certificates on disk now. asyncio's own SSL protocol wraps the accepted connection at once
+        (``loop.start_tls`` would start a step later: uvloop reads the ClientHello first)."""
+        o = self._otlp
+        assert o.tls is not None
+        loop = asyncio.get_running_loop()
+        self._tls_pending = True
+        self._raw_peer = raw.get_extra_info("peername")
+        waiter: asyncio.Future[None] = loop.create_future()
+        proto = sslproto.SSLProtocol(
+            loop,
+            self,
+            o.tls.context(),
+            waiter,
+            server_side=True,
+            call_connection_made=True,
+            ssl_handshake_timeout=max(1, o.limits.http_header_timeout_ms // 1000),  # typeshed: int seconds
+        )
+        raw.set_protocol(proto)
+        proto.connection_made(raw)
+        waiter.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        exc = None if waiter.cancelled() else waiter.exception()
+        if exc is None and not waiter.cancelled():
+            return
+        # Refused: this handler never got a connection, so no connection_lost will come.
+        self._tls_pending = False
+        self._rejected = True
+        self._otlp.open_connections -= 1
+        reason = handshake_reason(exc) if exc is not None else "tls_handshake_failed"
+        self._otlp.count(
+            reason, "Refused a TLS handshake on OTLP/HTTP from %s (%s): %s", wire(self._raw_peer), reason, wire(exc)
+        )
 
     def _arm(self) -> None:
         if self._head_timer is not None:
