@@ -35,5 +35,7 @@ async def test_the_alert_rules_on_a_live_daemon(daemon: Daemon, tmp_path: Path) 
 
         prom.wait(lambda: firing_names() >= want)
         assert firing_names() >= want, firing_names()
-        critical = [a for a in prom.firing() if a["labels"]["alertname"] == "MeshauditCriticalViolation"]
-        assert critical[0]["labels"]["rule"] == "identity_mismatch"
+        critical = {
+            a["labels"]["rule"] for a in prom.firing() if a["labels"]["alertname"] == "MeshauditCriticalViolation"
+        }
+        assert "identity_mismatch" in critical, critical  # one alert per rule, in no set order
