@@ -1,11 +1,13 @@
-"""A throwaway certificate authority generated at run time, and per-service certificates with
-SPIFFE URI SANs (``spiffe://<trust domain>/ns/<ns>/sa/<sa>``), the identities Istio gives its
-workloads. Keys live only in the run directory; nothing here is ever committed.
+"""A throwaway certificate authority generated at run time: per-service certificates with SPIFFE
+URI SANs (``spiffe://<trust domain>/ns/<ns>/sa/<sa>``, the identities Istio gives its workloads,
+for the e2e mesh), and certificates for a host name or address (a TLS broker on 127.0.0.1, its
+clients). Keys live only in the run directory; nothing here is ever committed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ def spiffe_id(namespace: str, service_account: str, trust_domain: str = "cluster
 class CertFiles:
     cert: Path
     key: Path
-    spiffe: str
+    spiffe: str  # the SPIFFE id; empty for a host certificate
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
@@ -40,7 +42,9 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 class CertificateAuthority:
     """A self-signed ECDSA P-256 root that issues short-lived workload certificates."""
 
-    def __init__(self, directory: Path, trust_domain: str = "cluster.local") -> None:
+    def __init__(
+        self, directory: Path, trust_domain: str = "cluster.local", common_name: str = "meshlab throwaway root CA"
+    ) -> None:
         self.directory = directory
         self.trust_domain = trust_domain
         directory.mkdir(parents=True, exist_ok=True)
@@ -49,7 +53,7 @@ class CertificateAuthority:
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlab"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "meshlab throwaway root CA"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )
         self._name = name
@@ -86,6 +90,20 @@ class CertificateAuthority:
         """A workload certificate for ``spiffe://<td>/ns/<namespace>/sa/<service_account>``,
         usable both as TLS server and client (sidecars do both)."""
         uri = spiffe_id(namespace, service_account, self.trust_domain)
+        files = self._sign(f"{service_account}.{namespace}", [x509.UniformResourceIdentifier(uri)])
+        return CertFiles(cert=files[0], key=files[1], spiffe=uri)
+
+    def issue_host(self, stem: str, host: str = "127.0.0.1") -> CertFiles:
+        """A certificate for ``host`` (an IP address SAN, or a DNS name), usable both as TLS
+        server and client; files ``<stem>-cert-chain.pem`` and ``<stem>-key.pem``."""
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            san = x509.DNSName(host)
+        cert, key = self._sign(stem, [san])
+        return CertFiles(cert=cert, key=key, spiffe="")
+
+    def _sign(self, stem: str, sans: list[x509.GeneralName]) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -96,7 +114,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(hours=12))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -105,9 +123,8 @@ class CertificateAuthority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        stem = f"{service_account}.{namespace}"
         cert_path = self.directory / f"{stem}-cert-chain.pem"
         key_path = self.directory / f"{stem}-key.pem"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, key_path)
-        return CertFiles(cert=cert_path, key=key_path, spiffe=uri)
+        return cert_path, key_path
