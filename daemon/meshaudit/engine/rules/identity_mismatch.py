@@ -46,6 +46,11 @@ Waiting = tuple[str, str, int, float, str | None, str | None]
 Short = tuple[str, str]  # presented id, observer: what one process keeps
 
 
+def _observer(w: Short) -> str:
+    """Whose entry waits: the store is shared fairly among observers."""
+    return w[1]
+
+
 PAIRED = "the client sidecar's entry of the same request"
 SPAN_CLAIM = "its own client span of the same request (service.name)"
 CLAIM_HOLD_SECS = 60.0  # after a client span with a request id: keep every certificate for spans
@@ -87,7 +92,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         if ctx.peers:
             self.waiting = TTLStore("identity_awaiting_client", self.wait, ctx.max_items, self._expired)
         else:
-            self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items)
+            self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items, _observer)
         self.store(self.waiting)
         # One process, HTTP: the certificate a destination sidecar saw on a request whose client
         # entry had not come yet, by (destination service, request id), for the correlation TTL

@@ -37,8 +37,10 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired)
-        # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending.
+        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired, self._evicted)
+        # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending, and
+        # an entry goes with its hop when that is evicted (a flood of waiting hops from one
+        # observer would otherwise fill these and evict another observer's keys).
         self.by_rid: TTLStore[str, int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
         self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", 0.0, ctx.max_items)
         self.store(self.by_rid)
@@ -104,6 +106,12 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
             self.ctx.deferred.append(Deferred(self, h, q))
         else:
             self._check(h, h.src)
+
+    def _evicted(self, key: int, h: Hop) -> None:
+        if h.request_id and self.by_rid.get(h.request_id) == key:
+            self.by_rid.pop(h.request_id)
+        if h.conn and self.by_conn.get(h.conn) == key:
+            self.by_conn.pop(h.conn)
 
     def finish(self, hop: Hop, answer: PeerAnswer) -> None:
         self._check(hop, answer.source or hop.src)
