@@ -24,13 +24,12 @@ from aiohttp import web
 
 from meshaudit import __version__, graphpage, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
-from meshaudit.engine.api import Parking
 from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.sources import Claim
-from meshaudit.engine.store import Store
+from meshaudit.engine.store import Store, fair_share
 from meshaudit.graph import MeshGraph
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
@@ -242,12 +241,14 @@ _floods = RateLimited(log, interval=60.0)
 
 
 def publish_floods(stores: list[Store], top: dict[str, str]) -> None:
-    """A store of waiting hops whose fair share one observer overran: the top offender of the
-    last second, as a metric (one label set per store) and a rate-limited log line."""
+    """A store shared fairly among observers (waiting hops, the correlation indexes) whose share
+    one observer overran: the top offender of the last second, as a metric (one label set per
+    store) and a rate-limited log line."""
     for st in stores:
-        if not isinstance(st, Parking):
+        fair = fair_share(st)
+        if fair is None:
             continue
-        counts, st.evicted_by = st.evicted_by, {}
+        counts = fair.take()
         before = top.get(st.name)
         if not counts:
             if before is not None:
@@ -261,12 +262,12 @@ def publish_floods(stores: list[Store], top: dict[str, str]) -> None:
         top[st.name] = observer
         _floods.warning(
             f"flood:{st.name}",
-            "Store %s: observer %s sends more waiting hops than its share (%d): %d of its own were evicted "
+            "Store %s: observer %s sends more than its share (%d entries): %d of its own were evicted "
             'in the last second (counted in store_evictions_total{reason="capacity"}); other observers\' '
             "evidence is kept.",
             st.name,
             observer,
-            st.quota,
+            fair.quota,
             n,
         )
 

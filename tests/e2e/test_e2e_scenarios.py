@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from infra.chromium import Elements, dump_dom, screenshot  # type: ignore[import-not-found,unused-ignore]
 from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from infra.pki import CertificateAuthority  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from meshlab.mesh import Mesh
-from meshlab.pki import CertificateAuthority
 from meshlab.procs import wait_until
 from meshlab.scenarios import (
     ATTRIBUTION_WAIT_MS,

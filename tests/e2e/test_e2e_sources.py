@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from infra.daemon import Daemon, running  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from infra.pki import CertificateAuthority  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from meshlab.envoy import Envoy, SidecarSpec
-from meshlab.pki import CertificateAuthority
 from meshlab.procs import ProcGroup, free_ports, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -1,9 +1,16 @@
 """Real message brokers for tests: Tansu (Kafka wire protocol) and Mosquitto (MQTT), each a
-subprocess on 127.0.0.1 and a free port, started and stopped by PID.
+subprocess on 127.0.0.1 and a free port, started and stopped by PID; and a TLS terminator
+(Debian socat) for a broker that does not serve TLS itself.
 
 Session fixtures ``tansu`` and ``mosquitto`` share one broker per test run; the factories
-``tansu_factory`` and ``mosquitto_factory`` start private brokers for tests that stop, freeze or
-restart them. Every broker a fixture started is stopped at teardown, also when the test failed.
+``tansu_factory``, ``mosquitto_factory`` and ``tls_terminator_factory`` start private ones for
+tests that stop, freeze or restart them, or need TLS. Every process a fixture started is stopped
+at teardown, also when the test failed.
+
+TLS: Mosquitto serves it itself (``make_mosquitto(tls=...)``). This Tansu build does not (it
+refuses ``--cert`` with ``--key``), so a Kafka client reaches it through socat terminating TLS
+on a second port, which Tansu advertises (``make_tansu(advertised_port=...)``) so that every
+connection the client opens after bootstrap goes through the terminator too.
 
 Tansu keeps data only in memory, so an outage is simulated by freezing it (SIGSTOP, then
 SIGCONT): the broker stops answering but keeps its data and its port. It also lacks
@@ -19,12 +26,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from infra.tools import mosquitto_binary, tansu_binary
+from infra.tools import mosquitto_binary, socat_binary, tansu_binary
 
 HOST = "127.0.0.1"
 
@@ -117,10 +125,48 @@ class Mosquitto(BrokerProcess):
     pass
 
 
+class TlsTerminator(BrokerProcess):
+    """socat: TLS on ``port``, plaintext to the target port; one child process per connection."""
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        # The per-connection children outlive their parent while their connection is open:
+        # stop them too, each by its PID (they are ours: forked by the socat we started).
+        children = self._children() if self.running else []
+        super().stop(timeout)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _children(self) -> list[int]:
+        try:
+            return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A TLS server's certificate and key, and the CA its clients' certificates must come from
+    when ``require_client_cert`` (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+    require_client_cert: bool = False
+
+
 B = TypeVar("B", bound=BrokerProcess)
 
 
-def make_tansu(workdir: Path, port: int | None = None, extra: list[str] | None = None) -> Tansu:
+def make_tansu(
+    workdir: Path, port: int | None = None, extra: list[str] | None = None, advertised_port: int | None = None
+) -> Tansu:
+    """Tansu on ``port``; ``advertised_port``: the port it tells clients to connect to (a TLS
+    terminator's in front of it), by default its own."""
     port = port or free_port()
     url = f"tcp://{HOST}:{port}"
     argv = [
@@ -129,7 +175,7 @@ def make_tansu(workdir: Path, port: int | None = None, extra: list[str] | None =
         "--listener-url",
         url,
         "--advertised-listener-url",
-        url,
+        f"tcp://{HOST}:{advertised_port or port}",
         "--storage-engine",
         "memory://tansu/",
         *(extra or []),
@@ -138,12 +184,18 @@ def make_tansu(workdir: Path, port: int | None = None, extra: list[str] | None =
     return Tansu("tansu", argv, port, workdir)
 
 
-def make_mosquitto(workdir: Path, port: int | None = None, persistence: bool = False) -> Mosquitto:
+def make_mosquitto(
+    workdir: Path, port: int | None = None, persistence: bool = False, tls: ServerTls | None = None
+) -> Mosquitto:
     """Mosquitto with a config of our own. ``persistence`` keeps sessions and queued QoS 1
-    messages across a restart (saved on SIGTERM), which an outage test needs for its subscriber."""
+    messages across a restart (saved on SIGTERM), which an outage test needs for its subscriber.
+    ``tls``: the listener serves TLS only (and asks clients for a certificate when required)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     lines = [f"listener {port} {HOST}", "allow_anonymous true", f"persistence {str(persistence).lower()}"]
+    if tls is not None:
+        lines += [f"certfile {tls.cert}", f"keyfile {tls.key}", f"cafile {tls.client_ca}"]
+        lines.append(f"require_certificate {str(tls.require_client_cert).lower()}")
     if persistence:
         lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
     if os.geteuid() == 0:
@@ -153,6 +205,28 @@ def make_mosquitto(workdir: Path, port: int | None = None, persistence: bool = F
     conf = workdir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return Mosquitto("mosquitto", [str(mosquitto_binary()), "-c", str(conf)], port, workdir)
+
+
+def make_tls_terminator(workdir: Path, target_port: int, tls: ServerTls, port: int | None = None) -> TlsTerminator:
+    """socat serving TLS on ``port`` (127.0.0.1) and forwarding each connection in plaintext
+    to ``target_port``; a client certificate from ``tls.client_ca`` is required when
+    ``tls.require_client_cert``."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    listen = ",".join(
+        [
+            f"OPENSSL-LISTEN:{port}",
+            f"bind={HOST}",
+            "reuseaddr",
+            "fork",
+            f"cert={tls.cert}",
+            f"key={tls.key}",
+            f"cafile={tls.client_ca}",
+            f"verify={int(tls.require_client_cert)}",
+        ]
+    )
+    argv = [str(socat_binary()), "-d", listen, f"TCP:{HOST}:{target_port}"]
+    return TlsTerminator("socat", argv, port, workdir)
 
 
 @pytest.fixture(scope="session")
@@ -208,4 +282,12 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start private Mosquitto brokers: ``factory(port=None, persistence=False)``; all stopped at
     teardown."""
     with _started_brokers(make_mosquitto, tmp_path / "mosquitto") as factory:
+        yield factory
+
+
+@pytest.fixture
+def tls_terminator_factory(tmp_path: Path) -> Iterator[Callable[..., TlsTerminator]]:
+    """Start TLS terminators: ``factory(target_port, tls, port=None)``; all stopped (with their
+    per-connection children) at teardown."""
+    with _started_brokers(make_tls_terminator, tmp_path / "socat") as factory:
         yield factory

@@ -42,7 +42,7 @@ def _debian(name: str) -> Path:
     for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    raise ToolMissing(f"{name} is missing: run `make tools` (apt: mosquitto mosquitto-clients kcat)")
+    raise ToolMissing(f"{name} is missing: run `make tools` (apt: mosquitto mosquitto-clients kcat socat)")
 
 
 def mosquitto_binary() -> Path:
@@ -52,3 +52,8 @@ def mosquitto_binary() -> Path:
 
 def kcat_binary() -> Path:
     return _debian("kcat")
+
+
+def socat_binary() -> Path:
+    """socat from Debian: terminates TLS in front of a broker that does not serve it."""
+    return _debian("socat")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -75,17 +76,27 @@ class Record:
     partition: int
 
 
+def tls_options(ssl_context: ssl.SSLContext | None) -> dict[str, object]:
+    """aiokafka client options for TLS with ``ssl_context`` (None: plaintext)."""
+    if ssl_context is None:
+        return {}
+    return {"security_protocol": "SSL", "ssl_context": ssl_context}
+
+
 class KafkaReader:
     """Reads every partition of a topic from the beginning, live, into ``records``."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, ssl_context: ssl.SSLContext | None = None) -> None:
         self.bootstrap, self.topic = bootstrap, topic
+        self.ssl_context = ssl_context
         self.records: list[Record] = []
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> KafkaReader:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, **tls_options(self.ssl_context)
+        )
         await consumer.start()
         self._consumer = consumer
         try:
@@ -124,11 +135,15 @@ class KafkaReader:
 
 @contextlib.asynccontextmanager
 async def mqtt_reader(
-    port: int, topic: str, client_id: str | None = None, clean: bool = True
+    port: int,
+    topic: str,
+    client_id: str | None = None,
+    clean: bool = True,
+    tls_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[list[aiomqtt.Message]]:
     """Subscribe (QoS 1) and collect messages in the yielded list until the block ends."""
     got: list[aiomqtt.Message] = []
-    client = aiomqtt.Client("127.0.0.1", port, identifier=client_id, clean_session=clean)
+    client = aiomqtt.Client("127.0.0.1", port, identifier=client_id, clean_session=clean, tls_context=tls_context)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(client)
         # Leaving after the broker went away raises: the messages are what the test wanted.

@@ -33,6 +33,18 @@ def test_a_password_cannot_be_written_in_the_config(tmp_path: Path) -> None:
         load(f)
 
 
+@pytest.mark.parametrize("section", ["kafka", "mqtt"])
+def test_a_client_key_without_its_certificate_is_a_config_error(tmp_path: Path, section: str) -> None:
+    # Without cert_file no client certificate is sent: mutual TLS would be off without a word.
+    f = tmp_path / "c.yaml"
+    f.write_text(f"sinks:\n  {section}:\n    tls: {{ca_file: ca.pem, key_file: client-key.pem}}\n")
+    with pytest.raises(ConfigError, match="key_file and key_password_\\* need cert_file"):
+        load(f)
+    f.write_text(f"sinks:\n  {section}:\n    tls: {{cert_file: c.pem, key_password_file: p, key_password_env: P}}\n")
+    with pytest.raises(ConfigError, match="set key_password_file or key_password_env, not both"):
+        load(f)
+
+
 def test_build_sinks_builds_the_enabled_sections_in_registry_order(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("sinks:\n  mqtt: {port: 1884}\n  kafka: {enabled: false}\n")

@@ -5,7 +5,7 @@ it dropped (the store gauges and eviction counters read ``len``, ``expired`` and
 
 from __future__ import annotations
 
-from meshaudit.engine.store import PairStore
+from meshaudit.engine.store import GenStore, PairStore
 
 T0 = 1_800_000_000.0
 
@@ -40,12 +40,44 @@ def test_a_pair_lives_between_one_and_two_ttls() -> None:
 
 
 def test_capacity_rotates_early_and_counts_the_dropped_generation() -> None:
-    s: PairStore[str, str, bool] = PairStore("t", 60, 10)  # half: 5 pairs per generation
-    write(s, "a", [f"k{i}" for i in range(3)], T0)
-    write(s, "b", ["k0", "k1"], T0)  # 5: rotated
-    write(s, "a", ["x0", "x1", "x2", "x3", "x4"], T0)  # 5 more: rotated again, the first 5 dropped
-    assert s.evicted_capacity == 5 and len(s) == 5
-    assert not s.has("b", "k0") and s.has("a", "x4")
-    write(s, "c", ["y"], T0)
-    write(s, "c", ["y"], T0)  # rewriting a pair of the current generation adds nothing
-    assert len(s) == 6 and s.evicted_capacity == 5
+    # 80 pairs: 40 per generation, a share of 10 per group; no group here holds more than its share
+    s: PairStore[str, str, bool] = PairStore("t", 60, 80)
+    for g in "abcd":
+        write(s, g, [f"k{i}" for i in range(10)], T0)  # 40: rotated
+    assert s.evicted_capacity == 0 and len(s) == 40
+    for g in "efgh":
+        write(s, g, [f"x{i}" for i in range(10)], T0)  # 40 more: rotated again, the first 40 dropped
+    assert s.evicted_capacity == 40 and len(s) == 40
+    assert not s.has("a", "k0") and s.has("h", "x9")
+    write(s, "i", ["y"], T0)
+    write(s, "i", ["y"], T0)  # rewriting a pair of the current generation adds nothing
+    assert len(s) == 41 and s.evicted_capacity == 40 and s.fair.evicted_by == {}
+
+
+def test_a_group_over_its_share_rotates_alone_and_the_others_keep_their_pairs() -> None:
+    s: PairStore[str, str, bool] = PairStore("t", 60, 80)  # 40 per generation, a share of 10
+    write(s, "real", ["r1", "r2"], T0)
+    for n in range(0, 2000, 50):  # a flood from one group: 50 x the store
+        write(s, "flood", [f"f{i}" for i in range(n, n + 50)], T0 + 1)
+    assert s.has("real", "r1") and s.has("real", "r2")  # never rotated away
+    assert s.has("flood", "f1999") and not s.has("flood", "f0")  # the flood keeps its newest
+    assert len(s) <= 80 + 50  # the bound (a batch may pass it until it settles)
+    assert s.fair.evicted_by["flood"] >= 1900 and "real" not in s.fair.evicted_by
+    assert s.evicted_capacity == s.fair.evicted_by["flood"]
+
+
+def test_a_generational_store_with_owners_evicts_the_flooding_owner_first() -> None:
+    # The outbound index: request id -> the client sidecar that logged it (the value's owner).
+    s: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v)  # 40 per generation, share 10
+    s.put("rid-real", "reviews-v1-1", T0)
+    for i in range(5000):
+        s.put(f"rid-{i}", "flood-9", T0 + 1)
+    assert s.get("rid-real") == "reviews-v1-1"
+    assert s.get("rid-4999") == "flood-9" and s.get("rid-0") is None
+    assert len(s) <= 80
+    assert s.fair is not None and s.fair.evicted_by["flood-9"] >= 4900 and "reviews-v1-1" not in s.fair.evicted_by
+    # Many owners within their shares: the store rotates whole, as without owners.
+    t: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v)
+    for i in range(80):
+        t.put(f"k{i}", f"owner{i % 8}", T0)
+    assert t.evicted_capacity == 40 and t.fair is not None and t.fair.evicted_by == {}

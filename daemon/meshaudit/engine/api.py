@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedT
 
 from pydantic import BaseModel, ConfigDict
 
-from meshaudit.engine.store import Store, TTLStore
+from meshaudit.engine.store import FairShare, Store, TTLStore
 from meshaudit.engine.tally import EdgeTally
 from meshaudit.model import ALS_HTTP, ALS_TCP, OTEL_LOG, Hop, Identity
 
@@ -163,25 +163,32 @@ class Parking(TTLStore[K, Hop]):
     """Hops a rule keeps past their batch, waiting for evidence; a hop is detached from its
     message when parked, and the rule's hook is called when its wait ends.
 
-    Shared fairly among observers (the sidecar or tracer that reported each hop): one observer
-    holds at most ``OBSERVER_SHARE`` of the store, and past that its own oldest hop makes room.
-    A flood from one stream (a forged one, or one runaway sidecar) so evicts its own evidence,
-    never another observer's; ``evicted_by`` counts whose hops went (the top offender is logged
-    and exported). Only when the whole store is full does the oldest hop of all go."""
+    Shared fairly among observers (the sidecar or tracer that reported each hop,
+    :class:`~meshaudit.engine.store.FairShare`): one observer holds at most its share of the
+    store, and past that its own oldest hop makes room. A flood from one stream (a forged one, or
+    one runaway sidecar) so evicts its own evidence, never another observer's; ``fair.evicted_by``
+    counts whose hops went (the top offender is logged and exported). Only when the whole store
+    is full does the oldest hop of all go. ``on_evict(key, hop)`` lets the rule drop what it
+    keeps about an evicted hop elsewhere (an index of waiting hops by request id)."""
 
-    OBSERVER_SHARE: ClassVar[float] = 1 / 8
+    __slots__ = ("_by_observer", "fair", "on_evict")
 
-    __slots__ = ("_by_observer", "evicted_by", "quota")
-
-    def __init__(self, name: str, ttl: float, max_items: int, on_expire: Callable[[K, Hop, float], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        ttl: float,
+        max_items: int,
+        on_expire: Callable[[K, Hop, float], None],
+        on_evict: Callable[[K, Hop], None] | None = None,
+    ) -> None:
         def expired(key: K, hop: Hop, now: float) -> None:
             self._forget(key, hop.observer)
             on_expire(key, hop, now)
 
         super().__init__(name, ttl, max_items, expired)
-        self.quota = max(1, int(max_items * self.OBSERVER_SHARE))
+        self.fair = FairShare(max_items)
+        self.on_evict = on_evict
         self._by_observer: dict[str, dict[K, None]] = {}  # each observer's keys, oldest first
-        self.evicted_by: dict[str, int] = {}  # observer -> its hops evicted for capacity (bounded)
 
     def park(self, key: K, hop: Hop, now: float) -> bool:
         """Keep ``hop`` until its wait ends; a key already waiting keeps its first hop (False)."""
@@ -192,7 +199,7 @@ class Parking(TTLStore[K, Hop]):
         mine = self._by_observer.get(observer)
         if mine is None:
             mine = self._by_observer[observer] = {}
-        if len(mine) >= self.quota:  # this observer's share is full: its own oldest goes
+        if len(mine) >= self.fair.quota:  # this observer's share is full: its own oldest goes
             self._evict(next(iter(mine)), observer)
         elif len(self) >= self.max_items:  # the store is full: the oldest of all goes
             oldest = self.oldest()
@@ -208,12 +215,12 @@ class Parking(TTLStore[K, Hop]):
         return hop
 
     def _evict(self, key: K, observer: str) -> None:
-        super().pop(key)
+        hop = super().pop(key)
         self._forget(key, observer)
         self.evicted_capacity += 1
-        if len(self.evicted_by) >= 1000 and observer not in self.evicted_by:
-            self.evicted_by.clear()
-        self.evicted_by[observer] = self.evicted_by.get(observer, 0) + 1
+        self.fair.evicted(observer)
+        if hop is not None and self.on_evict is not None:
+            self.on_evict(key, hop)
 
     def _forget(self, key: K, observer: str) -> None:
         mine = self._by_observer.get(observer)
@@ -386,10 +393,17 @@ class Rule(Generic[C]):
         """Register a store of the rule's own (gauges, evictions, expiry on every tick)."""
         self._stores.append(s)
 
-    def parking(self, name: str, ttl: float, on_expire: Callable[[Any, Hop, float], None]) -> Parking[Any]:
+    def parking(
+        self,
+        name: str,
+        ttl: float,
+        on_expire: Callable[[Any, Hop, float], None],
+        on_evict: Callable[[Any, Hop], None] | None = None,
+    ) -> Parking[Any]:
         """A bounded store of hops waiting for evidence; ``on_expire(key, hop, now)`` when the
-        wait ends (the rule emits through ``self.emit``)."""
-        p: Parking[Any] = Parking(name, ttl, self.ctx.max_items, on_expire)
+        wait ends (the rule emits through ``self.emit``), ``on_evict(key, hop)`` when a hop is
+        evicted for capacity (no event: the rule forgets what else it kept about it)."""
+        p: Parking[Any] = Parking(name, ttl, self.ctx.max_items, on_expire, on_evict)
         self.store(p)
         return p
 

@@ -2,6 +2,11 @@
 correlation key (request id, trace id, the TCP client socket). Pairs both sidecars' entries of a
 request (so a plaintext hop's client is named) and joins spans with access logs. A function of
 the last TTL seconds of input only: bounded stores, no history.
+
+The indexes are shared fairly among observers (``FairShare`` in engine/store.py): the outbound
+entries by the sidecar that logged them (its workload), the logged ids by its service. One
+sidecar flooding the index with entries nothing pairs evicts its own, never the client entry
+that names another request's sender or the logged id that answers another service's span.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ class PeerMetadata:
         return peer
 
 
+def sidecar(client: Identity) -> str:
+    """Who logged an outbound entry: its source is the sidecar's own workload (one pod), else
+    its service."""
+    return f"{client.workload}.{client.namespace}" if client.workload else client.key
+
+
 class Correlation:
     """What the access logs showed recently, shared by all rules. Bounded stores only."""
 
@@ -48,9 +59,11 @@ class Correlation:
         # (request id, destination service key) -> the client. The destination is part of the key:
         # applications forward x-request-id (bookinfo's do), so every call a request causes
         # shares it, and only the destination tells them apart.
-        self.outbound_by_rid: GenStore[tuple[str, str], Identity] = GenStore("outbound_by_request_id", ttl, max_items)
+        self.outbound_by_rid: GenStore[tuple[str, str], Identity] = GenStore(
+            "outbound_by_request_id", ttl, max_items, sidecar
+        )
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
-        self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items)
+        self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items, sidecar)
         # (observer service, request id) and (observer service, trace id) the access logs showed:
         # a span's access log (missing_access_log, and a peer's question with ``workers: N``).
         self.logged_rid: PairStore[str, str, bool] = PairStore("logged_request_ids", ttl, max_items)

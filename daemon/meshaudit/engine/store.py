@@ -12,16 +12,50 @@ insertion is always the first to expire and ``expire`` is O(expired). Refreshing
 moves it to the back. When full, the oldest entry is evicted and counted as ``capacity``;
 the expire hook is *not* called for it (a capacity eviction is a loss of evidence, never a
 violation: alerting on it would turn overload into false alarms).
+
+Stores keyed by request, trace or socket are shared fairly among observers (:class:`FairShare`):
+one observer (a forged stream, a runaway sidecar) may hold at most a share of the store, so its
+flood evicts its own entries and never another observer's evidence. A :class:`GenStore` given an
+``owner`` and every :class:`PairStore` (its groups are observers) enforce the share when the store
+fills: the observers over their share lose their entries first, and only when none is over does a
+generation of everyone's go. ``Parking`` (engine/api.py) enforces it at every insertion.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, KeysView
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class FairShare:
+    """A store's fair sharing among observers (the sidecar, or the service, that reported what it
+    holds): each may hold ``SHARE`` of the store (``quota`` entries). ``evicted_by`` counts whose
+    entries the store evicted for capacity, bounded (cleared past ``LIMIT`` observers); the daemon
+    takes it every second and names the top offender in a metric and a rate-limited log line."""
+
+    SHARE: ClassVar[float] = 1 / 8
+    LIMIT: ClassVar[int] = 1000
+
+    __slots__ = ("evicted_by", "quota")
+
+    def __init__(self, max_items: int) -> None:
+        self.quota = max(1, int(max_items * self.SHARE))
+        self.evicted_by: dict[str, int] = {}
+
+    def evicted(self, observer: str, n: int = 1) -> None:
+        by = self.evicted_by
+        if len(by) >= self.LIMIT and observer not in by:
+            by.clear()
+        by[observer] = by.get(observer, 0) + n
+
+    def take(self) -> dict[str, int]:
+        """The evictions counted since the last call, by observer."""
+        counts, self.evicted_by = self.evicted_by, {}
+        return counts
 
 
 class TTLStore(Generic[K, V]):
@@ -121,11 +155,19 @@ class GenStore(Generic[K, V]):
     which the engine calls on its tick) the previous generation is dropped and the current one
     becomes the previous. When the current dict reaches half of ``max_items`` it is rotated early
     and the dropped generation counts as evicted for capacity. No on-expire hook: nothing in a
-    GenStore is an event when it goes. Values must not be None (None means absent)."""
+    GenStore is an event when it goes. Values must not be None (None means absent).
 
-    __slots__ = ("_cur", "_half", "_old", "_rotated_at", "evicted_capacity", "expired", "max_items", "name", "ttl")
+    With ``owner`` (the observer a value came from) the store is shared fairly: when the current
+    dict is full, the entries of every observer holding more than its share go first (counted in
+    ``fair.evicted_by``), and the generation rotates only if that did not make room. Nothing is
+    added to a write: the owners are counted only when the store is full."""
 
-    def __init__(self, name: str, ttl: float, max_items: int) -> None:
+    __slots__ = (
+        "_cur", "_half", "_old", "_owner", "_rotated_at", "evicted_capacity", "expired", "fair", "max_items", "name",
+        "ttl",
+    )  # fmt: skip
+
+    def __init__(self, name: str, ttl: float, max_items: int, owner: Callable[[V], str] | None = None) -> None:
         self.name = name
         self.ttl = ttl
         self.max_items = max_items
@@ -135,6 +177,8 @@ class GenStore(Generic[K, V]):
         self._rotated_at: float | None = None
         self.expired = 0
         self.evicted_capacity = 0
+        self._owner = owner
+        self.fair = FairShare(max_items) if owner is not None else None
 
     def __len__(self) -> int:
         return len(self._cur) + len(self._old)
@@ -167,11 +211,40 @@ class GenStore(Generic[K, V]):
             self._spill(now)
 
     def _spill(self, now: float) -> None:
-        """The current generation is full: rotate early; the dropped one counts as capacity."""
+        """The current generation is full: the observers over their share rotate alone; if that
+        leaves it full, everyone's rotates (the dropped generation counts as capacity)."""
+        if self._owner is not None and self._rotate_over_share() and len(self._cur) < self._half:
+            return
         self.evicted_capacity += len(self._old)
         self._old = self._cur
         self._cur = {}
         self._rotated_at = now
+
+    def _rotate_over_share(self) -> bool:
+        """The entries of each observer over its share rotate alone: its previous generation is
+        dropped and its current one becomes its previous (dropped too when the previous
+        generation would outgrow a whole rotation's). True if any observer was over."""
+        owner, fair = self._owner, self.fair
+        assert owner is not None and fair is not None
+        cur, old = self._cur, self._old
+        held = Counter(map(owner, cur.values()))
+        held.update(map(owner, old.values()))
+        over = {o for o, n in held.items() if n > fair.quota}
+        if not over:
+            return False
+        kept_old = {k: v for k, v in old.items() if owner(v) not in over}
+        moved = {k: v for k, v in cur.items() if owner(v) in over}
+        dropped = Counter(map(owner, (v for k, v in old.items() if k not in kept_old)))
+        if len(kept_old) + len(moved) <= len(cur):
+            kept_old.update(moved)
+        else:  # no room: its current entries go too
+            dropped.update(map(owner, moved.values()))
+        self._cur = {k: v for k, v in cur.items() if k not in moved}
+        self._old = kept_old
+        for o, n in dropped.items():
+            fair.evicted(str(o), n)
+            self.evicted_capacity += n
+        return True
 
     def pop(self, key: K) -> V | None:
         v = self._cur.pop(key, None)
@@ -205,15 +278,22 @@ class PairStore(Generic[G, K, V]):
     collector, and made the index the largest single cost of an entry; here a write is one store
     into the group's dict (a batch comes from one sidecar: one group), keyed by the id string,
     whose hash Python caches. Same generations, TTL and capacity as a GenStore; the capacity
-    counts pairs."""
+    counts pairs.
+
+    Groups are observers (the service whose sidecar logged the entries), and the store is shared
+    fairly among them: when the current generation is full, every group holding more than its
+    share loses its pairs (counted in ``fair.evicted_by``), and the generation rotates only if
+    that did not make room. A flood from one service so never rotates another's pairs away."""
 
     __slots__ = (
-        "_cur", "_half", "_n_cur", "_n_old", "_old", "_rotated_at", "evicted_capacity", "expired", "name", "ttl",
+        "_cur", "_half", "_n_cur", "_n_old", "_old", "_rotated_at", "evicted_capacity", "expired", "fair", "name",
+        "ttl",
     )  # fmt: skip
 
     def __init__(self, name: str, ttl: float, max_items: int) -> None:
         self.name = name
         self.ttl = ttl
+        self.fair = FairShare(max_items)
         self._half = max(1, max_items // 2)
         self._cur: dict[G, dict[K, V]] = {}
         self._old: dict[G, dict[K, V]] = {}
@@ -263,9 +343,34 @@ class PairStore(Generic[G, K, V]):
     def settle(self, now: float, added: int) -> None:
         """The capacity check after ``added`` new pairs were written through ``writable``."""
         self._n_cur += added
-        if self._n_cur >= self._half:
+        if self._n_cur >= self._half and not (self._rotate_over_share() and self._n_cur < self._half):
             self.evicted_capacity += self._n_old
             self._rotate(now)
+
+    def _rotate_over_share(self) -> bool:
+        """Each group over its share rotates alone: its previous generation is dropped and its
+        current one becomes its previous (dropped too when the previous generation would
+        outgrow a whole rotation's). True if any group was over."""
+        cur, old, fair = self._cur, self._old, self.fair
+        over = [g for g, d in cur.items() if len(d) + len(old.get(g, ())) > fair.quota]
+        over += [g for g, d in old.items() if len(d) > fair.quota and g not in cur]
+        if not over:
+            return False
+        room = self._n_cur  # what a whole rotation would leave in the previous generation
+        for group in over:
+            mine, before = cur.pop(group, {}), old.pop(group, {})
+            self._n_cur -= len(mine)
+            self._n_old -= len(before)
+            dropped = len(before)
+            if self._n_old + len(mine) <= room:
+                old[group] = mine
+                self._n_old += len(mine)
+            else:  # no room: its current pairs go too
+                dropped += len(mine)
+            if dropped:
+                self.evicted_capacity += dropped
+                fair.evicted(str(group), dropped)
+        return True
 
     def _rotate(self, now: float) -> None:
         self._old, self._n_old = self._cur, self._n_cur
@@ -290,3 +395,9 @@ class Store(Protocol):
     evicted_capacity: int
 
     def __len__(self) -> int: ...
+
+
+def fair_share(store: Store) -> FairShare | None:
+    """The store's fair share among observers, if it has one."""
+    fair = getattr(store, "fair", None)
+    return fair if isinstance(fair, FairShare) else None

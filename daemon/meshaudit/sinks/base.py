@@ -374,4 +374,7 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, TimeoutError) and not text:
         return "timed out"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = type(exc).__name__
+    if text.startswith(name):  # aiokafka's errors name themselves already
+        return text
+    return f"{name}: {text}" if text else name

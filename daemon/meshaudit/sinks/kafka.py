@@ -10,12 +10,18 @@ warning, counts ``meshaudit_sink_idempotence_fallbacks_total`` and produces with
 written twice; consumers deduplicate by alert id either way (at-least-once).
 
 At start-up the topic must exist (a clear error names it otherwise) unless ``create_topic`` is
-set; a broker that cannot be reached is logged and retried while alerts go to the spool.
+set; a broker that cannot be reached is logged and retried while alerts go to the spool. aiokafka
+says only that no bootstrap server could be reached; the sink then dials each itself, TLS
+handshake included, so the error names the cause (refused, a certificate from another CA, a
+client certificate the broker requires).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -65,6 +71,16 @@ class KafkaConfig(SinkConfigBase):
 
 class TopicMissing(Exception):
     """The topic does not exist and the sink may not create it."""
+
+
+class BrokersUnreachable(ConnectionError):
+    """No bootstrap server could be reached; the message says why, server by server."""
+
+
+# How long the diagnosis of a failed bootstrap may dial one server, and then wait for a TLS 1.3
+# server's verdict on our certificate (it comes after the handshake, with the first read).
+DIAL_SECS = 2.0
+TLS_VERDICT_SECS = 0.3
 
 
 class KafkaSink(Sink):
@@ -118,7 +134,7 @@ class KafkaSink(Sink):
         producer = self._make_producer(options)
         self._producer = producer
         try:
-            await producer.start()
+            await self._start(producer, options)
         except kerrors.BrokerResponseError as exc:
             # Bootstrap failures are KafkaConnectionError; a broker *answer* here comes from
             # InitProducerId, i.e. the broker refusing to give us a producer id.
@@ -139,10 +155,21 @@ class KafkaSink(Sink):
             self._idempotent = False
             producer = self._make_producer(options)
             self._producer = producer
-            await producer.start()
+            await self._start(producer, options)
         if not self._topic_checked:
             await self._check_topic(producer, options)
             self._topic_checked = True
+
+    async def _start(self, producer: Any, options: dict[str, Any]) -> None:
+        try:
+            await producer.start()
+        except kerrors.KafkaConnectionError as exc:
+            servers = self._cfg.bootstrap_servers
+            causes = await asyncio.gather(*(_dial(s, options.get("ssl_context")) for s in servers))
+            found = [f"{server}: {cause}" for server, cause in zip(servers, causes, strict=True) if cause]
+            if not found:  # every server takes a connection: aiokafka's own words are all we have
+                raise
+            raise BrokersUnreachable(f"cannot reach the Kafka brokers ({'; '.join(found)})") from exc
 
     async def _check_topic(self, producer: Any, options: dict[str, Any]) -> None:
         # A metadata request for all topics never auto-creates one (a request naming the topic
@@ -209,3 +236,29 @@ class KafkaSink(Sink):
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+async def _dial(server: str, ctx: ssl.SSLContext | None) -> str | None:
+    """Why a connection to ``server`` (``HOST:PORT``), and its TLS handshake with ``ctx``, fails;
+    None when it succeeds."""
+    host, _, port = server.rpartition(":")
+    host = host.strip("[]")  # [::1]:9092
+    try:
+        async with asyncio.timeout(DIAL_SECS):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+        try:
+            if ctx is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TLS_VERDICT_SECS):
+                        await reader.read(1)  # a Kafka broker says nothing first: only an alert comes
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    except ssl.SSLError as exc:
+        return f"TLS: {exc}"
+    except TimeoutError:
+        return f"no answer within {DIAL_SECS:g} s"
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None

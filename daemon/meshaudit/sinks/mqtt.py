@@ -6,6 +6,10 @@ itself: a lost connection fails the delivery, the base worker spools and reconne
 exponential backoff and jitter, creating a fresh client each time. QoS 1 is at-least-once
 already, so consumers deduplicate by alert id.
 
+A broker that closes the connection before its CONNACK (over TLS 1.3, one that requires a client
+certificate we did not send, or refuses the one we did) fails the connection attempt at once,
+with the reason paho saw (the TLS alert), instead of leaving it to time out.
+
 Topic levels come from data (rule, service name), so the MQTT wildcard and separator characters
 ``+ # /`` and NUL are replaced by ``_`` in them: a service name cannot add levels or a wildcard.
 """
@@ -16,10 +20,14 @@ import asyncio
 import logging
 import math
 import re
+import ssl
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, model_validator
 
 from meshaudit.sinks.base import Sink, SinkConfigBase
@@ -78,15 +86,44 @@ class MqttSink(Sink):
             identifier=cfg.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if cfg.mqtt_version == 5 else aiomqtt.ProtocolVersion.V311,
             keepalive=cfg.keepalive_secs,
-            tls_context=cfg.tls.context() if cfg.tls is not None else None,
+            tls_context=_closing_context(cfg.tls) if cfg.tls is not None else None,
             # Our worker bounds every attempt (attempt_timeout_ms); no second clock here.
             timeout=math.inf,
         )
         # aiomqtt warns past 10 pending publishes; our window is the bound that matters.
         client.pending_calls_threshold = cfg.max_inflight + 1
+        self._fail_on_early_close(client)
         self._client, self._up = client, False
         await client.__aenter__()
         self._up = True
+        client._client.on_log = None  # needed while connecting only: paho formats every line for it
+
+    def _fail_on_early_close(self, client: aiomqtt.Client) -> None:
+        """aiomqtt ignores a connection closed before the CONNACK, so connecting would wait for
+        our attempt timeout and say only "timed out". Fail it at once instead, with paho's last
+        error (which names the cause: a TLS alert, a reset) as the reason. Private names of
+        aiomqtt: pinned versions (pyproject.toml), as in ``_force_close``."""
+        inner = client._client
+        last_error = ""
+
+        def on_log(_c: paho.Client, _userdata: object, level: int, text: str) -> None:
+            nonlocal last_error
+            if level == paho.MQTT_LOG_ERR:
+                last_error = text
+
+        def on_disconnect(
+            c: paho.Client, userdata: Any, flags: paho.DisconnectFlags, rc: ReasonCode, props: Properties | None = None
+        ) -> None:
+            connecting = client._connected
+            if self._client is client and not self._up and not connecting.done():
+                why = last_error or f"reason code {rc}"
+                connecting.set_exception(
+                    aiomqtt.MqttError(f"the broker closed the connection before accepting it: {why}")
+                )
+            client._on_disconnect(c, userdata, flags, rc, props)
+
+        inner.on_log = on_log
+        inner.on_disconnect = on_disconnect
 
     async def _send(self, items: Sequence[Outgoing]) -> None:
         client = self._client
@@ -121,6 +158,24 @@ class MqttSink(Sink):
                     await client.__aexit__(None, None, None)
         finally:
             _force_close(client)
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho leaves the socket of a failed TLS handshake (a broker certificate we do not trust)
+    open for the garbage collector: one descriptor per retry. This one closes itself."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _closing_context(tls: TlsConfig) -> ssl.SSLContext:
+    ctx = tls.context()
+    ctx.sslsocket_class = _ClosingSSLSocket  # documented: the class wrap_socket returns
+    return ctx
 
 
 def _force_close(client: aiomqtt.Client) -> None:

@@ -11,7 +11,7 @@ import os
 import ssl
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meshaudit.sinks.base import FatalSinkError
 
@@ -47,6 +47,16 @@ class TlsConfig(_Strict):
     key_password_file: str | None = Field(None, description="File holding the key's password.")
     key_password_env: str | None = Field(None, description="Environment variable holding the key's password.")
     verify_hostname: bool = Field(True, description="Check the broker's name against its certificate.")
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> TlsConfig:
+        # Without cert_file no client certificate is sent at all: a key or its password alone
+        # would turn mutual TLS off without a word, and the broker's refusal would be the only sign.
+        if not self.cert_file and (self.key_file or self.key_password_file or self.key_password_env):
+            raise ValueError("key_file and key_password_* need cert_file (the client certificate, for mutual TLS)")
+        if self.key_password_file and self.key_password_env:
+            raise ValueError("set key_password_file or key_password_env, not both")
+        return self
 
     def context(self) -> ssl.SSLContext:
         try:

@@ -1,7 +1,7 @@
 """meshlab: a loopback service mesh of real Envoy sidecars for meshaudit's end-to-end tests
 and ``make demo``.
 
-What it owns: a throwaway CA with per-service SPIFFE certificates (:mod:`meshlab.pki`), Istio-like
+What it owns (its CA and SPIFFE certificates come from :mod:`infra.pki`): Istio-like
 Envoy bootstrap generation (:mod:`meshlab.envoy`), tiny HTTP/TCP apps, some traced with the
 OpenTelemetry SDK (:mod:`meshlab.app`), process management that stops only what it started, by
 PID (:mod:`meshlab.procs`), and the mesh itself with traffic helpers (:mod:`meshlab.mesh`).

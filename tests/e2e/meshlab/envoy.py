@@ -33,10 +33,10 @@ from typing import Any, Literal
 
 import yaml
 
-# `mypy tests/e2e` alone does not see tests/ as a root; the full `mypy` run checks this import.
+# `mypy tests/e2e` alone does not see tests/ as a root; the full `mypy` run checks these imports.
+from infra.pki import CertFiles  # type: ignore[import-not-found,unused-ignore]
 from infra.tools import envoy_binary as tools_envoy_binary  # type: ignore[import-not-found,unused-ignore]
 
-from meshlab.pki import CertFiles
 from meshlab.procs import Proc, ProcGroup, http_ok, wait_until
 
 HTTP_SERVICE_PORT = 9080  # the logical (Kubernetes Service) ports cluster names carry
@@ -213,7 +213,7 @@ def _rbac_filters(spec: SidecarSpec, tcp: bool = False) -> list[dict[str, Any]]:
     ``envoy.filters.http.rbac``, or for a TCP listener network filters ``envoy.filters.network.rbac``
     with the policies that name no paths (a denied connection is closed, and its access log says
     so in ``connection_termination_details``)."""
-    from meshlab.pki import spiffe_id
+    from infra.pki import spiffe_id  # type: ignore[import-not-found,unused-ignore]
 
     out: list[dict[str, Any]] = []
     for action in ("DENY", "ALLOW"):

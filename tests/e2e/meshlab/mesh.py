@@ -19,8 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from infra.pki import CertFiles, CertificateAuthority  # type: ignore[import-not-found,unused-ignore]
+
 from meshlab.envoy import AccessLogStats, AuthorizationPolicy, Envoy, SidecarSpec, Upstream, dump_logs
-from meshlab.pki import CertFiles, CertificateAuthority
 from meshlab.procs import Proc, ProcGroup, child_env, free_ports, http_ok, wait_until
 
 MESHLAB_PARENT = Path(__file__).resolve().parents[1]  # tests/e2e, so children can import meshlab
@@ -245,7 +246,7 @@ class Mesh:
     def _upstream(self, peer: Peer, tcp: bool) -> Upstream:
         target = self.services[peer.service]
         assert self.ca is not None
-        from meshlab.pki import spiffe_id
+        from infra.pki import spiffe_id  # type: ignore[import-not-found,unused-ignore]
 
         port = target.tcp_inbound_port if tcp else target.inbound_port
         assert port is not None, f"{peer.service} has no {'TCP' if tcp else 'HTTP'} inbound listener"

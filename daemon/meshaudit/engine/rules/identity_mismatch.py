@@ -47,6 +47,11 @@ Short = tuple[str, str]  # presented id, observer: what one process keeps
 WaitKey = tuple[str, str] | str  # (request id, destination key), or the client socket
 
 
+def _observer(w: Short) -> str:
+    """Whose entry waits: the store is shared fairly among observers."""
+    return w[1]
+
+
 PAIRED = "the client sidecar's entry of the same request"
 SPAN_CLAIM = "its own client span of the same request (service.name)"
 CLAIM_HOLD_SECS = 60.0  # after a client span with a request id: keep every certificate for spans
@@ -89,7 +94,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         if ctx.peers:
             self.waiting = TTLStore("identity_awaiting_client", self.wait, ctx.max_items, self._expired)
         else:
-            self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items)
+            self.waiting = GenStore("identity_awaiting_client", self.wait, ctx.max_items, _observer)
         self.store(self.waiting)
         # One process, HTTP: the certificate a destination sidecar saw on a request whose client
         # entry had not come yet, by (destination service, request id), for the correlation TTL

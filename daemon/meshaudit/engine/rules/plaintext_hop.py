@@ -37,9 +37,11 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired)
-        # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending.
-        # (request id, destination key): forwarded request ids are shared by a page's calls
+        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired, self._evicted)
+        # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending, and
+        # an entry goes with its hop when that is evicted (a flood of waiting hops from one
+        # observer would otherwise fill these and evict another observer's keys). By (request id,
+        # destination key): forwarded request ids are shared by a page's calls.
         self.by_rid: TTLStore[tuple[str, str], int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
         self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", 0.0, ctx.max_items)
         self.store(self.by_rid)
@@ -105,6 +107,13 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
             self.ctx.deferred.append(Deferred(self, h, q))
         else:
             self._check(h, h.src)
+
+    def _evicted(self, key: int, h: Hop) -> None:
+        pair = (h.request_id, h.dst.key) if h.request_id else None
+        if pair and self.by_rid.get(pair) == key:
+            self.by_rid.pop(pair)
+        if h.conn and self.by_conn.get(h.conn) == key:
+            self.by_conn.pop(h.conn)
 
     def finish(self, hop: Hop, answer: PeerAnswer) -> None:
         self._check(hop, answer.source or hop.src)

@@ -1,6 +1,7 @@
-"""A throwaway certificate authority generated at run time, and per-service certificates with
-SPIFFE URI SANs (``spiffe://<trust domain>/ns/<ns>/sa/<sa>``), the identities Istio gives its
-workloads. Keys live only in the run directory; nothing here is ever committed.
+"""A throwaway certificate authority generated at run time: per-service certificates with SPIFFE
+URI SANs (``spiffe://<trust domain>/ns/<ns>/sa/<sa>``, the identities Istio gives its workloads,
+for the e2e mesh), and certificates for a host name or address (a TLS broker on 127.0.0.1, its
+clients). Keys live only in the run directory; nothing here is ever committed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def spiffe_id(namespace: str, service_account: str, trust_domain: str = "cluster
 class CertFiles:
     cert: Path
     key: Path
-    spiffe: str
+    spiffe: str  # the SPIFFE id; empty for a host certificate
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
@@ -38,10 +39,24 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
+def host_san(host: str) -> x509.GeneralName:
+    """An IP address SAN, or a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 class CertificateAuthority:
     """A self-signed ECDSA P-256 root that issues short-lived workload certificates."""
 
-    def __init__(self, directory: Path, trust_domain: str = "cluster.local") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        trust_domain: str = "cluster.local",
+        common_name: str = "meshlab throwaway root CA",
+        cert_name: str = "root-cert.pem",
+    ) -> None:
         self.directory = directory
         self.trust_domain = trust_domain
         directory.mkdir(parents=True, exist_ok=True)
@@ -50,7 +65,7 @@ class CertificateAuthority:
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlab"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "meshlab throwaway root CA"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )
         self._name = name
@@ -80,7 +95,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        self.cert_path = directory / "root-cert.pem"
+        self.cert_path = directory / cert_name
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, namespace: str, service_account: str, hosts: tuple[str, ...] = ()) -> CertFiles:
@@ -88,14 +103,26 @@ class CertificateAuthority:
         usable both as TLS server and client (sidecars do both). ``hosts``: DNS names and IP
         addresses it also serves under (the daemon's, for clients that check the host name)."""
         uri = spiffe_id(namespace, service_account, self.trust_domain)
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-        for h in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-            except ValueError:
-                sans.append(x509.DNSName(h))
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri), *(host_san(h) for h in hosts)]
+        files = self._sign(f"{service_account}.{namespace}", sans)
+        return CertFiles(cert=files[0], key=files[1], spiffe=uri)
+
+    def issue_host(self, stem: str, host: str = "127.0.0.1") -> CertFiles:
+        """A certificate for ``host`` (an IP address SAN, or a DNS name), usable both as TLS
+        server and client; files ``<stem>-cert-chain.pem`` and ``<stem>-key.pem``."""
+        cert, key = self._sign(stem, [host_san(host)])
+        return CertFiles(cert=cert, key=key, spiffe="")
+
+    @property
+    def pem(self) -> bytes:
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    def _sign(self, stem: str, sans: list[x509.GeneralName], expired: bool = False) -> tuple[Path, Path]:
+        """A leaf certificate for ``sans`` (valid for 12 hours, or ``expired`` yesterday)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
+        if expired:
+            now -= dt.timedelta(days=1)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlab")]))
@@ -113,9 +140,8 @@ class CertificateAuthority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        stem = f"{service_account}.{namespace}"
         cert_path = self.directory / f"{stem}-cert-chain.pem"
         key_path = self.directory / f"{stem}-key.pem"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, key_path)
-        return CertFiles(cert=cert_path, key=key_path, spiffe=uri)
+        return cert_path, key_path
