@@ -3,9 +3,11 @@ sends them, and stream them to a server with a real grpc.aio client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -204,6 +206,26 @@ async def stream(
         except grpc.aio.AioRpcError as exc:
             return exc.code()
     return grpc.StatusCode.OK
+
+
+@contextlib.asynccontextmanager
+async def held_stream(target: str, first: Sequence[Any]) -> AsyncIterator[None]:
+    """A StreamAccessLogs stream that sends ``first`` and then nothing, held open until the block
+    ends, as an Envoy whose traffic (or logging) stopped keeps its stream; then closed."""
+    done = asyncio.Event()
+
+    async def messages() -> AsyncIterator[Any]:
+        for m in first:
+            yield m
+        await done.wait()
+
+    async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        call = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(messages())
+        try:
+            yield
+        finally:
+            done.set()
+            await asyncio.wait_for(call, 10)
 
 
 def inbound_http(src: str | None, **kw: Any) -> Any:
