@@ -14,18 +14,16 @@ import pytest
 from infra.daemon import Daemon, running  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from infra.pki import CertificateAuthority  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from meshlab.envoy import Envoy, SidecarSpec
+from meshlab.mesh import DAEMON_SPIFFE, daemon_tls
 from meshlab.procs import ProcGroup, free_ports, wait_until
 
 pytestmark = pytest.mark.e2e
 
-DAEMON_SPIFFE = "spiffe://cluster.local/ns/meshaudit/sa/meshaudit"
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
 
 
 def config(ca: CertificateAuthority, enforce: bool) -> dict[str, object]:
-    server = ca.issue("meshaudit", "meshaudit", hosts=("localhost", "127.0.0.1"))
-    tls = {"cert_file": str(server.cert), "key_file": str(server.key), "client_ca_file": str(ca.cert_path)}
-    return {"engine": {"tick_ms": 100}, "receivers": {"tls": tls, "enforce_sources": enforce}}
+    return {"engine": {"tick_ms": 100}, "receivers": {"tls": daemon_tls(ca), "enforce_sources": enforce}}
 
 
 @pytest.fixture

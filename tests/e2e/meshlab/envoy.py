@@ -118,6 +118,13 @@ class SidecarSpec:
     # ``collector_spiffe`` is the daemon's identity, the one SAN the sidecar accepts from it.
     collector_certs: CertFiles | None = None
     collector_spiffe: str = ""
+    # The workload that really runs this sidecar, when its node claims another (``service``, ``pod``):
+    # a forged sidecar. Names its files and process; empty: ``service``.
+    workload: str = ""
+
+    @property
+    def runs_as(self) -> str:
+        return self.workload or self.service
 
     @property
     def node_id(self) -> str:
@@ -603,7 +610,7 @@ class Envoy:
 
     @classmethod
     def start(cls, spec: SidecarSpec, run_dir: Path, group: ProcGroup, base_id: int) -> Envoy:
-        config_path = run_dir / f"envoy-{spec.service}.{spec.namespace}.yaml"
+        config_path = run_dir / f"envoy-{spec.runs_as}.{spec.namespace}.yaml"
         config_path.write_text(yaml.safe_dump(bootstrap(spec), sort_keys=False))
         argv = [
             str(envoy_binary()),
@@ -621,7 +628,7 @@ class Envoy:
             "--service-cluster",
             spec.node_cluster,
         ]
-        proc = group.start(f"envoy-{spec.service}", argv, run_dir / f"envoy-{spec.service}.{spec.namespace}.log")
+        proc = group.start(f"envoy-{spec.runs_as}", argv, run_dir / f"envoy-{spec.runs_as}.{spec.namespace}.log")
         return cls(spec, proc, config_path)
 
     @property
@@ -634,7 +641,7 @@ class Envoy:
     def wait_ready(self, timeout: float = 15.0) -> None:
         if not wait_until(self.ready, timeout, 0.05):
             raise RuntimeError(
-                f"Envoy for {self.spec.service} not ready within {timeout}s\n--- log ---\n{self.proc.log_tail()}"
+                f"Envoy for {self.spec.runs_as} not ready within {timeout}s\n--- log ---\n{self.proc.log_tail()}"
             )
 
     def stats(self, filter_regex: str = "") -> dict[str, int]:
@@ -677,5 +684,5 @@ def dump_logs(envoys: list[Envoy], out: Any = None) -> None:
     """Print every Envoy's log tail (called when a test fails)."""
     stream = out or sys.stderr
     for e in envoys:
-        print(f"\n===== Envoy {e.spec.service}.{e.spec.namespace}: {e.describe()} =====", file=stream)
+        print(f"\n===== Envoy {e.spec.runs_as}.{e.spec.namespace}: {e.describe()} =====", file=stream)
         print(e.proc.log_tail(), file=stream)

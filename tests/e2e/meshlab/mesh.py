@@ -73,6 +73,9 @@ class ServiceSpec:
     # The service account whose certificate (and key) this workload's sidecar presents: another
     # workload's, for an impostor (a stolen key). None: its own.
     cert_sa: str | None = None
+    # A forged sidecar: its node (id, cluster, metadata) and its spans claim to be this service's
+    # sidecar (the same pod), while it sends them to the daemon with its own workload certificate.
+    claims: str | None = None
 
     @property
     def key(self) -> str:
@@ -88,7 +91,8 @@ def default_topology() -> list[ServiceSpec]:
     orders with a retry policy, catalog through a route that serves only ``/catalog/``, and
     details and ratings, and db over mTLS; hosts outside the registry get istiod's block_all 502.
     catalog denies ``/catalog/internal/`` to everyone, details and db (TCP) deny checkout (RBAC). impostor's sidecar
-    presents reviews' certificate (a stolen key) when it calls ratings."""
+    presents reviews' certificate (a stolen key) when it calls ratings. forger's sidecar claims to be
+    ratings' (its node and its spans say ratings) but sends its telemetry with forger's certificate."""
     return [
         ServiceSpec(
             "frontend",
@@ -128,7 +132,24 @@ def default_topology() -> list[ServiceSpec]:
         ServiceSpec("orders"),
         ServiceSpec("catalog", authz=(AuthorizationPolicy("deny-internal", paths=("/catalog/internal/",)),)),
         ServiceSpec("impostor", peers=(Peer("ratings"),), cert_sa="reviews"),
+        ServiceSpec("forger", claims="ratings"),
     ]
+
+
+def pod_name(service: str, namespace: str = "default") -> str:
+    return f"{service}-v1-{zlib.crc32(f'{service}.{namespace}'.encode()) % 100000:05d}"
+
+
+# The daemon's identity in the mesh: the SAN every sidecar and SDK app accepts from it over mTLS.
+DAEMON_SPIFFE = "spiffe://cluster.local/ns/meshaudit/sa/meshaudit"
+
+
+def daemon_tls(ca: CertificateAuthority) -> dict[str, str]:
+    """The daemon's ``receivers.tls`` for a mesh of ``ca``: a server certificate for
+    :data:`DAEMON_SPIFFE` that also names localhost and 127.0.0.1, and the mesh CA as the client CA
+    (as Istio's root CA): every stream and export then names its sender (client_auth require)."""
+    server = ca.issue("meshaudit", "meshaudit", hosts=("localhost", "127.0.0.1"))
+    return {"cert_file": str(server.cert), "key_file": str(server.key), "client_ca_file": str(ca.cert_path)}
 
 
 @dataclass
@@ -201,7 +222,7 @@ class Mesh:
             ports = [next(pool) for _ in range(n)]
             svc = Service(
                 spec=spec,
-                pod=f"{spec.name}-v1-{zlib.crc32(spec.key.encode()) % 100000:05d}",
+                pod=pod_name(spec.claims or spec.name, spec.namespace),
                 app_port=ports[0],
                 control_port=ports[1],
                 inbound_port=ports[2],
@@ -275,7 +296,8 @@ class Mesh:
         assert self.ca is not None
         certs = self.certs(svc.spec.namespace, svc.spec.cert_sa or svc.spec.name)
         return SidecarSpec(
-            service=svc.spec.name,
+            service=svc.spec.claims or svc.spec.name,
+            workload=svc.spec.name if svc.spec.claims else "",
             namespace=svc.spec.namespace,
             pod=svc.pod,
             certs=certs,
@@ -295,7 +317,8 @@ class Mesh:
             unknown_hosts=svc.spec.unknown_hosts,
             trust_domain=self.ca.trust_domain,
             # To the daemon every workload speaks as itself, an impostor too: its stolen key is
-            # for the hop it forges (identity_mismatch), not for its own telemetry.
+            # for the hop it forges (identity_mismatch), not for its own telemetry. A forged
+            # sidecar too: its node claims another service, its certificate says who it is.
             collector_certs=self.certs(svc.spec.namespace, svc.spec.name) if self.collector_spiffe else None,
             collector_spiffe=self.collector_spiffe or "",
         )

@@ -33,6 +33,7 @@ SERVICES = (
     "orders",
     "catalog",
     "impostor",
+    "forger",
 )
 
 POLICY: dict[str, Any] = {
@@ -263,6 +264,13 @@ def rbac_denial(mesh: Mesh) -> None:
         assert r["reply"] == "", r
 
 
+def forged_sidecar(mesh: Mesh) -> None:
+    """forger's sidecar claims ratings' node (and its spans ratings' service) while it streams them
+    with forger's own certificate; kubelet-style probes of its pod (exempted) are what it logs."""
+    for _ in range(2):
+        assert mesh.probe("forger", "/healthz") == 200
+
+
 def forbidden_edges(mesh: Mesh) -> None:
     """checkout -> details and checkout -> ratings are both outside policy: details' RBAC
     (deny-checkout) refuses every request, ratings serves them."""
@@ -408,6 +416,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         "forbidden edges: one blocked by the mesh's RBAC, one served",
         evidence_needed=("blocked",),
+    ),
+    Scenario(
+        "log_source_mismatch",
+        forged_sidecar,
+        # Named after the authenticated sender (its certificate) and the workload it claimed; its
+        # access-log stream and its span exports are one (rule, sender, workload), alerted once.
+        (Expected("log_source_mismatch", "ratings.default", ("forger.default",), severity="critical"),),
+        "a sidecar claiming another service's node, with its own certificate",
+        rules_needed=("log_source_mismatch",),
     ),
 )
 
