@@ -1,17 +1,22 @@
 """``make demo``: the meshaudit daemon auditing a live loopback mesh of real Envoy sidecars.
 
-Starts the daemon, the mesh (eleven services, each an app plus an Envoy sidecar) and a traffic
+Starts the daemon with its receivers on mutual TLS (client certificates from the mesh's throwaway
+CA), the mesh (twelve services, each an app plus an Envoy sidecar streaming to the daemon over
+mTLS with its workload certificate; one of them forged: it claims ratings' node) and a traffic
 generator that mixes good traffic with every kind of violation, then prints each alert as one
 line as it arrives. The traffic of every scenario runs, also for rules this daemon does not
-have yet (it says which): their alerts show up once the rules are merged. Stops everything (by
-PID) on Ctrl-C, SIGTERM, or after ``DEMO_SECS`` seconds (default 60; 0 runs until interrupted).
-Run files go to ``var/demo/``.
+have yet (it says which): their alerts show up once the rules are merged. It prints the live
+service graph's address at start and, before the daemon stops, writes the audit report
+(``meshaudit report``, HTML and Markdown) into the run directory. Stops everything (by PID) on
+Ctrl-C, SIGTERM, or after ``DEMO_SECS`` seconds (default 60; 0 runs until interrupted). Run
+files go to ``var/demo/<time>/`` (``DEMO_DIR`` instead of ``var/demo``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,10 +25,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from infra.daemon import MESHAUDIT, Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from infra.pki import CertificateAuthority  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 
 from meshlab import scenarios as sc
-from meshlab.mesh import Mesh
+from meshlab.mesh import DAEMON_SPIFFE, Mesh, daemon_tls
 
 REPO = Path(__file__).resolve().parents[3]
 SILENT_SECS = 5
@@ -32,6 +38,15 @@ SILENCE_AT_SECS = 6.0  # inventory's sidecar stops logging this long into the de
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user can type it: relative to the working directory (the clone, under
+    ``make demo``) when it is inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 class Traffic(threading.Thread):
@@ -83,6 +98,8 @@ class Traffic(threading.Thread):
             self._step("tcp rbac", lambda: m.tcp("checkout", "db", "SELECT 2"))
             self._step("blocked edge", lambda: m.call("checkout", "details", "/details/1"))
             self._step("served edge", lambda: m.call("checkout", "ratings", "/ratings/3"))
+            # log_source_mismatch: forger's sidecar, which claims ratings' node, logs a probe
+            self._step("forged sidecar", lambda: m.probe("forger", "/healthz"))
             if not silenced and time.monotonic() - started >= SILENCE_AT_SECS:
                 self._step("silence", lambda: m.envoy("inventory").silence_access_logs())
                 silenced = True
@@ -92,7 +109,7 @@ class Traffic(threading.Thread):
 
 def main() -> int:
     demo_secs = float(os.environ.get("DEMO_SECS", "60"))
-    run_dir = REPO / "var" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(os.environ.get("DEMO_DIR") or REPO / "var" / "demo").resolve() / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
 
@@ -103,7 +120,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     _say("meshaudit demo: a loopback mesh of real Envoy sidecars, audited live.")
-    daemon = Daemon(run_dir, sc.daemon_config(suppress_secs=300, silent_secs=SILENT_SECS), name="meshaudit")
+    # The receivers on mutual TLS with the mesh CA as client CA, as in a cluster with Istio's root:
+    # each access-log stream and OTLP export then has a sender (its certificate's SPIFFE id), which
+    # is what log_source_mismatch judges its claims by.
+    ca = CertificateAuthority(run_dir / "pki")
+    config = {**sc.daemon_config(suppress_secs=300, silent_secs=SILENT_SECS), "receivers": {"tls": daemon_tls(ca)}}
+    daemon = Daemon(run_dir, config, name="meshaudit")
     mesh: Mesh | None = None
     traffic: Traffic | None = None
     shown = 0
@@ -111,17 +133,22 @@ def main() -> int:
         daemon.start()
         grpc_port = int(daemon.grpc.rsplit(":", 1)[1])
         http_port = int(daemon.http.rsplit(":", 1)[1])
-        mesh = Mesh(run_dir / "mesh", grpc_port, http_port).start()
-        _say(f"  daemon      ALS + OTLP/gRPC {daemon.grpc}, OTLP/HTTP {daemon.http}")
+        mesh = Mesh(run_dir / "mesh", grpc_port, http_port, ca=ca, collector_spiffe=DAEMON_SPIFFE).start()
+        _say(f"  daemon      ALS + OTLP/gRPC {daemon.grpc}, OTLP/HTTP https://{daemon.http}, mutual TLS")
         _say(f"  metrics     {daemon.metrics_url}/metrics   (also /healthz, /readyz)")
-        _say(f"  alerts      {daemon.alerts_path}")
-        _say(f"  mesh        {', '.join(mesh.services)} ({len(mesh.envoys)} Envoy sidecars, mTLS with SPIFFE ids)")
-        _say(f"  run files   {run_dir}")
+        _say(f"  graph       {daemon.metrics_url}/graph   (the live service graph; a report is written at the end)")
+        _say(f"  alerts      {_shown(daemon.alerts_path)}")
+        _say(
+            f"  mesh        {', '.join(mesh.services)} ({len(mesh.envoys)} Envoy sidecars, mTLS with SPIFFE ids, "
+            "streaming to the daemon over mTLS with their own certificates)"
+        )
+        _say(f"  run files   {_shown(run_dir)}")
         _say(
             "  traffic     good mTLS calls and probes, plus: plaintext HTTP and TCP, an edge and a path "
             "outside policy, an app port called directly, a sidecar that goes silent, TLS 1.2 with a CBC "
             "suite, a stolen certificate, retries and 500s from a failing upstream, a path with no route "
-            "and a host outside the registry, RBAC denials, and forbidden edges RBAC blocks or not"
+            "and a host outside the registry, RBAC denials, forbidden edges RBAC blocks or not, and a "
+            "sidecar that claims to be another service's"
         )
         known = sc.known_rules()
         _say(f"  rules       {', '.join(sorted(known))}")
@@ -152,6 +179,8 @@ def main() -> int:
         if mesh is not None:
             _summary(daemon, mesh, traffic)
             mesh.stop()
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            _report(daemon, run_dir)
         daemon.stop()
         _say("Stopped.")
     return 0
@@ -174,6 +203,25 @@ def _summary(daemon: Daemon, mesh: Mesh, traffic: Traffic | None) -> None:
             _say(f"  traffic steps: {traffic.requests} ok, {traffic.errors} failed")
     except OSError as exc:
         _say(f"  (summary unavailable: {exc})")
+
+
+def _report(daemon: Daemon, run_dir: Path) -> None:
+    """The audit report of the run, written by ``meshaudit report`` while the daemon is still up:
+    the demo stops it right after, so a command to run later would find nothing to ask."""
+    written: list[str] = []
+    for fmt in ("html", "md"):
+        out = run_dir / f"report.{fmt}"
+        cmd = [MESHAUDIT, "report", "--url", daemon.metrics_url, "--format", fmt, "-o", str(out)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            _say(f"  (report unavailable: {exc})")
+            return
+        if r.returncode != 0:
+            _say(f"  (report unavailable: {r.stderr.strip()})")
+            return
+        written.append(_shown(out))
+    _say(f"  report      {' and '.join(written)}   (meshaudit report --url {daemon.metrics_url})")
 
 
 if __name__ == "__main__":
