@@ -4,11 +4,15 @@ machines (pipes, files, brokers); this form is for eyes (``sinks.jsonl.format``)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
+
+from meshaudit.engine.rules import REGISTRY
 
 # ANSI colours by severity, used only on a terminal
 _COLOURS = {"critical": "\x1b[1;31m", "high": "\x1b[31m", "warning": "\x1b[33m", "info": "\x1b[36m"}
 _RESET = "\x1b[0m"
+# The rule column fits every rule's name, so the parties line up under each other.
+RULE_WIDTH: Final = max(len(r.name) for r in REGISTRY)
 
 
 def party(p: dict[str, Any]) -> str:
@@ -37,6 +41,6 @@ def readable(alert: dict[str, Any], colour: bool = False) -> str:
     emitted = alert.get("emitted_at")  # RFC 3339, UTC: its time of day
     clock = f"{emitted[11:19]}Z " if isinstance(emitted, str) and len(emitted) >= 19 else ""
     return (
-        f"{clock}{tag} {alert.get('rule', '?'):<18} {party(alert.get('source') or {})} -> "
+        f"{clock}{tag} {alert.get('rule', '?'):<{RULE_WIDTH}} {party(alert.get('source') or {})} -> "
         f"{party(alert.get('destination') or {})}  x{ev.get('count', 1)}{tail}"
     )
