@@ -170,6 +170,21 @@ def _allowed(a: bool | None) -> str:
     return {True: "allowed", False: "NOT allowed", None: "no edge policy"}[a]
 
 
+HEALTH: Final = (
+    ("Received", "received"),
+    ("Rejected as invalid", "rejected"),
+    ("Dropped unevaluated", "dropped"),
+    ("Evicted for capacity", "capacity_evictions"),
+    ("Alerts a sink gave up on", "sink_dropped"),
+    ("Engine errors", "engine_errors"),
+)
+
+
+def _health_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
+    """The daemon's health, a row per kind of loss: (title, "reason: count, ..." or "none")."""
+    return [(title, ", ".join(f"{k}: {v:g}" for k, v in h[key].items()) or "none") for title, key in HEALTH]
+
+
 def markdown(r: dict[str, Any]) -> str:
     s = r["summary"]
     out = [
@@ -220,15 +235,7 @@ def markdown(r: dict[str, Any]) -> str:
         out.append(f"- {_md(x['name'])}: excused {x['matches']} violations" + (", EXPIRED" if x["expired"] else ""))
     h = r["health"]
     out += ["", "## Daemon health (since the daemon started)", ""]
-    for title, key in (
-        ("Received", "received"),
-        ("Rejected as invalid", "rejected"),
-        ("Dropped unevaluated", "dropped"),
-        ("Evicted for capacity", "capacity_evictions"),
-        ("Alerts a sink gave up on", "sink_dropped"),
-        ("Engine errors", "engine_errors"),
-    ):
-        vals = ", ".join(f"{k}: {v:g}" for k, v in h[key].items()) or "none"
+    for title, vals in _health_rows(h):
         out.append(f"- {title}: {vals}")
     out += [f"- {n}" for n in h["notes"]] or ["- Nothing was lost: the audit covers all data received."]
     out += ["", "## Coverage over time", "", "| bucket start | requests | mTLS | access-log coverage | violations |"]
@@ -350,17 +357,7 @@ def html_report(r: dict[str, Any]) -> str:
         for rule, v in r["violations"].items()
     ]
     exceptions = [[_e(x["name"]), str(x["matches"]), "expired" if x["expired"] else ""] for x in r["exceptions"]]
-    health = [
-        [title, _e(", ".join(f"{k}: {v:g}" for k, v in h[key].items()) or "none")]
-        for title, key in (
-            ("Received", "received"),
-            ("Rejected as invalid", "rejected"),
-            ("Dropped unevaluated", "dropped"),
-            ("Evicted for capacity", "capacity_evictions"),
-            ("Alerts a sink gave up on", "sink_dropped"),
-            ("Engine errors", "engine_errors"),
-        )
-    ]
+    health = [[title, _e(vals)] for title, vals in _health_rows(h)]
     notes = "".join(f"<li>{_e(n)}</li>" for n in h["notes"]) or "<li>Nothing was lost.</li>"
     complete = "yes" if h["complete"] else "NO: see daemon health"
     return f"""<!doctype html>
