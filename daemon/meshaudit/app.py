@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 from aiohttp import web
 
-from meshaudit import __version__, graphpage, health, metrics
+from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
 from meshaudit.engine.exceptions import Exceptions
 from meshaudit.engine.policy import CompiledPolicy
@@ -30,7 +30,6 @@ from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.sources import Claim
 from meshaudit.engine.store import Store, fair_share
-from meshaudit.graph import MeshGraph
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
 from meshaudit.logsafe import RateLimited, wire
@@ -43,6 +42,8 @@ from meshaudit.receivers.otlp.http import OtlpHttp
 from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.sinks import build_sinks
 from meshaudit.sinks.base import FatalSinkError, Sink
+from meshaudit.views import page
+from meshaudit.views.graph import MeshGraph
 from meshaudit.watch import FileWatch
 
 if TYPE_CHECKING:
@@ -524,7 +525,7 @@ class Daemon:
             self.bound["http"] = await otlp_http.serve(cfg.listen.http, runners, reuse_port=worker)
             if not worker:
                 app = health.build_app(self.readiness, liveness=self.core.dead)
-                graphpage.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
+                page.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
                 self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot listen: %s", exc)

@@ -411,7 +411,7 @@ def _exception_text(a: RuleAnswer, where: _Paths) -> str:
 
 
 def _report(url: str, fmt: str, since: str, output: str | None) -> int:
-    from meshaudit import report
+    from meshaudit.views import report
 
     try:
         body = report.render(report.build(url, since), fmt)

@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from meshaudit import graphpage, health, metrics
+from meshaudit import health, metrics
 from meshaudit.app import (
     SHUTDOWN_SECS,
     Daemon,
@@ -90,6 +90,7 @@ from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.receivers.sockets import ensure_free
 from meshaudit.sinks import build_sinks
+from meshaudit.views import page
 from meshaudit.watch import FileWatch
 
 log = logging.getLogger("meshaudit.workers")
@@ -797,7 +798,7 @@ class Coordinator:
             if failed:
                 raise OSError(failed)
             app = health.build_app(self.readiness, self.expo, self.gather_metrics, self.core.dead)
-            graphpage.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
+            page.add_routes(app, self.graph, lambda: self.config.graph.top_edges)
             self.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
         except OSError as exc:
             log.error("Cannot start: %s", exc)

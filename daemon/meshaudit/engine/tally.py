@@ -1,5 +1,5 @@
 """Per-edge counts of the hops the engine evaluates, for the service graph and reports
-(``meshaudit.graph``, which documents what each counter means). The engine counts every batch
+(``meshaudit.views.graph``, which documents what each counter means). The engine counts every batch
 (:meth:`EdgeTally.add`); missing_access_log reports each traced request it judged
 (:meth:`EdgeTally.traced`); the process serving ``/graph`` takes the counts once a second."""
 
