@@ -47,7 +47,7 @@ from meshaudit.views.graph import MeshGraph
 from meshaudit.watch import FileWatch
 
 if TYPE_CHECKING:
-    from meshaudit.workers import WorkerLink
+    from meshaudit.runtime.link import WorkerLink
 
 log = logging.getLogger("meshaudit")
 
@@ -611,7 +611,7 @@ def run(config_path: str | None, overrides: dict[str, str], alerts_format: str |
 
     path = str(Path(config_path).resolve()) if config_path else None
     if config.workers > 1:
-        from meshaudit.workers import Coordinator
+        from meshaudit.runtime.coordinator import Coordinator
 
         return uvloop.run(Coordinator(config, policy, path, overrides).run())
     return uvloop.run(_main(config, policy, path, overrides))

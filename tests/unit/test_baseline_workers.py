@@ -16,7 +16,9 @@ from meshaudit.config import Config, Policy
 from meshaudit.engine.api import Violation
 from meshaudit.engine.setup import build_engine
 from meshaudit.model import Alert, identity
-from meshaudit.workers import Coordinator, WorkerLink, learner, violation_to_wire
+from meshaudit.runtime.coordinator import Coordinator
+from meshaudit.runtime.link import WorkerLink, learner
+from meshaudit.runtime.messages import violation_to_wire
 
 T0 = 1_800_000_000.0
 A, B, C = "frontend.default", "reviews.default", "details.default"

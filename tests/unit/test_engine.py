@@ -365,7 +365,8 @@ def settle(workers: list[Engine], now: float, agg: Any = None) -> list[Alert]:
     from meshaudit.engine.aggregate import Aggregator
     from meshaudit.engine.api import NO_ANSWER
     from meshaudit.engine.rules import SUMMARIES
-    from meshaudit.workers import merge_answers, violation_from_wire, violation_to_wire
+    from meshaudit.runtime.coordinator import merge_answers
+    from meshaudit.runtime.messages import violation_from_wire, violation_to_wire
 
     agg = agg or Aggregator(60, 3, 1000, summaries=SUMMARIES)
     last_log: dict[str, float] = {}  # shared facts: each sidecar's last access log

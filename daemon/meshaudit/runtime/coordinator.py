@@ -1,40 +1,4 @@
-"""``workers: N``: several processes share the listen ports (SO_REUSEPORT), so the daemon uses
-more than one core.
-
-The process started by ``meshaudit run`` becomes the **coordinator**. It reserves the ports,
-starts N worker processes and owns everything that must be single: the sinks, the one
-aggregator (alert windows, suppression, "one request counts once"), ``/metrics`` and
-``/readyz``. Each **worker** is the daemon's receivers and rule engine on the connections the
-kernel hands it (:class:`meshaudit.app.Daemon` with a :class:`WorkerLink`).
-
-The two sidecars of one request, or a span and its access log, usually reach different workers.
-The common path stays local; only decisions that need evidence another worker may hold cross
-a process boundary, in batches:
-
-- a wait that ends without local evidence (a span's access log after ``grace_ms``, a plaintext
-  hop's client after ``attribution_wait_ms``) is *deferred*: the coordinator asks every other
-  worker at once and returns the merged answer, then the worker decides;
-- shared facts, sent at most once a second: spans are flowing (so every worker keeps indexing
-  access logs), each sidecar's last access log (silent sidecars, mesh membership), edges (and
-  routes) learned in ``learn`` mode;
-- violations go to the coordinator's aggregator; each worker's metrics are summed on
-  ``/metrics``.
-
-A failure handling one message, tick or alert is counted (``meshaudit_engine_errors_total{stage}``),
-logged once per kind and skipped (``meshaudit.guard``). A worker whose engine or tick task ends
-anyway exits non-zero and is started again; a coordinator task that ends fails ``/healthz``.
-Each worker reports whether it can receive (engine tasks, ingest queue) once a second, and the
-coordinator's ``/readyz`` combines them.
-
-In ``learn`` mode the coordinator owns the baseline of ``unexpected_edge``: it reads the state file
-(``rules.unexpected_edge.state_file``) at start, answers each worker's hello with the baseline and
-whether learning is over (the worker builds its engine from it before it listens), merges what the
-workers learn, ends the learning window (``learn_secs`` after the first edge a worker learned),
-tells the workers, and writes the file. A worker that reloads its configuration asks again.
-
-Frames on the coordinator's Unix socket (a private 0700 directory) are 4-byte big-endian
-lengths and pickles: both ends are this program, started by this process.
-"""
+"""The coordinator of ``workers: N``."""
 
 from __future__ import annotations
 
@@ -44,25 +8,20 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from meshaudit import health, metrics
 from meshaudit.app import (
     SHUTDOWN_SECS,
-    Daemon,
     dispatch_to,
     load_for_reload,
     mesh_graph,
@@ -71,7 +30,6 @@ from meshaudit.app import (
     publish_violations,
     readiness_of,
     serve_http,
-    setup_logging,
     start_sinks,
     tune_gc,
     watch_guarded,
@@ -80,83 +38,24 @@ from meshaudit.app import (
 from meshaudit.baseline import Baseline, BaselineFile
 from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
-from meshaudit.engine.api import NO_ANSWER, PeerAnswer, Violation
-from meshaudit.engine.core import Engine
+from meshaudit.engine.api import NO_ANSWER, PeerAnswer
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import SUMMARIES
-from meshaudit.engine.rules.unexpected_edge import UnexpectedEdge
 from meshaudit.guard import ERRORS, CoreTasks
-from meshaudit.model import NOBODY, UNKNOWN, Alert, Hop, Identity
+from meshaudit.model import Alert
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.receivers.sockets import ensure_free
+from meshaudit.runtime.link import worker_entry
+from meshaudit.runtime.messages import Message, frame, read_frame, violation_from_wire
+from meshaudit.runtime.summed import SummedMetrics
 from meshaudit.sinks import build_sinks
 from meshaudit.views import page
 from meshaudit.watch import FileWatch
 
-log = logging.getLogger("meshaudit.workers")
+log = logging.getLogger("meshaudit.workers")  # one name for both sides: their log lines stay as they were
 
 QUERY_TIMEOUT = 2.0  # a peer that has not answered by then is taken as knowing nothing
-SHARE_EVERY = 1.0  # seconds between shared-fact and metrics messages from a worker
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
-
-# --- frames ------------------------------------------------------------------------------------
-Message = tuple[Any, ...]
-
-
-def frame(msg: Message) -> bytes:
-    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(body).to_bytes(4, "big") + body
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Message | None:
-    try:
-        head = await reader.readexactly(4)
-        body = await reader.readexactly(int.from_bytes(head, "big"))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    msg: Message = pickle.loads(body)
-    return msg
-
-
-# A violation crosses as a tuple: the hops stay behind, their example fields travel.
-WireViolation = tuple[
-    str,
-    str,
-    Identity,
-    Identity,
-    str,
-    float,
-    "str | None",
-    "tuple[Any, ...] | None",
-    "bool | None",
-    "tuple[tuple[Any, ...], ...]",
-]
-
-
-def _example_to_wire(h: Hop) -> tuple[Any, ...]:
-    return (h.trace_id, h.request_id, h.method, h.path, h.observer)
-
-
-def _example_from_wire(ex: tuple[Any, ...], src: Identity, dst: Identity, when: float) -> Hop:
-    trace_id, request_id, method, path, observer = ex
-    return Hop(
-        0, observer, NOBODY, UNKNOWN, src, dst, when, method=method, path=path, trace_id=trace_id,
-        request_id=request_id,
-    )  # fmt: skip
-
-
-def violation_to_wire(v: Violation) -> WireViolation:
-    h = v.hop
-    ex = None if h is None else _example_to_wire(h)
-    more = tuple(_example_to_wire(m) for m in v.more)
-    return (v.rule, v.severity, v.src, v.dst, v.detail, v.when, v.summary, ex, v.blocked, more)
-
-
-def violation_from_wire(w: WireViolation) -> Violation:
-    rule, severity, src, dst, detail, when, summary, ex, blocked, more = w
-    hop = None if ex is None else _example_from_wire(ex, src, dst, when)
-    extra = [_example_from_wire(m, src, dst, when) for m in more]
-    return Violation(rule, severity, src, dst, hop, detail, when, summary, blocked, extra)
 
 
 def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:
@@ -164,216 +63,6 @@ def merge_answers(into: list[PeerAnswer], more: list[PeerAnswer]) -> None:
     for i, (a, b) in enumerate(zip(into, more, strict=True)):
         if (b.covered and not a.covered) or (b.source is not None and a.source is None):
             into[i] = PeerAnswer(a.covered or b.covered, a.source or b.source)
-
-
-def learner(engine: Engine) -> UnexpectedEdge | None:
-    """The engine's unexpected_edge rule when it runs in learn mode."""
-    for r in engine.rules:
-        if isinstance(r, UnexpectedEdge) and r.learn:
-            return r
-    return None
-
-
-# --- metrics: each worker's registry, summed ----------------------------------------------------
-Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
-
-
-NOT_SUMMED = frozenset(("process_start_time_seconds", "process_max_fds"))  # the coordinator's own
-
-
-def snapshot(registry: CollectorRegistry, worker: bool = False) -> Snapshot:
-    out: Snapshot = []
-    for m in registry.collect():
-        if worker and m.name in NOT_SUMMED:
-            continue
-        samples = [
-            (s.name, tuple(sorted(s.labels.items())), s.value) for s in m.samples if not s.name.endswith("_created")
-        ]
-        out.append((m.name, m.type, m.documentation, samples))
-    return out
-
-
-class SummedMetrics(Collector):
-    """The coordinator's /metrics: its own registry plus every worker's latest snapshot, and
-    the counters of workers that exited (so a restart never makes a counter go down)."""
-
-    def __init__(self, own: CollectorRegistry) -> None:
-        self.own = own
-        self.workers: dict[int, Snapshot] = {}
-        self.retired: Snapshot = []
-
-    def retire(self, index: int) -> None:
-        snap = self.workers.pop(index, None)
-        if snap:
-            self.retired.extend(f for f in snap if f[1] in ("counter", "histogram"))
-
-    def collect(self) -> Iterator[Metric]:
-        fams: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
-        for name, typ, doc, samples in itertools.chain(snapshot(self.own), self.retired, *self.workers.values()):
-            fam = fams.setdefault(name, (typ, doc, {}))
-            acc = fam[2]
-            for sname, labels, value in samples:
-                k = (sname, labels)
-                acc[k] = acc.get(k, 0.0) + value
-        for name, (typ, doc, acc) in fams.items():
-            m = Metric(name, doc, typ)
-            for (sname, labels), value in acc.items():
-                m.add_sample(sname, dict(labels), value)
-            yield m
-
-
-# --- the worker side ----------------------------------------------------------------------------
-class WorkerLink:
-    """A worker's connection to its coordinator, called by the worker's :class:`Daemon`."""
-
-    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.index = index
-        self.reader = reader
-        self.writer = writer
-        self.daemon: Daemon | None = None
-        self._qids = itertools.count(1)
-        self._waiting: dict[int, list[Any]] = {}
-        self._spans_sent = float("-inf")
-        self._last_log_sent = float("-inf")
-        self._reader_task: asyncio.Task[None] | None = None
-        self.seed: Message | None = None  # the coordinator's answer to hello: the baseline to start from
-
-    def send(self, msg: Message) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frame(msg))
-
-    def engine_built(self, engine: Engine) -> None:
-        """A new engine (at start, or after a reload): its learn-mode baseline comes from the
-        coordinator. At start the answer to hello is here already; after a reload the worker
-        asks, and until the answer comes the rule alerts as if learning were over (the
-        coordinator drops what its own baseline knows, and everything while it still learns)."""
-        rule = learner(engine)
-        seed, self.seed = self.seed, None
-        if rule is None:
-            return
-        if seed is not None:
-            rule.seed(seed[1], seed[2])
-        else:
-            rule.learning_over = True
-            self.send(("baseline?",))
-
-    def ready(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.send(("ready", daemon.bound))
-        self._reader_task = asyncio.create_task(self._read(), name="coordinator-link")
-
-    def after_engine(self, engine: Engine) -> None:
-        """After each batch or tick: violations to the aggregator, deferred decisions to the peers."""
-        if engine.forwarded:
-            self.send(("violations", [violation_to_wire(v) for v in engine.forwarded]))
-            engine.forwarded.clear()
-        deferred = engine.take_deferred()
-        if deferred:
-            qid = next(self._qids)
-            self._waiting[qid] = deferred
-            self.send(("query", qid, [d.query for d in deferred]))
-
-    def periodic(self, engine: Engine) -> None:
-        """Once a second: the shared facts, and this worker's metrics."""
-        corr = engine.corr
-        if corr.spans_at > self._spans_sent:
-            self._spans_sent = corr.spans_at
-            self.send(("spans", corr.spans_at))
-        since = self._last_log_sent
-        fresh = {svc: t for svc, t in corr.sidecar_last_log.items() if t > since}
-        if fresh:
-            self._last_log_sent = max(fresh.values())
-            self.send(("last_log", fresh))
-        rule = learner(engine)
-        if rule is not None and (rule.learned_new or rule.routes_new):
-            self.send(("learned", rule.learned_new, rule.routes_new))
-            rule.learned_new, rule.routes_new = [], []
-        tally = engine.ctx.tally.take()
-        if tally:
-            self.send(("graph", tally))
-        self.send(("metrics", snapshot(metrics.REGISTRY, worker=True)))
-        if self.daemon is not None:
-            self.send(("intake", self.daemon.intake_state()))
-
-    async def _read(self) -> None:
-        while True:
-            msg = await read_frame(self.reader)
-            if msg is None:
-                break
-            try:
-                self._handle(msg)
-            except Exception as exc:  # one bad message must not end the link
-                ERRORS.record("peers", exc, f"worker {self.index} handling {msg[0]!r} from the coordinator")
-        if self.daemon is not None and not self.writer.is_closing():
-            log.error("Worker %d lost its coordinator; stopping.", self.index)
-            self.daemon.request_stop()
-
-    def _handle(self, msg: Message) -> None:
-        assert self.daemon is not None
-        engine = self.daemon.engine
-        tag = msg[0]
-        if tag == "query":  # another worker asks
-            self.send(("answer", msg[1], engine.answer(msg[2])))
-        elif tag == "answer":  # the merged answer to one of ours
-            deferred = self._waiting.pop(msg[1], None)
-            if deferred is not None:
-                self.daemon.dispatch(engine.finish(deferred, msg[2], time.time()))
-                self.after_engine(engine)
-        elif tag == "scrape":  # /metrics is being read: this worker's counters, now
-            self.send(("metrics", snapshot(metrics.REGISTRY, worker=True), msg[1]))
-        elif tag == "spans":
-            engine.corr.saw_spans(msg[1], remote=True)
-        elif tag == "last_log":
-            store = engine.corr.sidecar_last_log
-            now = time.time()
-            for svc, t in msg[1].items():
-                mine = store.get(svc)
-                if mine is None or mine < t:
-                    store.put(svc, t, now)
-        elif tag == "learned":  # (source, destination, first seen) another worker learned
-            rule = learner(engine)
-            if rule is not None:
-                rule.add_learned(msg[1])
-        elif tag == "learn_over":  # the coordinator's learning window ended
-            rule = learner(engine)
-            if rule is not None:
-                rule.learning_over = True
-        elif tag == "baseline":  # the answer to "baseline?" after a reload
-            rule = learner(engine)
-            if rule is not None:
-                rule.seed(msg[1], msg[2])
-
-    async def close(self, deadline: float) -> None:
-        if self.daemon is not None:
-            self.periodic(self.daemon.engine)  # final metrics
-        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-            await asyncio.wait_for(self.writer.drain(), max(0.1, deadline - time.monotonic()))
-        self.writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-
-
-def worker_entry(config: Config, policy: Policy, config_path: str | None, index: int, sock_path: str) -> None:
-    """A worker process's main (multiprocessing, spawn)."""
-    setup_logging(config.log_level)
-    import uvloop
-
-    # Ctrl-C reaches the whole process group: the coordinator decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(uvloop.run(_worker_main(config, policy, config_path, index, sock_path)))
-
-
-async def _worker_main(config: Config, policy: Policy, config_path: str | None, index: int, sock_path: str) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock_path)
-    link = WorkerLink(index, reader, writer)
-    link.send(("hello", index, os.getpid()))
-    # The coordinator answers with the learn-mode baseline: the engine starts from it, before
-    # the worker listens, so no hop is ever judged without it.
-    link.seed = await read_frame(reader)
-    if link.seed is None or link.seed[0] != "baseline":
-        log.error("Worker %d: no answer from the coordinator; stopping.", index)
-        return 1
-    return await Daemon(config, policy, config_path, link=link).run(ready_message=False)
 
 
 # --- the coordinator ------------------------------------------------------------------------------
