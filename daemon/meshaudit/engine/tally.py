@@ -27,6 +27,8 @@ LATENCY_ALL: Final = 8
 LATENCY_EVERY: Final = 32
 _S, _D = LIVE_WIDTH, LIVE_WIDTH + 1  # a tally record: [*counters, *out bins, *in bins, src, dst]
 
+EdgeCounts = tuple[Identity, Identity, list[int]]  # one edge of a tally: source, destination, LIVE_WIDTH ints
+
 
 class EdgeTally:
     """Per-edge counts of the hops evaluated since the last :meth:`take`. Not thread-safe; one
@@ -124,7 +126,7 @@ class EdgeTally:
         if logged:
             rec[TRACED_LOGGED] += 1
 
-    def take(self) -> list[tuple[Identity, Identity, list[int]]]:
+    def take(self) -> list[EdgeCounts]:
         """What was counted since the last call, per edge: (source, destination, counters and
         latency bins: ``LIVE_WIDTH`` ints). Picklable (``workers: N`` sends it)."""
         edges, self._by_src, self._by_dst = self._by_src, {}, {}

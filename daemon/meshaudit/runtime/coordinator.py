@@ -12,6 +12,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -38,7 +39,8 @@ from meshaudit.app import (
 from meshaudit.baseline import Baseline, BaselineFile
 from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
-from meshaudit.engine.api import NO_ANSWER, PeerAnswer
+from meshaudit.engine.api import NO_ANSWER, Edge, PeerAnswer, PeerQuery, Route
+from meshaudit.engine.core import Facts
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import SUMMARIES
 from meshaudit.guard import ERRORS, CoreTasks
@@ -46,7 +48,24 @@ from meshaudit.model import Alert
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.receivers.sockets import ensure_free
 from meshaudit.runtime.link import worker_entry
-from meshaudit.runtime.messages import Message, frame, read_frame, violation_from_wire
+from meshaudit.runtime.messages import (
+    Answer,
+    AskSeed,
+    Hello,
+    Intake,
+    LearningOver,
+    MetricsReport,
+    Query,
+    Ready,
+    Scrape,
+    Seed,
+    Shared,
+    ToWorker,
+    Violations,
+    frame,
+    read_frame,
+    violation_from_wire,
+)
 from meshaudit.runtime.summed import SummedMetrics
 from meshaudit.sinks import build_sinks
 from meshaudit.views import page
@@ -143,8 +162,20 @@ class Coordinator:
         self._intake: dict[int, dict[str, str]] = {}  # each worker's last "can receive" report
         self.core = CoreTasks()
         self._ctx = multiprocessing.get_context("spawn")
-        self._sockdir = tempfile.mkdtemp(prefix="meshaudit-")  # mode 0700
-        self.sock_path = os.path.join(self._sockdir, "coordinator.sock")
+        self._sockdir: str | None = None  # the workers' Unix socket's private directory (``run``)
+        self.sock_path = ""
+        self.clock: Callable[[], float] = time.time
+        self.outlet: Callable[[list[Alert]], None] = self._deliver  # where alerts go: the sinks and the graph
+        self._handlers: dict[type[Any], Callable[[int, Any], None]] = {
+            Violations: self._on_violations,
+            Query: self._on_query,
+            Answer: self._on_answer,
+            Shared: self._on_shared,
+            AskSeed: self._on_ask_seed,
+            MetricsReport: self._on_metrics,
+            Intake: self._on_intake,
+            Ready: self._on_ready,
+        }
 
     # --- readiness and alerts ------------------------------------------------------------------
     def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -160,6 +191,9 @@ class Coordinator:
         return readiness_of(gates, self.sinks)
 
     def dispatch(self, alerts: list[Alert]) -> None:
+        self.outlet(alerts)
+
+    def _deliver(self, alerts: list[Alert]) -> None:
         dispatch_to(self.sinks, alerts)
         self.graph.alerts(alerts, time.time())
 
@@ -171,7 +205,7 @@ class Coordinator:
         if not self._scrape_waiting:
             return
         self._scrape_done.clear()
-        msg = frame(("scrape", self._scrape_seq))
+        msg = frame(Scrape(self._scrape_seq))
         for i in self._scrape_waiting:
             w = self.workers[i]
             if w.writer is not None:
@@ -203,19 +237,19 @@ class Coordinator:
             self.baseline.routes.update(saved.routes)
             self.learn_over = True
 
-    def _seed(self) -> Message:
+    def _seed(self) -> Seed:
         """What a worker's engine starts from: the baseline's edges and whether learning is over."""
-        return ("baseline", [(s, d, t) for (s, d), t in self.baseline.edges.items()], self.learn_over)
+        return Seed([(s, d, t) for (s, d), t in self.baseline.edges.items()], self.learn_over)
 
-    def _learned(self, index: int, edges: list[tuple[str, str, float]], routes: list[tuple[str, str, str]]) -> None:
+    def _learned(self, edges: list[Edge], routes: list[Route]) -> list[Edge]:
+        """Edges and routes a worker learned, into the baseline; returns the edges new to it."""
         if self.learn_started is None and edges:
             self.learn_started = min(t for _, _, t in edges)
         new = self.baseline.add_edges(edges)
         fresh_routes = [r for r in routes if self.baseline.routes.add(*r)]
-        if new:
-            self._broadcast(index, ("learned", new))
         if self.learn_over and (new or fresh_routes) and self.baseline_file is not None:
             self.baseline_file.request()  # learned just before the window ended: saved again
+        return new
 
     def _baseline_tick(self, now: float) -> None:
         if not self._learn_mode():
@@ -228,7 +262,7 @@ class Coordinator:
                 "Learning window over: %d edges learned by the workers; edges not among them alert from now on.",
                 len(self.baseline),
             )
-            self._broadcast(-1, ("learn_over",))
+            self._broadcast(-1, LearningOver())
             if self.baseline_file is not None:
                 self.baseline_file.request()
         f = self.baseline_file
@@ -236,78 +270,97 @@ class Coordinator:
             f.flush(lambda: self.baseline, now)
 
     # --- messages from workers -------------------------------------------------------------------
-    def _send(self, index: int, msg: Message) -> None:
+    def _send(self, index: int, msg: ToWorker) -> None:
         w = self.workers.get(index)
         if w is not None and w.writer is not None and not w.writer.is_closing():
             w.writer.write(frame(msg))
 
-    def _broadcast(self, sender: int, msg: Message) -> None:
+    def _broadcast(self, sender: int, msg: ToWorker) -> None:
         data = frame(msg)
         for w in self.workers.values():
             if w.index != sender and w.writer is not None and not w.writer.is_closing():
                 w.writer.write(data)
 
-    def handle(self, index: int, msg: Message) -> None:
-        tag = msg[0]
-        now = time.time()
-        if tag == "violations":
-            learn = self._learn_mode()
-            for wire in msg[1]:
-                v = violation_from_wire(wire)
-                if (
-                    learn
-                    and v.rule == "unexpected_edge"
-                    and (not self.learn_over or (v.src.key, v.dst.key) in self.baseline.edges)
-                ):
-                    continue  # learned by another worker (or still learning): not new after all
-                self.agg.add(v, now)
-            self.dispatch(self.agg.drain())
-        elif tag == "query":
-            self._fan_out(index, msg[1], msg[2], now)
-        elif tag == "answer":
-            fo = self.fanouts.get(msg[1])
-            if fo is not None:
-                merge_answers(fo.answers, msg[2])
-                fo.waiting.discard(index)
-                if not fo.waiting:
-                    self._answer(msg[1], "answered")
-        elif tag == "spans":
-            self._broadcast(index, msg)
-        elif tag == "last_log":
-            fresh = {svc: t for svc, t in msg[1].items() if t > self.last_log.get(svc, float("-inf"))}
-            if fresh:
-                self.last_log.update(fresh)
-                self._broadcast(index, ("last_log", fresh))
-        elif tag == "learned":  # (source, destination, first seen), (destination, method, path)
-            self._learned(index, msg[1], msg[2])
-        elif tag == "baseline?":  # a worker that reloaded its configuration
-            self._send(index, self._seed())
-        elif tag == "metrics":
-            self.summed.workers[index] = msg[1]
-            if len(msg) > 2 and msg[2] == self._scrape_seq:
-                self._scrape_waiting.discard(index)
-                if not self._scrape_waiting:
-                    self._scrape_done.set()
-        elif tag == "graph":  # the worker's per-edge counts of the last second
-            self.graph.absorb(msg[1], now)
-        elif tag == "intake":
-            self._intake[index] = dict(msg[1])
-        elif tag == "ready":
-            w = self.workers[index]
-            w.ready = True
-            metrics.WORKERS_READY.set(sum(1 for x in self.workers.values() if x.ready))
-            if w.restarts:
-                log.info("Worker %d listening again.", index)
+    def handle(self, index: int, msg: object) -> None:
+        """One message from worker ``index``; one that fails is counted and skipped, never the link."""
+        try:
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                raise TypeError(f"no handler for {type(msg).__name__}")
+            handler(index, msg)
+        except Exception as exc:
+            ERRORS.record("peers", exc, f"the coordinator handling {type(msg).__name__} from worker {index}")
 
-    def _fan_out(self, origin: int, qid: int, queries: list[Any], now: float) -> None:
+    def _on_violations(self, index: int, msg: Violations) -> None:
+        learn = self._learn_mode()
+        now = self.clock()
+        for wire in msg.items:
+            v = violation_from_wire(wire)
+            if (
+                learn
+                and v.rule == "unexpected_edge"
+                and (not self.learn_over or (v.src.key, v.dst.key) in self.baseline.edges)
+            ):
+                continue  # learned by another worker (or still learning): not new after all
+            self.agg.add(v, now)
+        self.dispatch(self.agg.drain())
+
+    def _on_query(self, index: int, msg: Query) -> None:
+        self._fan_out(index, msg.qid, msg.queries)
+
+    def _on_answer(self, index: int, msg: Answer) -> None:
+        fo = self.fanouts.get(msg.qid)
+        if fo is not None:
+            merge_answers(fo.answers, msg.answers)
+            fo.waiting.discard(index)
+            if not fo.waiting:
+                self._answer(msg.qid, "answered")
+
+    def _on_shared(self, index: int, msg: Shared) -> None:
+        """A worker's facts: the graph takes the tally, the baseline what was learned, and what
+        is new of the rest goes to the other workers."""
+        facts = msg.facts
+        news = Facts(spans_at=facts.spans_at)
+        if facts.last_log:
+            last = self.last_log
+            news.last_log = {svc: t for svc, t in facts.last_log.items() if t > last.get(svc, float("-inf"))}
+            last.update(news.last_log)
+        if facts.learned or facts.routes:  # (source, destination, first seen), (destination, method, path)
+            news.learned = self._learned(facts.learned, facts.routes)
+        if facts.tally:  # the worker's per-edge counts of the last second
+            self.graph.absorb(facts.tally, self.clock())
+        if news:
+            self._broadcast(index, Shared(news))
+
+    def _on_ask_seed(self, index: int, msg: AskSeed) -> None:  # a worker that reloaded
+        self._send(index, self._seed())
+
+    def _on_metrics(self, index: int, msg: MetricsReport) -> None:
+        self.summed.workers[index] = msg.snapshot
+        if msg.seq is not None and msg.seq == self._scrape_seq:
+            self._scrape_waiting.discard(index)
+            if not self._scrape_waiting:
+                self._scrape_done.set()
+
+    def _on_intake(self, index: int, msg: Intake) -> None:
+        self._intake[index] = dict(msg.state)
+
+    def _on_ready(self, index: int, msg: Ready) -> None:
+        w = self.workers[index]
+        w.ready = True
+        metrics.WORKERS_READY.set(sum(1 for x in self.workers.values() if x.ready))
+        if w.restarts:
+            log.info("Worker %d listening again.", index)
+
+    def _fan_out(self, origin: int, qid: int, queries: list[PeerQuery]) -> None:
         peers = {w.index for w in self.workers.values() if w.index != origin and w.ready}
         answers = [NO_ANSWER] * len(queries)
         if not peers:
-            self._send(origin, ("answer", qid, answers))
+            self._send(origin, Answer(qid, answers))
             return
         cqid = next(self._cqids)
         self.fanouts[cqid] = _Fanout(origin, qid, answers, peers, time.monotonic() + QUERY_TIMEOUT)
-        msg = frame(("query", cqid, queries))
+        msg = frame(Query(cqid, queries))
         for i in peers:
             w = self.workers[i]
             if w.writer is not None:
@@ -316,14 +369,14 @@ class Coordinator:
     def _answer(self, cqid: int, result: str) -> None:
         fo = self.fanouts.pop(cqid)
         metrics.PEER_QUERIES.labels(result).inc(len(fo.answers))
-        self._send(fo.origin, ("answer", fo.qid, fo.answers))
+        self._send(fo.origin, Answer(fo.qid, fo.answers))
 
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await read_frame(reader)
-        if hello is None or hello[0] != "hello" or hello[1] not in self.workers:
+        if not isinstance(hello, Hello) or hello.index not in self.workers:
             writer.close()
             return
-        w = self.workers[hello[1]]
+        w = self.workers[hello.index]
         w.writer = writer
         w.gone.clear()
         writer.write(frame(self._seed()))  # before any broadcast: the worker starts from it
@@ -332,10 +385,7 @@ class Coordinator:
                 msg = await read_frame(reader)
                 if msg is None:
                     break
-                try:
-                    self.handle(w.index, msg)
-                except Exception as exc:
-                    ERRORS.record("peers", exc, f"the coordinator handling {msg[0]!r} from worker {w.index}")
+                self.handle(w.index, msg)
         finally:
             self._gone(w)
             writer.close()
@@ -395,28 +445,13 @@ class Coordinator:
                     except Exception as exc:  # tried again on the next pass (w.process is None)
                         ERRORS.record("supervise", exc, f"starting worker {w.index}")
 
-    async def _tick(self) -> None:
+    async def _tick_loop(self) -> None:
         interval = self.config.engine.tick_ms / 1000
         last_stats = 0.0
         while True:
             await asyncio.sleep(interval)
-            now = time.time()
-            try:
-                self.agg.counted.expire(now)
-                self.agg.states.expire(now)
-            except Exception as exc:  # windows are checked again on the next tick
-                ERRORS.record("tick", exc)
-            self.dispatch(self.agg.drain())
-            try:
-                self._baseline_tick(now)
-            except Exception as exc:
-                ERRORS.record("tick", exc, "the learned baseline")
-            mono = time.monotonic()
-            for cqid in [c for c, fo in self.fanouts.items() if fo.deadline <= mono]:
-                try:
-                    self._answer(cqid, "timeout")
-                except Exception as exc:
-                    ERRORS.record("peers", exc, "answering a peer query that timed out")
+            now = self.clock()
+            self.tick(now)
             if now - last_stats >= 1.0:
                 last_stats = now
                 try:
@@ -424,6 +459,26 @@ class Coordinator:
                     publish_stores([self.agg.states, self.agg.counted], self._store_seen)
                 except Exception as exc:
                     ERRORS.record("stats", exc)
+
+    def tick(self, now: float) -> None:
+        """Every ``engine.tick_ms``: alert windows that closed, the learning window, peer
+        questions that timed out."""
+        try:
+            self.agg.counted.expire(now)
+            self.agg.states.expire(now)
+        except Exception as exc:  # windows are checked again on the next tick
+            ERRORS.record("tick", exc)
+        self.dispatch(self.agg.drain())
+        try:
+            self._baseline_tick(now)
+        except Exception as exc:
+            ERRORS.record("tick", exc, "the learned baseline")
+        mono = time.monotonic()
+        for cqid in [c for c, fo in self.fanouts.items() if fo.deadline <= mono]:
+            try:
+                self._answer(cqid, "timeout")
+            except Exception as exc:
+                ERRORS.record("peers", exc, "answering a peer query that timed out")
 
     # --- reload ----------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -463,6 +518,8 @@ class Coordinator:
         reserved: list[socket.socket] = []
         runners: list[web.AppRunner] = []
         server: asyncio.base_events.Server | None = None
+        self._sockdir = tempfile.mkdtemp(prefix="meshaudit-")  # mode 0700
+        self.sock_path = os.path.join(self._sockdir, "coordinator.sock")
         try:
             for name, addr in (("grpc", cfg.listen.grpc), ("http", cfg.listen.http)):
                 sock, bound = reserve_port(addr)
@@ -494,7 +551,7 @@ class Coordinator:
             await self._close(server, runners, reserved, time.monotonic() + SHUTDOWN_SECS)
             return 1
         warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)  # once, not per worker
-        self.core.start(self._tick(), "coordinator-tick")
+        self.core.start(self._tick_loop(), "coordinator-tick")
         self.core.start(self._supervise(), "supervise")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         metrics.init_series([*SUMMARIES, "config_invalid"])  # the alerts are counted here
@@ -550,9 +607,11 @@ class Coordinator:
             server.close()
         for s in reserved:
             s.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.sock_path)
-            os.rmdir(self._sockdir)
+        if self._sockdir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.sock_path)
+            with contextlib.suppress(OSError):
+                os.rmdir(self._sockdir)
         await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
         for r in runners:
             await r.cleanup()
