@@ -1,4 +1,8 @@
-"""The coordinator of ``workers: N``."""
+"""The coordinator of ``workers: N`` (the hub): it reserves the ports, starts the workers
+(:mod:`meshaudit.runtime.link`), and owns what must be single: the sinks, the one aggregator,
+``/metrics`` and ``/readyz``, the service graph, the learn-mode baseline. Its message handling
+(:meth:`Coordinator.handle`, one handler per message type) and :meth:`Coordinator.tick` are all
+its logic; ``run`` adds the processes and sockets around them."""
 
 from __future__ import annotations
 
@@ -21,21 +25,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meshaudit import health, metrics
-from meshaudit.app import (
-    SHUTDOWN_SECS,
-    dispatch_to,
-    load_for_reload,
-    mesh_graph,
-    print_ready,
-    publish_stores,
-    publish_violations,
-    readiness_of,
-    serve_http,
-    start_sinks,
-    tune_gc,
-    watch_guarded,
-    watched_files,
-)
 from meshaudit.baseline import Baseline, BaselineFile
 from meshaudit.config import Config, Policy, for_reload
 from meshaudit.engine.aggregate import Aggregator
@@ -45,8 +34,21 @@ from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import SUMMARIES
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert
+from meshaudit.pipeline import load_for_reload, publish_stores, publish_violations
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.receivers.sockets import ensure_free
+from meshaudit.runtime.common import (
+    SHUTDOWN_SECS,
+    dispatch_to,
+    mesh_graph,
+    print_ready,
+    readiness_of,
+    serve_http,
+    start_sinks,
+    tune_gc,
+    watch_guarded,
+    watched_files,
+)
 from meshaudit.runtime.link import worker_entry
 from meshaudit.runtime.messages import (
     Answer,
