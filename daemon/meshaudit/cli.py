@@ -411,7 +411,7 @@ def _exception_text(a: RuleAnswer, where: _Paths) -> str:
 
 
 def _report(url: str, fmt: str, since: str, output: str | None) -> int:
-    from meshaudit import report
+    from meshaudit.views import report
 
     try:
         body = report.render(report.build(url, since), fmt)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return _explain(args)
     if args.command == "report":
         return _report(args.url, args.format, args.since, args.output)
-    from meshaudit.app import run
+    from meshaudit.runtime import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}
     return run(args.config, overrides, args.alerts_format)

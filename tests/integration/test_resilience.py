@@ -21,11 +21,12 @@ import orjson
 import pytest
 from infra import als
 from infra.daemon import Daemon, deep_merge, running
-from meshaudit import app
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
 from meshaudit.engine.core import Engine
+from meshaudit.pipeline import Pipeline
+from meshaudit.runtime import single
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.conftest import CONFIG
@@ -86,7 +87,7 @@ class Boom(BaseException):
 
 
 @contextlib.asynccontextmanager
-async def in_process(tmp_path: Path, over: dict[str, Any]) -> AsyncIterator[tuple[app.Daemon, asyncio.Task[int]]]:
+async def in_process(tmp_path: Path, over: dict[str, Any]) -> AsyncIterator[tuple[single.Single, asyncio.Task[int]]]:
     """The daemon in this process (so a test can make a task die or stand still), on free ports."""
     raw = deep_merge(
         CONFIG,
@@ -96,7 +97,7 @@ async def in_process(tmp_path: Path, over: dict[str, Any]) -> AsyncIterator[tupl
         },
     )
     config = Config.model_validate(deep_merge(raw, over))
-    d = app.Daemon(config, config.policy, None)
+    d = single.Single(config, config.policy, None)
     task = asyncio.create_task(d.run(ready_message=False))
     for _ in range(200):
         if "metrics" in d.bound or task.done():
@@ -127,7 +128,7 @@ def _alerts(path: Path) -> list[dict[str, Any]]:
 async def test_a_core_task_that_dies_fails_healthz_and_sigterm_still_exits_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_name: str
 ) -> None:
-    monkeypatch.setattr(app, "tune_gc", lambda: None)  # not in the test process
+    monkeypatch.setattr(single, "tune_gc", lambda: None)  # not in the test process
     calls = {"n": 0}
     if task_name == "tick":
 
@@ -330,13 +331,13 @@ def test_a_sink_that_is_down_keeps_readyz_200_without_naming_the_broker(tmp_path
 
 
 async def test_a_saturated_ingest_queue_makes_readyz_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app, "tune_gc", lambda: None)
+    monkeypatch.setattr(single, "tune_gc", lambda: None)
     stand_still = asyncio.Event()
 
-    async def engine_loop(self: app.Daemon) -> None:  # alive, but evaluates nothing
+    async def engine_loop(self: Pipeline) -> None:  # alive, but evaluates nothing
         await stand_still.wait()
 
-    monkeypatch.setattr(app.Daemon, "_engine_loop", engine_loop)
+    monkeypatch.setattr(Pipeline, "_engine_loop", engine_loop)
     over = {"receivers": {"ingest_queue_entries": 1000, "max_entries_per_message": 1000}}
     async with in_process(tmp_path, over) as (d, _task):
         url = f"http://{d.bound['metrics']}/readyz"

@@ -15,7 +15,7 @@ from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import Violation
 from meshaudit.engine.rules import SUMMARIES
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, OUTBOUND, Hop
-from meshaudit.workers import violation_from_wire, violation_to_wire
+from meshaudit.runtime.messages import violation_from_wire, violation_to_wire
 from test_engine import FRONTEND, FRONTEND_SA, NODE_FRONTEND, RATINGS, REVIEWS, T0, engine, rules
 
 NODE_RATINGS = "sidecar~10.0.0.3~ratings-v1-1.default~default.svc.cluster.local"

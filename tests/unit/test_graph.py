@@ -4,9 +4,9 @@ escaping of names that came from the network."""
 from __future__ import annotations
 
 from meshaudit.engine.tally import BINS, BOUNDS_MS, COUNTERS, IN, IN_MTLS, LIVE_WIDTH, OUT, EdgeTally
-from meshaudit.graph import MeshGraph, Ring, parse_duration, percentile
-from meshaudit.graphpage import fragment, page
 from meshaudit.model import ALS_HTTP, INBOUND, OUTBOUND, Hop, identity
+from meshaudit.views.graph import MeshGraph, Ring, parse_duration, percentile
+from meshaudit.views.page import fragment, page
 
 A, B = identity("a", "ns1"), identity("b", "ns2")
 

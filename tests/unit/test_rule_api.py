@@ -151,7 +151,7 @@ def test_every_rule_declares_its_name_config_summary_and_hops() -> None:
 def test_a_per_edge_violation_brings_its_windows_examples_and_they_cross_between_workers() -> None:
     from meshaudit.engine.aggregate import Aggregator
     from meshaudit.engine.api import Violation
-    from meshaudit.workers import violation_from_wire, violation_to_wire
+    from meshaudit.runtime.messages import violation_from_wire, violation_to_wire
 
     hops = [logged(503, f"x{i}") for i in range(4)]
     v = Violation("toy", "warning", CLIENT, SVC, hops[0], "4 of 4", T0, more=hops[1:])

@@ -29,7 +29,7 @@ The core imports no rule: it builds what the registry lists, filters hops by ``h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
@@ -120,6 +120,17 @@ class PeerAnswer(NamedTuple):
 
 
 NO_ANSWER: Final = PeerAnswer(False, None)
+
+Edge = tuple[str, str, float]  # a learned edge: (source key, destination key, first seen)
+Route = tuple[str, str, str]  # a learned route: (destination key, method, path)
+
+
+class Learned(NamedTuple):
+    """What a rule learned from traffic since it was last asked (``Rule.take_learned``): with
+    ``workers: N`` it goes to the coordinator, which owns the baseline, and to the other workers."""
+
+    edges: list[Edge]
+    routes: list[Route]
 
 
 class Deferred:
@@ -472,3 +483,21 @@ class Rule(Generic[C]):
     def peer_source(self, q: PeerQuery) -> Identity | None:
         """What this rule's own state knows of a peer's hop's client (see ``Engine.answer``)."""
         return None
+
+    # --- a learned baseline shared between workers (``workers: N``) ---------------------------------
+    def learns(self) -> bool:
+        """Whether the rule learns a baseline from traffic (learn mode). With peers the coordinator
+        owns it: it seeds the rule (``seed``), collects what each worker learned
+        (``take_learned``), shares it (``add_learned``) and says when learning is over."""
+        return False
+
+    def take_learned(self) -> Learned | None:
+        """With peers: what the rule learned since the last call (then forgotten here); None: nothing."""
+        return None
+
+    def add_learned(self, edges: Iterable[Edge]) -> None:
+        """With peers: edges another worker learned, merged into this rule's baseline."""
+
+    def seed(self, edges: Iterable[Edge], over: bool) -> None:
+        """Start from a baseline learned before (``over``: learning is over; no edges and ``over``
+        ends learning)."""

@@ -15,20 +15,49 @@ registry) and knows them only through :class:`meshaudit.engine.api.Rule`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshaudit.config import Config, Policy
 from meshaudit.engine.aggregate import Aggregator
-from meshaudit.engine.api import Deferred, Emit, EngineContext, PeerAnswer, PeerQuery, Rule, Violation
+from meshaudit.engine.api import (
+    Deferred,
+    Edge,
+    Emit,
+    EngineContext,
+    PeerAnswer,
+    PeerQuery,
+    Route,
+    Rule,
+    Violation,
+)
 from meshaudit.engine.correlation import Correlation
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.sources import Claim
 from meshaudit.engine.store import Store
+from meshaudit.engine.tally import EdgeCounts
 from meshaudit.model import SPAN, Alert, Hop
 from meshaudit.naming import Namer
 
 CORRELATION_TTL_SECS = 60.0  # the least any pairing needs: both sidecars flush within seconds
+
+
+@dataclass(slots=True)
+class Facts:
+    """What one engine's evidence says that the engines of other processes need (``workers: N``),
+    from :meth:`Engine.facts`, applied by :meth:`Engine.absorb`. Each field holds only what is
+    new since the last :meth:`Engine.facts`; an empty field: nothing new."""
+
+    spans_at: float | None = None  # the last span this engine received itself: spans flow (keep indexing logs)
+    last_log: dict[str, float] = field(default_factory=dict)  # service key -> its sidecar's last access log
+    learned: list[Edge] = field(default_factory=list)  # learn mode: edges learned
+    routes: list[Route] = field(default_factory=list)  # learn mode (learn_routes): routes learned
+    # The per-edge counts of the service graph, for the process serving /graph (no engine absorbs them).
+    tally: list[EdgeCounts] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.spans_at is not None or self.last_log or self.learned or self.routes or self.tally)
 
 
 class Engine:
@@ -57,6 +86,8 @@ class Engine:
             r.emit = self._emit
         self._now = 0.0
         self.hops_evaluated = 0
+        self._spans_shared = float("-inf")  # Facts already given out (``facts``)
+        self._log_shared = float("-inf")
 
     def _sections(self, config: Config, policy: CompiledPolicy) -> dict[type[Rule[Any]], Any]:
         """Each rule's options: its ``rules.<name>`` section, under the policy's overrides."""
@@ -148,6 +179,61 @@ class Engine:
         return self.agg.drain()
 
     # --- peers (``workers: N``) ---------------------------------------------------------------
+    def take_forwarded(self) -> list[Violation]:
+        """With peers: the violations found since the last call, for the one aggregator."""
+        out = self.forwarded[:]
+        self.forwarded.clear()  # the same list: the rules' ``emit`` appends to it
+        return out
+
+    def facts(self) -> Facts:
+        """What this engine saw since the last call that the others need: that spans flow, each
+        sidecar's last access log (silent sidecars), what learn mode learned, and the tally of
+        the service graph (taken: each hop is counted once)."""
+        corr = self.corr
+        out = Facts()
+        if corr.spans_at > self._spans_shared:
+            self._spans_shared = out.spans_at = corr.spans_at
+        since = self._log_shared
+        fresh = {svc: t for svc, t in corr.sidecar_last_log.items() if t > since}
+        if fresh:
+            self._log_shared = max(fresh.values())
+            out.last_log = fresh
+        for r in self.rules:
+            learned = r.take_learned()
+            if learned is not None:
+                out.learned.extend(learned.edges)
+                out.routes.extend(learned.routes)
+        out.tally = self.ctx.tally.take()
+        return out
+
+    def absorb(self, facts: Facts, now: float) -> None:
+        """Facts another engine gave out: spans flowing there keep this engine indexing its access
+        logs, a sidecar's later last log counts here too, edges learned there join the baseline
+        here. Routes and the tally are the coordinator's: no engine takes them."""
+        corr = self.corr
+        if facts.spans_at is not None:
+            corr.saw_spans(facts.spans_at, remote=True)
+        store = corr.sidecar_last_log
+        for svc, t in facts.last_log.items():
+            mine = store.get(svc)
+            if mine is None or mine < t:
+                store.put(svc, t, now)
+        if facts.learned:
+            for r in self.rules:
+                if r.learns():
+                    r.add_learned(facts.learned)
+
+    def learns(self) -> bool:
+        """Whether a rule learns a baseline (learn mode): with peers, the coordinator's."""
+        return any(r.learns() for r in self.rules)
+
+    def seed(self, edges: Iterable[Edge], over: bool) -> None:
+        """Start the learning rules from a baseline (``over``: learning is over)."""
+        edges = list(edges)
+        for r in self.rules:
+            if r.learns():
+                r.seed(edges, over)
+
     def take_deferred(self) -> list[Deferred]:
         out, self.ctx.deferred = self.ctx.deferred, []
         return out

@@ -1,5 +1,5 @@
 """Per-edge counts of the hops the engine evaluates, for the service graph and reports
-(``meshaudit.graph``, which documents what each counter means). The engine counts every batch
+(``meshaudit.views.graph``, which documents what each counter means). The engine counts every batch
 (:meth:`EdgeTally.add`); missing_access_log reports each traced request it judged
 (:meth:`EdgeTally.traced`); the process serving ``/graph`` takes the counts once a second."""
 
@@ -26,6 +26,8 @@ LIVE_WIDTH: Final = COUNTERS + 2 * BINS
 LATENCY_ALL: Final = 8
 LATENCY_EVERY: Final = 32
 _S, _D = LIVE_WIDTH, LIVE_WIDTH + 1  # a tally record: [*counters, *out bins, *in bins, src, dst]
+
+EdgeCounts = tuple[Identity, Identity, list[int]]  # one edge of a tally: source, destination, LIVE_WIDTH ints
 
 
 class EdgeTally:
@@ -124,7 +126,7 @@ class EdgeTally:
         if logged:
             rec[TRACED_LOGGED] += 1
 
-    def take(self) -> list[tuple[Identity, Identity, list[int]]]:
+    def take(self) -> list[EdgeCounts]:
         """What was counted since the last call, per edge: (source, destination, counters and
         latency bins: ``LIVE_WIDTH`` ints). Picklable (``workers: N`` sends it)."""
         edges, self._by_src, self._by_dst = self._by_src, {}, {}

@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import Field
 
 from meshaudit.baseline import Baseline, BaselineFile, Routes, route_path
-from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity
+from meshaudit.engine.api import Edge, EngineContext, Learned, Rule, RuleConfig, Severity
 from meshaudit.engine.enforcement import DENIAL_WAIT_MS, Enforcement
 from meshaudit.engine.store import TTLStore
 from meshaudit.model import UNKNOWN, Hop
@@ -100,7 +100,17 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         self.enforcement.configure()
 
     # --- the baseline ----------------------------------------------------------------------------
-    def seed(self, edges: Iterable[tuple[str, str, float]], over: bool, routes: Routes | None = None) -> None:
+    def learns(self) -> bool:
+        return self.learn
+
+    def take_learned(self) -> Learned | None:
+        if not (self.learned_new or self.routes_new):
+            return None
+        out = Learned(self.learned_new, self.routes_new)
+        self.learned_new, self.routes_new = [], []
+        return out
+
+    def seed(self, edges: Iterable[Edge], over: bool, routes: Routes | None = None) -> None:
         """Start from a baseline learned before: the state file's, or (with peers) the
         coordinator's merged one. ``over``: learning is over (edges not in it alert at once)."""
         store = self.baseline
@@ -121,7 +131,7 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
             self.routes.update(routes)
         self.learning_over = over
 
-    def add_learned(self, edges: Iterable[tuple[str, str, float]]) -> None:
+    def add_learned(self, edges: Iterable[Edge]) -> None:
         """Edges another worker learned (with peers), merged into this one's baseline."""
         store = self.baseline
         for s, d, t in edges:

@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from meshaudit.graph import MeshGraph, parse_duration
+from meshaudit.views.graph import MeshGraph, parse_duration
 
 REFRESH_SECS: Final = 5
 COL_GAP, LAYER_GAP, PAD, NODE_W, NODE_H, ROW_H, TOP = 110, 70, 10, 170, 44, 64, 70

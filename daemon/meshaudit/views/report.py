@@ -18,8 +18,8 @@ from typing import Any, Final
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshaudit.graph import parse_duration
 from meshaudit.model import rfc3339
+from meshaudit.views.graph import parse_duration
 
 SCHEMA: Final = "meshaudit.report.v1"
 TOP_OFFENDERS: Final = 5

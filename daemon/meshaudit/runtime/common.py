@@ -1,0 +1,147 @@
+"""What every runner does the same way: logging, the process's tuning, starting the sinks,
+serving HTTP, the ready message, readiness, delivering alerts, watching the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from meshaudit import __version__, metrics
+from meshaudit.config import Config
+from meshaudit.engine.policy import CompiledPolicy
+from meshaudit.guard import ERRORS
+from meshaudit.model import Alert
+from meshaudit.sinks.base import FatalSinkError, Sink
+from meshaudit.views.graph import MeshGraph
+from meshaudit.watch import FileWatch
+
+log = logging.getLogger("meshaudit")
+
+SHUTDOWN_SECS = 10.0
+GC_THRESHOLD_0 = 20_000  # young objects between collections (CPython default: 700)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def check_protobuf_backend() -> str:
+    """The upb backend is ~10x faster than pure Python; warn loudly when it is not in use."""
+    from google.protobuf.internal import api_implementation
+
+    kind = str(api_implementation.Type())
+    if kind != "upb":
+        log.warning(
+            "protobuf is using the %r backend, not upb: decoding will be several times slower. "
+            "Install protobuf from PyPI wheels (not Debian's python3-protobuf).",
+            kind,
+        )
+    return kind
+
+
+def tune_gc() -> None:
+    """After start-up: freeze what exists (modules, config, policy: never garbage) so no later
+    collection walks it again, and collect young objects less often. Under load the daemon
+    allocates a Hop per entry; with the default threshold (700) the collector runs every ~30
+    messages and its full passes showed as the alert-latency tail (BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, 20, 10)
+
+
+async def start_sinks(sinks: list[Sink]) -> bool:
+    """Start every sink concurrently (a backend that is down or hangs delays start-up once, not
+    once per sink); False, with the reason logged, when one cannot run at all."""
+    results = await asyncio.gather(*(s.start() for s in sinks), return_exceptions=True)
+    fatal = [(s, r) for s, r in zip(sinks, results, strict=True) if isinstance(r, BaseException)]
+    for s, r in fatal:
+        log.error("Sink %s cannot start: %s", s.name, r)
+        if not isinstance(r, FatalSinkError):
+            log.error("Unexpected error starting sink %s", s.name, exc_info=r)
+    if fatal:
+        await asyncio.gather(*(s.shutdown(time.monotonic() + 2) for s in sinks))
+    return not fatal
+
+
+async def serve_http(app: web.Application, addr: str, runners: list[web.AppRunner], reuse_port: bool = False) -> str:
+    """Serve ``app`` on ``addr`` (HOST:PORT, port 0 for any); returns the bound HOST:PORT."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    runners.append(runner)
+    host, _, port = addr.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True, reuse_port=reuse_port or None)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or ()
+    bound_port = sockets[0].getsockname()[1] if sockets else int(port)
+    return f"{host}:{bound_port}"
+
+
+def print_ready(bound: dict[str, str], alerts_path: str, workers: int = 1) -> None:
+    out = "stdout" if alerts_path == "-" else alerts_path
+    procs = f" ({workers} worker processes)" if workers > 1 else ""
+    print(
+        f"meshaudit {__version__} running{procs}.\n"
+        f"  Envoy access logs (ALS) and OTLP/gRPC -> {bound['grpc']}\n"
+        f"  OTLP/HTTP                             -> http://{bound['http']}/v1/traces, /v1/logs\n"
+        f"  metrics and health                    -> http://{bound['metrics']}/metrics, /healthz, /readyz\n"
+        f"  alerts (JSON lines)                   -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def readiness_of(gates: dict[str, str], sinks: list[Sink]) -> tuple[dict[str, str], dict[str, str]]:
+    """/readyz: what decides readiness ("can receive": receivers, engine tasks, ingest queue; each
+    "ok" or why not), and each sink's state, shown only with ``?verbose``: a backend that is down
+    never stops ingestion, so it must not take the daemon out of its Service either."""
+    return gates, {s.name: s.ready_reason for s in sinks}
+
+
+def mesh_graph(config: Config, policy: CompiledPolicy) -> MeshGraph:
+    g = config.graph
+    graph = MeshGraph(g.max_edges, g.history_bucket_secs, g.history_hours)
+    graph.policy = policy
+    return graph
+
+
+def dispatch_to(sinks: list[Sink], alerts: list[Alert]) -> None:
+    """Every alert to every sink; one that cannot be offered (a sink's bug, an alert that
+    cannot be encoded) is counted and skipped, never the rest."""
+    for a in alerts:
+        metrics.ALERTS.labels(a.rule, a.severity).inc()
+        for s in sinks:
+            try:
+                s.offer(a)
+            except Exception as exc:
+                ERRORS.record("dispatch", exc, f"offering a {a.rule} alert to sink {s.name}")
+
+
+def watched_files(config_path: str | None, config: Config) -> list[Path]:
+    """The configuration's files: a change reloads (``reload_watch_ms``)."""
+    if config_path is None:
+        return []
+    base = Path(config_path).parent
+    names = [config.policy_file] if config.policy_file else config.policy_files
+    return [Path(config_path), *(base / n for n in names)]
+
+
+async def watch_guarded(files: FileWatch, reload: Callable[[], None], interval: float) -> None:
+    """The file watch, restarted after a failure (counted): a broken watch must not fail /healthz."""
+    while True:
+        try:
+            await files.run(reload, interval)
+        except Exception as exc:
+            ERRORS.record("watch", exc, "watching the configuration files for changes")
+            await asyncio.sleep(interval)

@@ -1,0 +1,142 @@
+"""One process (the default): the pipeline with no peers, its own sinks, ``/metrics``,
+``/healthz``, ``/readyz`` and the service graph.
+
+Start: the sinks, then the engine, then the receivers; on SIGTERM or Ctrl-C stop in reverse with
+a deadline (stop intake, drain the ingest queue through the engine, flush the sinks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from meshaudit import health, metrics
+from meshaudit.config import Config, Policy
+from meshaudit.engine.core import Engine
+from meshaudit.model import Alert
+from meshaudit.pipeline import Pipeline
+from meshaudit.receivers.auth import warn_plaintext
+from meshaudit.runtime.common import (
+    SHUTDOWN_SECS,
+    dispatch_to,
+    mesh_graph,
+    print_ready,
+    readiness_of,
+    serve_http,
+    start_sinks,
+    tune_gc,
+    watch_guarded,
+    watched_files,
+)
+from meshaudit.sinks import build_sinks
+from meshaudit.views import page
+from meshaudit.watch import FileWatch
+
+log = logging.getLogger("meshaudit")
+
+
+class Single:
+    """The whole daemon in one process. It is also the pipeline's :class:`~meshaudit.pipeline.Peers`:
+    none, so its engine aggregates its own violations; once a second the engine's tally goes to
+    the service graph."""
+
+    several = False
+
+    def __init__(
+        self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
+    ) -> None:
+        self.sinks = build_sinks(config.sinks)
+        self.pipeline = Pipeline(config, policy, config_path, self, self.dispatch, overrides)
+        # The service graph (/graph), judged under the engine's policy.
+        self.graph = mesh_graph(config, self.pipeline.engine.ctx.policy)
+        # the configuration's files as last loaded: a change reloads (reload_watch_ms)
+        self.files = FileWatch(lambda: watched_files(self.pipeline.config_path, self.pipeline.config))
+
+    @property
+    def bound(self) -> dict[str, str]:
+        return self.pipeline.bound
+
+    # --- Peers: none ---------------------------------------------------------------------------
+    def attach(self, pipeline: Pipeline) -> None:
+        pass
+
+    def share(self, engine: Engine) -> None:
+        pass
+
+    def periodic(self, engine: Engine) -> None:
+        self.graph.absorb(engine.facts().tally, time.time())
+
+    def core_task_ended(self, name: str) -> None:
+        pass  # /healthz fails: the orchestrator restarts the process
+
+    # --- alerts and readiness ------------------------------------------------------------------
+    def dispatch(self, alerts: list[Alert]) -> None:
+        dispatch_to(self.sinks, alerts)
+        self.graph.alerts(alerts, time.time())
+
+    def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
+        return readiness_of(self.pipeline.intake_state(), self.sinks)
+
+    # --- reload --------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP, or the files changed (see :meth:`Pipeline.reload`)."""
+        self.files.mark()
+        p = self.pipeline
+        waiting = p.reload()
+        if waiting is None:
+            return
+        if waiting:
+            log.warning(
+                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
+            )
+        self.graph.policy = p.engine.ctx.policy
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        log.info("Configuration reloaded from %s; windows, waits and the learned baseline are kept.", p.config_path)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self.pipeline.request_stop()
+
+    async def run(self, ready_message: bool = True) -> int:
+        p = self.pipeline
+        cfg = p.config
+        loop = asyncio.get_running_loop()
+        if not await start_sinks(self.sinks):
+            return 1
+        p.start()
+        runners: list[web.AppRunner] = []
+        try:
+            await p.listen()
+            app = health.build_app(self.readiness, liveness=p.core.dead)
+            page.add_routes(app, self.graph, lambda: p.config.graph.top_edges)
+            p.bound["metrics"] = await serve_http(app, cfg.listen.metrics, runners)
+        except OSError as exc:
+            log.error("Cannot listen: %s", exc)
+            await self._shutdown(runners)
+            return 1
+        await p.listening()
+        warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)
+        tune_gc()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if p.config_path and cfg.reload_watch_ms:
+            p.core.start(watch_guarded(self.files, self.reload, cfg.reload_watch_ms / 1000), "watch")
+        if ready_message:
+            print_ready(p.bound, cfg.sinks.jsonl.path)
+        await p.stopped()
+        log.info("Stopping: receivers first, then the engine, then the sinks.")
+        await self._shutdown(runners)
+        return p.exit_code
+
+    async def _shutdown(self, runners: list[web.AppRunner]) -> None:
+        deadline = time.monotonic() + SHUTDOWN_SECS
+        await self.pipeline.stop()
+        # Sinks last, each with the remaining time.
+        await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
+        for r in runners:
+            await r.cleanup()
