@@ -81,6 +81,12 @@ POLICY_EXCEPTION_MATCHES = Counter(
     ["exception"],
     registry=REGISTRY,
 )
+POLICY_EXCEPTION_REQUESTS = Counter(
+    "meshaudit_policy_exception_requests_total",
+    "Requests (or connections) a policy exception covered: each once, however many of its rules it broke.",
+    ["exception"],
+    registry=REGISTRY,
+)
 POLICY_EXCEPTIONS_EXPIRED = Counter(
     "meshaudit_policy_exceptions_expired_total",
     "Policy exceptions that reached their expires date and stopped applying, by exception name.",

@@ -134,8 +134,12 @@ def publish_exceptions(exceptions: Exceptions) -> None:
     exception shows, at 0 until it covers something: a reviewer sees the dead ones too."""
     for name in exceptions.names:
         metrics.POLICY_EXCEPTION_MATCHES.labels(name)
-    for name, n in exceptions.take_matches().items():
+        metrics.POLICY_EXCEPTION_REQUESTS.labels(name)
+    matches, requests = exceptions.take_matches()
+    for name, n in matches.items():
         metrics.POLICY_EXCEPTION_MATCHES.labels(name).inc(n)
+    for name, n in requests.items():
+        metrics.POLICY_EXCEPTION_REQUESTS.labels(name).inc(n)
     for x in exceptions.take_expired():
         metrics.POLICY_EXCEPTIONS_EXPIRED.labels(x.name).inc()
         log.warning(

@@ -193,7 +193,7 @@ def test_report_json_covers_what_a_review_asks(fed: Daemon, tmp_path: Path) -> N
     }
     assert set(rep["violations"]) == {"plaintext_hop", "unexpected_edge", "missing_access_log"}
     # 3 probes, each excused from plaintext_hop and unexpected_path
-    assert rep["exceptions"] == [{"name": "probes", "matches": 6, "expired": 0}]
+    assert rep["exceptions"] == [{"name": "probes", "requests": 3, "matches": 6, "expired": 0}]
     h = rep["health"]
     assert h["complete"] is True and h["dropped"] == {} and h["received"]["envoy_als/http"] >= 30
     assert rep["timeline"] and all(t["mtls_ratio"] is None or 0 <= t["mtls_ratio"] <= 1 for t in rep["timeline"])
@@ -206,7 +206,7 @@ def test_report_markdown_and_html(fed: Daemon, tmp_path: Path) -> None:
     assert _report(fed, "md", tmp_path / "report-md.txt").returncode == 0
     md = (tmp_path / "report-md.txt").read_text()
     assert "| reviews.default | ratings.default | 4 | 0.0% |" in md
-    assert "**unexpected_edge**: 1" in md and "probes: excused 6 violations" in md
+    assert "**unexpected_edge**: 1" in md and "probes: covered 3 requests (6 violations excused)" in md
     assert _report(fed, "html", tmp_path / "report.html").returncode == 0
     page = (tmp_path / "report.html").read_text()
     assert 'id="coverage-chart"' in page and 'data-rule="plaintext_hop"' in page

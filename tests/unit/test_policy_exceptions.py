@@ -109,11 +109,22 @@ def test_matches_are_counted_per_exception() -> None:
     e = engine(PROBES, other)
     for i in range(3):
         e.evaluate([plain(addr=f"10.128.0.{i}:1")], T0 + i)
-    assert e.ctx.policy.exceptions.take_matches() == {"kubelet-probes": 3}
+    assert e.ctx.policy.exceptions.take_matches() == ({"kubelet-probes": 3}, {"kubelet-probes": 3})
     assert e.ctx.policy.exceptions.names == ["kubelet-probes", "scrapes"]
+
+
+def test_a_request_that_breaks_two_covered_rules_is_one_request_of_covered_traffic() -> None:
+    """A probe breaks plaintext_hop and unexpected_path (no route allows /healthz): two
+    violations excused, one request covered (meshaudit_policy_exception_requests_total)."""
+    both = {**PROBES, "rules": ["plaintext_hop", "unexpected_path"]}
+    routes = [{"to": ["reviews.default"], "allow": [{"methods": ["GET"], "paths": ["/reviews/*"]}]}]
+    e = engine(both, routes=routes)
+    for i in range(2):
+        assert not alerted(e, plain(addr=f"10.128.0.{i}:1"), T0 + i)
+    assert e.ctx.policy.exceptions.take_matches() == ({"kubelet-probes": 4}, {"kubelet-probes": 2})
 
 
 def test_exemptions_still_work_as_exceptions_named_by_position() -> None:
     e = engine(exemptions=[{"rules": ["plaintext_hop"], "paths": ["/healthz"], "reason": "probes"}])
     assert not alerted(e, plain(ua=None, addr="10.9.9.9:1"))
-    assert e.ctx.policy.exceptions.take_matches() == {"exemptions[0]": 1}
+    assert e.ctx.policy.exceptions.take_matches() == ({"exemptions[0]": 1}, {"exemptions[0]": 1})

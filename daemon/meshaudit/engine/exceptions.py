@@ -20,6 +20,7 @@ from meshaudit.engine.matchers import PartyMatcher, PathMatcher
 from meshaudit.model import Hop, Identity
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+EXCUSED_LIMIT = 100_000  # requests remembered for counting each once (cleared past it)
 
 
 def _glob(patterns: Sequence[str]) -> re.Pattern[str]:
@@ -122,13 +123,27 @@ class Exceptions:
         self.names = [x.name for x in self.active]
         self.now = float("-inf")  # the engine's clock, set on every batch and tick
         self._matches: dict[str, int] = {}
+        self._requests: dict[str, int] = {}  # distinct requests (hops) each exception excused
+        # the requests excused recently: (exception, observer, request id or socket, start)
+        self._excused: dict[tuple[str, str, str | None, float], None] = {}
         self._expired: list[CompiledException] = []
 
     def exempt(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> bool:
         x = self.covering(rule, src, dst, hop)
         if x is None:
             return False
-        self._matches[x.name] = self._matches.get(x.name, 0) + 1
+        name = x.name
+        self._matches[name] = self._matches.get(name, 0) + 1
+        # One request may break several rules an exception covers (a probe: plaintext_hop and
+        # unexpected_path, judged at once or after a wait): it is one request of covered traffic.
+        if hop is not None:
+            seen = self._excused
+            request = (name, hop.observer, hop.request_id or hop.conn, hop.start)
+            if request not in seen:
+                if len(seen) >= EXCUSED_LIMIT:
+                    seen.clear()
+                seen[request] = None
+                self._requests[name] = self._requests.get(name, 0) + 1
         return True
 
     def covering(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> CompiledException | None:
@@ -148,9 +163,11 @@ class Exceptions:
         self.active = [y for y in self.active if y is not x]
         self._expired.append(x)
 
-    def take_matches(self) -> dict[str, int]:
+    def take_matches(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(violations, distinct requests) each exception covered since the last call."""
         out, self._matches = self._matches, {}
-        return out
+        requests, self._requests = self._requests, {}
+        return out, requests
 
     def take_expired(self) -> list[CompiledException]:
         out, self._expired = self._expired, []

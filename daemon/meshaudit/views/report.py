@@ -90,11 +90,20 @@ def build(url: str, since: str, timeout: float = 10.0) -> dict[str, Any]:
         v["top_offenders"] = v.pop("offenders")[:TOP_OFFENDERS]
 
     matches = _by(m.get("meshaudit_policy_exception_matches_total", []), "exception")
+    requests = _by(m.get("meshaudit_policy_exception_requests_total", []), "exception")
     expired = _by(m.get("meshaudit_policy_exceptions_expired_total", []), "exception")
     names = sorted(
         {lab["exception"] for lab, _ in m.get("meshaudit_policy_exception_matches_total", []) if "exception" in lab}
     )
-    exceptions = [{"name": n, "matches": int(matches.get(n, 0)), "expired": int(expired.get(n, 0))} for n in names]
+    exceptions = [
+        {
+            "name": n,
+            "requests": int(requests.get(n, 0)),
+            "matches": int(matches.get(n, 0)),
+            "expired": int(expired.get(n, 0)),
+        }
+        for n in names
+    ]
 
     received = _by(m.get("meshaudit_received_total", []), "receiver", "kind")
     rejected = _by(m.get("meshaudit_rejected_total", []), "receiver", "reason")
@@ -232,7 +241,10 @@ def markdown(r: dict[str, Any]) -> str:
     if not r["exceptions"]:
         out.append("The policy has no exceptions.")
     for x in r["exceptions"]:
-        out.append(f"- {_md(x['name'])}: excused {x['matches']} violations" + (", EXPIRED" if x["expired"] else ""))
+        out.append(
+            f"- {_md(x['name'])}: covered {x['requests']} requests ({x['matches']} violations excused)"
+            + (", EXPIRED" if x["expired"] else "")
+        )
     h = r["health"]
     out += ["", "## Daemon health (since the daemon started)", ""]
     for title, vals in _health_rows(h):
@@ -356,7 +368,10 @@ def html_report(r: dict[str, Any]) -> str:
         ]
         for rule, v in r["violations"].items()
     ]
-    exceptions = [[_e(x["name"]), str(x["matches"]), "expired" if x["expired"] else ""] for x in r["exceptions"]]
+    exceptions = [
+        [_e(x["name"]), str(x["requests"]), str(x["matches"]), "expired" if x["expired"] else ""]
+        for x in r["exceptions"]
+    ]
     health = [[title, _e(vals)] for title, vals in _health_rows(h)]
     notes = "".join(f"<li>{_e(n)}</li>" for n in h["notes"]) or "<li>Nothing was lost.</li>"
     complete = "yes" if h["complete"] else "NO: see daemon health"
@@ -388,7 +403,7 @@ dt {{ font-weight: bold; float: left; width: 230px; }} dd {{ margin-left: 240px;
 <h2>Coverage by namespace</h2>
 {table(["namespace", "requests", "mTLS", "access-log coverage"], namespaces, "namespaces")}
 <h2>Policy exceptions used (since the daemon started)</h2>
-{table(["exception", "violations excused", ""], exceptions, "exceptions")}
+{table(["exception", "requests covered", "violations excused", ""], exceptions, "exceptions")}
 <h2>Daemon health (since the daemon started)</h2>
 {table(["", ""], health, "health")}
 <ul id="notes">{notes}</ul>
