@@ -90,9 +90,9 @@ class Stage(Protocol):
     def gate(self, queue: str) -> str:
         """The ``ingest_queue`` gate of ``/readyz`` ("ok" or why not), given the queue's own state."""
 
-    async def stop(self, queue: IngestQueue) -> None:
+    async def stop(self, queue: IngestQueue, core: CoreTasks) -> None:
         """The receivers have stopped and the queue is closed: hand on what was accepted (within
-        the stage's own deadline), then end its tasks."""
+        the stage's own deadline), then end the tasks (``core.stop()``) and release what it holds."""
 
 
 def with_listen(config: Config, overrides: dict[str, str]) -> Config:
@@ -486,8 +486,7 @@ class Pipeline:
             await r.cleanup()
         self.queue.closed = True
         if self.stage is not None:
-            await self.stage.stop(self.queue)
-            await self.core.stop()
+            await self.stage.stop(self.queue, self.core)
             return
         # Engine: evaluate what was accepted, then stop its tasks (one that died fails nothing here).
         try:

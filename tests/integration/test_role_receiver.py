@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from infra import als
 from infra.brokers import Tansu
-from infra.daemon import Daemon, running
+from infra.daemon import Daemon, free_port, running
 from infra.otlp import server_span
 from meshaudit.config import MeshConfig
 from meshaudit.model import ALS_HTTP, SPAN, Hop
@@ -254,3 +254,26 @@ async def test_a_frozen_broker_pushes_back_within_the_bounds_and_production_resu
         assert want <= seen and {f"before/0/{j}" for j in range(50)} <= seen
         # Every accepted entry is on the topic (a record sent again may be there twice: at-least-once).
         assert len({p for p in seen if p.startswith("during/")}) == accepted - 50
+
+
+async def test_no_broker_at_start_the_receiver_serves_and_counts_what_it_could_not_produce(tmp_path: Path) -> None:
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = {**_config(nobody, "meshaudit.hops"), "receivers": {"max_entries_per_message": 200,
+              "ingest_queue_entries": 300}}  # fmt: skip
+    d = Daemon(tmp_path, config, "receiver", RECEIVER).start()
+    try:
+        burst = _burst("nobroker", 5)
+        burst[0].identifier.CopyFrom(als.identifier("reviews"))
+        assert await als.stream(d.grpc, burst) == grpc.StatusCode.OK  # listening without a broker
+        assert d.metric("meshaudit_dropped_total", receiver="envoy_als", reason="queue_full") == 200
+        assert d.metric("meshaudit_hops_topic_up") == 0
+        status, body = d.readyz(verbose=True)
+        assert status == 200 and body["components"]["ingest_queue"] == "ok", body
+        assert body["sinks"]["hops_topic"].startswith("cannot produce for")
+        assert "Cannot produce to Kafka topic meshaudit.hops" in d.stderr()
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 14
+        assert "Stopping with 300 hops not acknowledged by the broker" in d.stderr()
+    finally:
+        d.kill()

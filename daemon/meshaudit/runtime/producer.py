@@ -128,7 +128,7 @@ class HopStage:
             return "ok"
         return f"cannot produce for {time.monotonic() - since:.0f} s: {self._why}"
 
-    async def stop(self, queue: IngestQueue) -> None:
+    async def stop(self, queue: IngestQueue, core: CoreTasks) -> None:
         """Until what was accepted is acknowledged, at most ``STOP_SECS``; what is left then is
         counted (``hops_unproduced_total{reason="shutdown"}``) and logged."""
         deadline = time.monotonic() + STOP_SECS
@@ -140,12 +140,13 @@ class HopStage:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left_secs, 0.1)):  # the queue empties without one
                     await self._wake.wait()
-        left = queue.entries + self._held
+        await core.stop()  # the loop first: it uses the producer
         producer, self._producer = self._producer, None
-        if producer is not None:
+        if producer is not None:  # flushes what it holds, within what is left of the deadline
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
                     await producer.stop()
+        left = queue.entries + self._held
         if left:
             metrics.HOPS_UNPRODUCED.labels("shutdown").inc(left)
             log.warning(
