@@ -277,3 +277,12 @@ async def test_no_broker_at_start_the_receiver_serves_and_counts_what_it_could_n
         assert "Stopping with 300 hops not acknowledged by the broker" in d.stderr()
     finally:
         d.kill()
+
+
+def test_tls_files_that_cannot_be_loaded_stop_the_receiver_at_start(tmp_path: Path) -> None:
+    config = _config("127.0.0.1:9", "meshaudit.hops", tls={"ca_file": str(tmp_path / "missing-ca.pem")})
+    d = Daemon(tmp_path, config, "receiver", RECEIVER)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        d.start()
+    assert d.stop() == 1
+    assert "Cannot produce hops: distributed.tls: cannot load certificates" in d.stderr()

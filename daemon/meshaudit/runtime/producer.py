@@ -48,6 +48,7 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import Hop
 from meshaudit.receivers.ingest import IngestQueue
+from meshaudit.sinks.base import FatalSinkError
 from meshaudit.wire.hops import correlation_key, encode
 from meshaudit.wire.partition import partition
 
@@ -154,6 +155,16 @@ class HopStage:
                 left,
                 self.state(),
             )
+
+    def check(self) -> str | None:
+        """Why the producer can never connect as configured (TLS files that cannot be loaded, a
+        key's password that is not there), or None: a start-up check, so that such a receiver
+        stops at once with the reason rather than retrying for ever."""
+        try:
+            self._options()
+        except FatalSinkError as exc:
+            return f"distributed.{exc}"
+        return None
 
     # --- connection ----------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:

@@ -110,6 +110,10 @@ class Receiver:
         p = self.pipeline
         cfg = p.config
         loop = asyncio.get_running_loop()
+        why = self.stage.check()
+        if why is not None:
+            log.error("Cannot produce hops: %s", why)
+            return 1
         p.start()
         p.core.start(self._health(), "health")
         runners: list[web.AppRunner] = []
