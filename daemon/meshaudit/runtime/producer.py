@@ -23,6 +23,10 @@ never take is given up: one hop larger than ``max_record_bytes`` (``hops_unprodu
 A record sent again may land after a later record of its partition, which the evaluators do not
 mind: correlation waits for evidence in any order within its TTL.
 
+Its cost per hop, measured in one process (ALS at 25 entries per message, 12 partitions):
+about 2.3 us for the key and its partition and 3.9 us for encoding into one record per
+partition, on top of the receivers' own ~2.7 us an entry; then aiokafka's per-record work.
+
 Start-up does not wait for the broker: the receivers listen at once, and the producer connects
 (and checks, or with ``create_topic`` creates, the topic) in the background, again and again
 until it can, while the ingest queue's bounds apply as above.
