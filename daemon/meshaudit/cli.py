@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "json", "text"),
         help="the jsonl sink's lines: json records, readable text, or auto (text on a terminal; sinks.jsonl.format)",
     )
+    run.add_argument(
+        "--role",
+        choices=("receiver",),
+        help="the distributed mode (distributed: in the configuration; README, Distributed mode): receiver "
+        "receives and produces hops to Kafka; default: one process that does everything",
+    )
     val = sub.add_parser("validate", help="check a configuration file and its policy, then exit")
     val.add_argument("file")
     base = sub.add_parser("baseline", help="the baseline unexpected_edge learned (learn mode, state_file)")
@@ -441,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshaudit.runtime import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}
-    return run(args.config, overrides, args.alerts_format)
+    return run(args.config, overrides, args.alerts_format, args.role)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from meshaudit.engine.rules import REGISTRY, RULE_NAMES
 from meshaudit.sinks.jsonl import JsonlConfig
 from meshaudit.sinks.kafka import KafkaConfig
 from meshaudit.sinks.mqtt import MqttConfig
+from meshaudit.sinks.secrets import TlsConfig as KafkaTlsConfig
 
 
 class ConfigError(Exception):
@@ -471,6 +472,49 @@ class GraphConfig(_Strict):
     top_edges: int = Field(100, ge=1, description="/graph draws the busiest this many edges; the rest are counted.")
 
 
+class DistributedConfig(_Strict):
+    """The distributed mode (``meshaudit run --role receiver|evaluator``): receivers produce the hops
+    they decode to a Kafka topic, partitioned by correlation key; evaluators consume it (README,
+    "Distributed mode"). Restart-only. One process needs none of it."""
+
+    # --- shared by both roles, then the receiver's producer -------------------------------------
+    bootstrap_servers: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:9092"], min_length=1, description="HOST:PORT of brokers."
+    )
+    hops_topic: str = Field("meshaudit.hops", min_length=1, description="The topic of hop batches.")
+    client_id: str = Field("meshaudit", min_length=1, description="Shown in broker logs and quotas.")
+    tls: KafkaTlsConfig | None = Field(None, description="TLS to the brokers; absent: plaintext.")
+    create_topic: bool = Field(False, description="Create the hops topic at start-up when it is missing.")
+    partitions: int = Field(12, ge=1, description="Partitions of a topic created by create_topic.")
+    replication_factor: int = Field(1, ge=1, description="Replicas of a topic created by create_topic.")
+    max_hops_per_record: int = Field(
+        500, ge=1, le=65_536, description="Hops in one record (one HopBatch, one partition), at most."
+    )
+    max_record_bytes: int = Field(
+        1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes of one record, at most (the broker's message.max.bytes must allow it); a larger "
+        "batch is split, a single hop larger than this is dropped and counted.",
+    )
+    linger_ms: int = Field(5, ge=0, description="Wait this long to batch records into one produce request.")
+    max_in_flight_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of records produced and not yet acknowledged, at most; at the bound the receiver "
+        "stops taking from its ingest queue (ALS entries are then dropped and counted, OTLP told to retry).",
+    )
+    compression: Literal["none", "gzip"] = Field("none", description="Record batch compression.")
+    request_timeout_ms: int = Field(
+        10_000, ge=1000, description="A produce request unanswered this long fails and its records are sent again."
+    )
+
+    @model_validator(mode="after")
+    def _records_fit(self) -> DistributedConfig:
+        if self.max_in_flight_bytes < self.max_record_bytes:
+            raise ValueError("max_in_flight_bytes must be at least max_record_bytes")
+        return self
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     receivers: ReceiversConfig = ReceiversConfig()
@@ -499,6 +543,9 @@ class Config(_Strict):
         "coordinator process owns the sinks, the alert windows and /metrics; the workers ask each "
         "other before alerting on evidence another worker may hold (README, Scaling).",
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="The distributed mode's Kafka (meshaudit run --role)."
+    )
 
     @model_validator(mode="after")
     def _one_policy(self) -> Config:
@@ -521,6 +568,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "mesh",
     "sinks",
     "workers",
+    "distributed",
     "engine.store_max_items",
     "graph",
     # what learn mode starts from: the baseline file it loads at start, and what it learns

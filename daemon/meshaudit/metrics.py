@@ -207,6 +207,63 @@ PEER_QUERIES = Counter(
     registry=REGISTRY,
 )
 
+# --- the receiver role (distributed mode): hops produced to the hops topic ------------------------
+HOPS_PRODUCED = Counter(
+    "meshaudit_hops_produced_total",
+    "Hops produced to the hops topic and acknowledged by the broker (receiver role).",
+    registry=REGISTRY,
+)
+HOP_RECORDS_PRODUCED = Counter(
+    "meshaudit_hop_records_produced_total",
+    "Records (one HopBatch for one partition each) acknowledged by the broker (receiver role).",
+    registry=REGISTRY,
+)
+HOP_BYTES_PRODUCED = Counter(
+    "meshaudit_hop_produced_bytes_total",
+    "Bytes of the records acknowledged by the broker, before compression (receiver role).",
+    registry=REGISTRY,
+)
+HOP_PRODUCE_LATENCY = Histogram(
+    "meshaudit_hop_produce_seconds",
+    "From a record handed to the producer to the broker's acknowledgement (receiver role).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+HOP_IN_FLIGHT_BYTES = Gauge(
+    "meshaudit_hop_in_flight_bytes",
+    "Bytes of records produced and not yet acknowledged, failed ones waiting to be sent again included "
+    "(at most distributed.max_in_flight_bytes; receiver role).",
+    registry=REGISTRY,
+)
+HOP_PRODUCE_ERRORS = Counter(
+    "meshaudit_hop_produce_errors_total",
+    "Produce attempts of a record that failed, by reason (timeout, broker, connection, too_large, other); "
+    "the record is sent again, but for too_large (receiver role).",
+    ["reason"],
+    registry=REGISTRY,
+)
+HOPS_UNPRODUCED = Counter(
+    "meshaudit_hops_unproduced_total",
+    "Hops taken from the ingest queue and never produced, by reason (too_large: one hop over "
+    "distributed.max_record_bytes; encode: not encodable; shutdown: still unacknowledged at the stop "
+    "deadline) (receiver role).",
+    ["reason"],
+    registry=REGISTRY,
+)
+HOPS_TOPIC_UP = Gauge(
+    "meshaudit_hops_topic_up",
+    "1 while the receiver produces to the hops topic (connected, nothing failing), 0 while it cannot.",
+    registry=REGISTRY,
+)
+SOURCE_CLAIMS_UNFORWARDED = Counter(
+    "meshaudit_source_claims_unforwarded_total",
+    "Senders' mismatched claims (log_source_mismatch) a receiver found and logged but cannot hand to an "
+    "evaluator: the hops topic carries hops only (receiver role).",
+    registry=REGISTRY,
+)
+HOP_PRODUCE_ERROR_REASONS = ("timeout", "broker", "connection", "too_large", "other")
+HOPS_UNPRODUCED_REASONS = ("too_large", "encode", "shutdown")
+
 # --- engine: the alert budget (issue 10) -----------------------------------------------------------
 ALERTS_SUPPRESSED = Counter(
     "meshaudit_alerts_suppressed_total",

@@ -3,7 +3,9 @@
 A runner (``meshaudit.runtime``: one process, or a worker of ``workers: N``) builds a
 :class:`Pipeline` and plugs itself in through two things only: :class:`Peers` (the engines of
 other processes: whom to ask, what to share) and an :data:`Outlet` (where alerts go). The
-pipeline never imports a runner.
+pipeline never imports a runner. A runner that does not evaluate where it receives (a receiver
+of the distributed mode) also gives the pipeline its own :class:`Stage`, which takes the hops
+off the ingest queue in place of the engine: that pipeline builds no engine.
 
 Its lifecycle, driven by the runner: :meth:`Pipeline.start` (the engine and tick tasks),
 :meth:`Pipeline.listen` (the receivers), :meth:`Pipeline.listening`, then on stop
@@ -31,6 +33,7 @@ from meshaudit import metrics
 from meshaudit.config import Config, ConfigError, ListenConfig, Policy, for_reload
 from meshaudit.engine.core import Engine
 from meshaudit.engine.exceptions import Exceptions
+from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import REGISTRY
 from meshaudit.engine.setup import build_engine
 from meshaudit.engine.sources import Claim
@@ -39,6 +42,7 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.loading import load
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Alert, Hop, alert_id, identity
+from meshaudit.naming import Namer
 from meshaudit.receivers.auth import SourceCheck
 from meshaudit.receivers.grpc_health import GrpcHealth
 from meshaudit.receivers.grpc_server import build_server
@@ -72,6 +76,23 @@ class Peers(Protocol):
 
     def core_task_ended(self, name: str) -> None:
         """A core task ended (it fails ``/healthz``); a worker exits, to be started again."""
+
+
+class Stage(Protocol):
+    """What takes the hops off the ingest queue instead of the engine (a receiver of the
+    distributed mode: its producer). The pipeline still runs the receivers as always (decoders,
+    sender checks, limits, the ingest queue's bounds); the stage decides how fast the queue
+    empties, so a stage that cannot keep up makes the receivers push back as for a slow engine."""
+
+    def start(self, queue: IngestQueue, core: CoreTasks) -> None:
+        """Start its tasks (through ``core``: one that ends fails ``/healthz``)."""
+
+    def gate(self, queue: str) -> str:
+        """The ``ingest_queue`` gate of ``/readyz`` ("ok" or why not), given the queue's own state."""
+
+    async def stop(self, queue: IngestQueue, core: CoreTasks) -> None:
+        """The receivers have stopped and the queue is closed: hand on what was accepted (within
+        the stage's own deadline), then end the tasks (``core.stop()``) and release what it holds."""
 
 
 def with_listen(config: Config, overrides: dict[str, str]) -> Config:
@@ -214,15 +235,25 @@ class Pipeline:
         peers: Peers,
         outlet: Outlet,
         overrides: dict[str, str] | None = None,
+        stage: Stage | None = None,
     ) -> None:
-        """``overrides``: the command line's listen addresses, applied again on every reload."""
+        """``overrides``: the command line's listen addresses, applied again on every reload.
+        ``stage``: what takes the hops off the ingest queue instead of the engine (then there is none)."""
         self.config = config
         self.overrides = overrides or {}
         self.policy = policy
         self.config_path = config_path
         self.peers = peers
         self.outlet = outlet
-        self.engine = build_engine(config, policy, peers=peers.several)
+        self.stage = stage
+        self._engine: Engine | None = None
+        self._compiled: CompiledPolicy | None = None  # the running policy, when there is no engine
+        if stage is None:
+            self._engine = build_engine(config, policy, peers=peers.several)
+            self.namer = self._engine.namer
+        else:
+            self.namer = Namer(config.mesh)
+            self._compiled = CompiledPolicy(policy)
         r = config.receivers
         self.queue = IngestQueue(r.ingest_queue_entries, r.ingest_queue_bytes, r.max_entries_per_message)
         self.core = CoreTasks(peers.core_task_ended)
@@ -238,14 +269,31 @@ class Pipeline:
         self.grpc_health = GrpcHealth()
         peers.attach(self)
 
+    @property
+    def engine(self) -> Engine:
+        """The engine; a pipeline given its own :class:`Stage` has none (a runner that gives one never asks)."""
+        if self._engine is None:
+            raise RuntimeError("this pipeline's hops go to its runner's stage, not to an engine")
+        return self._engine
+
+    @property
+    def compiled(self) -> CompiledPolicy:
+        """The running policy (the receivers judge senders' claims under its ``sources``)."""
+        if self._engine is not None:
+            return self._engine.ctx.policy
+        assert self._compiled is not None
+        return self._compiled
+
     # --- health and readiness ---------------------------------------------------------------
     def intake_state(self) -> dict[str, str]:
-        """Whether this process can receive: listening, engine tasks alive, queue not saturated."""
+        """Whether this process can receive: listening, engine tasks alive, queue not saturated
+        (a stage of its own decides what its queue's state means)."""
         dead = self.core.dead()
+        queue = self.queue.saturation()
         return {
             "receivers": "ok" if self._listening else "not listening",
-            "engine": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
-            "ingest_queue": self.queue.saturation(),
+            "engine" if self.stage is None else "tasks": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
+            "ingest_queue": queue if self.stage is None else self.stage.gate(queue),
         }
 
     async def _grpc_health(self) -> None:
@@ -388,7 +436,10 @@ class Pipeline:
         if loaded is None:
             return None
         config, waiting = for_reload(self.config, loaded[0])
-        self.engine.reconfigure(config, loaded[1])
+        if self._engine is not None:
+            self._engine.reconfigure(config, loaded[1])
+        else:
+            self._compiled = CompiledPolicy(loaded[1])
         self.config, self.policy = config, loaded[1]
         logging.getLogger().setLevel(config.log_level.upper())
         return waiting
@@ -402,7 +453,10 @@ class Pipeline:
         await self._stop.wait()
 
     def start(self) -> None:
-        """The engine and tick tasks."""
+        """The engine and tick tasks, or the runner's stage."""
+        if self.stage is not None:
+            self.stage.start(self.queue, self.core)
+            return
         self.core.start(self._engine_loop(), "engine")
         self.core.start(self._tick_loop(), "tick")
 
@@ -411,11 +465,9 @@ class Pipeline:
         them); raises OSError when a port cannot be had."""
         cfg = self.config
         # Authenticated senders' claims, judged under the running policy's sources (a reload applies).
-        sources = SourceCheck(
-            self.queue, cfg.mesh, lambda: self.engine.ctx.policy.sources, cfg.receivers.enforce_sources
-        )
-        otlp_http = OtlpHttp(self.queue, self.engine.namer, cfg.receivers, sources)
-        self._grpc_server, grpc_port = build_server(cfg, self.queue, self.engine.namer, cfg.listen.grpc, sources)
+        sources = SourceCheck(self.queue, cfg.mesh, lambda: self.compiled.sources, cfg.receivers.enforce_sources)
+        otlp_http = OtlpHttp(self.queue, self.namer, cfg.receivers, sources)
+        self._grpc_server, grpc_port = build_server(cfg, self.queue, self.namer, cfg.listen.grpc, sources)
         self.grpc_health.attach(self._grpc_server)
         await self._grpc_server.start()
         self.bound["grpc"] = f"{cfg.listen.grpc.rpartition(':')[0]}:{grpc_port}"
@@ -424,7 +476,7 @@ class Pipeline:
     async def listening(self) -> None:
         """The receivers are up: ready, once the engine tasks run and the queue has room."""
         self._listening = True
-        metrics.init_series([*(r.name for r in REGISTRY), "config_invalid"])
+        metrics.init_series([*(r.name for r in REGISTRY), "config_invalid"] if self.stage is None else [])
         await self._grpc_health()
 
     async def stop(self) -> None:
@@ -437,6 +489,9 @@ class Pipeline:
         for r in self._runners:
             await r.cleanup()
         self.queue.closed = True
+        if self.stage is not None:
+            await self.stage.stop(self.queue, self.core)
+            return
         # Engine: evaluate what was accepted, then stop its tasks (one that died fails nothing here).
         try:
             batch = self.queue.get_nowait()

@@ -37,7 +37,9 @@ whether learning is over (the worker builds its engine from it before it listens
 workers learn, ends the learning window (``learn_secs`` after the first edge a worker learned),
 tells the workers, and writes the file. A worker that reloads its configuration asks again.
 
-The distributed roles (receivers and evaluators over Kafka) are to plug in the same way.
+The distributed mode's roles plug in the same way. ``receiver`` (``--role receiver``): the
+pipeline's receivers with, instead of the engine, a stage of its own (``producer.HopStage``) that
+produces the hops to Kafka, partitioned by correlation key, for the evaluators.
 """
 
 from __future__ import annotations
@@ -52,9 +54,12 @@ from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.runtime.common import check_protobuf_backend, setup_logging
 
 
-def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None) -> int:
+def run(
+    config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None, role: str | None = None
+) -> int:
     """Load, validate and run; returns the process exit code (2 for a bad configuration).
-    ``alerts_format``: the command line's over ``sinks.jsonl.format``."""
+    ``alerts_format``: the command line's over ``sinks.jsonl.format``; ``role``: a distributed
+    mode's role (``receiver``), None for one process (or ``workers: N``)."""
     try:
         config, policy = load(config_path)
         config = with_listen(config, overrides)
@@ -73,6 +78,10 @@ def run(config_path: str | None, overrides: dict[str, str], alerts_format: str |
     import uvloop
 
     path = str(Path(config_path).resolve()) if config_path else None
+    if role == "receiver":
+        from meshaudit.runtime.receiver import run_receiver
+
+        return uvloop.run(run_receiver(config, policy, path, overrides))
     if config.workers > 1:
         from meshaudit.runtime.coordinator import Coordinator
 
