@@ -96,6 +96,7 @@ def print_ready(bound: dict[str, str], alerts_path: str, workers: int = 1) -> No
         f"  Envoy access logs (ALS) and OTLP/gRPC -> {bound['grpc']}\n"
         f"  OTLP/HTTP                             -> http://{bound['http']}/v1/traces, /v1/logs\n"
         f"  metrics and health                    -> http://{bound['metrics']}/metrics, /healthz, /readyz\n"
+        f"  service graph                         -> http://{bound['metrics']}/graph\n"
         f"  alerts (JSON lines)                   -> {out}",
         file=sys.stderr,
         flush=True,
