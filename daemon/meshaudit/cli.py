@@ -1,4 +1,4 @@
-"""Command line: ``meshaudit run --config FILE``, ``meshaudit validate FILE``,
+"""Command line: ``meshaudit run --config FILE [--role all|evaluator]``, ``meshaudit validate FILE``,
 ``meshaudit baseline export --state FILE [--since WHEN]``, ``meshaudit rules [--config FILE]``
 and ``meshaudit policy explain --config FILE --source X --destination Y [...]``.
 
@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         "--alerts-format",
         choices=("auto", "json", "text"),
         help="the jsonl sink's lines: json records, readable text, or auto (text on a terminal; sinks.jsonl.format)",
+    )
+    run.add_argument(
+        "--role",
+        choices=("all", "evaluator"),
+        default="all",
+        help="all: receivers and engine in this process (the default); evaluator: the distributed mode's "
+        "engine tier, consuming hops from Kafka (distributed:)",
     )
     val = sub.add_parser("validate", help="check a configuration file and its policy, then exit")
     val.add_argument("file")
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshaudit.runtime import run
 
     overrides = {k: v for k in ("grpc", "http", "metrics") if (v := getattr(args, k))}
-    return run(args.config, overrides, args.alerts_format)
+    return run(args.config, overrides, args.alerts_format, args.role)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from meshaudit.engine.rules import REGISTRY, RULE_NAMES
 from meshaudit.sinks.jsonl import JsonlConfig
 from meshaudit.sinks.kafka import KafkaConfig
 from meshaudit.sinks.mqtt import MqttConfig
+from meshaudit.sinks.secrets import TlsConfig
 
 
 class ConfigError(Exception):
@@ -471,6 +472,38 @@ class GraphConfig(_Strict):
     top_edges: int = Field(100, ge=1, description="/graph draws the busiest this many edges; the rest are counted.")
 
 
+class DistributedConfig(_Strict):
+    """The distributed mode (``meshaudit run --role ...``): receivers produce hops to a Kafka topic,
+    keyed by correlation key; evaluators consume it as one consumer group (README, "Distributed
+    mode"). Unused by the one-process daemon and ``workers: N``."""
+
+    bootstrap_servers: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:9092"], min_length=1, description="HOST:PORT of Kafka brokers."
+    )
+    hops_topic: str = Field("meshaudit.hops", min_length=1, description="The topic of hop batches.")
+    tls: TlsConfig | None = Field(None, description="TLS to the brokers; absent: plaintext.")
+    # --- the evaluator role ---
+    group_id: str = Field(
+        "meshaudit-evaluators",
+        min_length=1,
+        description="The evaluators' consumer group: its members share the partitions.",
+    )
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        le=300_000,
+        description="A member silent this long leaves the group and its partitions move (the failover time); "
+        "heartbeats are sent every third of it.",
+    )
+    commit_interval_ms: int = Field(1000, ge=100, description="Offsets are committed this often.")
+    fetch_max_records: int = Field(
+        500, ge=1, le=100_000, description="Records (hop batches) taken per fetch: the bound on one engine pass."
+    )
+    fetch_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024 * 1024, description="Bytes one fetch may bring, over all partitions."
+    )
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     receivers: ReceiversConfig = ReceiversConfig()
@@ -499,6 +532,9 @@ class Config(_Strict):
         "coordinator process owns the sinks, the alert windows and /metrics; the workers ask each "
         "other before alerting on evidence another worker may hold (README, Scaling).",
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Kafka, for the receiver and evaluator roles."
+    )
 
     @model_validator(mode="after")
     def _one_policy(self) -> Config:
@@ -521,6 +557,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "mesh",
     "sinks",
     "workers",
+    "distributed",
     "engine.store_max_items",
     "graph",
     # what learn mode starts from: the baseline file it loads at start, and what it learns

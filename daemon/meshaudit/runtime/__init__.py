@@ -37,7 +37,9 @@ whether learning is over (the worker builds its engine from it before it listens
 workers learn, ends the learning window (``learn_secs`` after the first edge a worker learned),
 tells the workers, and writes the file. A worker that reloads its configuration asks again.
 
-The distributed roles (receivers and evaluators over Kafka) are to plug in the same way.
+- ``evaluator``: the distributed mode's engine tier (``--role evaluator``): the pipeline without
+  receivers, fed from the hops topic as a member of a Kafka consumer group; its peers are none
+  (every piece of evidence about a request is in one partition). See ``runtime/evaluator.py``.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.runtime.common import check_protobuf_backend, setup_logging
 
 
-def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None) -> int:
+def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None, role: str = "all") -> int:
     """Load, validate and run; returns the process exit code (2 for a bad configuration).
-    ``alerts_format``: the command line's over ``sinks.jsonl.format``."""
+    ``alerts_format``: the command line's over ``sinks.jsonl.format``. ``role``: ``all`` (receivers
+    and engine in this process, or its workers), or ``evaluator`` (the distributed mode's engine
+    tier, consuming hops from Kafka)."""
     try:
         config, policy = load(config_path)
         config = with_listen(config, overrides)
@@ -73,6 +77,10 @@ def run(config_path: str | None, overrides: dict[str, str], alerts_format: str |
     import uvloop
 
     path = str(Path(config_path).resolve()) if config_path else None
+    if role == "evaluator":
+        from meshaudit.runtime.evaluator import run_evaluator
+
+        return run_evaluator(config, policy, path, overrides)
     if config.workers > 1:
         from meshaudit.runtime.coordinator import Coordinator
 
