@@ -497,7 +497,7 @@ class DistributedConfig(_Strict):
     )
     commit_interval_ms: int = Field(1000, ge=100, description="Offsets are committed this often.")
     fetch_max_records: int = Field(
-        500, ge=1, le=100_000, description="Records (hop batches) taken per fetch: the bound on one engine pass."
+        100, ge=1, le=100_000, description="Records (hop batches) taken per fetch: the bound on one engine pass."
     )
     fetch_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Bytes one fetch may bring, over all partitions."

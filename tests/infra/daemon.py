@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,12 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 class Daemon:
     """A running daemon. ``alerts()`` reads the JSON-lines sink file; ``metric()`` scrapes."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], name: str = "meshaudit") -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], name: str = "meshaudit", args: Sequence[str] = ()
+    ) -> None:
+        """``args``: more arguments to ``meshaudit run`` (``--role evaluator``)."""
         self.workdir = workdir
+        self.args = list(args)
         self.grpc = f"127.0.0.1:{free_port()}"
         self.http = f"127.0.0.1:{free_port()}"
         self.metrics_addr = f"127.0.0.1:{free_port()}"
@@ -74,6 +78,7 @@ class Daemon:
                 self.http,
                 "--metrics",
                 self.metrics_addr,
+                *self.args,
             ],
             stdout=stdout,
             stderr=self._stderr,

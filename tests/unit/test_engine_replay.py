@@ -9,7 +9,7 @@ from __future__ import annotations
 from meshaudit.engine.core import Engine
 from meshaudit.model import INBOUND, SPAN, SPAN_KIND_CLIENT, Hop, identity
 from meshaudit.runtime.evaluator import Catchup, partition_of
-from test_engine import ADDR, FRONTEND, REVIEWS, T0, app_span, engine, inbound, outbound, rules
+from test_engine import ADDR, FRONTEND, T0, app_span, engine, inbound, outbound, rules
 
 INTRUDER = identity("intruder", "default", None, "spiffe://cluster.local/ns/default/sa/intruder")
 

@@ -60,6 +60,12 @@ log = logging.getLogger("meshaudit")
 
 RETRY_SECS: Final = 2.0  # between attempts to reach the brokers at start
 SETTLE_MARGIN_SECS: Final = 0.5  # past the longest wait and two ticks, before an offset is committed
+# A record produced this long before a fetch response may still be on its way to the broker.
+LATE_SECS: Final = 0.25
+# How long the broker may hold a fetch for more data. It adds to the time between two pieces of
+# evidence about one request (waits are counted from when a hop is evaluated): aiokafka's 500 ms
+# would eat most of plaintext_hop's attribution wait.
+FETCH_WAIT_MS: Final = 50
 
 
 def partition_of(hop: Hop, partitions: int) -> int:
@@ -98,6 +104,7 @@ def consumer_options(cfg: DistributedConfig) -> dict[str, Any]:
         "rebalance_timeout_ms": cfg.session_timeout_ms,
         "max_partition_fetch_bytes": cfg.fetch_max_bytes,
         "fetch_max_bytes": cfg.fetch_max_bytes,
+        "fetch_max_wait_ms": FETCH_WAIT_MS,
     }
     if cfg.tls is not None:
         opts["security_protocol"] = "SSL"
@@ -134,11 +141,13 @@ class Evaluator:
         self.partitions = 0  # of the topic, for ``partition_of``
         self.positions: dict[TopicPartition, int] = {}  # the next offset to read, per owned partition
         self.catchup: dict[TopicPartition, Catchup] = {}
-        # Per owned partition: (monotonic time evaluated, next offset) of judged records, oldest
-        # first; an entry is committed once every wait it may have started is over.
+        # Per owned partition: (clock when evaluated, next offset) of judged records, oldest first;
+        # an entry is committed once every wait it may have started is over (``settle_secs``).
         self.pending: dict[TopicPartition, deque[tuple[float, int]]] = {}
         self.committed: dict[TopicPartition, int] = {}
-        self._catchup_start: dict[TopicPartition, int] = {}  # where each catch-up began reading
+        self.seen_at: dict[TopicPartition, float] = {}  # the time of the last record read, per partition
+        self.rebalancing = False
+        self._clock = time.time()
         self.state = "not started"
         self.joined = False
 
@@ -174,6 +183,32 @@ class Evaluator:
     def liveness(self) -> dict[str, str]:
         return {**self.pipeline.core.dead(), **self.tasks.dead()}
 
+    def clock(self) -> float:
+        """The evaluator's now, for ticks and commits: the time (receivers' clock: records carry
+        their produce time) up to which every owned partition has been read. A caught-up
+        partition is read up to its last fetch response (less ``LATE_SECS``), one behind up to
+        its last record read. It stands still while a rebalance is under way and while a
+        partition is behind, and never goes back: a wait for evidence (a span's grace, a
+        plaintext hop's wait for its client) does not end while the evidence may sit unread in
+        the topic, whether the consumer is behind, catching up after a failover or paused by a
+        rebalance. Hops are evaluated at their records' time (``take``)."""
+        consumer = self.consumer
+        if consumer is None or self.rebalancing or not self.joined:
+            return self._clock
+        mark = time.time()
+        for tp in self.owned:
+            high = consumer.highwater(tp)
+            polled = consumer.last_poll_timestamp(tp)
+            if high is not None and polled is not None and self.positions.get(tp, 0) >= high:
+                mark = min(mark, polled / 1000 - LATE_SECS)
+                continue
+            seen = self.seen_at.get(tp)
+            if seen is None:  # not read yet: hold
+                return self._clock
+            mark = min(mark, seen)
+        self._clock = max(self._clock, mark)
+        return self._clock
+
     def settle_secs(self) -> float:
         """How long after its evaluation a record has had every verdict it can cause."""
         return self.engine.longest_wait() + 2 * self.pipeline.config.engine.tick_ms / 1000 + SETTLE_MARGIN_SECS
@@ -183,18 +218,44 @@ class Evaluator:
         """Before a rebalance: commit what has settled in the partitions going back to the group
         (the next owner starts there). Their state stays until the new assignment says which
         partitions are really lost (an eager rebalance revokes every partition first)."""
+        self.rebalancing = True
         await self.commit_settled(only=revoked)
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
+        """The new assignment: forget what was lost, keep what stays, plan a catch-up for what
+        was gained. The plans are made first (they ask the brokers); the state changes and seeks
+        come after, with no await between them: records the consumer returns meanwhile for a
+        gained partition are not taken (its position is set again after), so none is judged
+        before the records its catch-up replays."""
         consumer = self.consumer
         assert consumer is not None
         metrics.EVALUATOR_REBALANCES.inc()
-        self.joined = True
-        self.state = "ok"
         topic_partitions = consumer.partitions_for_topic(self.cfg.hops_topic) or set()
         self.partitions = max(len(topic_partitions), self.partitions)
         lost = self.owned - assigned
-        if lost and self.partitions:
+        kept = {tp for tp in assigned & self.owned if tp in self.positions}
+        gained = sorted(assigned - kept)
+        self.owned -= lost
+        if lost:
+            self._forget(lost)
+        plans = await self._plan(consumer, gained) if gained else {}
+        for tp in kept:  # state and position stay (the consumer resets positions on a rebalance)
+            consumer.seek(tp, self.positions[tp])
+        for tp, (plan, start) in plans.items():
+            self.catchup[tp] = plan
+            self.positions[tp] = start
+            self.seen_at.pop(tp, None)
+            consumer.seek(tp, start)
+        self.owned = set(assigned)
+        metrics.EVALUATOR_PARTITIONS.set(len(assigned))
+        self.joined = True
+        self.state = "ok"
+        self.rebalancing = False
+
+    def _forget(self, lost: set[TopicPartition]) -> None:
+        """Partitions now another member's: their waiting hops go unjudged, and what this member
+        kept about reading them."""
+        if self.partitions:
             ids = {tp.partition for tp in lost}
             n = self.partitions
             released = self.engine.release(lambda h: partition_of(h, n) in ids)
@@ -206,25 +267,15 @@ class Evaluator:
                 released,
             )
         for tp in lost:
-            self._catchup_start.pop(tp, None)
+            self.seen_at.pop(tp, None)
             self.pending.pop(tp, None)
             self.positions.pop(tp, None)
             self.catchup.pop(tp, None)
             self.committed.pop(tp, None)
-        gained: list[TopicPartition] = []
-        for tp in assigned:
-            if tp in self.owned and tp in self.positions:
-                consumer.seek(tp, self.positions[tp])  # kept: state and position stay
-            elif tp in self.owned and tp in self.catchup:
-                consumer.seek(tp, self._catchup_start.get(tp, 0))  # kept while catching up: again
-            else:
-                gained.append(tp)
-        self.owned = set(assigned)
-        metrics.EVALUATOR_PARTITIONS.set(len(assigned))
-        if gained:
-            await self._plan(consumer, gained)
 
-    async def _plan(self, consumer: AIOKafkaConsumer, gained: list[TopicPartition]) -> None:
+    async def _plan(
+        self, consumer: AIOKafkaConsumer, gained: list[TopicPartition]
+    ) -> dict[TopicPartition, tuple[Catchup, int]]:
         """Where to start reading each gained partition, and from where to judge (``Catchup``)."""
         now_ms = int(time.time() * 1000)
         ttl_ms = int(self.engine.corr.ttl * 1000)
@@ -237,15 +288,14 @@ class Evaluator:
         since = {tp: now_ms - (ttl_ms if committed[tp] is not None else 2 * ttl_ms) for tp in gained}
         found = await consumer.offsets_for_times(since)
         ends = await consumer.end_offsets(gained)
+        plans: dict[TopicPartition, tuple[Catchup, int]] = {}
         for tp in gained:
             c = committed[tp]
             hit = found.get(tp)
             start = hit.offset if hit is not None else ends[tp]
             if c is not None:
                 start = min(start, c)
-            self.catchup[tp] = Catchup(since[tp], c, now_ms - ttl_ms)
-            self._catchup_start[tp] = start
-            consumer.seek(tp, start)
+            plans[tp] = (Catchup(since[tp], c, now_ms - ttl_ms), start)
             log.info(
                 "Partition %d gained: replaying from offset %d (the last %.0f s), judging from %s.",
                 tp.partition,
@@ -253,6 +303,7 @@ class Evaluator:
                 self.engine.corr.ttl,
                 f"the committed offset {c}" if c is not None else "records of the last TTL (no committed offset)",
             )
+        return plans
 
     # --- consuming -------------------------------------------------------------------------------
     async def _connect(self) -> AIOKafkaConsumer:
@@ -291,12 +342,14 @@ class Evaluator:
         replay: list[Hop] = []
         judge: list[Hop] = []
         judged_to: dict[TopicPartition, int] = {}
+        latest = 0
         for tp, records in batches.items():
             if tp not in self.owned:
                 continue
             plan = self.catchup.get(tp)
             for rec in records:
                 self.positions[tp] = rec.offset + 1
+                latest = max(latest, rec.timestamp)
                 if plan is not None:
                     phase = plan.phase(rec.offset, rec.timestamp)
                     if phase == "skip":
@@ -308,6 +361,11 @@ class Evaluator:
                     plan = None
                 judge.extend(self._decode(rec.value))
                 judged_to[tp] = rec.offset + 1
+            if records:
+                self.seen_at[tp] = records[-1].timestamp / 1000
+        # Evaluated at the time the last of these records was produced (receive time at the
+        # receivers): waits start then, and end by ``clock``.
+        now = max(latest / 1000, self._clock) if latest else now
         if replay:
             metrics.EVALUATOR_HOPS.labels("replay").inc(len(replay))
             try:
@@ -318,9 +376,8 @@ class Evaluator:
             metrics.EVALUATOR_HOPS.labels("judge").inc(len(judge))
             for i in range(0, len(judge), MAX_BATCH):
                 self.pipeline.evaluate(judge[i : i + MAX_BATCH], now)
-        mono = time.monotonic()
         for tp, offset in judged_to.items():
-            self.pending.setdefault(tp, deque()).append((mono, offset))
+            self.pending.setdefault(tp, deque()).append((now, offset))
 
     def _decode(self, value: bytes | None) -> list[Hop]:
         if not value:
@@ -333,13 +390,13 @@ class Evaluator:
             return []
 
     # --- committing ------------------------------------------------------------------------------
-    async def commit_settled(self, only: set[TopicPartition] | None = None, settle: float | None = None) -> None:
+    async def commit_settled(self, only: set[TopicPartition] | None = None) -> None:
         """Commit, per owned partition, the offset past the last judged record whose verdicts are
-        all out (``settle`` seconds after its evaluation)."""
+        all out (``settle_secs`` after its evaluation, by ``clock``)."""
         consumer = self.consumer
         if consumer is None:
             return
-        limit = time.monotonic() - (self.settle_secs() if settle is None else settle)
+        limit = self.clock() - self.settle_secs()
         offsets: dict[TopicPartition, int] = {}
         for tp, queue in self.pending.items():
             if only is not None and tp not in only:
@@ -384,6 +441,7 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         if not await start_sinks(self.sinks):
             return 1
+        p.clock = self.clock
         p.start()
         runners: list[web.AppRunner] = []
         try:
@@ -423,11 +481,9 @@ class Evaluator:
         deadline = time.monotonic() + SHUTDOWN_SECS
         await self.tasks.stop()
         if self.consumer is not None:
-            newest = max((q[-1][0] for q in self.pending.values() if q), default=None)
-            if newest is not None:  # let the last judged records' waits end, then commit them all
-                settled_at = newest + self.settle_secs()
-                await asyncio.sleep(max(0.0, min(settled_at, deadline - 2) - time.monotonic()))
-                await self.commit_settled(settle=0.0)
+            if any(self.pending.values()):  # let the last judged records' waits end, then commit
+                await asyncio.sleep(max(0.0, min(self.settle_secs(), deadline - 2 - time.monotonic())))
+                await self.commit_settled()
             try:
                 await self.consumer.stop()
             except kerrors.KafkaError as exc:
