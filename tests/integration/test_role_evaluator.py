@@ -343,3 +343,49 @@ async def test_a_killed_evaluators_partitions_move_without_false_or_lost_alerts(
     # The survivor rebuilt the moved partitions' state from before the committed offset.
     assert survivor.metric("meshaudit_evaluator_hops_total", phase="replay") > 0
     assert survivor.metric("meshaudit_evaluator_rebalances_total") >= 2
+
+
+# --- 3. a partition revoked while its hops wait -----------------------------------------------------
+async def test_a_moved_partitions_waiting_spans_are_judged_by_its_new_owner_only(
+    tansu: Tansu, tmp_path: Path, evaluators: list[Daemon]
+) -> None:
+    """Spans wait for their access logs (a long grace) at the only evaluator; a second joins and
+    takes half the partitions; then the logs come, to the partitions' new owner. The first must
+    not alert on the spans it no longer owns (their logs went elsewhere): it drops their waits.
+    The new owner judges the spans again from the committed offset with their logs: no alert,
+    but for the one request that really bypassed the sidecar, which is alerted once."""
+    topic = "hops-revoke"
+    await create_topic(tansu, topic)
+    cfg = deep_merge(evaluator_config(tansu, topic), {"rules": {"missing_access_log": {"grace_ms": 12_000}}})
+    first = start_evaluator(evaluators, tmp_path, cfg, "first")
+    await asyncio.to_thread(wait_until, "the first evaluator to join", lambda: partitions(first) == 4, 20)
+    t = time.time()
+    traces = [f"{i:08x}" + "5eed" * 6 for i in range(24)]
+    bypassed = "bad1" * 8
+    spans = [("otlp", app_span(tr, t)) for tr in traces] + [("otlp", app_span(bypassed, t, client="10.9.9.9"))]
+    records = [r for step in spans for r in records_of(step)]
+    records += records_of(logged_by(REVIEWS, als.inbound_http("frontend", path=PATH, start=t)))  # reviews logs
+    await produce(tansu, topic, [(0.0, p, k, v) for p, k, v in records])
+    second = start_evaluator(evaluators, tmp_path, cfg, "second")
+    await asyncio.to_thread(
+        wait_until, "the group to split", lambda: partitions(first) == 2 and partitions(second) == 2, 30
+    )
+    logs = [
+        logged_by(REVIEWS, als.inbound_http("frontend", path=PATH, traceparent=traceparent(tr), start=t + 0.1))
+        for tr in traces
+    ]
+    await produce(tansu, topic, [(0.0, p, k, v) for step in logs for p, k, v in records_of(step)])
+    released = first.metric("meshaudit_evaluator_released_total")
+    assert released > 0  # spans of the moved partitions were waiting there
+    # Past the grace of every span (12 s from when the first evaluator took them).
+    await asyncio.to_thread(
+        wait_until,
+        "the bypassed request's alert",
+        lambda: any(a["rule"] == "missing_access_log" for a in first.alerts() + second.alerts()),
+        20,
+    )
+    await asyncio.sleep(1.0)
+    alerts = first.alerts() + second.alerts()
+    assert [(key_of(a), a["evidence"]["examples"][0]["trace_id"]) for a in alerts] == [
+        (("missing_access_log", "10.9.9.9", "reviews"), bypassed)
+    ], alerts
