@@ -1,4 +1,4 @@
-"""Command line: ``meshaudit run --config FILE``, ``meshaudit validate FILE``,
+"""Command line: ``meshaudit run --config FILE [--role all|receiver|evaluator]``, ``meshaudit validate FILE``,
 ``meshaudit baseline export --state FILE [--since WHEN]``, ``meshaudit rules [--config FILE]``
 and ``meshaudit policy explain --config FILE --source X --destination Y [...]``.
 
@@ -43,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--role",
-        choices=("receiver",),
-        help="the distributed mode (distributed: in the configuration; README, Distributed mode): receiver "
-        "receives and produces hops to Kafka; default: one process that does everything",
+        choices=("all", "receiver", "evaluator"),
+        default="all",
+        help="all: receivers and engine in this process (the default); receiver: the distributed mode's "
+        "receiving tier, producing hops to Kafka; evaluator: its engine tier, consuming them (distributed:)",
     )
     val = sub.add_parser("validate", help="check a configuration file and its policy, then exit")
     val.add_argument("file")

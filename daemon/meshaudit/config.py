@@ -508,6 +508,27 @@ class DistributedConfig(_Strict):
         10_000, ge=1000, description="A produce request unanswered this long fails and its records are sent again."
     )
 
+    # --- the evaluator role ---
+    group_id: str = Field(
+        "meshaudit-evaluators",
+        min_length=1,
+        description="The evaluators' consumer group: its members share the partitions.",
+    )
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        le=300_000,
+        description="A member silent this long leaves the group and its partitions move (the failover time); "
+        "heartbeats are sent every third of it.",
+    )
+    commit_interval_ms: int = Field(1000, ge=100, description="Offsets are committed this often.")
+    fetch_max_records: int = Field(
+        100, ge=1, le=100_000, description="Records (hop batches) taken per fetch: the bound on one engine pass."
+    )
+    fetch_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024 * 1024, description="Bytes one fetch may bring, over all partitions."
+    )
+
     @model_validator(mode="after")
     def _records_fit(self) -> DistributedConfig:
         if self.max_in_flight_bytes < self.max_record_bytes:

@@ -289,6 +289,34 @@ BASELINE_LOADS = Counter(
     registry=REGISTRY,
 )
 
+# --- the evaluator role (distributed mode) ----------------------------------------------------------
+EVALUATOR_PARTITIONS = Gauge(
+    "meshaudit_evaluator_partitions",
+    "Partitions of the hops topic this evaluator owns now (its share of the consumer group).",
+    registry=REGISTRY,
+)
+EVALUATOR_HOPS = Counter(
+    "meshaudit_evaluator_hops_total",
+    "Hops consumed by phase: replay (rebuilding state after gaining a partition, never judged) or judge.",
+    ["phase"],
+    registry=REGISTRY,
+)
+EVALUATOR_REBALANCES = Counter(
+    "meshaudit_evaluator_rebalances_total",
+    "Partition assignments this evaluator received from the consumer group.",
+    registry=REGISTRY,
+)
+EVALUATOR_RELEASED = Counter(
+    "meshaudit_evaluator_released_total",
+    "Hops waiting for evidence that were dropped unjudged when their partition moved to another member "
+    "(which judges them again from the committed offset).",
+    registry=REGISTRY,
+)
+EVALUATOR_UNDECODABLE = Counter(
+    "meshaudit_evaluator_undecodable_total",
+    "Records of the hops topic that are not a valid hop batch (skipped and committed past).",
+    registry=REGISTRY,
+)
 
 # --- series that exist from the start ---------------------------------------------------------
 # A labelled counter's series appears with its first event, already at 1 (or 150): Prometheus's

@@ -267,6 +267,10 @@ class Pipeline:
         self._runners: list[web.AppRunner] = []
         self.bound: dict[str, str] = {}
         self.grpc_health = GrpcHealth()
+        # The time ticks are judged at: the wall clock, or the runner's (the evaluator role ticks at
+        # the time up to which its partitions have been read, so no wait ends before its evidence
+        # could have been consumed).
+        self.clock: Callable[[], float] = time.time
         peers.attach(self)
 
     @property
@@ -409,7 +413,7 @@ class Pipeline:
             expected = loop.time() + interval
             await asyncio.sleep(interval)
             metrics.LOOP_LAG.observe(max(0.0, loop.time() - expected))
-            now = time.time()
+            now = self.clock()
             self.tick(now)
             if now - last_stats >= 1.0:
                 last_stats = now

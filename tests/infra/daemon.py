@@ -45,7 +45,7 @@ class Daemon:
     def __init__(
         self, workdir: Path, config: dict[str, Any], name: str = "meshaudit", args: Sequence[str] = ()
     ) -> None:
-        """``args``: more of ``meshaudit run``'s arguments (``--role receiver``)."""
+        """``args``: more of ``meshaudit run``'s arguments (``--role receiver``, ``--role evaluator``)."""
         self.workdir = workdir
         self.args = list(args)
         self.grpc = f"127.0.0.1:{free_port()}"

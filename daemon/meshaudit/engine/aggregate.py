@@ -138,6 +138,8 @@ class Aggregator:
         self.out: list[Alert] = []
         self.violations: dict[str, int] = {}
         self.windows_opened = 0  # ordinal of the next window, part of its alerts' ids
+        # Windows named by data time alone (the evaluator role, ``align``): see ``align``.
+        self.aligned = False
         # The alert budget: alerts emitted in the current budget window, and what it held back.
         self.budget = alert_budget
         self.budget_windows = 0
@@ -155,6 +157,16 @@ class Aggregator:
         return cls(
             engine.suppress_secs, engine.examples, engine.store_max_items, engine.alert_budget_per_window, summaries
         )
+
+    def align(self) -> None:
+        """Name windows by the data time of their violations alone, so that every process judging
+        the same violations gives their alerts the same ids (the evaluator role: a partition's
+        hops judged again by its next owner after a failover, and several evaluators alerting on
+        one (rule, source, destination), are deduplicated by alert id downstream). A window is then
+        the ``suppress_secs`` bucket of epoch time its violation's data time falls in, per
+        (rule, source, destination); its alerts' ids are (rule, source, destination, bucket,
+        sequence in the window). Call before the first violation."""
+        self.aligned = True
 
     def reconfigure(self, engine: EngineConfig) -> None:
         """A reload: open windows keep their deadlines and counts; new ones use the new length."""
@@ -174,6 +186,8 @@ class Aggregator:
                 return
         self.violations[v.rule] = self.violations.get(v.rule, 0) + 1
         key = (v.rule, v.src.key, v.dst.key)
+        if self.aligned:  # one window per bucket: its number rides in the key's last part
+            key = (v.rule, v.src.key, f"{v.dst.key}|{int(v.when // self.window)}")
         st = self.states.get(key)
         fresh = st is None
         urgent = False
@@ -253,9 +267,13 @@ class Aggregator:
         )
         if st.count > 1:
             summary += f" ({st.count} times in {self.window} s)"
+        if self.aligned:
+            aid = alert_id(st.rule, src.key, dst.key, (st.opened_first // self.window) * self.window, st.seq)
+        else:
+            aid = alert_id(st.rule, src.key, dst.key, st.opened_at, st.seq, st.window_no, st.opened_first)
         self.out.append(
             Alert(
-                id=alert_id(st.rule, src.key, dst.key, st.opened_at, st.seq, st.window_no, st.opened_first),
+                id=aid,
                 rule=st.rule,
                 severity=st.severity,
                 summary=summary + ".",

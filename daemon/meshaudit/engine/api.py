@@ -225,6 +225,18 @@ class Parking(TTLStore[K, Hop]):
             self._forget(key, hop.observer)
         return hop
 
+    def release(self, drop: Callable[[Hop], bool]) -> int:
+        """Forget, without judging, every waiting hop ``drop`` selects (the evaluator role: hops of
+        a partition this member no longer owns, whose evidence now goes to another member);
+        ``on_evict`` lets the rule forget what else it kept about each. Returns how many went."""
+        gone = [(key, hop) for key, hop in self.items() if drop(hop)]
+        for key, hop in gone:
+            super().pop(key)
+            self._forget(key, hop.observer)
+            if self.on_evict is not None:
+                self.on_evict(key, hop)
+        return len(gone)
+
     def _evict(self, key: K, observer: str) -> None:
         hop = super().pop(key)
         self._forget(key, observer)
@@ -465,6 +477,12 @@ class Rule(Generic[C]):
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
         raise NotImplementedError
+
+    def on_replay(self, hops: list[Hop], now: float) -> None:
+        """Hops replayed to rebuild stage-1 state (the evaluator role, after it gained a
+        partition): index what later hops are joined against, never judge, park or count. The
+        core has indexed the shared correlation state already; a rule with an index of its own
+        (missing_access_log's client spans) fills it here."""
 
     def on_claims(self, claims: list[Claim], now: float) -> None:
         """Senders that claimed what they may not (``meshaudit.engine.sources``): once per ALS

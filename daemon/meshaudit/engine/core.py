@@ -15,7 +15,7 @@ registry) and knows them only through :class:`meshaudit.engine.api.Rule`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from meshaudit.engine.api import (
     Edge,
     Emit,
     EngineContext,
+    Parking,
     PeerAnswer,
     PeerQuery,
     Route,
@@ -158,6 +159,29 @@ class Engine:
                 rule.on_hops(batch, now)
         self.hops_evaluated += len(hops)
         return self.agg.drain()
+
+    def replay(self, hops: list[Hop], now: float) -> None:
+        """Rebuild stage-1 state from hops another process judged already (the evaluator role: the
+        last TTL of a partition this member gained, up to the offset its previous owner committed):
+        the correlation indexes and what rules index for later joins (``Rule.on_replay``), without
+        judging, parking, counting or alerting. Hops judged after them pair and join as they would
+        have in the previous owner."""
+        if self.ctx.started is None:
+            self.ctx.started = now
+        self.corr.index(hops, now)
+        for rule in self.rules:
+            rule.on_replay(hops, now)
+
+    def release(self, drop: Callable[[Hop], bool]) -> int:
+        """Forget, without judging, the waiting hops ``drop`` selects (the evaluator role: those of
+        partitions this member lost; their waits would end with part of the evidence, which now
+        goes to the partition's new owner, who judges them again). Returns how many went."""
+        return sum(s.release(drop) for r in self.rules for s in r.stores() if isinstance(s, Parking))
+
+    def longest_wait(self) -> float:
+        """Seconds the longest wait for evidence lasts (a parked hop's time-to-live): a hop
+        evaluated longer ago than this (and a tick) has had its verdict."""
+        return max((s.ttl for r in self.rules for s in r.stores() if isinstance(s, Parking)), default=0.0)
 
     def claims(self, claims: list[Claim], now: float) -> list[Alert]:
         """Senders whose claims the receivers found they may not make (log_source_mismatch)."""

@@ -37,9 +37,14 @@ whether learning is over (the worker builds its engine from it before it listens
 workers learn, ends the learning window (``learn_secs`` after the first edge a worker learned),
 tells the workers, and writes the file. A worker that reloads its configuration asks again.
 
-The distributed mode's roles plug in the same way. ``receiver`` (``--role receiver``): the
-pipeline's receivers with, instead of the engine, a stage of its own (``producer.HopStage``) that
-produces the hops to Kafka, partitioned by correlation key, for the evaluators.
+The distributed mode's roles plug in the same way:
+
+- ``receiver`` (``--role receiver``): the pipeline's receivers with, instead of the engine, a stage
+  of its own (``producer.HopStage``) that produces the hops to Kafka, partitioned by correlation
+  key, for the evaluators. See ``runtime/receiver.py``.
+- ``evaluator`` (``--role evaluator``): the distributed mode's engine tier: the pipeline without
+  receivers, fed from the hops topic as a member of a Kafka consumer group; its peers are none
+  (every piece of evidence about a request is in one partition). See ``runtime/evaluator.py``.
 """
 
 from __future__ import annotations
@@ -54,12 +59,11 @@ from meshaudit.receivers.sockets import raise_fd_limit
 from meshaudit.runtime.common import check_protobuf_backend, setup_logging
 
 
-def run(
-    config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None, role: str | None = None
-) -> int:
+def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None, role: str = "all") -> int:
     """Load, validate and run; returns the process exit code (2 for a bad configuration).
-    ``alerts_format``: the command line's over ``sinks.jsonl.format``; ``role``: a distributed
-    mode's role (``receiver``), None for one process (or ``workers: N``)."""
+    ``alerts_format``: the command line's over ``sinks.jsonl.format``. ``role``: ``all`` (receivers
+    and engine in this process, or its workers), ``receiver`` or ``evaluator`` (the distributed
+    mode's tiers: producing hops to Kafka, and consuming them)."""
     try:
         config, policy = load(config_path)
         config = with_listen(config, overrides)
@@ -82,6 +86,10 @@ def run(
         from meshaudit.runtime.receiver import run_receiver
 
         return uvloop.run(run_receiver(config, policy, path, overrides))
+    if role == "evaluator":
+        from meshaudit.runtime.evaluator import run_evaluator
+
+        return run_evaluator(config, policy, path, overrides)
     if config.workers > 1:
         from meshaudit.runtime.coordinator import Coordinator
 

@@ -154,6 +154,17 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                     continue
                 (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
 
+    def on_replay(self, hops: list[Hop], now: float) -> None:
+        """Rebuilding state (evaluator role): spans keep the access-log index on, and client
+        spans name the source of a bypassed request judged later. Nothing is parked, and no span
+        counts as the service serving (silence is judged from spans judged here)."""
+        for h in hops:
+            if h.origin != SPAN:
+                continue
+            self.ctx.corr.saw_spans(now)
+            if h.span_kind == SPAN_KIND_CLIENT and h.span_id:
+                self.client_spans.put(h.span_id, h.observer_service, now)
+
     def _logged(self, h: Hop | None, client: Identity | None = None) -> None:
         """A traced request its sidecar logged (the service graph's access-log coverage); ``client``:
         the source the sidecar's entry names, when the span does not."""
