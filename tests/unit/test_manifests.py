@@ -114,19 +114,39 @@ def inside(child: Path, root: Path) -> bool:
 
 def listed_resources(d: Path) -> list[Doc]:
     """What a kustomization declares, read without kustomize: its resource files, the resources of
-    the kustomizations it includes, and the ConfigMaps it generates. Patches are not applied."""
+    the kustomizations it includes, and the ConfigMaps it generates (a generator that merges into
+    a base's adds none), less the resources a patch deletes, under the names a patch gives them.
+    Patches are not applied otherwise."""
     k = kustomization(d)
     out: list[Doc] = []
     for entry in k.get("resources", []):
         target = d / entry
         out.extend(listed_resources(target) if target.is_dir() else docs_of(target))
     for gen in k.get("configMapGenerator", []):
-        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}})
+        if gen.get("behavior", "create") == "create":
+            out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}})
+    for patch in k.get("patches", []):
+        for doc in docs_of(d / patch["path"]):
+            target = patched(patch, doc)
+            if doc.get("$patch") == "delete":
+                out = [x for x in out if key(x) != target]
+            elif key(doc) != target:
+                out = [{**x, "metadata": {**x["metadata"], "name": doc["metadata"]["name"]}} if key(x) == target
+                       else x for x in out]  # fmt: skip
     return out
 
 
 def key(doc: Doc) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
+
+
+def patched(patch: Doc, doc: Doc) -> tuple[str, str]:
+    """The resource a patch document applies to: its ``target`` when it names one (a patch that
+    renames, with ``allowNameChange``), else the document's own kind and name."""
+    if "target" in patch:
+        assert patch.get("options", {}).get("allowNameChange") or patch["target"]["name"] == doc["metadata"]["name"]
+        return patch["target"]["kind"], patch["target"]["name"]
+    return key(doc)
 
 
 def _merge(into: Doc, patch: Doc) -> None:
@@ -213,7 +233,8 @@ def test_each_patch_targets_a_resource_of_its_bases(d: Path) -> None:
         known |= {key(x) for x in (listed_resources(target) if target.is_dir() else docs_of(target))}
     for patch in kustomization(d)["patches"]:
         for doc in docs_of(d / patch["path"]):
-            assert key(doc) in known, f"{rel(d)}: {patch['path']} patches {key(doc)}, which no base has"
+            target = patched(patch, doc)
+            assert target in known, f"{rel(d)}: {patch['path']} patches {target}, which no base has"
 
 
 @pytest.mark.parametrize("d", kustomizations(), ids=rel)
