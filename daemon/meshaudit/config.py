@@ -487,6 +487,13 @@ class DistributedConfig(_Strict):
     create_topic: bool = Field(False, description="Create the hops topic at start-up when it is missing.")
     partitions: int = Field(12, ge=1, description="Partitions of a topic created by create_topic.")
     replication_factor: int = Field(1, ge=1, description="Replicas of a topic created by create_topic.")
+    retention_ms: int | None = Field(
+        None,
+        ge=60_000,
+        description="retention.ms of a topic created by create_topic: how long hops stay for evaluators that "
+        "were down to judge (at least the correlation TTL, which a partition's new owner replays); absent: "
+        "the broker's default.",
+    )
     max_hops_per_record: int = Field(
         500, ge=1, le=65_536, description="Hops in one record (one HopBatch, one partition), at most."
     )

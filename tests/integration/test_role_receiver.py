@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from infra import als
 from infra.brokers import Tansu
 from infra.daemon import Daemon, free_port, running
@@ -138,6 +140,41 @@ async def test_hops_reach_kafka_as_they_were_decoded_each_request_in_one_partiti
     assert d.metric("meshaudit_hops_evaluated_total") == 0  # no engine here
     status, body = d.readyz(verbose=True)
     assert status == 200 and body["sinks"] == {"hops_topic": "ok"}
+
+
+async def _topic_config(bootstrap: str, topic: str) -> tuple[int, dict[str, str]]:
+    """The topic's partition count and the configs the broker reports for it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [(name, partitions)] = [(t["topic"], len(t["partitions"])) for t in await admin.describe_topics([topic])]
+        assert name == topic
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        [resource] = response.resources
+        assert resource[0] == 0, resource  # error_code
+        return partitions, {entry[0]: entry[1] for entry in resource[4]}
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("retention_ms", [7_200_000, None])
+async def test_create_topic_creates_the_hops_topic_with_its_partitions_and_retention(
+    tmp_path: Path, tansu: Tansu, retention_ms: int | None
+) -> None:
+    """What deploy/kubernetes/overlays/distributed relies on: the first receiver creates the topic
+    with ``partitions`` and ``retention_ms`` (retention.ms), or the broker's default retention."""
+    topic = f"hops-{uuid.uuid4().hex[:8]}"
+    extra = {} if retention_ms is None else {"retention_ms": retention_ms}
+    with running(tmp_path, _config(tansu.bootstrap, topic, **extra), "receiver", RECEIVER) as d:
+        assert d.wait_metric("meshaudit_hops_topic_up", 1) == 1
+        partitions, configs = await _topic_config(tansu.bootstrap, topic)
+        assert partitions == PARTITIONS
+        if retention_ms is None:
+            assert "retention.ms" not in configs  # not set by us: the broker's default applies
+            assert "retention the broker's default" in d.stderr()
+        else:
+            assert configs["retention.ms"] == str(retention_ms)
+            assert f"created with {PARTITIONS} partitions, retention {retention_ms} ms" in d.stderr()
 
 
 async def _unary(target: str, payload: bytes) -> grpc.StatusCode:

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ import jsonschema
 import pytest
 import yaml
 from infra.tools import envoy_binary
+from meshaudit.config import Config, Policy
+from meshaudit.engine.setup import build_engine
 from meshaudit.loading import load
 from meshaudit.receivers.envoy_als import decode as als_decode
 from meshaudit.receivers.otlp import decode as otlp_decode
@@ -114,19 +117,39 @@ def inside(child: Path, root: Path) -> bool:
 
 def listed_resources(d: Path) -> list[Doc]:
     """What a kustomization declares, read without kustomize: its resource files, the resources of
-    the kustomizations it includes, and the ConfigMaps it generates. Patches are not applied."""
+    the kustomizations it includes, and the ConfigMaps it generates (a generator that merges into
+    a base's adds none), less the resources a patch deletes, under the names a patch gives them.
+    Patches are not applied otherwise."""
     k = kustomization(d)
     out: list[Doc] = []
     for entry in k.get("resources", []):
         target = d / entry
         out.extend(listed_resources(target) if target.is_dir() else docs_of(target))
     for gen in k.get("configMapGenerator", []):
-        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}})
+        if gen.get("behavior", "create") == "create":
+            out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}})
+    for patch in k.get("patches", []):
+        for doc in docs_of(d / patch["path"]):
+            target = patched(patch, doc)
+            if doc.get("$patch") == "delete":
+                out = [x for x in out if key(x) != target]
+            elif key(doc) != target:
+                out = [{**x, "metadata": {**x["metadata"], "name": doc["metadata"]["name"]}} if key(x) == target
+                       else x for x in out]  # fmt: skip
     return out
 
 
 def key(doc: Doc) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
+
+
+def patched(patch: Doc, doc: Doc) -> tuple[str, str]:
+    """The resource a patch document applies to: its ``target`` when it names one (a patch that
+    renames, with ``allowNameChange``), else the document's own kind and name."""
+    if "target" in patch:
+        assert patch.get("options", {}).get("allowNameChange") or patch["target"]["name"] == doc["metadata"]["name"]
+        return patch["target"]["kind"], patch["target"]["name"]
+    return key(doc)
 
 
 def _merge(into: Doc, patch: Doc) -> None:
@@ -213,7 +236,8 @@ def test_each_patch_targets_a_resource_of_its_bases(d: Path) -> None:
         known |= {key(x) for x in (listed_resources(target) if target.is_dir() else docs_of(target))}
     for patch in kustomization(d)["patches"]:
         for doc in docs_of(d / patch["path"]):
-            assert key(doc) in known, f"{rel(d)}: {patch['path']} patches {key(doc)}, which no base has"
+            target = patched(patch, doc)
+            assert target in known, f"{rel(d)}: {patch['path']} patches {target}, which no base has"
 
 
 @pytest.mark.parametrize("d", kustomizations(), ids=rel)
@@ -630,6 +654,252 @@ def test_the_image_is_this_version_of_meshaudit() -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert _container(pod_template()["spec"])["image"] == f"meshaudit:{version}"
     assert f'org.opencontainers.image.version="{version}"' in (REPO / "Dockerfile").read_text()
+
+
+# --- the distributed overlay: two tiers ------------------------------------------------------------
+DISTRIBUTED = OVERLAYS / "distributed"
+RECEIVER_PORTS = {"grpc", "http-otlp", "http-metrics"}  # ALS and OTLP/gRPC, OTLP/HTTP, metrics
+EVALUATOR_PORTS = {"http-metrics"}  # evaluators read the hops topic: nobody sends to them
+
+
+def workloads(docs: list[Doc]) -> list[Doc]:
+    return [x for x in docs if x["kind"] in ("Deployment", "StatefulSet")]
+
+
+@pytest.mark.parametrize("d", overlays(), ids=rel)
+def test_every_pod_of_every_overlay_passes_pod_security_restricted(d: Path) -> None:
+    docs = render(d)
+    assert workloads(docs), f"{rel(d)} runs no pod"
+    for w in workloads(docs):
+        t = w["spec"]["template"]
+        assert restricted_violations(t["spec"], t["metadata"].get("annotations")) == [], key(w)
+    assert one(docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {x["metadata"].get("namespace") for x in docs if x["kind"] != "Namespace"} == {"meshaudit"}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def role_of(w: Doc) -> str:
+    args: list[str] = _container(w["spec"]["template"]["spec"])["args"]
+    return args[args.index("--role") + 1] if "--role" in args else "all"
+
+
+def tier_errors(docs: list[Doc]) -> list[str]:
+    """What must agree between the two tiers of the distributed overlay, as a list of what does
+    not (empty: all agree). Receivers serve 4317, 4318 and 9464 and are the only pods behind the
+    Service Envoy sends to, its PDB and the NetworkPolicy that admits the mesh; evaluators serve
+    9464 only, each with its own spool volume."""
+    bad: list[str] = []
+    by_role = {role_of(w): w for w in workloads(docs)}
+    if set(by_role) != {"receiver", "evaluator"}:
+        return [f"roles {sorted(by_role)}, not one receiver and one evaluator workload"]
+    cfg = distributed_config()
+    listen = {"grpc": cfg.listen.grpc, "http-otlp": cfg.listen.http, "http-metrics": cfg.listen.metrics}
+    listen_ports = {n: int(a.rsplit(":", 1)[1]) for n, a in listen.items()}
+    labels = {r: w["spec"]["template"]["metadata"]["labels"] for r, w in by_role.items()}
+    for role, w in by_role.items():
+        spec = w["spec"]["template"]["spec"]
+        c = _container(spec)
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        want = RECEIVER_PORTS if role == "receiver" else EVALUATOR_PORTS
+        if ports != {n: listen_ports[n] for n in want}:
+            bad.append(f"{role}: container ports {ports}, not {sorted(want)} as config.yaml listens")
+        if not selects(w["spec"]["selector"]["matchLabels"], labels[role]):
+            bad.append(f"{role}: the selector does not match its own pods")
+        other = "evaluator" if role == "receiver" else "receiver"
+        if selects(w["spec"]["selector"]["matchLabels"], labels[other]):
+            bad.append(f"{role}: the selector matches the {other}s' pods too")
+        if c["livenessProbe"].get("httpGet") != {"path": "/healthz", "port": "http-metrics"}:
+            bad.append(f"{role}: liveness is not /healthz")
+        ready = c["readinessProbe"]
+        if role == "receiver" and ready.get("grpc", {}).get("port") != ports.get("grpc"):
+            bad.append("receiver: readiness is not the gRPC health of the port Envoy sends to")
+        if role == "evaluator" and ready.get("httpGet") != {"path": "/readyz", "port": "http-metrics"}:
+            bad.append("evaluator: readiness is not /readyz (joined the group)")
+    # Who selects which tier: Services, PDBs, NetworkPolicies.
+    for kind, path in (("Service", ("spec", "selector")), ("PodDisruptionBudget", ("spec", "selector", "matchLabels")),
+                       ("NetworkPolicy", ("spec", "podSelector", "matchLabels"))):  # fmt: skip
+        for doc in (x for x in docs if x["kind"] == kind):
+            sel = functools.reduce(lambda o, k: o[k], path, doc)
+            chosen = sorted(r for r, lab in labels.items() if selects(sel, lab))
+            if len(chosen) != 1:
+                bad.append(f"{key(doc)} selects {chosen or 'no tier'}, not exactly one tier")
+    receiver_svc = one(docs, "Service")  # "meshaudit": the address in deploy/istio
+    if not selects(receiver_svc["spec"]["selector"], labels["receiver"]):
+        bad.append("the Service Envoy sends to does not select the receivers")
+    for svc in (x for x in docs if x["kind"] == "Service"):
+        tier = "receiver" if selects(svc["spec"]["selector"], labels["receiver"]) else "evaluator"
+        ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
+        want = RECEIVER_PORTS if tier == "receiver" else EVALUATOR_PORTS
+        if ports != {n: (listen_ports[n], n) for n in want}:
+            bad.append(f"{key(svc)}: ports {ports}, not the {tier}s' {sorted(want)}")
+    for np in (x for x in docs if x["kind"] == "NetworkPolicy"):
+        tier = "receiver" if selects(np["spec"]["podSelector"]["matchLabels"], labels["receiver"]) else "evaluator"
+        admitted = {p["port"] for rule in np["spec"]["ingress"] for p in rule["ports"]}
+        want_ports = {listen_ports[n] for n in (RECEIVER_PORTS if tier == "receiver" else EVALUATOR_PORTS)}
+        if admitted != want_ports:
+            bad.append(f"{key(np)}: admits {sorted(admitted)}, the {tier}s serve {sorted(want_ports)}")
+    return bad
+
+
+@functools.cache
+def distributed_loaded() -> tuple[Config, Policy]:
+    """The overlay's config.yaml beside the base's policy.yaml, loaded as the pods mount them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in one(render(DISTRIBUTED), "ConfigMap")["data"].items():
+            (Path(tmp) / name).write_text(text)
+        return load(Path(tmp) / "config.yaml")
+
+
+def distributed_config() -> Config:
+    return distributed_loaded()[0]
+
+
+def test_the_distributed_tiers_serve_their_ports_and_each_selector_picks_one_tier() -> None:
+    assert tier_errors(render(DISTRIBUTED)) == []
+
+
+def _tier(docs: list[Doc], role: str) -> Doc:
+    [w] = [w for w in workloads(docs) if role_of(w) == role]
+    return w
+
+
+@pytest.mark.parametrize(
+    ("name", "breakage"),
+    [
+        ("evaluator serves 4317", lambda d: _container(_tier(d, "evaluator")["spec"]["template"]["spec"])["ports"]
+         .append({"name": "grpc", "containerPort": 4317, "protocol": "TCP"})),
+        ("receiver without OTLP/HTTP", lambda d: _container(_tier(d, "receiver")["spec"]["template"]["spec"])
+         ["ports"].pop(1)),
+        ("Service selects both tiers", lambda d: one(d, "Service")["spec"]["selector"]
+         .pop("app.kubernetes.io/component")),
+        ("PDB selects both tiers", lambda d: one(d, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+         .pop("app.kubernetes.io/component")),
+        ("evaluators admitted on 4317", lambda d: one(d, "NetworkPolicy", "meshaudit-evaluator")["spec"]["ingress"][0]
+         ["ports"].append({"port": 4317, "protocol": "TCP"})),
+        ("evaluator readiness on gRPC", lambda d: _container(_tier(d, "evaluator")["spec"]["template"]["spec"])
+         .update(readinessProbe={"grpc": {"port": 4317}})),
+        ("evaluators as receivers", lambda d: _container(_tier(d, "evaluator")["spec"]["template"]["spec"])["args"]
+         .__setitem__(-1, "receiver")),
+    ],
+)  # fmt: skip
+def test_the_tier_check_catches_each_disagreement(name: str, breakage: Any) -> None:
+    docs = copy.deepcopy(render(DISTRIBUTED))
+    breakage(docs)
+    assert tier_errors(docs) != [], name
+
+
+def test_receivers_are_stateless_scaled_on_cpu_and_kept_two_at_least() -> None:
+    docs = render(DISTRIBUTED)
+    receiver = _tier(docs, "receiver")
+    assert receiver["kind"] == "Deployment" and receiver["metadata"]["name"] == "meshaudit-receiver"
+    assert "replicas" not in receiver["spec"]  # the HPA owns it: an apply must not reset it
+    assert receiver["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    spec = receiver["spec"]["template"]["spec"]
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v]  # nothing to keep
+    assert all(x["kind"] != "PersistentVolumeClaim" for x in docs)  # the base's state volume is gone
+    c = _container(spec)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    [hpa] = [x for x in docs if x["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "meshaudit-receiver",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2  # one receiver lost or drained, the Service keeps another
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    assert "cpu" in c["resources"]["requests"]  # utilization is a share of the request
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+
+
+def test_evaluators_keep_their_own_spool_across_restarts_and_scale_downs() -> None:
+    """A StatefulSet with a volume per member: alerts a sink has not delivered survive the pod
+    (offsets are committed once hops are judged, not once their alerts are delivered)."""
+    docs = render(DISTRIBUTED)
+    evaluator = _tier(docs, "evaluator")
+    assert evaluator["kind"] == "StatefulSet"
+    assert evaluator["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    [claim] = evaluator["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    spec = evaluator["spec"]["template"]["spec"]
+    c = _container(spec)
+    workdir = dockerfile_value("WORKDIR")
+    assert c["workingDir"] == workdir
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert mount["mountPath"] == workdir and not mount.get("readOnly")
+    assert claim["metadata"]["name"] not in {v["name"] for v in spec["volumes"]}  # from the template only
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == "tmp")
+    # every spool the config gives (or a sink gets by default) is on that volume
+    cfg = distributed_config()
+    sinks = (cfg.sinks.jsonl, cfg.sinks.kafka, cfg.sinks.mqtt, KafkaConfig(), MqttConfig())
+    spools = [s.spool_dir for s in sinks if s is not None and s.spool_dir is not None]
+    assert cfg.sinks.kafka is not None and len(spools) >= 3
+    for spool in spools:
+        assert (Path(workdir) / spool).resolve().is_relative_to(workdir), f"{spool} is not on the member's volume"
+    # the governing Service exists, is headless and selects the evaluators
+    svc = one(docs, "Service", evaluator["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"
+    assert selects(svc["spec"]["selector"], evaluator["spec"]["template"]["metadata"]["labels"])
+    # at most as many members as partitions: the rest would sit idle
+    assert cfg.distributed.partitions >= evaluator["spec"]["replicas"] >= 2
+    pdb = one(docs, "PodDisruptionBudget", "meshaudit-evaluator")
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_both_tiers_run_this_image_on_the_configmap_with_a_distributed_section(tmp_path: Path) -> None:
+    docs = render(DISTRIBUTED)
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    cm = one(docs, "ConfigMap")
+    assert cm["data"]["config.yaml"] == (DISTRIBUTED / "config" / "config.yaml").read_text()
+    assert cm["data"]["policy.yaml"] == (BASE / "config" / "policy.yaml").read_text()  # one policy for both layouts
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    meshaudit = Path(sys.executable).with_name("meshaudit")
+    out = subprocess.run([str(meshaudit), "validate", str(tmp_path / "config.yaml")], capture_output=True, text=True)
+    assert out.returncode == 0 and "warning" not in out.stdout + out.stderr, out.stdout + out.stderr
+    cfg = distributed_config()
+    assert "distributed" in yaml.safe_load(cm["data"]["config.yaml"])
+    assert cfg.distributed.create_topic and cfg.distributed.retention_ms is not None
+    # hops stay at least as long as a moved partition's new owner replays
+    assert cfg.distributed.retention_ms >= build_engine(*distributed_loaded()).corr.ttl * 1000
+    for w in workloads(docs):
+        c = _container(w["spec"]["template"]["spec"])
+        assert c["image"] == f"meshaudit:{version}", key(w)  # `kustomize edit set image meshaudit=...` sets both
+        [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+        assert c["args"] == ["run", "--config", f"{mount['mountPath']}/config.yaml", "--role", role_of(w)]
+        assert "subPath" not in mount
+        config_volume = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+        assert config_volume["configMap"]["name"] == cm["metadata"]["name"]
+
+
+def test_prometheus_scrapes_both_tiers_as_the_job_the_alert_rules_select() -> None:
+    docs = render(DISTRIBUTED)
+    sm = one(docs, "ServiceMonitor")
+    services = [x for x in docs if x["kind"] == "Service"]
+    assert len(services) == 2
+    rules = (DEPLOY / "prometheus" / "meshaudit-rules.yaml").read_text()
+    jobs = set(re.findall(r'job="([^"]+)"', rules))
+    for svc in services:
+        labels = svc["metadata"]["labels"]
+        assert selects(sm["spec"]["selector"]["matchLabels"], labels), key(svc)
+        # The Prometheus Operator names the job after the Service's jobLabel label, else the Service.
+        job = labels[sm["spec"]["jobLabel"]] if "jobLabel" in sm["spec"] else svc["metadata"]["name"]
+        assert {job} == jobs, key(svc)
+        assert {p["name"] for p in svc["spec"]["ports"]} >= {e["port"] for e in sm["spec"]["endpoints"]}
+        for label in sm["spec"].get("targetLabels", []):
+            assert label in labels  # each target says which tier it is
+    assert sm["spec"]["targetLabels"] == ["app.kubernetes.io/component"]
 
 
 # --- Istio: the providers and what the decoders read -----------------------------------------------

@@ -262,9 +262,15 @@ class HopStage:
             admin = AIOKafkaAdminClient(**options)
             await admin.start()
             try:
-                await admin.create_topics([NewTopic(cfg.hops_topic, cfg.partitions, cfg.replication_factor)])
+                topic_configs = {} if cfg.retention_ms is None else {"retention.ms": str(cfg.retention_ms)}
+                await admin.create_topics(
+                    [NewTopic(cfg.hops_topic, cfg.partitions, cfg.replication_factor, topic_configs=topic_configs)]
+                )
                 log.info(
-                    "Kafka topic %s created with %d partitions (create_topic is on).", cfg.hops_topic, cfg.partitions
+                    "Kafka topic %s created with %d partitions, retention %s (create_topic is on).",
+                    cfg.hops_topic,
+                    cfg.partitions,
+                    "the broker's default" if cfg.retention_ms is None else f"{cfg.retention_ms} ms",
                 )
             except kerrors.TopicAlreadyExistsError:
                 pass  # another receiver created it first
