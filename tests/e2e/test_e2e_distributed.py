@@ -18,6 +18,7 @@ mismatched claim is not carried on hops (a test checks that the receiver counts 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from meshlab.mesh import DAEMON_SPIFFE, Collector, Mesh, daemon_tls, default_top
 from meshlab.procs import wait_until
 from meshlab.scenarios import SCENARIOS, Scenario, daemon_config, forged_sidecar, one_line, party_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+pytestmark = pytest.mark.e2e
 
 TOPIC = "meshaudit.hops.e2e"
 PARTITIONS = 6
@@ -52,8 +53,9 @@ NOT_ON_HOPS = (
 )
 SKIPPED = {"error_burst": STAGE2, "excessive_retries": STAGE2, "log_source_mismatch": NOT_ON_HOPS}
 
-# Scenarios that run, and fail when the evidence of one request lands on two evaluators (about
-# half the runs: which evaluator a key's partition belongs to is chance). Not strict for that.
+# Scenarios that run, and fail when the evidence of one request lands on two evaluators: each of
+# its requests has an even chance (which evaluator owns each key's partition), so most runs fail
+# and some pass. Not strict for that.
 SPLIT_KEYS = (
     "a request its own sidecar answers (direct_response, e.g. istiod's block_all 502) is logged "
     "without the traceparent Envoy's tracer gives its span, so the receivers key the entry by its "
@@ -69,6 +71,9 @@ KNOWN_FAILURES = {"route_mismatch": SPLIT_KEYS}
 # mtls_inside_policy, raises nothing, and its other request, reviews -> ratings, crosses).
 ON_A = frozenset({"frontend", "reviews", "checkout", "impostor", "forger"})
 SAME_RECEIVER = frozenset({("frontend", "reviews")})
+
+
+OTHER = {"a": "b", "b": "a"}
 
 
 def receiver_of(service: str) -> str:
@@ -175,10 +180,9 @@ def mesh(
     def collector(d: Daemon) -> Collector:
         return Collector(int(d.grpc.rsplit(":", 1)[1]), int(d.http.rsplit(":", 1)[1]))
 
-    other = {"a": "b", "b": "a"}
     services = [s.name for s in default_topology()]
     sidecars = {s: collector(tiers[receiver_of(s)]) for s in services}
-    apps = {s: collector(tiers[other[receiver_of(s)]]) for s in services}
+    apps = {s: collector(tiers[OTHER[receiver_of(s)]]) for s in services}
     a = collector(tiers["a"])
     m = Mesh(
         tmp_path_factory.mktemp("mesh"),
@@ -234,7 +238,7 @@ def test_forged_claims_are_counted_at_their_receiver(
     certificate. Its receiver sees the mismatch and counts it as not forwarded; the other receiver
     sees none, and no evaluator alerts on anything (its probes are exempted)."""
     mine = tiers[receiver_of("forger")]
-    other = tiers["b" if receiver_of("forger") == "a" else "a"]
+    other = tiers[OTHER[receiver_of("forger")]]
     before = len(alerts())
     forged_sidecar(mesh)
     assert wait_until(lambda: mine.metric("meshaudit_source_claims_unforwarded_total") > 0, 10.0, 0.2)
@@ -260,22 +264,23 @@ def test_each_receiver_got_the_streams_pinned_to_it_and_every_entry(
     for service, s in stats.items():
         assert s.dropped == 0, (service, s)
         assert s.flush_failed == 0, (service, s)
-    # Each receiver's access-log streams came from the sidecars pinned to it, each sender named
-    # by its certificate (mTLS), and from no other.
+    # Each receiver's access-log streams came from exactly the sidecars pinned to it that logged
+    # anything, each sender named by its certificate (mTLS).
+    logging = {s for s, st in stats.items() if st.flushed > 0}
     for name in ("a", "b"):
         d = tiers[name]
-        log = d.stderr()
-        streaming = {s for s in mesh.touched if stats[s].flushed > 0}
-        for service in streaming:
-            sender = f"sender=spiffe://cluster.local/ns/default/sa/{service}"
-            if receiver_of(service) == name:
-                assert sender in log, (name, service)
-            else:
-                assert sender + "\n" not in log and sender + " " not in log, (name, service)
-        pinned = [s for s in streaming if receiver_of(s) == name]
+        pinned = {s for s in logging if receiver_of(s) == name}
+        senders = set(
+            re.findall(r"Access-log stream opened: .* sender=spiffe://cluster.local/ns/default/sa/(\S+)", d.stderr())
+        )
+        assert senders == pinned, (name, senders, pinned)
         assert d.metric("meshaudit_als_streams_active") >= len(pinned) > 0, name
         assert d.metric("meshaudit_rejected_total", reason="unauthenticated") == 0
         assert d.metric("meshaudit_hops_evaluated_total") == 0  # receivers judge nothing
+    # SDK apps export to the receiver their sidecar does not use: frontend's (OTLP/HTTP) to B.
+    sidecar, app = tiers[receiver_of("frontend")], tiers[OTHER[receiver_of("frontend")]]
+    assert app.metric("meshaudit_received_total", receiver="otlp_http", kind="span") > 0
+    assert sidecar.metric("meshaudit_received_total", receiver="otlp_http", kind="span") == 0
     # The receivers got every entry the sidecars flushed, and produced every hop they decoded.
     flushed = sum(s.flushed for s in stats.values())
 
@@ -289,13 +294,12 @@ def test_each_receiver_got_the_streams_pinned_to_it_and_every_entry(
         assert tiers[n].metric("meshaudit_hops_unproduced_total") == 0
         assert tiers[n].metric("meshaudit_received_total", receiver="otlp_grpc", kind="span") > 0
     produced = sum(tiers[n].metric("meshaudit_hops_produced_total") for n in ("a", "b"))
-    judged = sum(tiers[n].metric("meshaudit_evaluator_hops_total", phase="judge") for n in ("e1", "e2"))
     assert produced > 0
-    assert wait_until(
-        lambda: sum(tiers[n].metric("meshaudit_evaluator_hops_total", phase="judge") for n in ("e1", "e2")) >= produced,
-        10.0,
-        0.2,
-    ), (produced, judged)
+
+    def judged() -> float:
+        return sum(tiers[n].metric("meshaudit_evaluator_hops_total", phase="judge") for n in ("e1", "e2"))
+
+    assert wait_until(lambda: judged() >= produced, 10.0, 0.2), (produced, judged())
     # Both evaluators judged, and each alert line was counted by the evaluator that wrote it.
     for n in ("e1", "e2"):
         assert tiers[n].metric("meshaudit_evaluator_hops_total", phase="judge") > 0, n
