@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +23,12 @@ import pytest
 from infra.chromium import Elements, dump_dom, screenshot  # type: ignore[import-not-found,unused-ignore]
 from infra.daemon import Daemon  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
 from infra.pki import CertificateAuthority  # type: ignore[import-not-found,unused-ignore]  # see meshlab.envoy
+from meshlab.check import is_silence, run_scenario
 from meshlab.mesh import DAEMON_SPIFFE, Mesh, daemon_tls
 from meshlab.procs import wait_until
-from meshlab.scenarios import (
-    ATTRIBUTION_WAIT_MS,
-    GRACE_MS,
-    SCENARIOS,
-    Scenario,
-    daemon_config,
-    known_rules,
-    one_line,
-    party_key,
-)
+from meshlab.scenarios import SCENARIOS, Scenario, daemon_config, one_line, party_key
 
 pytestmark = pytest.mark.e2e
-
-# After the expected alerts are in, this long without another one means the scenario raised
-# nothing else: the missing-access-log grace and the plaintext attribution wait, two Envoy
-# flushes (0.2 s) and engine ticks, with margin.
-QUIET_SECS = max(GRACE_MS, ATTRIBUTION_WAIT_MS) / 1000 + 1.2
-EXPECT_TIMEOUT = 15.0
-
 
 # The scenarios run once, over mutual TLS: every sidecar (Envoy's gRPC cluster with a TLS transport
 # socket) and SDK app sends with its own workload certificate from the mesh CA, which the daemon
@@ -90,64 +73,13 @@ def _logs_on_failure(request: pytest.FixtureRequest, mesh: Mesh, daemon: Daemon)
         mesh.dump_logs()
 
 
-def _is_silence(alert: dict[str, Any]) -> bool:
-    """A "silent sidecar" alert (about a sidecar, not a request: it has no examples)."""
-    return alert["rule"] == "missing_access_log" and not alert["evidence"].get("examples")
-
-
 def alerts_of(daemon: Daemon, rule: str) -> list[dict[str, Any]]:
     return [a for a in daemon.alerts() if a["rule"] == rule]
 
 
-def _epoch(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-
-
-def _new_alerts(daemon: Daemon, before: int, scenario: Scenario) -> list[dict[str, Any]]:
-    return daemon.alerts()[before:]
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(scenario: Scenario, mesh: Mesh, daemon: Daemon) -> None:
-    missing = [r for r in scenario.rules_needed if r not in known_rules()]
-    if missing:
-        pytest.skip(f"{scenario.title}: this daemon has no rule {', '.join(missing)} yet; runs once it is merged")
-    before = len(daemon.alerts())
-    scenario.drive(mesh)
-    driven_at = time.time()
-
-    def all_expected_in() -> bool:
-        got = _new_alerts(daemon, before, scenario)
-        return all(any(e.matches(a) for a in got) for e in scenario.expected if e.required)
-
-    assert wait_until(all_expected_in, EXPECT_TIMEOUT, 0.1), (
-        f"{scenario.title}: expected {scenario.expected}, got:\n"
-        + "\n".join(one_line(a) for a in _new_alerts(daemon, before, scenario))
-    )
-    # Some alerts must come while the traffic goes on (a silent sidecar under steady traffic),
-    # not only once it stopped.
-    for e in scenario.expected:
-        if e.during_traffic:
-            when = [_epoch(a["emitted_at"]) for a in _new_alerts(daemon, before, scenario) if e.matches(a)]
-            assert when and min(when) <= driven_at, f"{scenario.title}: {e} came {min(when) - driven_at:.1f} s late"
-    time.sleep(QUIET_SECS)
-    got = _new_alerts(daemon, before, scenario)
-    unexpected = [a for a in got if not any(e.matches(a) for e in scenario.expected)]
-    assert not unexpected, f"{scenario.title}: unexpected alerts:\n" + "\n".join(one_line(a) for a in unexpected)
-    # Evidence that a feature adds to an existing rule's alerts: a daemon without the feature
-    # raised the alerts but not the evidence (the traffic ran; its keys are the scenario's own).
-    for key in scenario.evidence_needed:
-        carrying = [a for a in got if any(e.matches(a) and key in dict(e.evidence) for e in scenario.expected)]
-        if carrying and not any(key in (a.get("evidence") or {}) for a in carrying):
-            pytest.skip(f"{scenario.title}: this daemon's alerts carry no evidence.{key} yet; runs once it is merged")
-    wrong = [f"{one_line(a)}: {w}" for e in scenario.expected for a in got if e.matches(a) and (w := e.mismatch(a))]
-    assert not wrong, f"{scenario.title}:\n" + "\n".join(wrong)
-    for a in got:
-        assert a["schema"] == "meshaudit.alert.v1"
-        assert a["evidence"]["count"] >= 1
-    # One alert per (rule, source, destination): repeats are counted, not re-sent.
-    keys = [(a["rule"], party_key(a["source"]), party_key(a["destination"])) for a in got]
-    assert len(keys) == len(set(keys)), keys
+    run_scenario(scenario, mesh, daemon.alerts)
 
 
 def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
@@ -155,7 +87,7 @@ def test_idle_sidecar_is_not_reported_silent(daemon: Daemon) -> None:
     # sidecar (sidecar_bypass), which may legitimately read as silence. Every other sidecar
     # only went idle between scenarios, and idleness is not silence.
     legit = {"inventory.default", "reviews.default"}
-    idle = [one_line(a) for a in daemon.alerts() if _is_silence(a) and party_key(a["destination"]) not in legit]
+    idle = [one_line(a) for a in daemon.alerts() if is_silence(a) and party_key(a["destination"]) not in legit]
     assert not idle, "\n".join(idle)
 
 

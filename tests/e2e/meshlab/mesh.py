@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -152,6 +153,15 @@ def daemon_tls(ca: CertificateAuthority) -> dict[str, str]:
     return {"cert_file": str(server.cert), "key_file": str(server.key), "client_ca_file": str(ca.cert_path)}
 
 
+@dataclass(frozen=True)
+class Collector:
+    """Where a workload sends its telemetry: a daemon's (or a receiver's) gRPC port (ALS, OTLP/gRPC)
+    and OTLP/HTTP port."""
+
+    grpc_port: int
+    http_port: int
+
+
 @dataclass
 class Service:
     spec: ServiceSpec
@@ -183,13 +193,22 @@ class Mesh:
         base_id_start: int = 0,
         ca: CertificateAuthority | None = None,
         collector_spiffe: str | None = None,
+        sidecar_collectors: Mapping[str, Collector] | None = None,
+        app_collectors: Mapping[str, Collector] | None = None,
     ) -> None:
         """``ca``: the mesh CA (made here when None); ``collector_spiffe``: send to the daemon over
         mTLS, every sidecar and SDK app with its own workload certificate, accepting only this
-        identity of the daemon (whose server certificate ``ca`` issued); None: plaintext."""
+        identity of the daemon (whose server certificate ``ca`` issued); None: plaintext.
+        ``sidecar_collectors`` / ``app_collectors``: service -> where its sidecar (access logs,
+        Envoy's spans) / its SDK app (spans) sends instead of the collector ports (pinning each
+        workload to one of several receivers)."""
         self.run_dir = run_dir
         self.collector_grpc_port = collector_grpc_port
         self.collector_http_port = collector_http_port
+        default = Collector(collector_grpc_port, collector_http_port)
+        self._sidecar_collectors = dict(sidecar_collectors or {})
+        self._app_collectors = dict(app_collectors or {})
+        self._default_collector = default
         self.topology = topology or default_topology()
         # Unique Envoy --base-id per instance; offset by the collector port so concurrent meshes differ.
         self.base_id_start = base_id_start or (collector_grpc_port % 5000) * 10
@@ -264,6 +283,14 @@ class Mesh:
         self.stop()
 
     # --- wiring --------------------------------------------------------------------------------
+    def sidecar_collector(self, service: str) -> Collector:
+        """Where ``service``'s sidecar streams its access logs and spans."""
+        return self._sidecar_collectors.get(service, self._default_collector)
+
+    def app_collector(self, service: str) -> Collector:
+        """Where ``service``'s SDK app exports its spans."""
+        return self._app_collectors.get(service, self._default_collector)
+
     def _upstream(self, peer: Peer, tcp: bool) -> Upstream:
         target = self.services[peer.service]
         assert self.ca is not None
@@ -303,7 +330,7 @@ class Mesh:
             certs=certs,
             ca_cert=self.ca.cert_path,
             admin_port=svc.admin_port,
-            collector_port=self.collector_grpc_port,
+            collector_port=self.sidecar_collector(svc.spec.name).grpc_port,
             app_port=svc.app_port,
             inbound_port=svc.inbound_port,
             outbound_port=svc.outbound_port,
@@ -325,15 +352,16 @@ class Mesh:
 
     def _start_app(self, svc: Service) -> Proc:
         otel: dict[str, str] | None = None
+        collector = self.app_collector(svc.spec.name)
         if svc.spec.otel == "grpc":
-            otel = {"protocol": "grpc", "endpoint": f"127.0.0.1:{self.collector_grpc_port}"}
+            otel = {"protocol": "grpc", "endpoint": f"127.0.0.1:{collector.grpc_port}"}
         elif svc.spec.otel == "http":
-            otel = {"protocol": "http", "endpoint": f"http://127.0.0.1:{self.collector_http_port}/v1/traces"}
+            otel = {"protocol": "http", "endpoint": f"http://127.0.0.1:{collector.http_port}/v1/traces"}
         if otel is not None and self.collector_spiffe:
             assert self.ca is not None
             own = self.certs(svc.spec.namespace, svc.spec.name)
-            host = f"localhost:{self.collector_grpc_port}"
-            url = f"https://localhost:{self.collector_http_port}/v1/traces"
+            host = f"localhost:{collector.grpc_port}"
+            url = f"https://localhost:{collector.http_port}/v1/traces"
             otel.update(
                 endpoint=host if otel["protocol"] == "grpc" else url,
                 ca=str(self.ca.cert_path),
