@@ -224,10 +224,9 @@ async def test_event_loop_lag_then_down(watched: tuple[Daemon, Prometheus]) -> N
     assert d.proc is not None
     t0 = await watching(prom, d)
 
-    # Freeze the daemon for 0.7 s right after a scrape: the tick timer fires 0.7 s late (the
-    # histogram's 0.5-1 s bucket), while every scrape is still answered within its 1 s timeout,
-    # so the daemon is never seen down. One such tick among the ~50 of the fast 5 minutes (2.5 s
-    # of 50 ms ticks) is past the 99th percentile.
+    # Freeze the daemon for 0.7 s right after a scrape: the tick timer (200 ms) fires 0.5-0.7 s
+    # late, while every scrape is still answered within its 1 s timeout, so the daemon is never
+    # seen down. One such tick among the few of the fast 5 minutes is past the 99th percentile.
     def scraped_at() -> float:
         target = prom.api("targets")["activeTargets"][0]
         return datetime.fromisoformat(target["lastScrape"]).timestamp() + float(target["lastScrapeDuration"])
@@ -241,8 +240,9 @@ async def test_event_loop_lag_then_down(watched: tuple[Daemon, Prometheus]) -> N
         os.kill(d.proc.pid, signal.SIGCONT)
     got = await fires(prom, "MeshauditEventLoopLag")
     assert got == {"MeshauditEventLoopLag": [{"instance": d.metrics_addr, "severity": "warning"}]}, got
+    # the daemon measured it: a tick later than the rule's 0.25 s (0.5 s itself on a loaded machine)
     assert d.metric("meshaudit_event_loop_lag_seconds_count") > d.metric(
-        "meshaudit_event_loop_lag_seconds_bucket", le="0.5"
+        "meshaudit_event_loop_lag_seconds_bucket", le="0.25"
     )
     t1 = await resolves(prom)
     assert fired_since(prom, t0) == {"MeshauditEventLoopLag"}
