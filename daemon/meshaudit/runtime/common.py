@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,7 +23,53 @@ from meshaudit.sinks.base import FatalSinkError, Sink
 from meshaudit.views.graph import MeshGraph
 from meshaudit.watch import FileWatch
 
+if TYPE_CHECKING:
+    from meshaudit.engine.core import Engine
+    from meshaudit.pipeline import Pipeline
+
 log = logging.getLogger("meshaudit")
+
+
+class Alone:
+    """The :class:`~meshaudit.pipeline.Peers` of a runner with no peers (one process, a receiver,
+    an evaluator: all the evidence it judges is its own), and its reload. Subclasses set
+    ``pipeline`` and override what they do differently."""
+
+    several = False
+    pipeline: Pipeline
+
+    @property
+    def bound(self) -> dict[str, str]:
+        return self.pipeline.bound
+
+    def attach(self, pipeline: Pipeline) -> None:
+        pass
+
+    def share(self, engine: Engine) -> None:
+        pass
+
+    def periodic(self, engine: Engine) -> None:
+        pass
+
+    def core_task_ended(self, name: str) -> None:
+        pass  # /healthz fails: the orchestrator restarts the process
+
+    def request_stop(self) -> None:
+        self.pipeline.request_stop()
+
+    def reload_pipeline(self) -> bool:
+        """Reload the configuration (SIGHUP, or its files changed). An invalid one changes nothing
+        (False); changed restart-only keys keep their running values and are logged by name."""
+        waiting = self.pipeline.reload()
+        if waiting is None:
+            return False
+        if waiting:
+            log.warning(
+                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
+            )
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        return True
+
 
 SHUTDOWN_SECS = 10.0
 GC_THRESHOLD_0 = 20_000  # young objects between collections (CPython default: 700)

@@ -51,7 +51,7 @@ from meshaudit.engine.core import Engine
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
-from meshaudit.runtime.common import SHUTDOWN_SECS, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
+from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
 from meshaudit.wire.partition import partition
@@ -123,11 +123,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
         await self.evaluator.assigned(set(assigned))
 
 
-class Evaluator:
+class Evaluator(Alone):
     """One member of the evaluator group. It is also the pipeline's
     :class:`~meshaudit.pipeline.Peers`: none (all evidence about a request is in its partition)."""
-
-    several = False
 
     def __init__(
         self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
@@ -159,14 +157,8 @@ class Evaluator:
     def attach(self, pipeline: Any) -> None:
         pipeline.engine.agg.align()  # alert ids by data time: the same in every member
 
-    def share(self, engine: Engine) -> None:
-        pass
-
     def periodic(self, engine: Engine) -> None:
         engine.facts()  # the graph's tally is taken (no /graph here), so it does not grow
-
-    def core_task_ended(self, name: str) -> None:
-        pass  # /healthz fails: the orchestrator restarts the process
 
     # --- alerts and health -----------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
@@ -421,19 +413,9 @@ class Evaluator:
             await self.commit_settled()
 
     # --- lifecycle -------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self.pipeline.request_stop()
-
     def reload(self) -> None:
-        waiting = self.pipeline.reload()
-        if waiting is None:
-            return
-        if waiting:
-            log.warning(
-                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
-            )
-        metrics.CONFIG_RELOADS.labels("ok").inc()
-        log.info("Configuration reloaded from %s; windows, waits and indexes are kept.", self.pipeline.config_path)
+        if self.reload_pipeline():
+            log.info("Configuration reloaded from %s; windows, waits and indexes are kept.", self.pipeline.config_path)
 
     async def run(self) -> int:
         p = self.pipeline

@@ -22,11 +22,10 @@ from aiohttp import web
 
 from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, Policy
-from meshaudit.engine.core import Engine
 from meshaudit.model import Alert
 from meshaudit.pipeline import Pipeline
 from meshaudit.receivers.auth import warn_plaintext
-from meshaudit.runtime.common import serve_http, tune_gc, watch_guarded, watched_files
+from meshaudit.runtime.common import Alone, serve_http, tune_gc, watch_guarded, watched_files
 from meshaudit.runtime.producer import HopStage
 from meshaudit.watch import FileWatch
 
@@ -35,11 +34,9 @@ log = logging.getLogger("meshaudit")
 HEALTH_SECS = 1.0  # the ingest queue's gauges and gRPC health, this often
 
 
-class Receiver:
+class Receiver(Alone):
     """The receiver process. It is also the pipeline's :class:`~meshaudit.pipeline.Peers`: none
     (the pipeline has no engine to share)."""
-
-    several = False
 
     def __init__(
         self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
@@ -47,23 +44,6 @@ class Receiver:
         self.stage = HopStage(config.distributed)
         self.pipeline = Pipeline(config, policy, config_path, self, self.dispatch, overrides, stage=self.stage)
         self.files = FileWatch(lambda: watched_files(self.pipeline.config_path, self.pipeline.config))
-
-    @property
-    def bound(self) -> dict[str, str]:
-        return self.pipeline.bound
-
-    # --- Peers: none, and no engine --------------------------------------------------------------
-    def attach(self, pipeline: Pipeline) -> None:
-        pass
-
-    def share(self, engine: Engine) -> None:
-        pass
-
-    def periodic(self, engine: Engine) -> None:
-        pass
-
-    def core_task_ended(self, name: str) -> None:
-        pass  # /healthz fails: the orchestrator restarts the process
 
     # --- alerts and readiness ------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
@@ -80,21 +60,10 @@ class Receiver:
         """SIGHUP, or the files changed: the policy's ``sources`` and the log level apply at once;
         ``distributed``, ``receivers`` and the rest that is restart-only wait (logged by name)."""
         self.files.mark()
-        p = self.pipeline
-        waiting = p.reload()
-        if waiting is None:
-            return
-        if waiting:
-            log.warning(
-                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
-            )
-        metrics.CONFIG_RELOADS.labels("ok").inc()
-        log.info("Configuration reloaded from %s.", p.config_path)
+        if self.reload_pipeline():
+            log.info("Configuration reloaded from %s.", self.pipeline.config_path)
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self.pipeline.request_stop()
-
     async def _health(self) -> None:
         """Once a second: the ingest queue's gauges, gRPC health as /readyz says, the loop's lag."""
         loop = asyncio.get_running_loop()

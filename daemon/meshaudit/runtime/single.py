@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from meshaudit import health, metrics
+from meshaudit import health
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
 from meshaudit.model import Alert
@@ -22,6 +22,7 @@ from meshaudit.pipeline import Pipeline
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.runtime.common import (
     SHUTDOWN_SECS,
+    Alone,
     dispatch_to,
     mesh_graph,
     print_ready,
@@ -39,12 +40,10 @@ from meshaudit.watch import FileWatch
 log = logging.getLogger("meshaudit")
 
 
-class Single:
+class Single(Alone):
     """The whole daemon in one process. It is also the pipeline's :class:`~meshaudit.pipeline.Peers`:
     none, so its engine aggregates its own violations; once a second the engine's tally goes to
     the service graph."""
-
-    several = False
 
     def __init__(
         self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
@@ -56,22 +55,9 @@ class Single:
         # the configuration's files as last loaded: a change reloads (reload_watch_ms)
         self.files = FileWatch(lambda: watched_files(self.pipeline.config_path, self.pipeline.config))
 
-    @property
-    def bound(self) -> dict[str, str]:
-        return self.pipeline.bound
-
     # --- Peers: none ---------------------------------------------------------------------------
-    def attach(self, pipeline: Pipeline) -> None:
-        pass
-
-    def share(self, engine: Engine) -> None:
-        pass
-
     def periodic(self, engine: Engine) -> None:
         self.graph.absorb(engine.facts().tally, time.time())
-
-    def core_task_ended(self, name: str) -> None:
-        pass  # /healthz fails: the orchestrator restarts the process
 
     # --- alerts and readiness ------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
@@ -86,21 +72,12 @@ class Single:
         """SIGHUP, or the files changed (see :meth:`Pipeline.reload`)."""
         self.files.mark()
         p = self.pipeline
-        waiting = p.reload()
-        if waiting is None:
+        if not self.reload_pipeline():
             return
-        if waiting:
-            log.warning(
-                "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
-            )
         self.graph.policy = p.engine.ctx.policy
-        metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("Configuration reloaded from %s; windows, waits and the learned baseline are kept.", p.config_path)
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self.pipeline.request_stop()
-
     async def run(self, ready_message: bool = True) -> int:
         p = self.pipeline
         cfg = p.config
