@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from meshaudit.config import Config
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.guard import ERRORS
 from meshaudit.model import Alert
+from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.sinks.base import FatalSinkError, Sink
 from meshaudit.views.graph import MeshGraph
 from meshaudit.watch import FileWatch
@@ -37,6 +39,7 @@ class Alone:
 
     several = False
     pipeline: Pipeline
+    files: FileWatch
 
     @property
     def bound(self) -> dict[str, str]:
@@ -56,6 +59,24 @@ class Alone:
 
     def request_stop(self) -> None:
         self.pipeline.request_stop()
+
+    def reload(self) -> None:
+        raise NotImplementedError
+
+    def after_listening(self) -> None:
+        """Once the receivers listen (one process, a receiver): say so if they listen beyond
+        loopback without TLS, tune the GC, stop on SIGTERM and SIGINT, reload on SIGHUP and
+        when the configuration's files change (``files``: the runner's FileWatch)."""
+        p = self.pipeline
+        cfg = p.config
+        loop = asyncio.get_running_loop()
+        warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)
+        tune_gc()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if p.config_path and cfg.reload_watch_ms:
+            p.core.start(watch_guarded(self.files, self.reload, cfg.reload_watch_ms / 1000), "watch")
 
     def reload_pipeline(self) -> bool:
         """Reload the configuration (SIGHUP, or its files changed). An invalid one changes nothing

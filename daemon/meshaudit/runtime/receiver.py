@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from aiohttp import web
@@ -24,8 +23,7 @@ from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, Policy
 from meshaudit.model import Alert
 from meshaudit.pipeline import Pipeline
-from meshaudit.receivers.auth import warn_plaintext
-from meshaudit.runtime.common import Alone, serve_http, tune_gc, watch_guarded, watched_files
+from meshaudit.runtime.common import Alone, serve_http, watched_files
 from meshaudit.runtime.producer import HopStage
 from meshaudit.watch import FileWatch
 
@@ -78,7 +76,6 @@ class Receiver(Alone):
     async def run(self, ready_message: bool = True) -> int:
         p = self.pipeline
         cfg = p.config
-        loop = asyncio.get_running_loop()
         why = self.stage.check()
         if why is not None:
             log.error("Cannot produce hops: %s", why)
@@ -95,13 +92,7 @@ class Receiver(Alone):
             await self._shutdown(runners)
             return 1
         await p.listening()
-        warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)
-        tune_gc()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if p.config_path and cfg.reload_watch_ms:
-            p.core.start(watch_guarded(self.files, self.reload, cfg.reload_watch_ms / 1000), "watch")
+        self.after_listening()
         if ready_message:
             print_ready(p.bound, cfg)
         await p.stopped()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 from aiohttp import web
@@ -19,7 +18,6 @@ from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
 from meshaudit.model import Alert
 from meshaudit.pipeline import Pipeline
-from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.runtime.common import (
     SHUTDOWN_SECS,
     Alone,
@@ -29,8 +27,6 @@ from meshaudit.runtime.common import (
     readiness_of,
     serve_http,
     start_sinks,
-    tune_gc,
-    watch_guarded,
     watched_files,
 )
 from meshaudit.sinks import build_sinks
@@ -81,7 +77,6 @@ class Single(Alone):
     async def run(self, ready_message: bool = True) -> int:
         p = self.pipeline
         cfg = p.config
-        loop = asyncio.get_running_loop()
         if not await start_sinks(self.sinks):
             return 1
         p.start()
@@ -96,13 +91,7 @@ class Single(Alone):
             await self._shutdown(runners)
             return 1
         await p.listening()
-        warn_plaintext({"gRPC": cfg.listen.grpc, "OTLP/HTTP": cfg.listen.http}, cfg.receivers)
-        tune_gc()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if p.config_path and cfg.reload_watch_ms:
-            p.core.start(watch_guarded(self.files, self.reload, cfg.reload_watch_ms / 1000), "watch")
+        self.after_listening()
         if ready_message:
             print_ready(p.bound, cfg.sinks.jsonl.path)
         await p.stopped()
