@@ -26,7 +26,7 @@ from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
 from meshaudit.engine.core import Engine
 from meshaudit.pipeline import Pipeline
-from meshaudit.runtime import single
+from meshaudit.runtime import common, single
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.conftest import CONFIG
@@ -128,7 +128,7 @@ def _alerts(path: Path) -> list[dict[str, Any]]:
 async def test_a_core_task_that_dies_fails_healthz_and_sigterm_still_exits_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_name: str
 ) -> None:
-    monkeypatch.setattr(single, "tune_gc", lambda: None)  # not in the test process
+    monkeypatch.setattr(common, "tune_gc", lambda: None)  # not in the test process
     calls = {"n": 0}
     if task_name == "tick":
 
@@ -331,7 +331,7 @@ def test_a_sink_that_is_down_keeps_readyz_200_without_naming_the_broker(tmp_path
 
 
 async def test_a_saturated_ingest_queue_makes_readyz_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(single, "tune_gc", lambda: None)
+    monkeypatch.setattr(common, "tune_gc", lambda: None)
     stand_still = asyncio.Event()
 
     async def engine_loop(self: Pipeline) -> None:  # alive, but evaluates nothing
