@@ -7,7 +7,7 @@ TOOLS  := .tools
 PY     := $(VENV)/bin/python
 CONFIG ?= config/default.yaml
 
-.PHONY: run test check lint typecheck proto demo bench clean install tools
+.PHONY: run test test-distributed check lint typecheck proto demo bench clean install tools
 
 install: $(VENV)/.installed
 
@@ -49,8 +49,14 @@ typecheck: install
 
 check: lint typecheck
 
+# Two tiers, each under 10 minutes on a 2-core machine: `make test` runs every test but the
+# distributed mode's (receivers and evaluators joined by a real Kafka-protocol broker, marked
+# `distributed`), which `make test-distributed` runs. CI runs both.
 test: install tools check
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not distributed"
+
+test-distributed: install tools
+	$(VENV)/bin/pytest -q -m distributed
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

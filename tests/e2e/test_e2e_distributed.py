@@ -35,7 +35,7 @@ from meshlab.mesh import DAEMON_SPIFFE, Collector, Mesh, daemon_tls, default_top
 from meshlab.procs import wait_until
 from meshlab.scenarios import SCENARIOS, Scenario, daemon_config, forged_sidecar, one_line, party_key
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 TOPIC = "meshaudit.hops.e2e"
 PARTITIONS = 6

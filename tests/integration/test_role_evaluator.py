@@ -39,6 +39,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from integration.conftest import CONFIG
 
+pytestmark = pytest.mark.distributed
+
 PARTITIONS = 4
 NAMER = Namer(MeshConfig())
 REVIEWS, FRONTEND = als.identifier("reviews"), als.identifier("frontend")

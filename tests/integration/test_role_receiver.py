@@ -33,6 +33,8 @@ from meshaudit.wire.partition import partition
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+pytestmark = pytest.mark.distributed
+
 PARTITIONS = 4
 RECEIVER = ("--role", "receiver")
 TRACES_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
