@@ -218,6 +218,12 @@ HOP_RECORDS_PRODUCED = Counter(
     "Records (one HopBatch for one partition each) acknowledged by the broker (receiver role).",
     registry=REGISTRY,
 )
+HOP_EVIDENCE_COPIES = Counter(
+    "meshaudit_hop_evidence_copies_total",
+    "Evidence copies produced besides hops (receiver role): an inbound entry that logged a trace, or a client "
+    "span, copied to its trace id's partition when its request id's is another (README, Distributed mode).",
+    registry=REGISTRY,
+)
 HOP_BYTES_PRODUCED = Counter(
     "meshaudit_hop_produced_bytes_total",
     "Bytes of the records acknowledged by the broker, before compression (receiver role).",
@@ -297,7 +303,8 @@ EVALUATOR_PARTITIONS = Gauge(
 )
 EVALUATOR_HOPS = Counter(
     "meshaudit_evaluator_hops_total",
-    "Hops consumed by phase: replay (rebuilding state after gaining a partition, never judged) or judge.",
+    "Hops consumed by phase: replay (rebuilding state after gaining a partition, never judged), judge, or "
+    "evidence (evidence copies: indexed, never judged).",
     ["phase"],
     registry=REGISTRY,
 )

@@ -53,18 +53,6 @@ NOT_ON_HOPS = (
 )
 SKIPPED = {"error_burst": STAGE2, "excessive_retries": STAGE2, "log_source_mismatch": NOT_ON_HOPS}
 
-# Scenarios that run, and fail when the evidence of one request lands on two evaluators: each of
-# its requests has an even chance (which evaluator owns each key's partition), so most runs fail
-# and some pass. Not strict for that.
-SPLIT_KEYS = (
-    "a request its own sidecar answers (direct_response, e.g. istiod's block_all 502) is logged "
-    "without the traceparent Envoy's tracer gives its span, so the receivers key the entry by its "
-    "request id and the sidecar's span by its trace id: two partitions, and an evaluator that has "
-    "the span and not the entry (joined by request id in one process) raises a false "
-    "missing_access_log"
-)
-KNOWN_FAILURES = {"route_mismatch": SPLIT_KEYS}
-
 # Receiver A takes these sidecars, B the others. The mesh's calls form odd cycles
 # (frontend-reviews-ratings, frontend-orders-checkout-db-reviews), so no two-way pinning separates
 # every pair; frontend -> reviews is on both, and is the one pair pinned together (its scenario,
@@ -222,12 +210,10 @@ def test_each_request_crosses_receivers() -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_scenario(scenario: Scenario, mesh: Mesh, alerts: MergedAlerts, request: pytest.FixtureRequest) -> None:
+def test_scenario(scenario: Scenario, mesh: Mesh, alerts: MergedAlerts) -> None:
     skip_unless_rules(scenario)
     if scenario.name in SKIPPED:
         pytest.skip(f"{scenario.title}: {SKIPPED[scenario.name]}")
-    if scenario.name in KNOWN_FAILURES:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_FAILURES[scenario.name], strict=False))
     run_scenario(scenario, mesh, alerts)
 
 

@@ -31,7 +31,6 @@ from meshaudit.config import MeshConfig
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.otlp.decode import ExportTraceServiceRequest, decode_traces
-from meshaudit.runtime.evaluator import partition_of
 from meshaudit.wire import hops as wire
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -91,11 +90,13 @@ def hops_of(step: Step) -> list[Hop]:
 
 
 def records_of(step: Step) -> list[tuple[int, bytes, bytes]]:
-    """A receiver's records for one message: (partition, key, HopBatch), one per partition."""
-    by_partition: dict[int, list[Hop]] = {}
-    for h in hops_of(step):
-        by_partition.setdefault(partition_of(h, PARTITIONS), []).append(h)
-    return [(p, wire.correlation_key(hs[0]), wire.encode(hs)) for p, hs in sorted(by_partition.items())]
+    """A receiver's records for one message: (partition, key, HopBatch), one per partition, its
+    evidence copies (``wire.route``) at the end."""
+    out = []
+    for p, (own, copies) in sorted(wire.route(hops_of(step), PARTITIONS).items()):
+        key = wire.correlation_key((own or copies)[0])  # a copy has no request id: its trace id
+        out.append((p, key, wire.encode(own + copies, evidence=len(copies))))
+    return out
 
 
 # --- brokers and processes --------------------------------------------------------------------------

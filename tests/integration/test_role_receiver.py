@@ -26,9 +26,9 @@ from infra.brokers import Tansu
 from infra.daemon import Daemon, free_port, running
 from infra.otlp import server_span
 from meshaudit.config import MeshConfig
-from meshaudit.model import ALS_HTTP, SPAN, Hop
+from meshaudit.model import ALS_HTTP, INBOUND, SPAN, Hop
 from meshaudit.naming import Namer
-from meshaudit.wire.hops import COLUMNS, correlation_key, decode
+from meshaudit.wire.hops import COLUMNS, correlation_key, decode_split
 from meshaudit.wire.partition import partition
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -53,9 +53,14 @@ def _config(bootstrap: str, topic: str, **distributed: Any) -> dict[str, Any]:
 
 
 async def _consume(
-    bootstrap: str, topic: str, done: Callable[[list[tuple[int, Hop]]], bool], timeout: float = 20
+    bootstrap: str,
+    topic: str,
+    done: Callable[[list[tuple[int, Hop]]], bool],
+    timeout: float = 20,
+    copies: list[tuple[int, Hop]] | None = None,
 ) -> list[tuple[int, Hop]]:
-    """(partition, hop) of every record on ``topic`` from the start, until ``done`` says so."""
+    """(partition, hop) of every record on ``topic`` from the start, until ``done`` says so;
+    evidence copies go to ``copies``."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -67,7 +72,10 @@ async def _consume(
             for tp, records in (await consumer.getmany(timeout_ms=300)).items():
                 for r in records:
                     assert r.value is not None
-                    got.extend((tp.partition, h) for h in decode(r.value))
+                    hops, n = decode_split(r.value)
+                    got.extend((tp.partition, h) for h in hops[: len(hops) - n])
+                    if copies is not None:
+                        copies.extend((tp.partition, h) for h in hops[len(hops) - n :])
     finally:
         await consumer.stop()
     return got
@@ -113,7 +121,8 @@ async def test_hops_reach_kafka_as_they_were_decoded_each_request_in_one_partiti
         + als.decode(als.tcp_message([tcp], als.identifier(sidecar)), namer)
     ]
     assert len(sent) == 26
-    got = await _consume(tansu.bootstrap, topic, lambda g: len(g) >= 38)
+    copies: list[tuple[int, Hop]] = []
+    got = await _consume(tansu.bootstrap, topic, lambda g: len(g) >= 38, copies=copies)
     assert len(got) == 38  # 24 HTTP entries, 2 TCP entries, 12 spans: each once
 
     # The access-log hops are the receiver's own, field for field, each where Kafka's partitioner
@@ -122,11 +131,22 @@ async def test_hops_reach_kafka_as_they_were_decoded_each_request_in_one_partiti
     assert sorted(map(_row, (h for _, h in logged)), key=repr) == sorted(map(_row, sent), key=repr)
     for p, h in got:
         assert p == partition(correlation_key(h), PARTITIONS)
-    # Both sidecars' entries and the span of one request: one partition.
+    # Both sidecars' entries of one request: one partition (the request id's). The application's
+    # span (no request id) is in its trace id's, with the inbound entry or its evidence copy.
     for trace_id in traces:
         of_request = [(p, h) for p, h in got if h.trace_id == trace_id]
         assert sorted(h.origin for _, h in of_request) == sorted([ALS_HTTP, ALS_HTTP, SPAN])
-        assert len({p for p, _ in of_request}) == 1
+        logs = {p for p, h in of_request if h.origin != SPAN}
+        (span_p,) = [p for p, h in of_request if h.origin == SPAN]
+        assert len(logs) == 1 and span_p == partition(trace_id.encode(), PARTITIONS)
+        copied = [(p, h) for p, h in copies if h.trace_id == trace_id]
+        if span_p in logs:
+            assert copied == []
+        else:
+            (p, c), (_, entry) = copied[0], next((p, h) for p, h in of_request if h.direction == INBOUND)
+            assert len(copied) == 1 and p == span_p
+            assert (c.direction, c.observer_service.key, c.request_id) == (INBOUND, entry.observer_service.key, None)
+    assert copies and d.metric("meshaudit_hop_evidence_copies_total") == len(copies)
     span = next(h for _, h in got if h.origin == SPAN and h.trace_id == traces[3])
     assert (span.method, span.path, span.observer_service.service) == ("GET", "/reviews/3", "reviews")
     tcp = [p for p, h in got if h.conn == "10.0.0.1:41000"]

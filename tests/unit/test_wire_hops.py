@@ -40,7 +40,15 @@ from meshaudit.receivers.otlp.decode import (
     decode_traces,
 )
 from meshaudit.wire import hops as wire
-from meshaudit.wire.hops import WireError, correlation_key, decode, encode
+from meshaudit.wire.hops import (
+    WireError,
+    correlation_key,
+    decode,
+    decode_split,
+    encode,
+    evidence_copy,
+    evidence_key,
+)
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -372,19 +380,49 @@ def test_the_engine_raises_the_same_alerts_on_decoded_hops() -> None:
 # --- the Kafka key ----------------------------------------------------------------------------
 def test_every_piece_of_evidence_about_one_request_gets_one_key() -> None:
     full, plaintext, _, _, out1, out2 = als_http_hops()
-    *_, envoy_span = span_hops()
+    app_server, app_client, envoy_span = span_hops()
     log_in, _ = log_hops()
-    # The trace id: both sidecars' entries (the client's read lazily), the span and the log record.
-    assert correlation_key(full) == correlation_key(out1) == correlation_key(envoy_span) == TRACE.encode()
-    assert correlation_key(log_in) == TRACE.encode()
-    # No trace: the request id pairs the two sidecars' entries.
+    # The request id: both sidecars' entries, traced or not, and the sidecar's span (its tag).
+    assert correlation_key(full) == correlation_key(out1) == correlation_key(envoy_span) == b"rid-1"
     assert correlation_key(plaintext) == correlation_key(out2) == b"rid-2"
+    assert correlation_key(log_in) == b"rid-5"
+    # An application's span without a request id: its trace id, where the entries of the trace
+    # it is joined to are copied (an inbound entry that logged the trace; a client span).
+    assert app_server.request_id is None and app_server.trace_id
+    assert correlation_key(app_server) == app_server.trace_id.encode()
+    assert evidence_key(full) == evidence_key(log_in) == TRACE.encode()
+    assert evidence_key(out1) is None and evidence_key(envoy_span) is None and evidence_key(plaintext) is None
+    assert app_client.request_id == "rid-9" and app_client.trace_id
+    assert evidence_key(app_client) == app_client.trace_id.encode()
     # TCP: the client socket both sidecars log.
     server, client = als_tcp_hops()
     assert correlation_key(server) == correlation_key(client) == b"10.0.0.8:50000"
+    assert evidence_key(server) is None
     # Nothing at all: the observer.
     bare = Hop(ALS_HTTP, "sidecar~1", identity("a"), INBOUND, identity(), identity("a"), T0)
     assert correlation_key(bare) == b"sidecar~1"
+
+
+def test_evidence_copies_travel_at_the_end_of_a_batch_with_what_their_joins_read() -> None:
+    full, *_ = als_http_hops()
+    _, app_client, _ = span_hops()
+    copies = [evidence_copy(full), evidence_copy(app_client)]
+    hops, n = decode_split(encode([full, *copies], evidence=2))
+    assert n == 2 and len(hops) == 3 and len(decode(encode([full, *copies], evidence=2))) == 3
+    log_copy, span_copy = hops[1:]
+    assert (log_copy.trace_id, log_copy.observer_service, log_copy.direction, log_copy.src) == (
+        TRACE, full.observer_service, full.direction, full.src,
+    )  # fmt: skip
+    assert log_copy.request_id is None and log_copy.start == full.start
+    assert (span_copy.span_id, span_copy.span_kind, span_copy.trace_id) == (
+        app_client.span_id, app_client.span_kind, app_client.trace_id,
+    )  # fmt: skip
+    with pytest.raises(ValueError):
+        encode([full], evidence=2)
+    forged = hops_pb2.HopBatch.FromString(encode([full]))
+    forged.evidence = 5
+    with pytest.raises(WireError, match="evidence"):
+        decode(forged.SerializeToString())
 
 
 def test_an_outsized_request_id_is_keyed_by_its_digest() -> None:

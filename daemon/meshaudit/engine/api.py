@@ -484,6 +484,13 @@ class Rule(Generic[C]):
         core has indexed the shared correlation state already; a rule with an index of its own
         (missing_access_log's client spans) fills it here."""
 
+    def on_evidence(self, hops: list[Hop], now: float) -> None:
+        """Evidence copies (the evaluator role): hops another partition judges, copied to this
+        one because hops here are joined to them (README, Distributed mode). Index them as
+        :meth:`on_replay` does and let them settle this rule's waits (a span waiting for its
+        access log); never judge or count them. The core has indexed them already."""
+        self.on_replay(hops, now)
+
     def on_claims(self, claims: list[Claim], now: float) -> None:
         """Senders that claimed what they may not (``meshaudit.engine.sources``): once per ALS
         stream or OTLP export, never per hop. Only log_source_mismatch reads them."""

@@ -172,6 +172,18 @@ class Engine:
         for rule in self.rules:
             rule.on_replay(hops, now)
 
+    def evidence(self, hops: list[Hop], now: float) -> None:
+        """Index evidence copies (the evaluator role: hops judged in another partition, copied to
+        this one for the joins of hops judged here): the correlation indexes and each rule's
+        ``on_evidence``, which may settle waits they answer (a span's access log); never judged,
+        counted or tallied."""
+        if self.ctx.started is None:
+            self.ctx.started = now
+        self._now = now
+        self.corr.index(hops, now)
+        for rule in self.rules:
+            rule.on_evidence(hops, now)
+
     def release(self, drop: Callable[[Hop], bool]) -> int:
         """Forget, without judging, the waiting hops ``drop`` selects (the evaluator role: those of
         partitions this member lost; their waits would end with part of the evidence, which now

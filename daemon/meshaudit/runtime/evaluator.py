@@ -329,10 +329,12 @@ class Evaluator(Alone):
                 self.take(batches, time.time())
 
     def take(self, batches: dict[TopicPartition, Sequence[Any]], now: float) -> None:
-        """One fetch: replay what rebuilds state, judge the rest, note what to commit. No await:
-        a rebalance cannot come between the engine calls and the positions they move."""
+        """One fetch: replay what rebuilds state, index evidence copies, judge the rest, note what
+        to commit. No await: a rebalance cannot come between the engine calls and the positions
+        they move."""
         replay: list[Hop] = []
         judge: list[Hop] = []
+        evidence: list[Hop] = []
         judged_to: dict[TopicPartition, int] = {}
         latest = 0
         for tp, records in batches.items():
@@ -346,12 +348,16 @@ class Evaluator(Alone):
                     phase = plan.phase(rec.offset, rec.timestamp)
                     if phase == "skip":
                         continue
-                    if phase == "replay":
-                        replay.extend(self._decode(rec.value))
+                    if phase == "replay":  # copies too: the previous owner had them indexed
+                        replay.extend(self._decode(rec.value)[0])
                         continue
                     del self.catchup[tp]  # caught up: judged from here on
                     plan = None
-                judge.extend(self._decode(rec.value))
+                hops, copies = self._decode(rec.value)
+                if copies:
+                    evidence.extend(hops[len(hops) - copies :])
+                    del hops[len(hops) - copies :]
+                judge.extend(hops)
                 judged_to[tp] = rec.offset + 1
             if records:
                 self.seen_at[tp] = records[-1].timestamp / 1000
@@ -364,6 +370,12 @@ class Evaluator(Alone):
                 self.engine.replay(replay, now)
             except Exception as exc:
                 ERRORS.record("evaluate", exc, f"replaying {len(replay)} hops")
+        if evidence:  # before the hops judged with it: a span joins its copied access log at once
+            metrics.EVALUATOR_HOPS.labels("evidence").inc(len(evidence))
+            try:
+                self.engine.evidence(evidence, now)
+            except Exception as exc:
+                ERRORS.record("evaluate", exc, f"indexing {len(evidence)} evidence copies")
         if judge:
             metrics.EVALUATOR_HOPS.labels("judge").inc(len(judge))
             for i in range(0, len(judge), MAX_BATCH):
@@ -371,15 +383,16 @@ class Evaluator(Alone):
         for tp, offset in judged_to.items():
             self.pending.setdefault(tp, deque()).append((now, offset))
 
-    def _decode(self, value: bytes | None) -> list[Hop]:
+    def _decode(self, value: bytes | None) -> tuple[list[Hop], int]:
+        """A record's hops and how many of them, at the end, are evidence copies."""
         if not value:
-            return []
+            return [], 0
         try:
-            return wire.decode(value)
+            return wire.decode_split(value)
         except wire.WireError as exc:
             metrics.EVALUATOR_UNDECODABLE.inc()
             log.warning("Skipped a record of %s that is not a hop batch: %s", self.cfg.hops_topic, exc)
-            return []
+            return [], 0
 
     # --- committing ------------------------------------------------------------------------------
     async def commit_settled(self, only: set[TopicPartition] | None = None) -> None:
@@ -434,7 +447,7 @@ class Evaluator(Alone):
             await self._shutdown(runners)
             return 1
         metrics.init_series([*(r.name for r in p.engine.rule_classes), "config_invalid"])
-        for phase in ("replay", "judge"):
+        for phase in ("replay", "judge", "evidence"):
             metrics.EVALUATOR_HOPS.labels(phase)
         self.tasks.start(self._consume(), "consumer")
         self.tasks.start(self._commit_loop(), "commit")

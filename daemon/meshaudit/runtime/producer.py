@@ -3,10 +3,12 @@ to the hops topic instead of to an engine.
 
 Hops are taken off the ingest queue (what is waiting, up to ``TAKE_HOPS`` at a time), grouped by
 partition, as Kafka's default partitioner puts ``wire.correlation_key(hop)`` (so both sidecars'
-entries and the spans of one request land in one partition, whichever receiver got each), and
-each group is encoded as HopBatch records of at most ``max_hops_per_record`` hops and
-``max_record_bytes`` bytes, produced to that partition with acks=all (idempotent when the
-broker grants it). Records of one partition are produced in the order their hops were taken.
+entries and the spans of one request land in one partition, whichever receiver got each; an
+entry that logged a trace is also copied, as evidence, to its trace id's partition where an
+application's span joins it: ``wire.route``), and each group is encoded as HopBatch records of
+at most ``max_hops_per_record`` hops and ``max_record_bytes`` bytes, produced to that partition
+with acks=all (idempotent when the broker grants it). Records of one partition are produced in
+the order their hops were taken.
 
 Bounded: records produced and not yet acknowledged hold at most ``max_in_flight_bytes`` (a
 record that failed stays counted until it is acknowledged; the producer's own buffers hold only
@@ -53,8 +55,7 @@ from meshaudit.logsafe import RateLimited
 from meshaudit.model import Hop
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.sinks.base import FatalSinkError
-from meshaudit.wire.hops import correlation_key, encode
-from meshaudit.wire.partition import partition
+from meshaudit.wire.hops import encode, route
 
 log = logging.getLogger("meshaudit.producer")
 _limited = RateLimited(log, interval=30.0)
@@ -328,35 +329,37 @@ class HopStage:
         )
 
     def _records(self, hops: list[Hop]) -> list[Record]:
+        """The records of ``hops``: each partition's hops (then its evidence copies, see
+        :func:`~meshaudit.wire.hops.evidence_key`) in batches of ``max_hops_per_record``."""
         parts = self._producer.client.cluster.partitions_for_topic(self.cfg.hops_topic)
         if parts:  # partitions added to the topic count from the next metadata refresh
             self._partitions = len(parts)
-        n = self._partitions
-        groups: dict[int, list[Hop]] = {}
-        for h in hops:
-            p = partition(correlation_key(h), n)
-            g = groups.get(p)
-            if g is None:
-                groups[p] = [h]
-            else:
-                g.append(h)
         out: list[Record] = []
         step = self.cfg.max_hops_per_record
-        for p, group in groups.items():
-            for i in range(0, len(group), step):
-                self._encode(p, group[i : i + step], out)
+        copied = 0
+        for p, (own, copies) in sorted(route(hops, self._partitions).items()):
+            both = own + copies if copies else own
+            copied += len(copies)
+            for i in range(0, len(both), step):
+                chunk = both[i : i + step]
+                self._encode(p, chunk, max(0, i + len(chunk) - max(i, len(own))), out)
+        if copied:
+            metrics.HOP_EVIDENCE_COPIES.inc(copied)
         return out
 
-    def _encode(self, p: int, hops: list[Hop], out: list[Record]) -> None:
+    def _encode(self, p: int, hops: list[Hop], evidence: int, out: list[Record]) -> None:
+        """One record of ``hops`` for partition ``p``, the last ``evidence`` of them copies (not
+        counted as hops held: the receiver accounts for the hops it took)."""
+        own = len(hops) - evidence
         try:
-            value = encode(hops)
+            value = encode(hops, evidence=evidence)
         except (ValueError, TypeError, AttributeError) as exc:  # a hop not of the model's types: a bug
             ERRORS.record("produce", exc, f"encoding {len(hops)} hops")
-            self._give_up(len(hops), "encode")
+            self._give_up(own, "encode")
             return
         if len(value) > self.cfg.max_record_bytes:
             if len(hops) == 1:
-                self._give_up(1, "too_large")
+                self._give_up(own, "too_large")
                 _limited.warning(
                     "too_large",
                     "A hop of %d bytes encoded is larger than distributed.max_record_bytes (%d): dropped, counted.",
@@ -365,11 +368,11 @@ class HopStage:
                 )
                 return
             half = len(hops) // 2
-            self._encode(p, hops[:half], out)
-            self._encode(p, hops[half:], out)
+            self._encode(p, hops[:half], max(0, half - own), out)
+            self._encode(p, hops[half:], min(evidence, len(hops) - half), out)
             return
         self._seq += 1
-        out.append(Record(self._seq, p, value, len(hops)))
+        out.append(Record(self._seq, p, value, own))
 
     def _give_up(self, hops: int, reason: str) -> None:
         self._held -= hops

@@ -38,8 +38,20 @@ from typing import Any, Final
 from google.protobuf.message import DecodeError
 
 from meshaudit._proto.meshaudit.hops.v1 import hops_pb2
-from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, Hop, Identity, identity
+from meshaudit.model import (
+    ALS_HTTP,
+    ALS_TCP,
+    INBOUND,
+    NOBODY,
+    OUTBOUND,
+    SPAN,
+    SPAN_KIND_CLIENT,
+    Hop,
+    Identity,
+    identity,
+)  # fmt: skip
 from meshaudit.receivers.envoy_als.decode import AlsHop, AlsTcpHop
+from meshaudit.wire.partition import partition
 
 HopBatch = hops_pb2.HopBatch
 
@@ -171,14 +183,17 @@ def _ints(column: Any, values: Sequence[Any], kind: str) -> None:
 
 
 # --- encode -----------------------------------------------------------------------------------
-def encode(hops: Sequence[Hop], *, entries: bool = True) -> bytes:
-    """One batch of ``hops``, at most ``MAX_HOPS``. ``entries``: access-log hops carry their
-    Envoy entry for the fields they read lazily (the default, see the module's figures); False
-    reads every field of every hop at once (the alternative the benchmark compares). Raises
-    (ValueError, TypeError, AttributeError) for a hop whose fields are not of the model's types."""
+def encode(hops: Sequence[Hop], *, entries: bool = True, evidence: int = 0) -> bytes:
+    """One batch of ``hops``, at most ``MAX_HOPS``, the last ``evidence`` of them evidence copies
+    (:func:`evidence_copy`). ``entries``: access-log hops carry their Envoy entry for the fields
+    they read lazily (the default, see the module's figures); False reads every field of every
+    hop at once (the alternative the benchmark compares). Raises (ValueError, TypeError,
+    AttributeError) for a hop whose fields are not of the model's types."""
     n = len(hops)
     if n > MAX_HOPS:
         raise ValueError(f"{n} hops in one batch; at most {MAX_HOPS}")
+    if not 0 <= evidence <= n:
+        raise ValueError(f"{evidence} evidence copies in a batch of {n} hops")
     rows: list[tuple[Any, ...]] = []
     add_row = rows.append
     entry: list[int] = []
@@ -215,7 +230,7 @@ def encode(hops: Sequence[Hop], *, entries: bool = True) -> bytes:
         else:
             add_entry(0)
             add_row(_ROW(h))
-    batch = HopBatch(count=n)
+    batch = HopBatch(count=n, evidence=evidence)
     if n:
         if nhttp + ntcp == n:  # access-log hops only: the columns they fill
             _columns(batch, n, dict(zip(ALS_COLUMNS, zip(*rows, strict=True), strict=True)))
@@ -295,7 +310,15 @@ def _hex(joined: str) -> bytes | None:
 
 # --- decode -----------------------------------------------------------------------------------
 def decode(data: bytes) -> list[Hop]:
-    """The hops of one batch. Raises :class:`WireError` when ``data`` is not a valid batch."""
+    """Every hop of one batch, evidence copies included (state rebuilt by a replay takes them
+    all). Raises :class:`WireError` when ``data`` is not a valid batch."""
+    hops, _ = decode_split(data)
+    return hops
+
+
+def decode_split(data: bytes) -> tuple[list[Hop], int]:
+    """The hops of one batch and how many of them, at the end, are evidence copies: indexed by
+    the evaluator, never judged. Raises :class:`WireError` when ``data`` is not a valid batch."""
     if len(data) > MAX_BATCH_BYTES:
         raise WireError(f"a hop batch of {len(data)} bytes; at most {MAX_BATCH_BYTES}")
     try:
@@ -313,10 +336,12 @@ def decode(data: bytes) -> list[Hop]:
         raise WireError(f"{strings} strings for {n} hops")
     if len(b.http_entries) + len(b.tcp_entries) > n:
         raise WireError(f"{len(b.http_entries) + len(b.tcp_entries)} Envoy entries for {n} hops")
+    if b.evidence > n:
+        raise WireError(f"{b.evidence} evidence copies in a batch of {n} hops")
     if not n:
-        return []
+        return [], 0
     try:
-        return _hops(b, n)
+        return _hops(b, n), b.evidence
     except IndexError:
         raise WireError("a reference past the end of its table") from None
 
@@ -440,11 +465,76 @@ def _als_hop(
 
 # --- the Kafka key ----------------------------------------------------------------------------
 def correlation_key(hop: Hop) -> bytes:
-    """The key that puts every piece of evidence about one request in one partition: the trace
-    id when the hop has one, else the request id, else the client socket of the connection
-    (``conn``, which both sidecars of a TCP connection log), else the observer. A key longer than
-    ``MAX_KEY_BYTES`` (a sender's outsized request id) is its 16-byte digest, prefixed ``#``."""
-    key = hop.trace_id or hop.request_id or hop.conn or hop.observer
+    """The key that puts every piece of evidence about one request in one partition: the request
+    id when the hop has one (both sidecars' entries of a request, and an Envoy span, which tags
+    it), else the trace id (an application's span), else the client socket of the connection
+    (``conn``, which both sidecars of a TCP connection log), else the observer.
+
+    The request id comes first because every sidecar logs it, while the trace id is in an entry
+    only when the request was traced *and* the entry logs ``traceparent``: a request the sidecar
+    answers itself (a ``direct_response``) is logged without it, though its span has it. A span
+    of an application (no request id) joins its sidecar's entry by the trace id: such an entry
+    goes to its request id's partition and, when the trace id's partition is another, an
+    evidence copy goes there too (:func:`evidence_key`).
+
+    A key longer than ``MAX_KEY_BYTES`` (a sender's outsized request id) is its 16-byte digest,
+    prefixed ``#``."""
+    return _key(hop.request_id or hop.trace_id or hop.conn or hop.observer)
+
+
+def evidence_key(hop: Hop) -> bytes | None:
+    """Where a copy of ``hop`` is needed besides its own partition, or None: the trace id of a
+    hop keyed by its request id that a hop keyed by the trace id joins. That is an inbound
+    access-log entry that logged the trace (an application's server span, with no request id,
+    is joined to it: missing_access_log) and a client span (it names the source of a bypassed
+    request, its child span in the same trace). The copy goes only where that partition differs
+    from the hop's own (the producer compares)."""
+    tid = hop.trace_id
+    if not tid or not hop.request_id:
+        return None
+    origin = hop.origin
+    if origin == SPAN:
+        return _key(tid) if hop.span_kind == SPAN_KIND_CLIENT and hop.span_id else None
+    return _key(tid) if hop.direction != OUTBOUND else None
+
+
+def route(hops: Sequence[Hop], partitions: int) -> dict[int, tuple[list[Hop], list[Hop]]]:
+    """``hops`` by partition (Kafka's default partitioner over :func:`correlation_key`), in
+    their order: each partition's own hops, then the evidence copies it needs of hops of other
+    partitions (:func:`evidence_key`, :func:`evidence_copy`)."""
+    out: dict[int, tuple[list[Hop], list[Hop]]] = {}
+    for h in hops:
+        p = partition(correlation_key(h), partitions)
+        slot = out.get(p)
+        if slot is None:
+            slot = out[p] = ([], [])
+        slot[0].append(h)
+        ek = evidence_key(h)
+        if ek is not None:
+            q = partition(ek, partitions)
+            if q != p:
+                other = out.get(q)
+                if other is None:
+                    other = out[q] = ([], [])
+                other[1].append(evidence_copy(h))
+    return out
+
+
+def evidence_copy(hop: Hop) -> Hop:
+    """What the joins of :func:`evidence_key` read of ``hop``, and nothing else (no Envoy entry,
+    no request id: nothing at the copy's partition pairs by it)."""
+    if hop.origin == SPAN:
+        return Hop(
+            SPAN, hop.observer, hop.observer_service, hop.direction, hop.src, hop.dst, hop.start,
+            trace_id=hop.trace_id, span_id=hop.span_id, span_kind=hop.span_kind,
+        )  # fmt: skip
+    return Hop(
+        hop.origin, hop.observer, hop.observer_service, hop.direction, hop.src, hop.dst, hop.start,
+        trace_id=hop.trace_id,
+    )  # fmt: skip
+
+
+def _key(key: str) -> bytes:
     raw = key.encode("utf-8", "surrogatepass")
     if len(raw) <= MAX_KEY_BYTES:
         return raw

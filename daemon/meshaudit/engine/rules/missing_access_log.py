@@ -111,11 +111,7 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
         for h in hops:
             if h.origin in LOGGED_ORIGINS:
                 if len(pending):
-                    # The log arrived after its span: the span is satisfied.
-                    if h.request_id:
-                        self._logged(pending.pop((h.request_id, h.observer_service.key)))
-                    if h.direction != OUTBOUND and h.trace_id:  # an app's server span: its inbound entry
-                        self._logged(pending.pop((h.trace_id, h.observer_service.key)), h.src)
+                    self._arrived(h)
                 continue
             if h.origin != SPAN:
                 continue
@@ -153,6 +149,23 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                     self._logged(h)
                     continue
                 (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
+
+    def _arrived(self, h: Hop) -> None:
+        """An access log that arrived after its span: the span is satisfied."""
+        pending = self.pending
+        if h.request_id:
+            self._logged(pending.pop((h.request_id, h.observer_service.key)))
+        if h.direction != OUTBOUND and h.trace_id:  # an app's server span: its inbound entry
+            self._logged(pending.pop((h.trace_id, h.observer_service.key)), h.src)
+
+    def on_evidence(self, hops: list[Hop], now: float) -> None:
+        """Evidence copies: an inbound entry copied to its trace's partition satisfies the
+        application span waiting for it here; a client span names a bypassed request's source."""
+        self.on_replay(hops, now)
+        if len(self.pending):
+            for h in hops:
+                if h.origin in LOGGED_ORIGINS:
+                    self._arrived(h)
 
     def on_replay(self, hops: list[Hop], now: float) -> None:
         """Rebuilding state (evaluator role): spans keep the access-log index on, and client
