@@ -482,6 +482,12 @@ class DistributedConfig(_Strict):
         default_factory=lambda: ["127.0.0.1:9092"], min_length=1, description="HOST:PORT of brokers."
     )
     hops_topic: str = Field("meshaudit.hops", min_length=1, description="The topic of hop batches.")
+    baseline_topic: str = Field(
+        "meshaudit.baseline",
+        min_length=1,
+        description="Learn mode: the compacted topic (one partition) through which the evaluators share the "
+        "learned baseline; created compacted with create_topic.",
+    )
     client_id: str = Field("meshaudit", min_length=1, description="Shown in broker logs and quotas.")
     tls: KafkaTlsConfig | None = Field(None, description="TLS to the brokers; absent: plaintext.")
     create_topic: bool = Field(False, description="Create the hops topic at start-up when it is missing.")

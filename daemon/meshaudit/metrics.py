@@ -301,6 +301,13 @@ EVALUATOR_PARTITIONS = Gauge(
     "Partitions of the hops topic this evaluator owns now (its share of the consumer group).",
     registry=REGISTRY,
 )
+BASELINE_TOPIC_RECORDS = Counter(
+    "meshaudit_baseline_topic_records_total",
+    "Learn mode in the distributed mode: records of the shared baseline topic read, produced, or skipped as "
+    "invalid (evaluator role).",
+    ["result"],
+    registry=REGISTRY,
+)
 EVALUATOR_HOPS = Counter(
     "meshaudit_evaluator_hops_total",
     "Hops consumed by phase: replay (rebuilding state after gaining a partition, never judged), judge, or "

@@ -64,6 +64,9 @@ class Peers(Protocol):
     defers decisions that need their evidence."""
 
     several: bool
+    # Learn mode's baseline is shared with other processes (the workers' coordinator, the
+    # distributed mode's evaluators): the engine hands out and takes in learned edges.
+    baseline_shared: bool
 
     def attach(self, pipeline: Pipeline) -> None:
         """The pipeline's engine is built (before it sees a hop): seed it (the learn-mode baseline)."""
@@ -249,7 +252,7 @@ class Pipeline:
         self._engine: Engine | None = None
         self._compiled: CompiledPolicy | None = None  # the running policy, when there is no engine
         if stage is None:
-            self._engine = build_engine(config, policy, peers=peers.several)
+            self._engine = build_engine(config, policy, peers=peers.several, baseline_shared=peers.baseline_shared)
             self.namer = self._engine.namer
         else:
             self.namer = Namer(config.mesh)

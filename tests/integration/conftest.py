@@ -31,3 +31,13 @@ CONFIG: dict[str, Any] = {
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     with running(tmp_path, CONFIG) as d:
         yield d
+
+
+@pytest.fixture
+def evaluators() -> Iterator[list[Daemon]]:
+    """Evaluators (``--role evaluator``) a test started (``test_role_evaluator.start_evaluator``);
+    every one stopped at teardown."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.stop()

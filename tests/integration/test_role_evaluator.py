@@ -17,7 +17,6 @@ import asyncio
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +133,6 @@ def wait_until(what: str, pred: Any, timeout: float) -> None:
 
 def partitions(d: Daemon) -> float:
     return d.metric("meshaudit_evaluator_partitions")
-
-
-@pytest.fixture
-def evaluators(tmp_path: Path) -> Iterator[list[Daemon]]:
-    """Evaluators started by the test (``start(config, name)``); every one stopped at teardown."""
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def start_evaluator(started: list[Daemon], workdir: Path, config: dict[str, Any], name: str) -> Daemon:

@@ -158,6 +158,10 @@ class EngineContext:
         # decision here instead of emitting: the worker asks its peers, then calls ``finish``.
         self.peers = False
         self.deferred: list[Deferred] = []
+        # Learn mode's baseline is shared with other processes (with peers, or the evaluators of
+        # the distributed mode): what is learned is handed out (``Rule.take_learned``), merged in
+        # (``Rule.add_learned``), and the learning window is ended from outside (``Rule.seed``).
+        self.baseline_shared = False
         # Each rule's options as the core gives them: its ``rules.<name>`` section under the
         # policy's overrides for all traffic.
         self.sections: dict[str, RuleConfig] = {}

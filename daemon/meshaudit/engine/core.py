@@ -64,11 +64,21 @@ class Facts:
 class Engine:
     """Owns all window state. Not thread-safe; one engine per process."""
 
-    def __init__(self, config: Config, policy: Policy, rules: Sequence[type[Rule[Any]]], peers: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        policy: Policy,
+        rules: Sequence[type[Rule[Any]]],
+        peers: bool = False,
+        baseline_shared: bool = False,
+    ) -> None:
         """``rules``: the rule classes to run (those enabled in ``config.rules``). ``peers``: one
         of several workers. Violations are then not aggregated here but collected in
         ``forwarded`` for the one aggregator, and waits that end without local evidence are
-        deferred (``take_deferred``) until the other workers answered."""
+        deferred (``take_deferred``) until the other workers answered. ``baseline_shared``: learn
+        mode's baseline is shared with other processes (always with peers; the evaluators of the
+        distributed mode share it through a topic): learned edges are handed out
+        (``take_learned``), merged in (``absorb``) and the window ended (``seed``) from outside."""
         self.config = config
         self.rule_classes = list(rules)
         compiled = CompiledPolicy(policy)
@@ -79,6 +89,7 @@ class Engine:
         self.ctx = EngineContext(config, compiled, Namer(config.mesh), self.corr)
         self.ctx.sections = {cls.name: sections[cls] for cls in rules}
         self.ctx.peers = peers
+        self.ctx.baseline_shared = peers or baseline_shared
         self.agg = Aggregator.from_config(config.engine, {cls.name: cls.summary for cls in rules})
         self.forwarded: list[Violation] = []
         self._emit: Emit = self.forwarded.append if peers else self._on_violation
@@ -234,12 +245,8 @@ class Engine:
         if fresh:
             self._log_shared = max(fresh.values())
             out.last_log = fresh
-        for r in self.rules:
-            learned = r.take_learned()
-            if learned is not None:
-                out.learned.extend(learned.edges)
-                out.routes.extend(learned.routes)
-        out.tally = self.ctx.tally.take()
+        out.learned, out.routes = self.take_learned()
+        out.tally = self.take_tally()
         return out
 
     def absorb(self, facts: Facts, now: float) -> None:
@@ -258,6 +265,21 @@ class Engine:
             for r in self.rules:
                 if r.learns():
                     r.add_learned(facts.learned)
+
+    def take_tally(self) -> list[EdgeCounts]:
+        """The service graph's per-edge counts since the last call (each hop counted once)."""
+        return self.ctx.tally.take()
+
+    def take_learned(self) -> tuple[list[Edge], list[Route]]:
+        """Learn mode with a shared baseline: the edges and routes learned since the last call."""
+        edges: list[Edge] = []
+        routes: list[Route] = []
+        for r in self.rules:
+            learned = r.take_learned()
+            if learned is not None:
+                edges.extend(learned.edges)
+                routes.extend(learned.routes)
+        return edges, routes
 
     def learns(self) -> bool:
         """Whether a rule learns a baseline (learn mode): with peers, the coordinator's."""

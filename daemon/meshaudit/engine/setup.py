@@ -7,5 +7,5 @@ from meshaudit.engine.core import Engine
 from meshaudit.engine.rules import REGISTRY
 
 
-def build_engine(config: Config, policy: Policy, peers: bool = False) -> Engine:
-    return Engine(config, policy, REGISTRY, peers)
+def build_engine(config: Config, policy: Policy, peers: bool = False, baseline_shared: bool = False) -> Engine:
+    return Engine(config, policy, REGISTRY, peers, baseline_shared)

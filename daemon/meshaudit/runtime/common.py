@@ -38,6 +38,7 @@ class Alone:
     ``pipeline`` and override what they do differently."""
 
     several = False
+    baseline_shared = False
     pipeline: Pipeline
     files: FileWatch
 

@@ -51,6 +51,7 @@ from meshaudit.engine.core import Engine
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
+from meshaudit.runtime.baseline_topic import SharedBaseline
 from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
@@ -125,7 +126,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
 
 class Evaluator(Alone):
     """One member of the evaluator group. It is also the pipeline's
-    :class:`~meshaudit.pipeline.Peers`: none (all evidence about a request is in its partition)."""
+    :class:`~meshaudit.pipeline.Peers`: none (all evidence about a request is in its partition),
+    but learn mode's baseline, which the members share (``runtime/baseline_topic.py``)."""
+
+    baseline_shared = True
 
     def __init__(
         self, config: Config, policy: Policy, config_path: str | None, overrides: dict[str, str] | None = None
@@ -148,6 +152,10 @@ class Evaluator(Alone):
         self._clock = time.time()
         self.state = "not started"
         self.joined = False
+        r = config.rules.unexpected_edge
+        self.shared: SharedBaseline | None = None
+        if r.enabled and r.mode == "learn":
+            self.shared = SharedBaseline(config, lambda: self.engine, self.clock)
 
     @property
     def engine(self) -> Engine:
@@ -158,7 +166,7 @@ class Evaluator(Alone):
         pipeline.engine.agg.align()  # alert ids by data time: the same in every member
 
     def periodic(self, engine: Engine) -> None:
-        engine.facts()  # the graph's tally is taken (no /graph here), so it does not grow
+        engine.take_tally()  # no /graph here: taken, so it does not grow
 
     # --- alerts and health -----------------------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
@@ -169,6 +177,7 @@ class Evaluator(Alone):
         gates = {
             "engine": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
             "consumer": "ok" if self.joined else self.state,
+            **({"baseline": self.shared.state} if self.shared is not None else {}),
         }
         return readiness_of(gates, self.sinks)
 
@@ -317,6 +326,9 @@ class Evaluator(Alone):
                 await asyncio.sleep(RETRY_SECS)
 
     async def _consume(self) -> None:
+        if self.shared is not None:  # no hop is judged before the learned baseline is read
+            self.state = "waiting for the learned baseline"
+            await self.shared.ready.wait()
         consumer = await self._connect()
         while True:
             try:
@@ -449,6 +461,8 @@ class Evaluator(Alone):
         metrics.init_series([*(r.name for r in p.engine.rule_classes), "config_invalid"])
         for phase in ("replay", "judge", "evidence"):
             metrics.EVALUATOR_HOPS.labels(phase)
+        if self.shared is not None:
+            self.tasks.start(self.shared.run(), "baseline")
         self.tasks.start(self._consume(), "consumer")
         self.tasks.start(self._commit_loop(), "commit")
         tune_gc()

@@ -49,6 +49,7 @@ class WorkerLink:
     :class:`~meshaudit.pipeline.Peers` (the other workers, through the coordinator)."""
 
     several = True
+    baseline_shared = True
 
     def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.index = index

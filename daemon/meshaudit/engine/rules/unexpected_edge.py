@@ -18,7 +18,11 @@ the engine does). With ``learn_routes`` the (method, path) pairs per destination
 saved too, for ``meshaudit baseline export``; this rule never alerts on a route. With peers
 (``workers: N``) the coordinator owns the window and the file: it seeds each worker's baseline
 (:meth:`UnexpectedEdge.seed`), merges what the workers learned and tells them when learning is
-over.
+over. The evaluators of the distributed mode share it through a topic
+(``runtime/baseline_topic.py``) the same way, with no coordinator to drop a violation whose edge
+another member learned just before the window ended: for ``HOLD_SECS`` after it ended, a
+request on an edge not (yet) in the baseline is held, and judged when its hold ends, against
+the baseline as the other members' last edges have made it.
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ from typing import Literal
 from pydantic import Field
 
 from meshaudit.baseline import Baseline, BaselineFile, Routes, route_path
-from meshaudit.engine.api import Edge, EngineContext, Learned, Rule, RuleConfig, Severity
+from meshaudit.engine.api import Edge, EngineContext, Learned, Parking, Rule, RuleConfig, Severity
 from meshaudit.engine.enforcement import DENIAL_WAIT_MS, Enforcement
 from meshaudit.engine.store import TTLStore
-from meshaudit.model import UNKNOWN, Hop
+from meshaudit.model import UNKNOWN, Hop, Identity
 
 log = logging.getLogger("meshaudit.rules.unexpected_edge")
+
+# Distributed learn mode: how long after the learning window the evaluators' last learned edges
+# may take to reach every member (each hands them out once a second, each reads them once a
+# second, plus a fetch), and so how long a violation found then is held before it is judged.
+HOLD_SECS = 5.0
 
 
 class UnexpectedEdgeConfig(RuleConfig):
@@ -88,7 +97,15 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         # The window ended, or a saved baseline was loaded (with peers: the coordinator says so).
         self.learning_over = False
         self.file: BaselineFile | None = None
-        if self.learn and cfg.state_file is not None and not ctx.peers:
+        # Distributed (a shared baseline, no coordinator): requests on edges not in the baseline,
+        # held for ``HOLD_SECS`` after the window ended (``over_at``: the first hop after it).
+        self.over_at: float | None = None
+        # (Only then: a parked hop's wait delays an evaluator's commits, ``Engine.longest_wait``.)
+        self.held: Parking[tuple[str, str, str]] | None = None
+        if self.learn and ctx.baseline_shared and not ctx.peers:
+            self.held = self.parking("unexpected_edge_held", HOLD_SECS, self._held_over)
+        self._released: list[tuple[Hop, Identity, Identity]] = []
+        if self.learn and cfg.state_file is not None and not ctx.baseline_shared:
             self.file = BaselineFile(cfg.state_file)
             saved = self.file.load(cfg.learn_secs)
             if saved is not None:
@@ -160,11 +177,18 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         if not self.learn and not policy.has_edges:
             return
         # With peers the coordinator ends the window (``learning_over``); alone, the clock does.
+        shared = ctx.baseline_shared
         learning = (
             self.learn
             and not self.learning_over
-            and (ctx.peers or (ctx.started is not None and now - ctx.started < self.cfg.learn_secs))
+            and (shared or (ctx.started is not None and now - ctx.started < self.cfg.learn_secs))
         )
+        held = self.held
+        holding = False
+        if held is not None and self.learning_over:
+            if self.over_at is None:
+                self.over_at = now
+            holding = now < self.over_at + HOLD_SECS
         baseline = self.baseline
         routes = self.routes
         edge_cache = policy.edge_cache
@@ -177,7 +201,7 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
                 if method is not None:
                     path = route_path(h.path)
                     dkey = h.dst.key
-                    if path is not None and routes.add(dkey, method, path) and ctx.peers:
+                    if path is not None and routes.add(dkey, method, path) and shared:
                         self.routes_new.append((dkey, method, path))
             # corr.named_source() and edge_allowed()'s cache hit, inlined: this loop runs for every entry,
             # and the two calls cost ~0.1 us per entry (~1 % of the daemon's work)
@@ -193,10 +217,13 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
                 if learning:
                     if k not in baseline and len(baseline) < baseline.max_items:
                         baseline.add(k, now, now)
-                        if ctx.peers:
+                        if shared:
                             self.learned_new.append((k[0], k[1], now))
                     continue
                 if k in baseline:
+                    continue
+                if holding and held is not None:  # another member may have learned it just before the end
+                    held.park((k[0], k[1], h.request_id or h.conn or str(id(h))), h, now)
                     continue
                 detail = "edge not in the baseline learned at start-up"
             else:
@@ -211,10 +238,31 @@ class UnexpectedEdge(Rule[UnexpectedEdgeConfig]):
         if len(enf.pending):
             enf.resolve(hops)
 
+    def _held_over(self, key: tuple[str, str, str], h: Hop, now: float) -> None:
+        src, dst = (self.ctx.corr.named_source(h) or h.src), h.dst
+        self._released.append((h, src, dst))
+
+    def _judge_released(self, now: float) -> None:
+        """Held requests whose hold ended (in the order they came: a destination sidecar's entry
+        decides its source sidecar's, as in a batch): judged against the baseline as it is now."""
+        released, self._released = self._released, []
+        hops = []
+        for h, src, dst in released:
+            if (src.key, dst.key) in self.baseline or self.exempt(src, dst, h):
+                continue
+            self.enforcement.judge(h, src, dst, "edge not in the baseline learned at start-up", now)
+            hops.append(h)
+        if hops and len(self.enforcement.pending):
+            self.enforcement.resolve(hops)
+
     def on_tick(self, now: float) -> None:
         super().on_tick(now)
+        if self.held is not None and len(self.held):
+            self.held.expire(now)  # each hold that ended: ``_held_over``
+            if self._released:
+                self._judge_released(now)
         self.enforcement.tick(now)
-        if self.learn and not self.learning_over and not self.ctx.peers:
+        if self.learn and not self.learning_over and not self.ctx.baseline_shared:
             started = self.ctx.started
             if started is not None and now - started >= self.cfg.learn_secs:
                 self.end_learning()
