@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from infra import als
 from infra.brokers import Tansu
 from infra.daemon import Daemon, deep_merge, running
 from meshaudit.engine.sources import Claim, claimed_by_node
-from meshaudit.wire.hops import claim_key, encode_claims
+from meshaudit.wire.hops import claim_key, decode_claims, encode_claims
 from meshaudit.wire.partition import partition
 
 from integration.conftest import CONFIG
@@ -243,3 +243,56 @@ async def test_a_claim_judged_before_a_failover_is_not_judged_again(
     assert f"Partition {p} gained: replaying from offset 0 " in second.stderr()
     assert "judging from the committed offset 1." in second.stderr()
     assert second.metric("meshaudit_violations_total", rule=RULE) == 1
+
+
+async def test_a_claim_made_while_the_broker_is_frozen_is_produced_once_it_is_back(
+    pki: Pki, tmp_path: Path, tansu_factory: Callable[..., Tansu]
+) -> None:
+    """At least once, as hops: the claim's record times out, is kept (counted in flight) and sent
+    again by itself when the broker answers; none is given up."""
+    broker = tansu_factory()
+    topic = "meshaudit.hops"
+    config = deep_merge(tls_config(pki), distributed(broker, topic))
+    config["distributed"] |= {"create_topic": True, "partitions": PARTITIONS, "request_timeout_ms": 1500}
+    with running(tmp_path, config, "receiver", ["--role", "receiver"]) as d:
+        assert d.wait_metric("meshaudit_hops_topic_up", 1, timeout=20) == 1
+        broker.pause()
+        try:
+            target = f"localhost:{d.grpc.rsplit(':')[1]}"
+            msg = als.http_message(outbound(2), als.identifier("reviews"))
+            assert await als.stream(target, [msg], credentials=grpc_creds(pki, pki.frontend)) == grpc.StatusCode.OK
+            assert d.wait_metric("meshaudit_hops_topic_up", 0, timeout=10) == 0
+            assert d.metric("meshaudit_hop_in_flight_bytes") > 0  # the claim's record and the hops'
+        finally:
+            broker.resume()
+        assert d.wait_metric("meshaudit_hops_topic_up", 1, timeout=20) == 1
+        assert d.wait_metric("meshaudit_hop_in_flight_bytes", 0, timeout=20) == 0
+        assert d.metric("meshaudit_hop_produce_errors_total", reason="timeout") > 0
+        assert d.metric("meshaudit_source_claims_unforwarded_total") == 0
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[tuple[int, Claim]] = []
+    try:
+        deadline = time.monotonic() + 10
+        while not found and time.monotonic() < deadline:
+            for tp, records in (await consumer.getmany(timeout_ms=300)).items():
+                found += [(tp.partition, c) for r in records if r.value for c in decode_claims(r.value)]
+    finally:
+        await consumer.stop()
+    assert found, "the claim never reached the topic"
+    # Once, or twice when the broker took it but its answer was lost (at least once): the same claim.
+    assert {(p, c.principal, c.claimed.text, c.receiver, c.entries, c.rejected, c.when) for p, c in found} == {
+        (
+            partition(FRONTEND.encode(), PARTITIONS),
+            FRONTEND,
+            found[0][1].claimed.text,
+            "envoy_als",
+            2,
+            False,
+            found[0][1].when,
+        )
+    }
+    assert als.node_id("reviews") in found[0][1].claimed.text

@@ -172,7 +172,7 @@ class HopStage:
             metrics.SOURCE_CLAIMS_UNFORWARDED.labels("shutdown").inc(claims)
         if left or claims:
             log.warning(
-                "Stopping with %d hops and %d senders' claims not acknowledged by the broker (%s); they are "
+                "Stopping with %d hops not acknowledged by the broker, and %d senders' claims (%s); they are "
                 "lost (counted).",
                 left,
                 claims,
@@ -322,7 +322,7 @@ class HopStage:
         self._succeeded()
         while True:
             await self._room()  # what failed goes first; new hops only when records fit
-            hops = await queue.get()
+            hops = await self._next(queue)
             if queue.claims:  # log_source_mismatch: judged by the evaluator of the sender's partition
                 for record in self._claim_records(queue.take_claims()):
                     await self._send(record)
@@ -338,6 +338,29 @@ class HopStage:
             self._held += len(hops)
             for record in self._records(hops):
                 await self._send(record)
+
+    async def _next(self, queue: IngestQueue) -> list[Hop]:
+        """The next hops off the queue ([] when only claims wait). While records are in flight, one
+        that fails is sent again without waiting for more hops: after an outage the last records
+        (a sender's claim, the end of a burst) reach the broker although nothing more arrives."""
+        if not self._in_flight or queue.entries or queue.claims:
+            return await queue.get()
+        get = asyncio.ensure_future(queue.get())
+        try:
+            while not get.done():
+                if self._retry:
+                    await self._room()
+                    continue
+                self._wake.clear()  # set by every acknowledgement or failure
+                wake = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait((get, wake), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+        except BaseException:
+            get.cancel()  # it has taken nothing: taking follows its wait with no await between
+            raise
+        return get.result()
 
     def _records(self, hops: list[Hop]) -> list[Record]:
         parts = self._producer.client.cluster.partitions_for_topic(self.cfg.hops_topic)
