@@ -263,8 +263,10 @@ HOPS_TOPIC_UP = Gauge(
 )
 SOURCE_CLAIMS_UNFORWARDED = Counter(
     "meshaudit_source_claims_unforwarded_total",
-    "Senders' mismatched claims (log_source_mismatch) a receiver found and logged but cannot hand to an "
-    "evaluator: the hops topic carries hops only (receiver role).",
+    "Senders' mismatched claims (log_source_mismatch) a receiver found and never produced to the hops "
+    "topic, by reason (as hops_unproduced_total: too_large, encode, shutdown); no evaluator alerts on them "
+    "(receiver role).",
+    ["reason"],
     registry=REGISTRY,
 )
 HOP_PRODUCE_ERROR_REASONS = ("timeout", "broker", "connection", "too_large", "other")

@@ -6,6 +6,10 @@ source naming, per-hop rules; stage 2 locally: per-edge windows and alert window
 alerts to its own sinks. It is the same :class:`~meshaudit.pipeline.Pipeline` as one process,
 without receivers: hops come from the topic instead.
 
+Senders' claims (log_source_mismatch) come in records of their own, in the partition of their
+sender's principal: judged (``Engine.claims``, the alert one process raises) and committed like
+hops, and skipped when replayed (their previous owner judged them).
+
 Delivery: at least once. An offset is committed only once every hop before it has had its
 verdict: evaluated, and every wait it started (a span's grace for its access log, a plaintext
 hop's wait for its client) over, plus two ticks (``Engine.longest_wait``). A member that dies
@@ -48,6 +52,7 @@ from aiokafka import errors as kerrors
 from meshaudit import __version__, health, metrics
 from meshaudit.config import Config, DistributedConfig, Policy
 from meshaudit.engine.core import Engine
+from meshaudit.engine.sources import Claim
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
@@ -347,6 +352,7 @@ class Evaluator(Alone):
         replay: list[Hop] = []
         judge: list[Hop] = []
         evidence: list[Hop] = []
+        claims: list[Claim] = []  # senders' (log_source_mismatch): judged like hops, never replayed
         judged_to: dict[TopicPartition, int] = {}
         latest = 0
         for tp, records in batches.items():
@@ -360,12 +366,14 @@ class Evaluator(Alone):
                     phase = plan.phase(rec.offset, rec.timestamp)
                     if phase == "skip":
                         continue
-                    if phase == "replay":  # copies too: the previous owner had them indexed
+                    # Evidence copies are replayed too (the previous owner had them indexed), a
+                    # record of claims is not (its previous owner judged them).
+                    if phase == "replay":
                         replay.extend(self._decode(rec.value)[0])
                         continue
                     del self.catchup[tp]  # caught up: judged from here on
                     plan = None
-                hops, copies = self._decode(rec.value)
+                hops, copies = self._decode(rec.value, claims)
                 if copies:
                     evidence.extend(hops[len(hops) - copies :])
                     del hops[len(hops) - copies :]
@@ -388,6 +396,8 @@ class Evaluator(Alone):
                 self.engine.evidence(evidence, now)
             except Exception as exc:
                 ERRORS.record("evaluate", exc, f"indexing {len(evidence)} evidence copies")
+        if claims:
+            self.pipeline.claims(claims, now)
         if judge:
             metrics.EVALUATOR_HOPS.labels("judge").inc(len(judge))
             for i in range(0, len(judge), MAX_BATCH):
@@ -395,12 +405,16 @@ class Evaluator(Alone):
         for tp, offset in judged_to.items():
             self.pending.setdefault(tp, deque()).append((now, offset))
 
-    def _decode(self, value: bytes | None) -> tuple[list[Hop], int]:
-        """A record's hops and how many of them, at the end, are evidence copies."""
+    def _decode(self, value: bytes | None, claims: list[Claim] | None = None) -> tuple[list[Hop], int]:
+        """A record's hops and how many of them, at the end, are evidence copies; with ``claims``,
+        a record of senders' claims (no hops) adds them to it."""
         if not value:
             return [], 0
         try:
-            return wire.decode_split(value)
+            hops, copies = wire.decode_split(value)
+            if not hops and claims is not None:
+                claims.extend(wire.decode_claims(value))
+            return hops, copies
         except wire.WireError as exc:
             metrics.EVALUATOR_UNDECODABLE.inc()
             log.warning("Skipped a record of %s that is not a hop batch: %s", self.cfg.hops_topic, exc)

@@ -10,6 +10,13 @@ at most ``max_hops_per_record`` hops and ``max_record_bytes`` bytes, produced to
 with acks=all (idempotent when the broker grants it). Records of one partition are produced in
 the order their hops were taken.
 
+Senders' mismatched claims (log_source_mismatch: ``meshaudit.engine.sources``, judged by the
+receivers once per stream or export) go to the same topic, in records of their own
+(``wire.encode_claims``), to the partition Kafka's default partitioner puts their sender's
+principal in: one evaluator judges all of a sender's claims, whichever receiver each came to, and
+raises the alert one process would. They are produced before the hops taken with them, and are
+bounded, sent again and given up (``source_claims_unforwarded_total``) exactly as hops are.
+
 Bounded: records produced and not yet acknowledged hold at most ``max_in_flight_bytes`` (a
 record that failed stays counted until it is acknowledged; the producer's own buffers hold only
 these), and at most ``TAKE_HOPS`` more hops are being grouped and encoded. Near the bound the
@@ -50,12 +57,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from meshaudit import metrics
 from meshaudit.config import DistributedConfig
+from meshaudit.engine.sources import Claim
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import Hop
 from meshaudit.receivers.ingest import IngestQueue
 from meshaudit.sinks.base import FatalSinkError
-from meshaudit.wire.hops import encode, route
+from meshaudit.wire.hops import MAX_CLAIMS, claim_key, encode, encode_claims, route
+from meshaudit.wire.partition import partition
 
 log = logging.getLogger("meshaudit.producer")
 _limited = RateLimited(log, interval=30.0)
@@ -70,13 +79,15 @@ _TOO_LARGE = (kerrors.MessageSizeTooLargeError, kerrors.RecordTooLargeError)
 
 @dataclass(order=True, slots=True)
 class Record:
-    """One HopBatch for one partition; ordered by ``seq``, the order it was made in."""
+    """One HopBatch for one partition, of ``hops`` hops or ``claims`` senders' claims; ordered by
+    ``seq``, the order it was made in."""
 
     seq: int
     partition: int = field(compare=False)
     value: bytes = field(compare=False)
     hops: int = field(compare=False)
     sent_at: float = field(default=0.0, compare=False)
+    claims: int = field(default=0, compare=False)
 
 
 def _reason(exc: BaseException) -> str:
@@ -102,6 +113,7 @@ class HopStage:
         self._retry: list[Record] = []  # a heap by seq: failed records, sent again oldest first
         self._in_flight = 0  # bytes of records sent and not acknowledged, failed ones included
         self._held = 0  # hops taken off the ingest queue and neither acknowledged nor given up
+        self._held_claims = 0  # the same, of senders' claims
         self._wake = asyncio.Event()  # an acknowledgement or a failure came back
         self._failing_since: float | None = time.monotonic()  # None while producing works
         self._why = "not connected yet"
@@ -113,6 +125,7 @@ class HopStage:
             metrics.HOP_PRODUCE_ERRORS.labels(reason)
         for reason in metrics.HOPS_UNPRODUCED_REASONS:
             metrics.HOPS_UNPRODUCED.labels(reason)
+            metrics.SOURCE_CLAIMS_UNFORWARDED.labels(reason)
 
     # --- the Stage interface -----------------------------------------------------------------
     def start(self, queue: IngestQueue, core: CoreTasks) -> None:
@@ -136,9 +149,10 @@ class HopStage:
 
     async def stop(self, queue: IngestQueue, core: CoreTasks) -> None:
         """Until what was accepted is acknowledged, at most ``STOP_SECS``; what is left then is
-        counted (``hops_unproduced_total{reason="shutdown"}``) and logged."""
+        counted (``hops_unproduced_total{reason="shutdown"}``, claims in
+        ``source_claims_unforwarded_total``) and logged."""
         deadline = time.monotonic() + STOP_SECS
-        while queue.entries or self._held:
+        while queue.entries or queue.claims or self._held or self._held_claims:
             left_secs = deadline - time.monotonic()
             if left_secs <= 0:
                 break
@@ -153,11 +167,17 @@ class HopStage:
                 async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
                     await producer.stop()
         left = queue.entries + self._held
+        claims = len(queue.claims) + self._held_claims
         if left:
             metrics.HOPS_UNPRODUCED.labels("shutdown").inc(left)
+        if claims:
+            metrics.SOURCE_CLAIMS_UNFORWARDED.labels("shutdown").inc(claims)
+        if left or claims:
             log.warning(
-                "Stopping with %d hops not acknowledged by the broker (%s); they are lost (counted).",
+                "Stopping with %d hops not acknowledged by the broker, and %d senders' claims (%s); they are "
+                "lost (counted).",
                 left,
+                claims,
                 self.state(),
             )
 
@@ -304,9 +324,10 @@ class HopStage:
         self._succeeded()
         while True:
             await self._room()  # what failed goes first; new hops only when records fit
-            hops = await queue.get()
-            if queue.claims:
-                self._claims(len(queue.take_claims()))
+            hops = await self._next(queue)
+            if queue.claims:  # log_source_mismatch: judged by the evaluator of the sender's partition
+                for record in self._claim_records(queue.take_claims()):
+                    await self._send(record)
             if not hops:
                 continue
             # What else is waiting, in one go (after one loop pass for the other ready streams).
@@ -320,13 +341,28 @@ class HopStage:
             for record in self._records(hops):
                 await self._send(record)
 
-    def _claims(self, n: int) -> None:
-        metrics.SOURCE_CLAIMS_UNFORWARDED.inc(n)
-        _limited.warning(
-            "claims",
-            "A sender's mismatched claim was logged here, but a receiver cannot raise log_source_mismatch: "
-            "the hops topic carries hops only (counted in source_claims_unforwarded_total).",
-        )
+    async def _next(self, queue: IngestQueue) -> list[Hop]:
+        """The next hops off the queue ([] when only claims wait). While records are in flight, one
+        that fails is sent again without waiting for more hops: after an outage the last records
+        (a sender's claim, the end of a burst) reach the broker although nothing more arrives."""
+        if not self._in_flight or queue.entries or queue.claims:
+            return await queue.get()
+        get = asyncio.ensure_future(queue.get())
+        try:
+            while not get.done():
+                if self._retry:
+                    await self._room()
+                    continue
+                self._wake.clear()  # set by every acknowledgement or failure
+                wake = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait((get, wake), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+        except BaseException:
+            get.cancel()  # it has taken nothing: taking follows its wait with no await between
+            raise
+        return get.result()
 
     def _records(self, hops: list[Hop]) -> list[Record]:
         """The records of ``hops``: each partition's hops (then its evidence copies, see
@@ -374,9 +410,52 @@ class HopStage:
         self._seq += 1
         out.append(Record(self._seq, p, value, own))
 
-    def _give_up(self, hops: int, reason: str) -> None:
+    def _claim_records(self, claims: list[Claim]) -> list[Record]:
+        """Records of senders' claims, grouped by the partition of their sender's principal."""
+        self._held_claims += len(claims)
+        parts = self._producer.client.cluster.partitions_for_topic(self.cfg.hops_topic)
+        n = len(parts) if parts else self._partitions
+        groups: dict[int, list[Claim]] = {}
+        for c in claims:
+            groups.setdefault(partition(claim_key(c), n), []).append(c)
+        out: list[Record] = []
+        for p, group in groups.items():
+            for i in range(0, len(group), MAX_CLAIMS):
+                self._encode_claims(p, group[i : i + MAX_CLAIMS], out)
+        return out
+
+    def _encode_claims(self, p: int, claims: list[Claim], out: list[Record]) -> None:
+        try:
+            value = encode_claims(claims)
+        except (ValueError, TypeError, AttributeError) as exc:  # a claim not of its types: a bug
+            ERRORS.record("produce", exc, f"encoding {len(claims)} senders' claims")
+            self._give_up(0, "encode", len(claims))
+            return
+        if len(value) > self.cfg.max_record_bytes:
+            if len(claims) == 1:  # a node id or resource of megabytes
+                self._give_up(0, "too_large", 1)
+                _limited.warning(
+                    "claim_too_large",
+                    "A sender's claim of %d bytes encoded is larger than distributed.max_record_bytes (%d): "
+                    "dropped, counted (source_claims_unforwarded_total).",
+                    len(value),
+                    self.cfg.max_record_bytes,
+                )
+                return
+            half = len(claims) // 2
+            self._encode_claims(p, claims[:half], out)
+            self._encode_claims(p, claims[half:], out)
+            return
+        self._seq += 1
+        out.append(Record(self._seq, p, value, 0, claims=len(claims)))
+
+    def _give_up(self, hops: int, reason: str, claims: int = 0) -> None:
         self._held -= hops
-        metrics.HOPS_UNPRODUCED.labels(reason).inc(hops)
+        self._held_claims -= claims
+        if hops:
+            metrics.HOPS_UNPRODUCED.labels(reason).inc(hops)
+        if claims:
+            metrics.SOURCE_CLAIMS_UNFORWARDED.labels(reason).inc(claims)
 
     async def _room(self) -> None:
         """Until failed records are sent again and a new record of the largest size fits in flight."""
@@ -440,6 +519,7 @@ class HopStage:
             size = len(record.value)
             self._in_flight -= size
             self._held -= record.hops
+            self._held_claims -= record.claims
             metrics.HOP_IN_FLIGHT_BYTES.set(self._in_flight)
             metrics.HOPS_PRODUCED.inc(record.hops)
             metrics.HOP_RECORDS_PRODUCED.inc()
@@ -456,14 +536,15 @@ class HopStage:
         if reason == "too_large":  # the broker will never take it (its message.max.bytes is lower)
             self._in_flight -= len(record.value)
             metrics.HOP_IN_FLIGHT_BYTES.set(self._in_flight)
-            self._give_up(record.hops, "too_large")
+            self._give_up(record.hops, "too_large", record.claims)
             _limited.error(
                 "rejected",
-                "The broker refused a record of %d bytes as too large (%s): its %d hops are dropped, counted. "
-                "Lower distributed.max_record_bytes below the topic's max.message.bytes.",
+                "The broker refused a record of %d bytes as too large (%s): its %d hops and %d senders' claims "
+                "are dropped, counted. Lower distributed.max_record_bytes below the topic's max.message.bytes.",
                 len(record.value),
                 type(exc).__name__,
                 record.hops,
+                record.claims,
             )
             return
         self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -1,5 +1,6 @@
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2 as _accesslog_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -21,8 +22,48 @@ class Parties(_message.Message):
     address: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, service: _Optional[_Iterable[int]] = ..., namespace: _Optional[_Iterable[int]] = ..., workload: _Optional[_Iterable[int]] = ..., principal: _Optional[_Iterable[int]] = ..., address: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Claimed(_message.Message):
+    __slots__ = ("namespace", "service_account", "service", "text")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service_account: str
+    service: str
+    text: str
+    def __init__(self, namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., service: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Claim(_message.Message):
+    __slots__ = ("principal", "via", "claimed", "why", "receiver", "entries", "rejected", "when")
+    class Via(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VIA_UNSPECIFIED: _ClassVar[Claim.Via]
+        MTLS: _ClassVar[Claim.Via]
+        XFCC: _ClassVar[Claim.Via]
+    VIA_UNSPECIFIED: Claim.Via
+    MTLS: Claim.Via
+    XFCC: Claim.Via
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    via: Claim.Via
+    claimed: Claimed
+    why: str
+    receiver: str
+    entries: int
+    rejected: bool
+    when: float
+    def __init__(self, principal: _Optional[str] = ..., via: _Optional[_Union[Claim.Via, str]] = ..., claimed: _Optional[_Union[Claimed, _Mapping]] = ..., why: _Optional[str] = ..., receiver: _Optional[str] = ..., entries: _Optional[int] = ..., rejected: _Optional[bool] = ..., when: _Optional[float] = ...) -> None: ...
+
 class HopBatch(_message.Message):
-    __slots__ = ("count", "strings", "hex_ids", "hex_id_sizes", "parties", "evidence", "origin", "observer", "observer_service", "direction", "src", "dst", "start", "tls_version", "tls_cipher", "peer_principal", "local_principal", "method", "authority", "path", "status", "response_flags", "response_code_details", "route_name", "upstream_cluster", "attempts", "trace_id", "span_id", "parent_span_id", "request_id", "span_kind", "conn", "connection_termination_details", "downstream_peer", "upstream_peer", "xfcc_uri", "xfcc_by", "user_agent", "source_address", "duration_ms", "entry", "http_entries", "tcp_entries")
+    __slots__ = ("count", "strings", "hex_ids", "hex_id_sizes", "parties", "evidence", "origin", "observer", "observer_service", "direction", "src", "dst", "start", "tls_version", "tls_cipher", "peer_principal", "local_principal", "method", "authority", "path", "status", "response_flags", "response_code_details", "route_name", "upstream_cluster", "attempts", "trace_id", "span_id", "parent_span_id", "request_id", "span_kind", "conn", "connection_termination_details", "downstream_peer", "upstream_peer", "xfcc_uri", "xfcc_by", "user_agent", "source_address", "duration_ms", "entry", "http_entries", "tcp_entries", "claims")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     STRINGS_FIELD_NUMBER: _ClassVar[int]
     HEX_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +107,7 @@ class HopBatch(_message.Message):
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     HTTP_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TCP_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
     count: int
     strings: _containers.RepeatedScalarFieldContainer[str]
     hex_ids: bytes
@@ -109,4 +151,5 @@ class HopBatch(_message.Message):
     entry: _containers.RepeatedScalarFieldContainer[int]
     http_entries: _containers.RepeatedCompositeFieldContainer[_accesslog_pb2.HTTPAccessLogEntry]
     tcp_entries: _containers.RepeatedCompositeFieldContainer[_accesslog_pb2.TCPAccessLogEntry]
-    def __init__(self, count: _Optional[int] = ..., strings: _Optional[_Iterable[str]] = ..., hex_ids: _Optional[bytes] = ..., hex_id_sizes: _Optional[_Iterable[int]] = ..., parties: _Optional[_Union[Parties, _Mapping]] = ..., evidence: _Optional[int] = ..., origin: _Optional[_Iterable[int]] = ..., observer: _Optional[_Iterable[int]] = ..., observer_service: _Optional[_Iterable[int]] = ..., direction: _Optional[_Iterable[int]] = ..., src: _Optional[_Iterable[int]] = ..., dst: _Optional[_Iterable[int]] = ..., start: _Optional[_Iterable[float]] = ..., tls_version: _Optional[_Iterable[int]] = ..., tls_cipher: _Optional[_Iterable[int]] = ..., peer_principal: _Optional[_Iterable[int]] = ..., local_principal: _Optional[_Iterable[int]] = ..., method: _Optional[_Iterable[int]] = ..., authority: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., status: _Optional[_Iterable[int]] = ..., response_flags: _Optional[_Iterable[int]] = ..., response_code_details: _Optional[_Iterable[int]] = ..., route_name: _Optional[_Iterable[int]] = ..., upstream_cluster: _Optional[_Iterable[int]] = ..., attempts: _Optional[_Iterable[int]] = ..., trace_id: _Optional[_Iterable[int]] = ..., span_id: _Optional[_Iterable[int]] = ..., parent_span_id: _Optional[_Iterable[int]] = ..., request_id: _Optional[_Iterable[int]] = ..., span_kind: _Optional[_Iterable[int]] = ..., conn: _Optional[_Iterable[int]] = ..., connection_termination_details: _Optional[_Iterable[int]] = ..., downstream_peer: _Optional[_Iterable[int]] = ..., upstream_peer: _Optional[_Iterable[int]] = ..., xfcc_uri: _Optional[_Iterable[int]] = ..., xfcc_by: _Optional[_Iterable[int]] = ..., user_agent: _Optional[_Iterable[int]] = ..., source_address: _Optional[_Iterable[int]] = ..., duration_ms: _Optional[_Iterable[float]] = ..., entry: _Optional[_Iterable[int]] = ..., http_entries: _Optional[_Iterable[_Union[_accesslog_pb2.HTTPAccessLogEntry, _Mapping]]] = ..., tcp_entries: _Optional[_Iterable[_Union[_accesslog_pb2.TCPAccessLogEntry, _Mapping]]] = ...) -> None: ...
+    claims: _containers.RepeatedCompositeFieldContainer[Claim]
+    def __init__(self, count: _Optional[int] = ..., strings: _Optional[_Iterable[str]] = ..., hex_ids: _Optional[bytes] = ..., hex_id_sizes: _Optional[_Iterable[int]] = ..., parties: _Optional[_Union[Parties, _Mapping]] = ..., evidence: _Optional[int] = ..., origin: _Optional[_Iterable[int]] = ..., observer: _Optional[_Iterable[int]] = ..., observer_service: _Optional[_Iterable[int]] = ..., direction: _Optional[_Iterable[int]] = ..., src: _Optional[_Iterable[int]] = ..., dst: _Optional[_Iterable[int]] = ..., start: _Optional[_Iterable[float]] = ..., tls_version: _Optional[_Iterable[int]] = ..., tls_cipher: _Optional[_Iterable[int]] = ..., peer_principal: _Optional[_Iterable[int]] = ..., local_principal: _Optional[_Iterable[int]] = ..., method: _Optional[_Iterable[int]] = ..., authority: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., status: _Optional[_Iterable[int]] = ..., response_flags: _Optional[_Iterable[int]] = ..., response_code_details: _Optional[_Iterable[int]] = ..., route_name: _Optional[_Iterable[int]] = ..., upstream_cluster: _Optional[_Iterable[int]] = ..., attempts: _Optional[_Iterable[int]] = ..., trace_id: _Optional[_Iterable[int]] = ..., span_id: _Optional[_Iterable[int]] = ..., parent_span_id: _Optional[_Iterable[int]] = ..., request_id: _Optional[_Iterable[int]] = ..., span_kind: _Optional[_Iterable[int]] = ..., conn: _Optional[_Iterable[int]] = ..., connection_termination_details: _Optional[_Iterable[int]] = ..., downstream_peer: _Optional[_Iterable[int]] = ..., upstream_peer: _Optional[_Iterable[int]] = ..., xfcc_uri: _Optional[_Iterable[int]] = ..., xfcc_by: _Optional[_Iterable[int]] = ..., user_agent: _Optional[_Iterable[int]] = ..., source_address: _Optional[_Iterable[int]] = ..., duration_ms: _Optional[_Iterable[float]] = ..., entry: _Optional[_Iterable[int]] = ..., http_entries: _Optional[_Iterable[_Union[_accesslog_pb2.HTTPAccessLogEntry, _Mapping]]] = ..., tcp_entries: _Optional[_Iterable[_Union[_accesslog_pb2.TCPAccessLogEntry, _Mapping]]] = ..., claims: _Optional[_Iterable[_Union[Claim, _Mapping]]] = ...) -> None: ...
