@@ -216,8 +216,7 @@ def encode(hops: Sequence[Hop], *, entries: bool = True, evidence: int = 0) -> b
     tcp_tag = _TCP_TAG
     for h in hops:
         if entries and isinstance(h, AlsHop):
-            e = h._e  # the hop's entry: a parsed message, or its bytes once detached
-            raw = e if e.__class__ is bytes else e.SerializeToString()
+            raw = h.entry_bytes()
             if h.__class__ is AlsTcpHop:
                 ntcp += 1
                 add_entry(ntcp)

@@ -425,6 +425,16 @@ class AlsHop(Hop):
         if e is not None and e.__class__ is not bytes:
             self._e = e.SerializeToString()
 
+    def entry_bytes(self) -> bytes:
+        """Envoy's entry of this hop, serialized (the hops topic carries it as it is): its bytes
+        when detached, else the parsed entry written out. The hop stays as it was."""
+        e = self._e
+        if e.__class__ is bytes:
+            out: bytes = e
+            return out
+        raw: bytes = e.SerializeToString()
+        return raw
+
     def _entry(self) -> Any:
         e = self._e
         if e.__class__ is bytes:  # detached: this entry alone, parsed again
