@@ -488,6 +488,15 @@ class EdgeWindows:
             if w.live and not w.judged:
                 self.judge(w, False)
 
+    def release(self, drop: Callable[[str, str, str], bool]) -> int:
+        """Forget, unjudged, the judged windows whose (rule, source key, destination key) ``drop``
+        selects (split: keys now owned by another process, which rebuilds them). Returns how many."""
+        gone = [(k, w) for k, w in self.windows.items() if drop(self.rule, w.src.key, w.dst.key)]
+        for k, w in gone:
+            self.windows.pop(k)
+            w.live = False
+        return len(gone)
+
     def _prune(self, now: float) -> None:
         gone = self._gone
         horizon = now - self.windows.ttl - self.lateness

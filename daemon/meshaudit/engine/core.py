@@ -277,6 +277,23 @@ class Engine:
         alerts = self.agg.drain()
         return [] if replay else alerts
 
+    def release_stage2(self, drop: Callable[[str, str, str], bool]) -> int:
+        """Split: forget the judged windows and alert windows of the keys ``drop(rule, source key,
+        destination key)`` selects (owned by another process now, which rebuilds them from the
+        edges topic): no verdict and no closing summary here. Returns how many went."""
+        n = sum(w.release(drop) for w in self._counters().values())
+        return n + self.agg.release(drop)
+
+    def stage2_horizon(self) -> float:
+        """Seconds of the past a judged window and an alert window depend on: the longest
+        per-edge window, its lateness, and ``suppress_secs`` (what a new owner replays)."""
+        longest = max((w.windows.ttl for w in self._counters().values()), default=0.0)
+        return longest + self.lateness + self.agg.window
+
+    def stage2_late(self) -> int:
+        """Split: deltas dropped since start because their window had closed."""
+        return sum(w.late for w in self._counters().values())
+
     # --- peers (``workers: N``) ---------------------------------------------------------------
     def take_forwarded(self) -> list[Violation]:
         """With peers: the violations found since the last call, for the one aggregator."""

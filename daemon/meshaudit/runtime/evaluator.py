@@ -52,6 +52,7 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
 from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
+from meshaudit.runtime.stage2 import Stage2, lateness
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
 from meshaudit.wire.partition import partition
@@ -148,6 +149,7 @@ class Evaluator(Alone):
         self._clock = time.time()
         self.state = "not started"
         self.joined = False
+        self.stage2 = Stage2(self.cfg, self)  # per-edge and alert windows across the group
 
     @property
     def engine(self) -> Engine:
@@ -156,6 +158,10 @@ class Evaluator(Alone):
     # --- Peers: none -----------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         pipeline.engine.agg.align()  # alert ids by data time: the same in every member
+        pipeline.engine.split(lateness(pipeline.config.engine.tick_ms))  # stage 2 across the group
+
+    def share(self, engine: Engine) -> None:
+        self.stage2.collect(engine)  # deltas and violations to the edges topic
 
     def periodic(self, engine: Engine) -> None:
         engine.facts()  # the graph's tally is taken (no /graph here), so it does not grow
@@ -170,7 +176,9 @@ class Evaluator(Alone):
             "engine": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
             "consumer": "ok" if self.joined else self.state,
         }
-        return readiness_of(gates, self.sinks)
+        gates_, sinks = readiness_of(gates, self.sinks)
+        sinks["edges_topic"] = self.stage2.state
+        return gates_, sinks
 
     def liveness(self) -> dict[str, str]:
         return {**self.pipeline.core.dead(), **self.tasks.dead()}
@@ -438,6 +446,8 @@ class Evaluator(Alone):
             metrics.EVALUATOR_HOPS.labels(phase)
         self.tasks.start(self._consume(), "consumer")
         self.tasks.start(self._commit_loop(), "commit")
+        self.tasks.start(self.stage2.run(), "edges")
+        self.tasks.start(self.stage2.commit_loop(), "edges_commit")
         tune_gc()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
@@ -447,6 +457,7 @@ class Evaluator(Alone):
             f"meshaudit {__version__} running as an evaluator.\n"
             f"  hops from Kafka                       -> topic {self.cfg.hops_topic} at "
             f"{', '.join(self.cfg.bootstrap_servers)}, group {self.cfg.group_id}\n"
+            f"  per-edge and alert windows (stage 2)  -> topic {self.cfg.edges_topic}, the same group\n"
             f"  metrics and health                    -> http://{p.bound['metrics']}/metrics, /healthz, /readyz\n"
             f"  alerts (JSON lines)                   -> {out}",
             file=sys.stderr,
@@ -470,6 +481,8 @@ class Evaluator(Alone):
                 await self.consumer.stop()
             except kerrors.KafkaError as exc:
                 log.warning("Leaving the consumer group failed (its members notice after the session timeout): %s", exc)
+        self.pipeline.tick(self.clock())  # the last counts handed out
+        await self.stage2.stop(deadline - 2)
         await self.pipeline.stop()
         await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
         for r in runners:

@@ -41,9 +41,13 @@ class EdgesError(ValueError):
     """A record that is not a valid edges record; the message says what is wrong."""
 
 
-def key_of(rule: str, src: Identity, dst: Identity) -> bytes:
+def key(rule: str, src_key: str, dst_key: str) -> bytes:
     """The record key, which decides the partition and so the evaluator that owns the key."""
-    return f"{rule}|{src.key}|{dst.key}".encode()
+    return f"{rule}|{src_key}|{dst_key}".encode()
+
+
+def key_of(rule: str, src: Identity, dst: Identity) -> bytes:
+    return key(rule, src.key, dst.key)
 
 
 # --- encoding ---------------------------------------------------------------------------------------
