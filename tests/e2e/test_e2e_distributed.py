@@ -10,8 +10,9 @@ Envoy's spans) goes to receiver A or B so that a request's client and server sid
 different receivers, and each SDK app exports its spans to the receiver its own sidecar does not
 use. Correlation then only works because receivers key hops by correlation key into partitions.
 
-Scenarios the distributed mode cannot judge exactly yet are skipped, saying why (README,
-"Distributed mode"): per-edge windows across evaluators need the stage-2 topic, and a sender's
+Per-edge windows (error_burst, excessive_retries) and alert windows are judged across the
+evaluators through the edges topic (stage 2, keyed by rule|source|destination). The scenario the
+distributed mode cannot judge is skipped, saying why (README, "Distributed mode"): a sender's
 mismatched claim is not carried on hops (a test checks that the receiver counts it instead).
 """
 
@@ -38,20 +39,16 @@ from meshlab.scenarios import SCENARIOS, Scenario, daemon_config, forged_sidecar
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 TOPIC = "meshaudit.hops.e2e"
+EDGES_TOPIC = "meshaudit.edges.e2e"
 PARTITIONS = 6
 
-# Scenarios skipped here, with why: what the distributed mode does not do yet.
-STAGE2 = (
-    "needs stage 2 across evaluators: its per-edge window counts only each evaluator's partitions "
-    "(about half of the edge's requests, min_requests applying per evaluator) until the stage-2 topic "
-    "keyed by rule|source|destination exists (README, Distributed mode)"
-)
+# Scenarios skipped here, with why: what the distributed mode does not do.
 NOT_ON_HOPS = (
     "a sender's mismatched claim does not travel on hops: the receiver logs it and counts it in "
     "meshaudit_source_claims_unforwarded_total, and no evaluator can raise log_source_mismatch "
     "(checked in test_forged_claims_are_counted_at_their_receiver)"
 )
-SKIPPED = {"error_burst": STAGE2, "excessive_retries": STAGE2, "log_source_mismatch": NOT_ON_HOPS}
+SKIPPED = {"log_source_mismatch": NOT_ON_HOPS}
 
 # Scenarios that run, and fail when the evidence of one request lands on two evaluators: each of
 # its requests has an even chance (which evaluator owns each key's partition), so most runs fail
@@ -121,7 +118,7 @@ async def _create_topic(bootstrap: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1)])
+        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1), NewTopic(EDGES_TOPIC, PARTITIONS, 1)])
     finally:
         await admin.close()
 
@@ -142,6 +139,7 @@ def tiers(
     distributed = {
         "bootstrap_servers": [tansu.bootstrap],
         "hops_topic": TOPIC,
+        "edges_topic": EDGES_TOPIC,
         "group_id": "e2e-evaluators",
         "session_timeout_ms": 3000,
         "commit_interval_ms": 500,
@@ -158,8 +156,11 @@ def tiers(
         owned = [started["e1"], started["e2"]]
 
         def shared() -> bool:
-            counts = [d.metric("meshaudit_evaluator_partitions") for d in owned]
-            return sum(counts) == PARTITIONS and min(counts) > 0
+            for metric in ("meshaudit_evaluator_partitions", "meshaudit_evaluator_edges_partitions"):
+                counts = [d.metric(metric) for d in owned]
+                if sum(counts) != PARTITIONS or min(counts) == 0:
+                    return False
+            return True
 
         assert wait_until(shared, 30.0, 0.2), "the evaluators did not share the partitions"
         yield started
