@@ -10,11 +10,17 @@ that owns each (rule, source, destination):
   16 requests, alerts exactly once;
 - an alert window: an edge outside policy, half its requests judged by each member: the first
   alert at once, then the window's closing summary counting every member's violations.
+
+Then failover: the evaluator that owns the burst is killed (SIGKILL); the survivor, gaining its
+edges partitions, replays them and rebuilds the judged window and the alert windows: more
+failures in the same window raise no second error_burst (one id, duplicates by id allowed), and
+the alert window's summary counts the violations from before the kill and after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -60,20 +66,22 @@ def per_partition(prefix: str, n: int) -> dict[int, list[str]]:
     return out
 
 
-def traffic(t: float) -> list[tuple[float, int, bytes, bytes]]:
+def traffic(t: float, round_: str = "", failing: int = 6) -> list[tuple[float, int, bytes, bytes]]:
+    """Per partition: 8 requests frontend -> reviews (``failing`` of them 503), 4 requests reviews
+    -> ratings retried once, 2 requests ratings -> reviews (outside policy)."""
     steps = []
-    for rids in per_partition("burst", 8).values():  # 6 of 8 failed, per partition
+    for rids in per_partition(f"burst{round_}", 8).values():
         for j, rid in enumerate(rids):
-            failed = j < 6
+            failed = j < failing
             entry = als.outbound_http(
                 "reviews", request_id=rid, path=PATH, start=t, status=503 if failed else 200, details="via_upstream"
             )
             steps.append(logged_by(FRONTEND, entry))
-    for rids in per_partition("retry", 4).values():  # one retry each
+    for rids in per_partition(f"retry{round_}", 4).values():  # one retry each
         for rid in rids:
             entry = als.outbound_http("ratings", request_id=rid, path="/ratings/1", start=t, attempts=2)
             steps.append(logged_by(REVIEWS, entry))  # reviews -> ratings
-    for rids in per_partition("edge", 2).values():  # an edge outside policy: ratings -> reviews
+    for rids in per_partition(f"edge{round_}", 2).values():  # an edge outside policy: ratings -> reviews
         for rid in rids:
             steps.append(logged_by(REVIEWS, als.inbound_http("ratings", request_id=rid, path=PATH, start=t)))
     records = [r for step in steps for r in records_of(step)]
@@ -82,11 +90,11 @@ def traffic(t: float) -> list[tuple[float, int, bytes, bytes]]:
     return [(0.0, p, k, v) for p, k, v in records]
 
 
-def early_in_both_windows(now: float) -> float:
+def early_in_both_windows(now: float, window: float = WINDOW_SECS, suppress: float = SUPPRESS_SECS) -> float:
     """Seconds from ``now`` to the next time in the first half of both a per-edge window and an
     alert window (at most their least common multiple away)."""
     wait = 0.0
-    while (now + wait) % WINDOW_SECS > WINDOW_SECS / 2 or (now + wait) % SUPPRESS_SECS > SUPPRESS_SECS / 2:
+    while (now + wait) % window > window / 2 or (now + wait) % suppress > suppress / 2:
         wait += 0.05
     return wait
 
@@ -95,35 +103,45 @@ def of(alerts: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     return [a for a in alerts if a["rule"] == rule]
 
 
+def owned(d: Daemon) -> tuple[float, float]:
+    """Partitions of the hops topic and of the edges topic ``d`` owns."""
+    return partitions(d), d.metric("meshaudit_evaluator_edges_partitions")
+
+
+async def pair(
+    tansu: Tansu, workdir: Path, started: list[Daemon], topic: str, window: int, suppress: int
+) -> tuple[Daemon, Daemon]:
+    """Two evaluators on a fresh topic and group, each owning half of both topics."""
+    await create_topic(tansu, topic)
+    cfg = deep_merge(
+        evaluator_config(tansu, topic),
+        {
+            "engine": {"suppress_secs": suppress},
+            "rules": {"error_burst": {"window_secs": window}, "excessive_retries": {"window_secs": window}},
+        },
+    )
+    first = start_evaluator(started, workdir, cfg, "first")
+    await asyncio.to_thread(wait_until, "the first evaluator to join", lambda: partitions(first) == 4, 20)
+    second = start_evaluator(started, workdir, cfg, "second")
+
+    def split() -> bool:
+        return owned(first) == owned(second) == (2, 2)
+
+    await asyncio.to_thread(wait_until, "the group to split both topics", split, 30)
+    return first, second
+
+
 async def test_per_edge_and_alert_windows_are_judged_on_every_members_counts(
     tansu: Tansu,
     tmp_path: Path,
     evaluators: list[Daemon],  # noqa: F811
 ) -> None:
-    topic = "hops-stage2"
-    await create_topic(tansu, topic)
-    cfg = deep_merge(
-        evaluator_config(tansu, topic),
-        {
-            "engine": {"suppress_secs": SUPPRESS_SECS},
-            "rules": {"error_burst": {"window_secs": WINDOW_SECS}, "excessive_retries": {"window_secs": WINDOW_SECS}},
-        },
-    )
-    first = start_evaluator(evaluators, tmp_path, cfg, "first")
-    await asyncio.to_thread(wait_until, "the first evaluator to join", lambda: partitions(first) == 4, 20)
-    second = start_evaluator(evaluators, tmp_path, cfg, "second")
-
-    def split() -> bool:
-        hops = partitions(first) == 2 and partitions(second) == 2
-        edges = [d.metric("meshaudit_evaluator_edges_partitions") for d in (first, second)]
-        return hops and edges == [2, 2]
-
-    await asyncio.to_thread(wait_until, "the group to split both topics", split, 30)
+    first, second = await pair(tansu, tmp_path, evaluators, "hops-stage2", WINDOW_SECS, SUPPRESS_SECS)
     # Every record in one per-edge window (by the records' time) and one alert window (by the
     # entries' data time): start early in both.
     await asyncio.sleep(early_in_both_windows(time.time()))
     t = time.time()
-    await produce(tansu, topic, traffic(t))
+    await produce(tansu, "hops-stage2", traffic(t))
 
     def done(alerts: list[dict[str, Any]]) -> bool:
         return len(of(alerts, "unexpected_edge")) >= 2 and bool(of(alerts, "error_burst"))
@@ -161,3 +179,49 @@ async def test_per_edge_and_alert_windows_are_judged_on_every_members_counts(
     for d in (first, second):
         status, body = d.readyz(verbose=True)
         assert status == 200 and body["sinks"]["edges_topic"] == "ok", body
+
+
+async def test_a_killed_owners_windows_are_rebuilt_by_the_survivor(
+    tansu: Tansu,
+    tmp_path: Path,
+    evaluators: list[Daemon],  # noqa: F811
+) -> None:
+    window = suppress = 20
+    first, second = await pair(tansu, tmp_path, evaluators, "hops-stage2-kill", window, suppress)
+    await asyncio.sleep(early_in_both_windows(time.time(), window, suppress))
+    t = time.time()
+    await produce(tansu, "hops-stage2-kill", traffic(t))
+
+    def both() -> list[dict[str, Any]]:
+        return first.alerts() + second.alerts()
+
+    await asyncio.to_thread(wait_until, "the burst", lambda: bool(of(both(), "error_burst")), 20)
+    await asyncio.to_thread(wait_until, "the edge's first alert", lambda: bool(of(both(), "unexpected_edge")), 20)
+    await asyncio.sleep(2.0)  # what the owners absorbed is committed (commit_interval_ms 500)
+    owner = first if of(first.alerts(), "error_burst") else second
+    survivor = second if owner is first else first
+    assert owner.proc is not None
+    owner.proc.send_signal(signal.SIGKILL)  # the evaluator this test started, by its PID
+    owner.proc.wait()
+    await asyncio.to_thread(wait_until, "the survivor to own everything", lambda: owned(survivor) == (4, 4), 20)
+    # The same windows: more failures of the edge (all 32 failed), more requests outside policy
+    # (their entries' data time in the same alert window).
+    ends = (t // window + 1) * window  # the per-edge window's end, by the records' time
+    assert time.time() < ends - 1, "the failover took too long for this test: the window has ended"
+    await produce(tansu, "hops-stage2-kill", traffic(t, round_="-after", failing=8))
+    await asyncio.to_thread(
+        wait_until,
+        "the edge's closing summary",
+        lambda: any(a["evidence"]["count"] > 1 for a in of(both(), "unexpected_edge")),
+        2 * suppress + 10,
+    )
+    await asyncio.sleep(1.0)
+    alerts = both()
+
+    bursts = of(alerts, "error_burst")
+    assert len({a["id"] for a in bursts}) == 1, bursts  # no second alert: the window was judged
+    assert bursts[0]["evidence"]["detail"].startswith("24 of 32 requests failed")
+    edge = of(alerts, "unexpected_edge")
+    counts = {a["id"]: a["evidence"]["count"] for a in edge}
+    assert sorted(counts.values()) == [1, 16], edge  # the summary: 8 violations before the kill, 8 after
+    assert survivor.metric("meshaudit_evaluator_edges_records_total", what="replay") > 0

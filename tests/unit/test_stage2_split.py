@@ -192,3 +192,33 @@ def test_edges_records_are_keyed_by_rule_source_and_destination_and_reject_what_
                 b'"windows": [{"counter": 1}], "violations": []}', b"\xff" * 10):  # fmt: skip
         with pytest.raises(edges.EdgesError):
             edges.decode(bad)
+
+
+def test_keys_that_moved_away_are_forgotten_without_a_verdict_or_a_summary() -> None:
+    """A key's new owner rebuilds it: the old one must not close its windows with part of it."""
+    a = member()
+    a.evaluate([out(f"a{i}", status=503) for i in range(12)] + [intruder("x1")], T0 + 1)
+    assert [x.rule for x in step([a], a, T0 + 1.5)] == ["unexpected_edge"]
+    a.evaluate([intruder("x2")], T0 + 2)
+    step([a], a, T0 + 2.5)
+    moved = {"error_burst", "unexpected_edge"}
+    # Two judged windows (frontend's requests; the intruder's, counted at reviews: no client
+    # sidecar logged it) and one alert window.
+    assert a.release_stage2(lambda rule, src, dst: rule in moved) == 3
+    a.evaluate([out(f"b{i}", status=503) for i in range(12)], T0 + 3)  # counted here, judged elsewhere
+    a.tick(T0 + 3.5)
+    deltas, _ = a.take_stage2()
+    assert sorted({d.rule for d in deltas}) == ["error_burst", "excessive_retries"]
+    assert a.tick(T0 + 400) == []  # no summary of the moved alert window, no verdict on 12 + 12
+
+
+def test_a_gained_edges_partition_is_skipped_replayed_then_judged_live() -> None:
+    from meshaudit.runtime.stage2 import Plan
+
+    since = 1_000_000
+    plan = Plan(since, committed=50)
+    assert plan.phase(10, since - 1) == "skip"  # older than the horizon
+    assert plan.phase(11, since) == "replay"  # the previous owner handled it
+    assert plan.phase(50, since - 5) == "live"  # from the committed offset, whatever its time
+    fresh = Plan(since, committed=None)  # nobody committed: everything within the horizon is live
+    assert fresh.phase(0, since - 1) == "skip" and fresh.phase(1, since) == "live"

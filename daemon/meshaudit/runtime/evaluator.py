@@ -1,10 +1,12 @@
 """The evaluator role of the distributed mode (``meshaudit run --role evaluator``): a member of a
 Kafka consumer group over the hops topic (``distributed.hops_topic``, hop batches keyed by
 correlation key, so every piece of evidence about one request is in one partition). Each member
-owns some partitions and runs the whole engine on their hops (stage 1: pairing, span joins,
-source naming, per-hop rules; stage 2 locally: per-edge windows and alert windows) and hands its
-alerts to its own sinks. It is the same :class:`~meshaudit.pipeline.Pipeline` as one process,
-without receivers: hops come from the topic instead.
+owns some partitions and runs the engine on their hops (stage 1: pairing, span joins, source
+naming, per-hop rules; the per-edge counts), and stage 2 (per-edge windows and alert windows) of
+the (rule, source, destination) keys it owns on the edges topic, on every member's counts and
+violations (``meshaudit.runtime.stage2``), and hands its alerts to its own sinks. It is the same
+:class:`~meshaudit.pipeline.Pipeline` as one process, without receivers: hops come from the topic
+instead.
 
 Delivery: at least once. An offset is committed only once every hop before it has had its
 verdict: evaluated, and every wait it started (a span's grace for its access log, a plaintext
