@@ -159,7 +159,7 @@ def test_a_replay_rebuilds_windows_and_alert_windows_and_raises_nothing() -> Non
     assert new.agg.violations == {"error_burst": 1}
 
 
-def test_hops_are_the_rules_unchanged() -> None:
+def test_the_rules_know_nothing_of_the_split() -> None:
     """The split is the core's: a rule module has no word of it."""
     from pathlib import Path
 

@@ -365,7 +365,7 @@ class Stage2:
             released = self.host.engine.release_stage2(drop)
             log.info("Stage-2 partitions %s moved to another evaluator; %d windows forgotten.", sorted(ids), released)
         for tp in lost:
-            for d in (self.plans, self.positions, self.absorbed, self.committed):
+            for d in (self.plans, self.positions, self.absorbed, self.committed, self._settled):
                 d.pop(tp, None)
         plans = await self._plan(consumer, gained) if gained else {}
         for tp in kept:
