@@ -490,7 +490,9 @@ class DistributedConfig(_Strict):
     )
     client_id: str = Field("meshaudit", min_length=1, description="Shown in broker logs and quotas.")
     tls: KafkaTlsConfig | None = Field(None, description="TLS to the brokers; absent: plaintext.")
-    create_topic: bool = Field(False, description="Create the hops topic at start-up when it is missing.")
+    create_topic: bool = Field(
+        False, description="Create the hops topic (receivers) and the edges topic (evaluators) when missing."
+    )
     partitions: int = Field(12, ge=1, description="Partitions of a topic created by create_topic.")
     replication_factor: int = Field(1, ge=1, description="Replicas of a topic created by create_topic.")
     retention_ms: int | None = Field(
@@ -522,6 +524,19 @@ class DistributedConfig(_Strict):
     )
 
     # --- the evaluator role ---
+    edges_topic: str = Field(
+        "meshaudit.edges",
+        min_length=1,
+        description="Stage 2's topic: each evaluator's per-edge window deltas and violations, keyed by "
+        "rule|source|destination, consumed by the same group (each key judged by one evaluator).",
+    )
+    edges_partitions: int = Field(12, ge=1, description="Partitions of an edges topic created by create_topic.")
+    edges_retention_ms: int | None = Field(
+        None,
+        ge=60_000,
+        description="retention.ms of an edges topic created by create_topic: at least the longest per-edge "
+        "window plus suppress_secs (replayed when a partition moves); absent: the broker's default.",
+    )
     group_id: str = Field(
         "meshaudit-evaluators",
         min_length=1,

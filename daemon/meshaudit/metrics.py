@@ -328,6 +328,20 @@ EVALUATOR_RELEASED = Counter(
     "(which judges them again from the committed offset).",
     registry=REGISTRY,
 )
+EVALUATOR_EDGES_PARTITIONS = Gauge(
+    "meshaudit_evaluator_edges_partitions",
+    "Partitions of the edges topic (stage 2: the (rule, source, destination) keys it judges) this evaluator owns now.",
+    registry=REGISTRY,
+)
+EVALUATOR_EDGES = Counter(
+    "meshaudit_evaluator_edges_records_total",
+    "Records of the edges topic (stage 2: per-edge window deltas and violations, keyed by rule|source|"
+    "destination) by what became of them: produced, judge (absorbed), replay (absorbed rebuilding a gained "
+    "partition, raising nothing), late (a delta whose window had closed), undecodable, unproduced (dropped "
+    "at the bound on records waiting for the broker).",
+    ["what"],
+    registry=REGISTRY,
+)
 EVALUATOR_UNDECODABLE = Counter(
     "meshaudit_evaluator_undecodable_total",
     "Records of the hops topic that are not a valid hop batch (skipped and committed past).",

@@ -10,10 +10,10 @@ Envoy's spans) goes to receiver A or B so that a request's client and server sid
 different receivers, and each SDK app exports its spans to the receiver its own sidecar does not
 use. Correlation then only works because receivers key hops by correlation key into partitions.
 
-Scenarios the distributed mode cannot judge exactly yet are skipped, saying why (README,
-"Distributed mode"): per-edge windows across evaluators need the stage-2 topic. A sender's
+Per-edge windows (error_burst, excessive_retries) and alert windows are judged across the
+evaluators through the edges topic (stage 2, keyed by rule|source|destination). A sender's
 mismatched claim (log_source_mismatch) travels on the hops topic to the evaluator of its sender's
-partition, which raises it as one process does.
+partition, which raises it as one process does. Every scenario runs.
 """
 
 from __future__ import annotations
@@ -39,15 +39,8 @@ from meshlab.scenarios import SCENARIOS, Scenario, daemon_config, one_line, part
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 TOPIC = "meshaudit.hops.e2e"
+EDGES_TOPIC = "meshaudit.edges.e2e"
 PARTITIONS = 6
-
-# Scenarios skipped here, with why: what the distributed mode does not do yet.
-STAGE2 = (
-    "needs stage 2 across evaluators: its per-edge window counts only each evaluator's partitions "
-    "(about half of the edge's requests, min_requests applying per evaluator) until the stage-2 topic "
-    "keyed by rule|source|destination exists (README, Distributed mode)"
-)
-SKIPPED = {"error_burst": STAGE2, "excessive_retries": STAGE2}
 
 # Receiver A takes these sidecars, B the others. The mesh's calls form odd cycles
 # (frontend-reviews-ratings, frontend-orders-checkout-db-reviews), so no two-way pinning separates
@@ -105,7 +98,7 @@ async def _create_topic(bootstrap: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1)])
+        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1), NewTopic(EDGES_TOPIC, PARTITIONS, 1)])
     finally:
         await admin.close()
 
@@ -126,6 +119,7 @@ def tiers(
     distributed = {
         "bootstrap_servers": [tansu.bootstrap],
         "hops_topic": TOPIC,
+        "edges_topic": EDGES_TOPIC,
         "group_id": "e2e-evaluators",
         "session_timeout_ms": 3000,
         "commit_interval_ms": 500,
@@ -142,8 +136,11 @@ def tiers(
         owned = [started["e1"], started["e2"]]
 
         def shared() -> bool:
-            counts = [d.metric("meshaudit_evaluator_partitions") for d in owned]
-            return sum(counts) == PARTITIONS and min(counts) > 0
+            for metric in ("meshaudit_evaluator_partitions", "meshaudit_evaluator_edges_partitions"):
+                counts = [d.metric(metric) for d in owned]
+                if sum(counts) != PARTITIONS or min(counts) == 0:
+                    return False
+            return True
 
         assert wait_until(shared, 30.0, 0.2), "the evaluators did not share the partitions"
         yield started
@@ -208,8 +205,6 @@ def test_each_request_crosses_receivers() -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(scenario: Scenario, mesh: Mesh, alerts: MergedAlerts) -> None:
     skip_unless_rules(scenario)
-    if scenario.name in SKIPPED:
-        pytest.skip(f"{scenario.title}: {SKIPPED[scenario.name]}")
     run_scenario(scenario, mesh, alerts)
 
 

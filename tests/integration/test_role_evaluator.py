@@ -118,6 +118,9 @@ def evaluator_config(tansu: Tansu, topic: str) -> dict[str, Any]:
                 "group_id": f"{topic}-evaluators",
                 "session_timeout_ms": 3000,
                 "commit_interval_ms": 500,
+                "edges_topic": f"{topic}-edges",  # stage 2, created by the first evaluator
+                "edges_partitions": PARTITIONS,
+                "create_topic": True,
             }
         },
     )

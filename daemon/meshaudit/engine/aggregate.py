@@ -359,6 +359,14 @@ class Aggregator:
         if (st.count > st.emitted_count or st.blocked != st.emitted_blocked) and not st.suppressed:
             self._emit(st, now)
 
+    def release(self, drop: Callable[[str, str, str], bool]) -> int:
+        """Forget, with no closing summary, the alert windows whose (rule, source key, destination
+        key) ``drop`` selects (the evaluator role: keys now aggregated by another process)."""
+        gone = [k for k, st in self.states.items() if drop(st.rule, st.src.key, st.dst.key)]
+        for k in gone:
+            self.states.pop(k)
+        return len(gone)
+
     def drain(self) -> list[Alert]:
         out, self.out = self.out, []
         return out

@@ -289,12 +289,40 @@ def _example(h: Hop, when: float) -> Hop:
     )  # fmt: skip
 
 
+class WindowDelta(NamedTuple):
+    """One process's counts of one edge in one window since its last tick, when stage 2 runs split
+    (:meth:`EdgeWindows.split`): what a counting process gives out and the process that judges
+    the edge sums (the evaluator role: through the edges topic, keyed by rule, source and
+    destination)."""
+
+    windows: str  # the EdgeWindows' name (``<rule>_windows``): which counter of the rule
+    rule: str
+    src: Identity
+    dst: Identity
+    start: float  # the window's start: a multiple of ``window_secs`` in epoch data time
+    total: int
+    hits: int
+    seen_first: float
+    seen_last: float
+    examples: tuple[Hop, ...]
+
+
 class EdgeWindows:
     """Stage 2 of rules that need many requests: per (source, destination) counts in tumbling
     windows of ``window_secs``. ``add`` counts a hop; on every tick the rule's ``judge`` is
     asked about each window that changed since (``final`` False) and about each window that
     closed (``final`` True), and may emit; a window is judged at most once as a violation.
-    Bounded by ``max_items`` edges (the oldest goes first, counted as a capacity eviction)."""
+    Bounded by ``max_items`` edges (the oldest goes first, counted as a capacity eviction).
+
+    **Split** (:meth:`split`, set by the core, never by a rule: the evaluator role, where an
+    edge's requests are spread over several processes): ``add`` counts as before, but into
+    windows of this tick only, which ``tick`` hands out as :class:`WindowDelta` (``take``), each
+    in the window of epoch time its evaluation time falls in (``start``, a multiple of
+    ``window_secs``: every process's deltas of one window name the same one). The process that
+    owns the edge ``absorb``s every process's deltas into the judged windows (``windows``) and
+    judges the sums with the same ``judge``; a judged window closes ``lateness`` seconds after
+    its end (deltas of a process behind still count), and a delta for one closed already is
+    dropped and counted (``late``)."""
 
     def __init__(
         self,
@@ -303,7 +331,10 @@ class EdgeWindows:
         max_items: int,
         judge: Callable[[Window, bool], None],
         examples: int = 3,
+        rule: str = "",
     ) -> None:
+        self.name = name
+        self.rule = rule
         self.judge = judge
         self.examples = examples
         self.windows: TTLStore[tuple[str, str], Window] = TTLStore(name, window_secs, max_items, self._closed)
@@ -313,6 +344,19 @@ class EdgeWindows:
         self._open: dict[str, dict[str, Window]] = {}
         self._dirty: list[Window] = []
         self._last: tuple[Identity, Identity, Window] | None = None
+        # Split (``split``): deltas made at the last ticks, judged windows changed since the last
+        # tick, judged windows closed recently (key -> when), deltas dropped as late.
+        self.splits = False
+        self.lateness = 0.0
+        self._deltas: list[WindowDelta] = []
+        self._changed: list[Window] = []
+        self._gone: dict[tuple[str, str], float] = {}
+        self.late = 0
+
+    def split(self, lateness: float) -> None:
+        """Count here, judge where the edge is owned (see the class). Before the first ``add``."""
+        self.splits = True
+        self.lateness = lateness
 
     def add(self, src: Identity, dst: Identity, hop: Hop, now: float, total: int, hits: int) -> None:
         """Count ``total`` requests of the edge, ``hits`` of them against it. Called for every
@@ -343,6 +387,15 @@ class EdgeWindows:
             self._dirty.append(w)
 
     def _open_window(self, src: Identity, dst: Identity, hop: Hop, now: float) -> Window:
+        if self.splits:  # this tick's counts, in the window of epoch time ``now`` falls in
+            ttl = self.windows.ttl
+            w = Window(src, dst, (now // ttl) * ttl if ttl > 0 else now, hop.start)
+            if len(self._dirty) >= self.windows.max_items:  # bounded per tick: counted, not kept
+                self.windows.evicted_capacity += 1
+                w.dirty = True
+                return w
+            self._open.setdefault(src.key, {})[dst.key] = w
+            return w
         w = Window(src, dst, now, hop.start)
         key = (src.key, dst.key)
         oldest = self.windows.oldest() if len(self.windows) >= self.windows.max_items else None
@@ -361,6 +414,12 @@ class EdgeWindows:
                 del self._open[key[0]]
 
     def tick(self, now: float) -> None:
+        if self.splits:
+            self._hand_out()
+            self.judge_changed()
+            self.windows.expire(now)
+            self._prune(now)
+            return
         dirty, self._dirty = self._dirty, []
         for w in dirty:
             w.dirty = False
@@ -370,8 +429,86 @@ class EdgeWindows:
 
     def _closed(self, key: tuple[str, str], w: Window, now: float) -> None:
         self._forget(key, w)
+        if self.splits:
+            self._gone[key] = now
         if not w.judged:
             self.judge(w, True)
+
+    # --- split ----------------------------------------------------------------------------------
+    def _hand_out(self) -> None:
+        """This tick's counts become deltas; the next ``add`` opens new windows."""
+        dirty, self._dirty = self._dirty, []
+        self._open.clear()
+        self._last = None
+        out = self._deltas
+        for w in dirty:
+            w.live = False
+            if w.total:
+                out.append(
+                    WindowDelta(
+                        self.name, self.rule, w.src, w.dst, w.start, w.total, w.hits, w.seen_first, w.seen_last,
+                        tuple(w.examples),
+                    )
+                )  # fmt: skip
+
+    def take(self) -> list[WindowDelta]:
+        """The deltas made at the ticks since the last call (split)."""
+        out, self._deltas = self._deltas, []
+        return out
+
+    def absorb(self, d: WindowDelta, now: float) -> None:
+        """Add one process's delta to the judged window it names (split); judged at the next tick."""
+        key = (d.src.key, f"{d.dst.key}|{int(d.start)}")
+        w = self.windows.get(key)
+        if w is None:
+            if key in self._gone:
+                self.late += 1
+                return
+            w = Window(d.src, d.dst, d.start, d.seen_first)
+            # Its deadline: the window's end by data time, and the lateness after it (a window
+            # of the past, as in a replay, closes at the next tick).
+            self.windows.put(key, w, d.start + self.lateness)
+        had = w.hits
+        w.total += d.total
+        if d.hits:
+            w.hits += d.hits
+            room = self.examples - len(w.examples)
+            if room > 0:
+                w.examples.extend(d.examples[:room])
+            if not had:
+                w.seen_first, w.seen_last = d.seen_first, d.seen_last
+            else:
+                w.seen_first = min(w.seen_first, d.seen_first)
+                w.seen_last = max(w.seen_last, d.seen_last)
+        if not w.dirty:
+            w.dirty = True
+            self._changed.append(w)
+
+    def judge_changed(self) -> None:
+        """Judge the judged windows changed since the last call (split)."""
+        changed, self._changed = self._changed, []
+        for w in changed:
+            w.dirty = False
+            if w.live and not w.judged:
+                self.judge(w, False)
+
+    def release(self, drop: Callable[[str, str, str], bool]) -> int:
+        """Forget, unjudged, the judged windows whose (rule, source key, destination key) ``drop``
+        selects (split: keys now owned by another process, which rebuilds them). Returns how many."""
+        gone = [(k, w) for k, w in self.windows.items() if drop(self.rule, w.src.key, w.dst.key)]
+        for k, w in gone:
+            self.windows.pop(k)
+            w.live = False
+        return len(gone)
+
+    def _prune(self, now: float) -> None:
+        gone = self._gone
+        horizon = now - self.windows.ttl - self.lateness
+        while gone:
+            key, at = next(iter(gone.items()))
+            if at > horizon and len(gone) <= self.windows.max_items:
+                break
+            del gone[key]
 
     def stores(self) -> list[Store]:
         return [self.windows]
@@ -436,13 +573,19 @@ class Rule(Generic[C]):
 
     def edge_windows(self, window_secs: float, judge: Callable[[Window, bool], None]) -> EdgeWindows:
         """Per-edge windowed counts (stage 2), judged by ``judge(window, final)``."""
-        w = EdgeWindows(f"{self.name}_windows", window_secs, self.ctx.max_items, judge, self.ctx.config.engine.examples)
+        w = EdgeWindows(
+            f"{self.name}_windows", window_secs, self.ctx.max_items, judge, self.ctx.config.engine.examples, self.name
+        )
         self._edges.append(w)
         self._stores.extend(w.stores())
         return w
 
     def stores(self) -> list[Store]:
         return self._stores
+
+    def edge_counters(self) -> list[EdgeWindows]:
+        """The rule's per-edge windows (the core runs them split in the evaluator role)."""
+        return self._edges
 
     # --- judging --------------------------------------------------------------------------------
     def violation(

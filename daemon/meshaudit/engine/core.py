@@ -24,6 +24,7 @@ from meshaudit.engine.aggregate import Aggregator
 from meshaudit.engine.api import (
     Deferred,
     Edge,
+    EdgeWindows,
     Emit,
     EngineContext,
     Parking,
@@ -32,6 +33,7 @@ from meshaudit.engine.api import (
     Route,
     Rule,
     Violation,
+    WindowDelta,
 )
 from meshaudit.engine.correlation import Correlation
 from meshaudit.engine.policy import CompiledPolicy
@@ -100,6 +102,12 @@ class Engine:
         self.hops_evaluated = 0
         self._spans_shared = float("-inf")  # Facts already given out (``facts``)
         self._log_shared = float("-inf")
+        # Stage 2 split (``split``): where the rules' violations go instead of the aggregator,
+        # and whether they are dropped (judging replayed deltas: their verdict is out already).
+        self.splits = False
+        self.lateness = 0.0
+        self._muted = False
+        self.deltas_unknown = 0  # deltas of a counter no enabled rule here has (a rule disabled here)
 
     def _sections(self, config: Config, policy: CompiledPolicy) -> dict[type[Rule[Any]], Any]:
         """Each rule's options: its ``rules.<name>`` section, under the policy's overrides."""
@@ -138,6 +146,9 @@ class Engine:
             if r is None:
                 r = cls(self.ctx)
                 r.emit = self._emit
+                if self.splits:
+                    for w in r.edge_counters():
+                        w.split(self.lateness)
             else:
                 r.reconfigure(sections[cls])
             rules.append(r)
@@ -224,6 +235,87 @@ class Engine:
         self.agg.counted.expire(now)
         self.agg.states.expire(now)
         return self.agg.drain()
+
+    # --- stage 2 split (the evaluator role) ------------------------------------------------------
+    def split(self, lateness: float) -> None:
+        """Run stage 2 split across processes (the evaluator role: each process counts the hops of
+        its partitions, and each (rule, source, destination) is judged and aggregated in the one
+        process that owns it). Call before the first hop. From then on:
+
+        - every violation the rules raise is collected for its owner (``take_stage2``), never
+          aggregated here;
+        - every rule's :class:`~meshaudit.engine.api.EdgeWindows` counts into per-tick deltas
+          (``take_stage2``) and judges only the sums it absorbs (``absorb_stage2``), closing a
+          judged window ``lateness`` seconds after its end;
+        - the aggregator takes the violations ``absorb_stage2`` is given (every process's, of the
+          keys this one owns).
+
+        The rules know nothing of it: one process and ``workers: N`` never call it."""
+        self.splits = True
+        self.lateness = lateness
+        self._emit = self._forward
+        for r in self.rules:
+            r.emit = self._emit
+            for w in r.edge_counters():
+                w.split(lateness)
+
+    def _forward(self, v: Violation) -> None:
+        if not self._muted:
+            self.forwarded.append(v)
+
+    def _counters(self) -> dict[str, EdgeWindows]:
+        return {w.name: w for r in self.rules for w in r.edge_counters()}
+
+    def take_stage2(self) -> tuple[list[WindowDelta], list[Violation]]:
+        """Split: the window deltas made at the ticks and the violations raised since the last
+        call, for the processes that own their keys."""
+        deltas = [d for r in self.rules for w in r.edge_counters() for d in w.take()]
+        return deltas, self.take_forwarded()
+
+    def absorb_stage2(
+        self, deltas: Sequence[WindowDelta], violations: Sequence[Violation], now: float, replay: bool = False
+    ) -> list[Alert]:
+        """Split: every process's deltas and violations of the keys this one owns. The deltas are
+        summed into the judged windows (judged at the next tick); the violations go to the
+        aggregator. ``replay``: rebuilding after this process gained the keys (records its
+        previous owner handled): windows and alert windows are rebuilt, a window that crosses its
+        threshold is marked judged, and nothing is raised (the previous owner raised it)."""
+        self._now = now
+        counters = self._counters()
+        for d in deltas:
+            w = counters.get(d.windows)
+            if w is None:
+                self.deltas_unknown += 1
+                continue
+            w.absorb(d, now)
+        if replay:
+            self._muted = True
+            try:
+                for w in counters.values():
+                    w.judge_changed()
+            finally:
+                self._muted = False
+        for v in violations:
+            self.agg.add(v, now)
+        alerts = self.agg.drain()
+        return [] if replay else alerts
+
+    def release_stage2(self, drop: Callable[[str, str, str], bool]) -> int:
+        """Split: forget the judged windows and alert windows of the keys ``drop(rule, source key,
+        destination key)`` selects (owned by another process now, which rebuilds them from the
+        edges topic): no verdict and no closing summary here. Returns how many went."""
+        n = sum(w.release(drop) for w in self._counters().values())
+        return n + self.agg.release(drop)
+
+    def stage2_horizon(self) -> float:
+        """Seconds of the past a judged window and an alert window depend on: the longest
+        per-edge window, its lateness, and ``suppress_secs`` (what a new owner replays)."""
+        longest = max((w.windows.ttl for w in self._counters().values()), default=0.0)
+        return longest + self.lateness + self.agg.window
+
+    def stage2_late(self) -> int:
+        """Split: deltas dropped since start because their window had closed."""
+        return sum(w.late for w in self._counters().values())
 
     # --- peers (``workers: N``) ---------------------------------------------------------------
     def take_forwarded(self) -> list[Violation]:

@@ -1,10 +1,12 @@
 """The evaluator role of the distributed mode (``meshaudit run --role evaluator``): a member of a
 Kafka consumer group over the hops topic (``distributed.hops_topic``, hop batches keyed by
 correlation key, so every piece of evidence about one request is in one partition). Each member
-owns some partitions and runs the whole engine on their hops (stage 1: pairing, span joins,
-source naming, per-hop rules; stage 2 locally: per-edge windows and alert windows) and hands its
-alerts to its own sinks. It is the same :class:`~meshaudit.pipeline.Pipeline` as one process,
-without receivers: hops come from the topic instead.
+owns some partitions and runs the engine on their hops (stage 1: pairing, span joins, source
+naming, per-hop rules; the per-edge counts), and stage 2 (per-edge windows and alert windows) of
+the (rule, source, destination) keys it owns on the edges topic, on every member's counts and
+violations (``meshaudit.runtime.stage2``), and hands its alerts to its own sinks. It is the same
+:class:`~meshaudit.pipeline.Pipeline` as one process, without receivers: hops come from the topic
+instead.
 
 Senders' claims (log_source_mismatch) come in records of their own, in the partition of their
 sender's principal: judged (``Engine.claims``, the alert one process raises) and committed like
@@ -58,6 +60,7 @@ from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
 from meshaudit.runtime.baseline_topic import SharedBaseline
 from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
+from meshaudit.runtime.stage2 import Stage2, lateness
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
 from meshaudit.wire.partition import partition
@@ -161,6 +164,7 @@ class Evaluator(Alone):
         self.shared: SharedBaseline | None = None
         if r.enabled and r.mode == "learn":
             self.shared = SharedBaseline(config, lambda: self.engine, self.clock)
+        self.stage2 = Stage2(self.cfg, self)  # per-edge and alert windows across the group
 
     @property
     def engine(self) -> Engine:
@@ -169,6 +173,10 @@ class Evaluator(Alone):
     # --- Peers: none -----------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         pipeline.engine.agg.align()  # alert ids by data time: the same in every member
+        pipeline.engine.split(lateness(pipeline.config.engine.tick_ms))  # stage 2 across the group
+
+    def share(self, engine: Engine) -> None:
+        self.stage2.collect(engine)  # deltas and violations to the edges topic
 
     def periodic(self, engine: Engine) -> None:
         engine.take_tally()  # no /graph here: taken, so it does not grow
@@ -184,7 +192,9 @@ class Evaluator(Alone):
             "consumer": "ok" if self.joined else self.state,
             **({"baseline": self.shared.state} if self.shared is not None else {}),
         }
-        return readiness_of(gates, self.sinks)
+        gates_, sinks = readiness_of(gates, self.sinks)
+        sinks["edges_topic"] = self.stage2.state
+        return gates_, sinks
 
     def liveness(self) -> dict[str, str]:
         return {**self.pipeline.core.dead(), **self.tasks.dead()}
@@ -479,6 +489,8 @@ class Evaluator(Alone):
             self.tasks.start(self.shared.run(), "baseline")
         self.tasks.start(self._consume(), "consumer")
         self.tasks.start(self._commit_loop(), "commit")
+        self.tasks.start(self.stage2.run(), "edges")
+        self.tasks.start(self.stage2.commit_loop(), "edges_commit")
         tune_gc()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
@@ -488,6 +500,7 @@ class Evaluator(Alone):
             f"meshaudit {__version__} running as an evaluator.\n"
             f"  hops from Kafka                       -> topic {self.cfg.hops_topic} at "
             f"{', '.join(self.cfg.bootstrap_servers)}, group {self.cfg.group_id}\n"
+            f"  per-edge and alert windows (stage 2)  -> topic {self.cfg.edges_topic}, the same group\n"
             f"  metrics and health                    -> http://{p.bound['metrics']}/metrics, /healthz, /readyz\n"
             f"  alerts (JSON lines)                   -> {out}",
             file=sys.stderr,
@@ -511,6 +524,8 @@ class Evaluator(Alone):
                 await self.consumer.stop()
             except kerrors.KafkaError as exc:
                 log.warning("Leaving the consumer group failed (its members notice after the session timeout): %s", exc)
+        self.pipeline.tick(self.clock())  # the last counts handed out
+        await self.stage2.stop(deadline - 2)
         await self.pipeline.stop()
         await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))
         for r in runners:
