@@ -79,8 +79,10 @@ def distributed(tansu: Tansu, topic: str) -> dict[str, Any]:
 
 
 def evaluator_config(pki: Pki, tansu: Tansu, topic: str) -> dict[str, Any]:
-    """One process's rules and policy (``sources`` included), as an evaluator."""
-    return deep_merge({**CONFIG, "policy": tls_config(pki)["policy"]}, distributed(tansu, topic))
+    """One process's rules and policy (``sources`` included), as an evaluator (the edges topic of
+    stage 2 created by the first one)."""
+    stage2 = {"distributed": {"edges_topic": f"{topic}-edges", "edges_partitions": PARTITIONS, "create_topic": True}}
+    return deep_merge(deep_merge({**CONFIG, "policy": tls_config(pki)["policy"]}, distributed(tansu, topic)), stage2)
 
 
 async def create_topic(tansu: Tansu, topic: str) -> None:

@@ -295,10 +295,15 @@ class Engine:
                     w.judge_changed()
             finally:
                 self._muted = False
+        counted = dict(self.agg.violations) if replay else None
         for v in violations:
             self.agg.add(v, now)
         alerts = self.agg.drain()
-        return [] if replay else alerts
+        if counted is not None:  # the previous owner counted them (violations_total)
+            self.agg.violations.clear()
+            self.agg.violations.update(counted)
+            return []
+        return alerts
 
     def release_stage2(self, drop: Callable[[str, str, str], bool]) -> int:
         """Split: forget the judged windows and alert windows of the keys ``drop(rule, source key,
