@@ -42,6 +42,9 @@ QUEUE_ENTRIES, QUEUE_BYTES = 1000, 1024 * 1024
 # Resident memory the receiver may gain over the outage, on top of what it had when it began:
 # its bounds hold ~2 MiB of messages and records; the rest is the allocator's slack.
 RSS_GROWTH_MIB = 32.0
+# Log lines each process may write over the outage: the Kafka client's complaints, each kind at
+# most once per 10 s, and the daemon's own (it retries every 0.1-5 s).
+LOG_LINES = 120
 
 
 def _distributed(broker: Forwarder) -> dict[str, Any]:
@@ -154,6 +157,7 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
         await _wait("the alerts of before", lambda: len(_sources(evaluator, "before")) == 3, 15)
 
         # --- the outage -------------------------------------------------------------------------
+        logged = {d: len(d.stderr().splitlines()) for d in (receiver, evaluator)}
         tansu.kill()
         broker.stop()  # the broker's address refuses connections, theirs are closed
         down_at = time.monotonic()
@@ -194,6 +198,11 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
         first = max(m for t, m in rss if t <= 20)
         last = max(m for t, m in rss if t > 20)
         assert last <= first + 4, f"RSS still growing late in the outage: {figures}"
+        # The log says the broker is away, without a line for every retry of every connection.
+        for d in (receiver, evaluator):
+            lines = d.stderr().splitlines()[logged[d] :]
+            print(f"{d.alerts_path.name.split('-')[0]} wrote {len(lines)} log lines over the outage")
+            assert len(lines) <= LOG_LINES, "\n".join(lines[-40:])
 
         # --- back: the same port, an empty broker, the topic created again --------------------
         tansu.start()
