@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from infra import als
 from infra.brokers import Forwarder, Tansu, create_topic, free_port
 from infra.daemon import Daemon, deep_merge
@@ -35,6 +36,7 @@ PARTITIONS = 4
 TOPIC = "meshaudit.hops"
 OUTAGE_SECS = 30.0
 REVIEWS = als.identifier("reviews")
+GROUP = "outage-evaluators"
 TRACES_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # The receiver's bounds (small, so that the outage reaches them at once): what it may hold.
 IN_FLIGHT = 1024 * 1024
@@ -72,7 +74,7 @@ def _receiver(broker: Forwarder) -> dict[str, Any]:
 
 
 def _evaluator(broker: Forwarder) -> dict[str, Any]:
-    group = {"group_id": "outage-evaluators", "session_timeout_ms": 3000, "commit_interval_ms": 500}
+    group = {"group_id": GROUP, "session_timeout_ms": 3000, "commit_interval_ms": 500}
     return deep_merge(CONFIG, {"distributed": {**_distributed(broker), **group}})
 
 
@@ -121,6 +123,17 @@ def _otlp_http(d: Daemon) -> tuple[int, str | None]:
         return exc.code, exc.headers.get("Retry-After")
 
 
+async def _committed(broker: Forwarder) -> dict[int, int]:
+    """The evaluator group's committed offsets, by partition (read without joining the group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.address, group_id=GROUP, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        got = {p: await consumer.committed(TopicPartition(TOPIC, p)) for p in range(PARTITIONS)}
+    finally:
+        await consumer.stop()
+    return {p: offset for p, offset in got.items() if offset is not None}
+
+
 def _sources(d: Daemon, tag: str) -> set[str]:
     return {a["source"]["service"] for a in d.alerts() if a["rule"] == "unexpected_edge"} & {
         f"{tag}-{i}" for i in range(100)
@@ -155,6 +168,11 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
         )
         assert await als.stream(receiver.grpc, [_intruders("before", 3), *_load("before", 2)[1:]]) == grpc.StatusCode.OK
         await _wait("the alerts of before", lambda: len(_sources(evaluator, "before")) == 3, 15)
+        for _ in range(50):  # the evaluator commits what it judged once its waits are over (~2 s)
+            if await _committed(broker):
+                break
+            await asyncio.sleep(0.2)
+        assert await _committed(broker), "the evaluator committed nothing"
 
         # --- the outage -------------------------------------------------------------------------
         logged = {d: len(d.stderr().splitlines()) for d in (receiver, evaluator)}
@@ -162,9 +180,12 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
         broker.stop()  # the broker's address refuses connections, theirs are closed
         down_at = time.monotonic()
         rss: list[tuple[float, float]] = [(0.0, await asyncio.to_thread(receiver.rss_mib))]
-        sent = 0
         checked: dict[str, Any] = {}
         i = 0
+        # The first burst fits in the bounds: accepted whole, its violations among it.
+        assert await als.stream(receiver.grpc, [_intruders("during", 5), *_load("during", 3)[1:]]) == grpc.StatusCode.OK
+        assert receiver.metric("meshaudit_dropped_total") == 0
+        sent = 205
         while time.monotonic() - down_at < OUTAGE_SECS:  # bounded: 30 s of bursts
             burst = _load(f"during{i}", 5)
             assert await als.stream(receiver.grpc, burst) == grpc.StatusCode.OK
@@ -219,6 +240,8 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
         produced = receiver.metric("meshaudit_hops_produced_total")
         assert await als.stream(receiver.grpc, [_intruders("after", 5)]) == grpc.StatusCode.OK
         await _wait("every violation sent after recovery alerted", lambda: len(_sources(evaluator, "after")) == 5, 40)
+        # And those the receiver accepted during the outage, produced once the broker was back.
+        await _wait("the violations accepted during the outage", lambda: len(_sources(evaluator, "during")) == 5, 10)
         print(f"alerts after recovery {time.monotonic() - back_at:.1f} s after the broker came back")
         assert receiver.metric("meshaudit_hops_produced_total") >= produced + 5
         status, body = evaluator.readyz()
