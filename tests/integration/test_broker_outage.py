@@ -1,13 +1,16 @@
 """The broker down for 30 s (issue 15): one receiver and one evaluator on a private Tansu, which is
-killed (SIGKILL: the process gone, its port refusing connections) while ALS load keeps coming,
-then started again on the same port. During the outage the receiver pushes back (ALS dropped and
-counted, OTLP told to retry), its memory stays bounded, ``hops_topic_up`` is 0 and it stays
-ready (README, "Distributed mode"). After it, with nobody restarting either process, the receiver
-produces again and the evaluator consumes and alerts on every violation sent after recovery.
+killed (SIGKILL: the process gone, its address refusing connections) while ALS load keeps
+coming, then started again on the same port. During the outage the receiver pushes back (ALS
+dropped and counted, OTLP told to retry), its memory stays bounded, ``hops_topic_up`` is 0, it
+stays ready (README, "Distributed mode") and neither process floods its log. After it, with
+nobody restarting either process, the receiver produces again and the evaluator consumes and
+alerts on every violation sent after recovery, and on those the receiver accepted during it.
 
 This Tansu keeps nothing across a restart (infra.brokers): the broker comes back empty and the
-hops topic is created again at once, as a deployment's topic job would; the group, its committed
-offsets and the records of before are gone, which the evaluator must survive too.
+hops topic is created again before clients can reach it, as a deployment's topic job would; the
+group, its committed offsets and the records of before are gone, which the evaluator (which had
+committed what it judged) must notice: its positions in the old log would skip records of the
+new one.
 """
 
 from __future__ import annotations
