@@ -8,6 +8,10 @@ the daemon's own log:
 - :class:`RateLimited` logs bad input at most once per reason per interval, as one line (never a
   traceback), and the next line says how many were suppressed meanwhile. The counters in
   ``meshaudit_rejected_total`` stay exact; the log only samples.
+
+A library's log is sampled the same way (:class:`LibraryLogLimit`): the Kafka client logs every
+failed attempt of every connection, about 30 lines a second per client while a broker is away,
+which the daemon's own lines and metrics already say once.
 """
 
 from __future__ import annotations
@@ -77,3 +81,39 @@ class RateLimited:
 
     def error(self, reason: str, msg: str, *args: object) -> bool:
         return self.log(logging.ERROR, reason, msg, *args)
+
+
+class LibraryLogLimit(logging.Filter):
+    """On a handler: records of the loggers under ``prefixes`` (a library's) pass at most once per
+    (logger, level, message template) per ``interval``; the next that passes says how many were
+    held back meanwhile. Every other record passes untouched."""
+
+    def __init__(
+        self, prefixes: tuple[str, ...], interval: float = INTERVAL_SECS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.interval = interval
+        self.clock = clock
+        self._next: dict[tuple[str, int, str], float] = {}
+        self._held: dict[tuple[str, int, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == p or name.startswith(p + ".") for p in self.prefixes):
+            return True
+        key = (name, record.levelno, str(record.msg))
+        now = self.clock()
+        due = self._next.get(key)
+        if due is not None and now < due:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        if due is None and len(self._next) >= _MAX_REASONS:
+            self._next.clear()
+            self._held.clear()
+        self._next[key] = now + self.interval
+        held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like this in the last {self.interval:.0f} s not logged)"
+            record.args = None
+        return True

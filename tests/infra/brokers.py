@@ -12,9 +12,18 @@ refuses ``--cert`` with ``--key``), so a Kafka client reaches it through socat t
 on a second port, which Tansu advertises (``make_tansu(advertised_port=...)``) so that every
 connection the client opens after bootstrap goes through the terminator too.
 
-Tansu keeps data only in memory, so an outage is simulated by freezing it (SIGSTOP, then
-SIGCONT): the broker stops answering but keeps its data and its port. It also lacks
-SO_REUSEADDR, so it cannot be restarted on the same port for about a minute.
+Two outages: a frozen broker (``pause``: SIGSTOP, then SIGCONT) stops answering but keeps its
+data, its port and its clients' connections; a broker that is gone (``kill``: SIGKILL, then
+``start`` again on the same port, which Tansu rebinds at once) refuses connections meanwhile.
+This Tansu build has no storage that outlives its process (``memory://`` only; ``postgres://``,
+``sqlite://`` and the others are features it was built without, and ``s3://`` needs an object
+store): a restarted Tansu has no topics, no records and no consumer groups, so its topics must be
+created again (``create_topic``) before any client produces. Tansu takes a produce to a topic
+that does not exist, into a log the topic created afterwards does not read, then fails that
+partition's produces (UnknownError: the offsets collide): its records never reach a consumer.
+Clients reconnect within 100 ms, faster than a topic is created, so such a test puts a
+``Forwarder`` (the address clients know, which Tansu advertises) in front: broker and forwarder
+down; the broker started again and its topic created; then the forwarder.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiokafka.conn import create_conn
+from aiokafka.protocol.admin import CreateTopicsRequest
 
 from infra.tools import mosquitto_binary, socat_binary, tansu_binary
 
@@ -105,6 +116,16 @@ class BrokerProcess:
             proc.kill()
             proc.wait(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL our process (a crash, a node lost): its port refuses connections until ``start``."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if self.paused:
+            self.resume()
+        proc.kill()
+        proc.wait(5.0)
+
     def pause(self) -> None:
         """Freeze the broker: connections stay open and nothing is answered (a hung broker)."""
         os.kill(self.pid, signal.SIGSTOP)
@@ -119,6 +140,22 @@ class Tansu(BrokerProcess):
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+
+async def create_topic(port: int, name: str, partitions: int) -> None:
+    """Create topic ``name`` (replication factor 1) on the broker listening on ``port``, as an
+    operator or a deployment's job does. The request goes to that port itself, not to the
+    address the broker advertises (a forwarder that may be down)."""
+    conn = await create_conn(HOST, port)
+    try:
+        topics: list[tuple[str, int, int, list[Any], list[Any]]] = [(name, partitions, 1, [], [])]
+        request = CreateTopicsRequest(create_topic_requests=topics, timeout=10_000, validate_only=False)
+        response = await conn.send(request)
+    finally:
+        conn.close()
+    errors = [(topic, code, message) for topic, code, message in response.topic_errors if code]
+    if errors:
+        raise RuntimeError(f"cannot create topic {name}: {errors}")
 
 
 class Mosquitto(BrokerProcess):
@@ -207,6 +244,21 @@ def make_mosquitto(
     return Mosquitto("mosquitto", [str(mosquitto_binary()), "-c", str(conf)], port, workdir)
 
 
+class Forwarder(TlsTerminator):
+    """socat: plaintext TCP on ``port`` forwarded to the target port, one child per connection.
+    In front of a broker that advertises it, it is the address clients know: stopping it
+    closes their connections and refuses new ones, and a broker restarted behind it can be
+    prepared (its topics created) before the forwarder starts again and clients reach it."""
+
+
+def make_forwarder(workdir: Path, target_port: int, port: int | None = None) -> Forwarder:
+    """socat forwarding TCP ``port`` (127.0.0.1) to ``target_port``."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    listen = f"TCP-LISTEN:{port},bind={HOST},reuseaddr,fork"
+    return Forwarder("forwarder", [str(socat_binary()), listen, f"TCP:{HOST}:{target_port}"], port, workdir)
+
+
 def make_tls_terminator(workdir: Path, target_port: int, tls: ServerTls, port: int | None = None) -> TlsTerminator:
     """socat serving TLS on ``port`` (127.0.0.1) and forwarding each connection in plaintext
     to ``target_port``; a client certificate from ``tls.client_ca`` is required when
@@ -282,6 +334,14 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start private Mosquitto brokers: ``factory(port=None, persistence=False)``; all stopped at
     teardown."""
     with _started_brokers(make_mosquitto, tmp_path / "mosquitto") as factory:
+        yield factory
+
+
+@pytest.fixture
+def forwarder_factory(tmp_path: Path) -> Iterator[Callable[..., Forwarder]]:
+    """Start TCP forwarders: ``factory(target_port, port=None)``; all stopped (with their
+    per-connection children) at teardown."""
+    with _started_brokers(make_forwarder, tmp_path / "forwarder") as factory:
         yield factory
 
 

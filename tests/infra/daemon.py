@@ -151,6 +151,14 @@ class Daemon:
         except urllib.error.HTTPError as e:
             return e.code, orjson.loads(e.read())
 
+    def rss_mib(self) -> float:
+        """The process's resident memory now (``VmRSS`` of /proc/PID/status), in MiB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmRSS for PID {self.proc.pid}")
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

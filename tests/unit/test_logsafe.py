@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from meshaudit.logsafe import RateLimited, wire
+from meshaudit.logsafe import LibraryLogLimit, RateLimited, wire
 
 
 def test_wire_escapes_newlines_and_control_characters() -> None:
@@ -37,3 +37,27 @@ def test_rate_limited_logs_once_per_reason_then_counts_the_rest(caplog: pytest.L
         "Rejected a message. (999 more like this in the last 10 s not logged)",
     ]
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_librarys_log_is_sampled_per_kind_and_says_what_it_held_back() -> None:
+    now = [0.0]
+    limit = LibraryLogLimit(("aiokafka",), interval=10, clock=lambda: now[0])
+
+    def record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+    connect = "Unable connect to node with id %s: %s"
+    passed = [r for r in (record("aiokafka", connect, 111, "refused") for _ in range(300)) if limit.filter(r)]
+    assert [r.getMessage() for r in passed] == ["Unable connect to node with id 111: refused"]
+    # Another kind, another logger of the library, another level: each its own line.
+    assert limit.filter(record("aiokafka.producer.sender", "Got error produce response: %s", "NodeNotReady"))
+    assert limit.filter(record("aiokafka", connect, 111, "refused", level=logging.WARNING))
+    # Not the library's: never held back.
+    assert all(limit.filter(record("meshaudit.producer", "Producing hops failed")) for _ in range(50))
+    assert all(limit.filter(record("aiokafkaesque", connect, 1, "x")) for _ in range(5))
+    now[0] = 10.5
+    again = record("aiokafka", connect, 111, "refused")
+    assert limit.filter(again)
+    assert again.getMessage() == (
+        "Unable connect to node with id 111: refused (299 more like this in the last 10 s not logged)"
+    )

@@ -19,6 +19,7 @@ from meshaudit import __version__, metrics
 from meshaudit.config import Config
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.guard import ERRORS
+from meshaudit.logsafe import LibraryLogLimit
 from meshaudit.model import Alert
 from meshaudit.receivers.auth import warn_plaintext
 from meshaudit.sinks.base import FatalSinkError, Sink
@@ -103,6 +104,11 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The Kafka client logs each failed attempt (every 0.1 s per connection while a broker is
+    # away): sampled, once per kind per 10 s (logsafe.LibraryLogLimit).
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, LibraryLogLimit) for f in handler.filters):
+            handler.addFilter(LibraryLogLimit(("aiokafka",)))
 
 
 def check_protobuf_backend() -> str:

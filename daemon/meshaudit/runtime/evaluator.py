@@ -250,10 +250,15 @@ class Evaluator(Alone):
         self.partitions = max(len(topic_partitions), self.partitions)
         lost = self.owned - assigned
         kept = {tp for tp in assigned & self.owned if tp in self.positions}
+        anew = await self._forgotten(consumer, kept)
+        kept -= anew
         gained = sorted(assigned - kept)
         self.owned -= lost
         if lost:
             self._forget(lost)
+        for tp in anew:  # what this member read and committed there belongs to a log that is gone
+            self.pending.pop(tp, None)
+            self.committed.pop(tp, None)
         plans = await self._plan(consumer, gained) if gained else {}
         for tp in kept:  # state and position stay (the consumer resets positions on a rebalance)
             consumer.seek(tp, self.positions[tp])
@@ -267,6 +272,29 @@ class Evaluator(Alone):
         self.joined = True
         self.state = "ok"
         self.rebalancing = False
+
+    async def _forgotten(self, consumer: AIOKafkaConsumer, kept: set[TopicPartition]) -> set[TopicPartition]:
+        """Kept partitions whose committed offset the group no longer has (none, or lower than this
+        member committed): the brokers lost the group's state, and with it, as a broker that lost
+        its data, maybe the log, re-created from offset 0. Positions in the old log would skip as
+        many records of the new one: such a partition is read again as a gained one with no
+        committed offset (its last TTL judged; what was judged twice alerts with the same ids)."""
+        out: set[TopicPartition] = set()
+        for tp in kept:
+            mine = self.committed.get(tp)
+            if mine is None:
+                continue
+            theirs = await consumer.committed(tp)
+            if theirs is None or theirs < mine:
+                out.add(tp)
+                log.warning(
+                    "Partition %d: the group's committed offset is %s, this evaluator committed %d: the brokers "
+                    "lost the group's state (and maybe the log); reading it again as a partition gained.",
+                    tp.partition,
+                    "gone" if theirs is None else theirs,
+                    mine,
+                )
+        return out
 
     def _forget(self, lost: set[TopicPartition]) -> None:
         """Partitions now another member's: their waiting hops go unjudged, and what this member

@@ -121,6 +121,9 @@ class SidecarSpec:
     # The workload that really runs this sidecar, when its node claims another (``service``, ``pod``):
     # a forged sidecar. Names its files and process; empty: ``service``.
     workload: str = ""
+    # More collectors (receivers) beside ``collector_port``: the collector cluster then has every
+    # one as an endpoint, health-checked (see ``collector_cluster``), as a Service of receivers.
+    more_collector_ports: tuple[int, ...] = ()
 
     @property
     def runs_as(self) -> str:
@@ -410,21 +413,60 @@ def _inbound_filter_chains(
     return chains
 
 
+# The collector cluster with several receivers: how Envoy leaves one that died. Its access-log
+# streams and span exports go to a host the load balancer picks among the healthy ones; an
+# active gRPC health check (grpc.health.v1, which the receivers serve: SERVING while ready) marks
+# a receiver that stops answering unhealthy after one failed check, so the next stream (Envoy
+# opens one at its next flush after the old one broke) goes to another; outlier detection
+# ejects a host whose connections fail (local-origin failures) before the next check does.
+COLLECTOR_HEALTH_INTERVAL = "0.5s"
+
+
+def collector_cluster(ports: tuple[int, ...], tls: dict[str, Any] | None) -> dict[str, Any]:
+    """The collector cluster: HTTP/2 to ``ports`` (TLS when ``tls``), health-checked and with
+    outlier detection when there is more than one."""
+    extra: dict[str, Any] = {
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        **({"transport_socket": tls} if tls is not None else {}),
+    }
+    if len(ports) > 1:
+        extra["health_checks"] = [
+            {
+                "timeout": "0.5s",
+                "interval": COLLECTOR_HEALTH_INTERVAL,
+                "no_traffic_interval": COLLECTOR_HEALTH_INTERVAL,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},  # the server ("" service): SERVING while /readyz is ready
+            }
+        ]
+        extra["outlier_detection"] = {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "interval": "0.5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 100,
+        }
+    cluster = _static_cluster(COLLECTOR_CLUSTER, ports[0], **extra)
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": _addr(port)}} for port in ports
+    ]
+    return cluster
+
+
 def bootstrap(spec: SidecarSpec) -> dict[str, Any]:
     trust_domain = spec.trust_domain
     inbound_cluster = f"inbound|{HTTP_SERVICE_PORT}||"
     listeners: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [
-        _static_cluster(
-            COLLECTOR_CLUSTER,
-            spec.collector_port,
-            typed_extension_protocol_options={
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            **({"transport_socket": _collector_tls(spec)} if spec.collector_certs is not None else {}),
+        collector_cluster(
+            (spec.collector_port, *spec.more_collector_ports),
+            _collector_tls(spec) if spec.collector_certs is not None else None,
         ),
         _static_cluster(inbound_cluster, spec.app_port),
         _static_cluster("BlackHoleCluster", None),
@@ -600,6 +642,21 @@ class AccessLogStats:
     flush_failed: int
 
 
+@dataclass(frozen=True)
+class HostStatus:
+    """One endpoint of a cluster as Envoy's admin ``/clusters`` shows it."""
+
+    cx_active: int
+    rq_active: int
+    cx_connect_fail: int
+    failed_health_check: bool  # the active health check marked it unhealthy
+    ejected: bool  # outlier detection ejected it
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.failed_health_check or self.ejected)
+
+
 class Envoy:
     """One running sidecar Envoy, addressed by its admin port."""
 
@@ -664,6 +721,27 @@ class Envoy:
             flushed=s.get(p + "grpc_entries_flushed", 0),
             flush_failed=s.get(p + "grpc_entries_flush_failed", 0),
         )
+
+    def cluster_hosts(self, cluster: str = COLLECTOR_CLUSTER) -> dict[int, HostStatus]:
+        """Port -> what Envoy says of that endpoint of ``cluster`` (admin ``/clusters``)."""
+        with urllib.request.urlopen(f"{self.admin}/clusters?format=json", timeout=2) as resp:
+            body = json.load(resp)
+        out: dict[int, HostStatus] = {}
+        for c in body.get("cluster_statuses", []):
+            if c.get("name") != cluster:
+                continue
+            for h in c.get("host_statuses", []):
+                port = int(h["address"]["socket_address"]["port_value"])
+                stats = {st["name"]: int(st.get("value", 0)) for st in h.get("stats", [])}
+                health = h.get("health_status", {})
+                out[port] = HostStatus(
+                    cx_active=stats.get("cx_active", 0),
+                    rq_active=stats.get("rq_active", 0),
+                    cx_connect_fail=stats.get("cx_connect_fail", 0),
+                    failed_health_check=bool(health.get("failed_active_health_check")),
+                    ejected=bool(health.get("failed_outlier_check")),
+                )
+        return out
 
     def set_runtime(self, key: str, value: str) -> None:
         req = urllib.request.Request(

@@ -195,13 +195,16 @@ class Mesh:
         collector_spiffe: str | None = None,
         sidecar_collectors: Mapping[str, Collector] | None = None,
         app_collectors: Mapping[str, Collector] | None = None,
+        collector_pool: tuple[Collector, ...] = (),
     ) -> None:
         """``ca``: the mesh CA (made here when None); ``collector_spiffe``: send to the daemon over
         mTLS, every sidecar and SDK app with its own workload certificate, accepting only this
         identity of the daemon (whose server certificate ``ca`` issued); None: plaintext.
         ``sidecar_collectors`` / ``app_collectors``: service -> where its sidecar (access logs,
         Envoy's spans) / its SDK app (spans) sends instead of the collector ports (pinning each
-        workload to one of several receivers)."""
+        workload to one of several receivers). ``collector_pool``: receivers every sidecar's
+        collector cluster lists too, health-checked, beside its own collector (a Service of
+        receivers: Envoy moves to another when one dies)."""
         self.run_dir = run_dir
         self.collector_grpc_port = collector_grpc_port
         self.collector_http_port = collector_http_port
@@ -209,6 +212,7 @@ class Mesh:
         self._sidecar_collectors = dict(sidecar_collectors or {})
         self._app_collectors = dict(app_collectors or {})
         self._default_collector = default
+        self._collector_pool = collector_pool
         self.topology = topology or default_topology()
         # Unique Envoy --base-id per instance; offset by the collector port so concurrent meshes differ.
         self.base_id_start = base_id_start or (collector_grpc_port % 5000) * 10
@@ -331,6 +335,9 @@ class Mesh:
             ca_cert=self.ca.cert_path,
             admin_port=svc.admin_port,
             collector_port=self.sidecar_collector(svc.spec.name).grpc_port,
+            more_collector_ports=tuple(
+                c.grpc_port for c in self._collector_pool if c != self.sidecar_collector(svc.spec.name)
+            ),
             app_port=svc.app_port,
             inbound_port=svc.inbound_port,
             outbound_port=svc.outbound_port,
