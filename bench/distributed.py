@@ -15,8 +15,11 @@ posting one file of ``ENTRIES_PER_CONNECTION`` entries (bench/h2body.py, the wor
 bodies: fresh ids per message, 25 entries per message), spread over the receivers alternately.
 Beside it, the harness sends one violating probe entry (``unexpected_edge``) every
 ``PROBE_EVERY`` seconds on its own stream to the first receiver, and reads the evaluators' alert
-files: probe sent -> alert line written is the end-to-end lag, under load (senders running),
-while the evaluators catch up (drain) and idle (after the backlog, ``IDLE_SECS``).
+files: probe sent -> alert line written is the end-to-end lag, under load (senders running,
+which outrun the evaluators here: the lag is the backlog's), while the evaluators catch up
+(drain), idle (after the backlog, ``IDLE_SECS``, which also gives each tier's CPU at rest), and
+paced: ``PACED_RATE`` entries/s for ``PACED_SECS`` from bench/loadgen.py, below every case's
+capacity, where records are smaller and per-record costs weigh more per hop.
 
 Measured from the daemons' own /metrics (sampled every ``SAMPLE_EVERY`` s) and process CPU from
 /proc (each process tree: utime + stime):
@@ -155,13 +158,14 @@ def _stop(nodes: list[Node]) -> None:
             n.proc.stop()
 
 
-def _dist_config(tag: str, bootstrap: str, alerts: Path) -> dict[str, Any]:
+def _dist_config(tag: str, bootstrap: str, compression: str, alerts: Path) -> dict[str, Any]:
     cfg = meshaudit_config(alerts)
     cfg["distributed"] = {
         "bootstrap_servers": [bootstrap],
         "hops_topic": TOPIC,
         "group_id": f"bench-{tag}",
         "session_timeout_ms": SESSION_TIMEOUT_MS,
+        "compression": compression,
     }
     return cfg
 
@@ -209,6 +213,15 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
         if n.role == "tansu":
             continue
         m = n.metrics()
+        # Bytes on the wire to and from Kafka: what a receiver wrote and an evaluator read through
+        # read(2)/write(2) (/proc/PID/io). aiokafka's sockets are uvloop's (libuv: read, write,
+        # writev) and so are counted; gRPC's are not (recvmsg, sendmsg). Also counted: the
+        # harness's metrics scrapes (a few KB each, 4 a second) and log lines.
+        io = _io_bytes(n.proc.pid)
+        if n.role == "receiver":
+            add("wire_out", io[1])
+        if n.role == "evaluator":
+            add("wire_in", io[0])
         if n.role in ("receiver", "single"):
             add("accepted", metric_sum(m, "meshaudit_received_total"))
             add("dropped", metric_sum(m, "meshaudit_dropped_total"))
@@ -234,6 +247,14 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
             sender_cpu[p.pid] = max(sender_cpu.get(p.pid, 0.0), cpu_seconds([p.pid]))
     cpu["h2load"] = sum(sender_cpu.values())
     return Sample(time.monotonic(), counts, cpu)
+
+
+def _io_bytes(pid: int) -> tuple[int, int]:
+    try:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return 0, 0
+    return int(fields.get("rchar", 0)), int(fields.get("wchar", 0))
 
 
 def _at(samples: list[Sample], t: float) -> Sample:
@@ -415,6 +436,8 @@ def _figures(
         "produce_errors": d("produce_errors"),
         "bytes_per_hop": d("bytes") / produced if d("bytes") > 0 and produced > 0 else None,
         "hops_per_record": produced / d("records") if d("records") > 0 else None,
+        "wire_bytes_per_hop": d("wire_out") / produced if d("wire_out") > 0 and produced > 0 else None,
+        "fetched_bytes_per_hop": d("wire_in") / judged if d("wire_in") > 0 and judged > 0 else None,
         "window_secs": w1.t - w0.t,
         "accepted_rate": _rate(w0, w1, "accepted"),
         "produced_rate": _rate(w0, w1, "produced"),
@@ -456,36 +479,45 @@ def _start_tansu(s: Settings, tag: str) -> tuple[Node, str]:
     return Node("tansu", proc), f"127.0.0.1:{port}"
 
 
-def run_distributed(s: Settings, tag: str, evaluators: int, bodies: list[Path], probe_base: int) -> dict[str, Any]:
+def run_distributed(
+    s: Settings, tag: str, evaluators: int, bodies: list[Path], probe_base: int, compression: str = "none"
+) -> dict[str, Any]:
     broker_node, broker = _start_tansu(s, tag)
     nodes = [broker_node]
     try:
         asyncio.run(_create_topic(broker))
         for i in range(RECEIVERS):
             name = f"{tag}-recv{i}"
-            nodes.append(_start_daemon(s, name, "receiver", _dist_config(tag, broker, s.log(f"{name}.alerts.jsonl"))))
+            nodes.append(
+                _start_daemon(
+                    s, name, "receiver", _dist_config(tag, broker, compression, s.log(f"{name}.alerts.jsonl"))
+                )
+            )
         evs = []
         for i in range(evaluators):
             name = f"{tag}-eval{i}"
             alerts = s.log(f"{name}.alerts.jsonl")
             alerts.unlink(missing_ok=True)
-            evs.append(_start_daemon(s, name, "evaluator", _dist_config(tag, broker, alerts), alerts))
+            evs.append(_start_daemon(s, name, "evaluator", _dist_config(tag, broker, compression, alerts), alerts))
         nodes += evs
         joined = _wait_joined(evs)
         out = asyncio.run(_drive(s, tag, nodes, bodies, probe_base))
     finally:
         _stop(nodes)
-    return {"case": f"dist-{evaluators}", "evaluators": evaluators, "join_secs": joined, **out}
+    case = f"dist-{evaluators}" + ("-gzip" if compression != "none" else "")
+    return {"case": case, "evaluators": evaluators, "compression": compression, "join_secs": joined, **out}
 
 
 # --- the scenario, its summary and the sizing ---------------------------------------------------------
-CASES = ("single", "dist-1", "dist-2")
+# dist-2-gzip: the same with ``compression: gzip``, for the Kafka bandwidth (bytes on the wire).
+CASES = ("single", "dist-1", "dist-2", "dist-2-gzip")
+DIST_CASES = CASES[1:]
 
 
 def _within_run(row: dict[str, dict[str, Any]]) -> None:
     """Ratios inside one run: each distributed case against that run's one process."""
     one = row.get("single", {}).get("cpu_us_per_hop", {}).get("single")
-    for name in ("dist-1", "dist-2"):
+    for name in DIST_CASES:
         c = row.get(name)
         if c is None or "cpu_us_per_hop" not in c or one is None:
             continue
@@ -523,6 +555,8 @@ def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
             "drain_secs",
             "backlog_at_send_end",
             "bytes_per_hop",
+            "wire_bytes_per_hop",
+            "fetched_bytes_per_hop",
             "hops_per_record",
             "dropped",
             "replayed",
@@ -575,14 +609,25 @@ def sizing(summary: dict[str, dict[str, Any]], requests: float = 1e6, headroom: 
     # Twice the evaluators, so the group can double without repartitioning (a topic's partition
     # count can grow, but keys then move: correlation state would be split for one TTL).
     out["partitions"] = 2 * evaluators
-    bph = src.get("bytes_per_hop") or float("nan")
-    mb = hops * bph / 1e6
-    out["bytes_per_hop"] = bph
-    out["produce_mb_per_sec"] = mb
     out["replication_factor"] = 3
-    out["broker_in_mb_per_sec"] = mb * 3  # produce + 2 follower copies (acks=all)
-    out["consume_mb_per_sec"] = mb
-    out["retention_gb_per_ttl"] = mb * 60 * 3 / 1000  # the replay window (60 s TTL) on every replica
+    out["kafka"] = {}
+    for name in ("dist-2", "dist-2-gzip"):
+        sm = summary.get(name)
+        if not sm:
+            continue
+        # On the wire: what the receivers wrote to Kafka per hop (produce requests, compressed
+        # with gzip); their own count (records before compression) when that is missing.
+        bph = sm.get("wire_bytes_per_hop") or sm.get("bytes_per_hop") or float("nan")
+        mb = hops * bph / 1e6
+        out["kafka"][name] = {
+            "bytes_per_hop": bph,
+            "receiver_us_per_hop": sm["cpu_us_per_hop"]["receiver"],
+            "receiver_replicas": int(-(-hops * sm["cpu_us_per_hop"]["receiver"] / 1e6 // headroom)),
+            "produce_mb_per_sec": mb,
+            "broker_in_mb_per_sec": mb * 3,  # produce + 2 follower copies (acks=all)
+            "consume_mb_per_sec": mb,
+            "retention_gb_per_ttl": mb * 60 * 3 / 1000,  # the 60 s replay window, on every replica
+        }
     return out
 
 
@@ -606,7 +651,8 @@ def scenario(s: Settings, results: dict[str, Any]) -> None:
                     if name == "single":
                         c = run_single(s, tag, bodies, base)
                     else:
-                        c = run_distributed(s, tag, int(name.split("-")[1]), bodies, base)
+                        n, gzip = int(name.split("-")[1]), name.endswith("-gzip")
+                        c = run_distributed(s, tag, n, bodies, base, "gzip" if gzip else "none")
                 except RuntimeError as exc:
                     say(f"{tag}: {exc}")
                     row[name] = {"case": name, "error": str(exc)[:1000]}
@@ -620,7 +666,7 @@ def scenario(s: Settings, results: dict[str, Any]) -> None:
                     + f"; lag p99 load {c['lag']['load']['p99_ms']:.0f} ms idle {c['lag']['idle']['p99_ms']:.0f} ms"
                 )
             _within_run(row)
-            for name in ("dist-1", "dist-2"):
+            for name in DIST_CASES:
                 if "kafka_hop_us" in row.get(name, {}):
                     say(f"run {r + 1} {name}: Kafka hop {row[name]['kafka_hop_us']:.2f} µs/hop")
             runs.append(row)
@@ -650,6 +696,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         "",
         "| case | hops/s through (median) | accepted/s while sending | judged/s while sending | drain s "
         "| µs/hop receivers | µs/hop evaluators | µs/hop Tansu | µs/entry one process | Kafka hop µs | bytes/hop "
+        "(wire) "
         "| lag p50/p99 ms under load | idle p50/p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -663,7 +710,8 @@ def table_lines(results: dict[str, Any]) -> list[str]:
             f"| {name} | {f(sm['through_rate'])} | {f(sm['accepted_rate'])} | {f(sm['judged_rate'])} | "
             f"{f(sm['drain_secs'], '.1f')} | {f(us.get('receiver'), '.2f')} | {f(us.get('evaluator'), '.2f')} | "
             f"{f(us.get('tansu'), '.2f')} | {f(us.get('single'), '.2f')} | {f(sm.get('kafka_hop_us'), '.2f')} | "
-            f"{f(sm.get('bytes_per_hop'))} | {f(lag['load']['p50_ms'])}/{f(lag['load']['p99_ms'])} | "
+            f"{f(sm.get('bytes_per_hop'))} ({f(sm.get('wire_bytes_per_hop'))}) | "
+            f"{f(lag['load']['p50_ms'])}/{f(lag['load']['p99_ms'])} | "
             f"{f(lag['idle']['p50_ms'])}/{f(lag['idle']['p99_ms'])} |"
         )
     sz = dist.get("sizing_1m_rps")
@@ -671,8 +719,12 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"\n1 M requests/s = {sz['hops_per_sec']:,.0f} hops/s: receivers {sz['receiver']['cores']:.1f} cores "
             f"-> {sz['receiver']['replicas']} replicas, evaluators {sz['evaluator']['cores']:.1f} cores -> "
-            f"{sz['evaluator']['replicas']} replicas (at {sz['headroom']:.0%}), {sz['partitions']} partitions, "
-            f"{sz['produce_mb_per_sec']:,.0f} MB/s produced ({sz['broker_in_mb_per_sec']:,.0f} MB/s into the brokers "
-            f"with replication factor 3)"
+            f"{sz['evaluator']['replicas']} replicas (at {sz['headroom']:.0%}), {sz['partitions']} partitions; "
+            + "; ".join(
+                f"{name}: {k['bytes_per_hop']:,.0f} B/hop on the wire, {k['produce_mb_per_sec']:,.0f} MB/s produced, "
+                f"{k['broker_in_mb_per_sec']:,.0f} MB/s into the brokers at replication factor 3, "
+                f"{k['receiver_replicas']} receivers"
+                for name, k in sz["kafka"].items()
+            )
         )
     return lines
