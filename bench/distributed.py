@@ -60,7 +60,7 @@ import yaml
 
 from bench import corpus, h2body
 from bench.loadgen import ALS_METHOD
-from bench.procs import Proc, cpu_seconds, free_port, metric_sum, scrape, tree_pids, wait_port
+from bench.procs import Proc, cpu_seconds, free_port, metric_sum, rss_bytes, scrape, tree_pids, wait_port
 from bench.run import (
     MESHAUDIT,
     Meshaudit,
@@ -117,6 +117,7 @@ class Sample:
     t: float
     counts: dict[str, float]
     cpu: dict[str, float]
+    rss: dict[str, int]  # bytes, the largest process of each role
 
 
 @dataclass
@@ -240,13 +241,16 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
             add("produced", ev)
             add("judged", ev)
     cpu: dict[str, float] = {}
+    rss: dict[str, int] = {}
     for n in nodes:
-        cpu[n.role] = cpu.get(n.role, 0.0) + cpu_seconds(n.pids())
+        pids = n.pids()
+        cpu[n.role] = cpu.get(n.role, 0.0) + cpu_seconds(pids)
+        rss[n.role] = max(rss.get(n.role, 0), rss_bytes(pids))
     for p in senders:
         if p.alive():
             sender_cpu[p.pid] = max(sender_cpu.get(p.pid, 0.0), cpu_seconds([p.pid]))
     cpu["h2load"] = sum(sender_cpu.values())
-    return Sample(time.monotonic(), counts, cpu)
+    return Sample(time.monotonic(), counts, cpu, rss)
 
 
 def _io_bytes(pid: int) -> tuple[int, int]:
@@ -449,6 +453,7 @@ def _figures(
         "cpu_secs": cpu,
         "cpu_util": {role: secs / elapsed for role, secs in cpu.items()},
         "cpu_us_per_hop": per_hop_us,
+        "rss_mb": {r: max(x.rss.get(r, 0) for x in samples) / 2**20 for r in last.rss},
         "lag": _lags(probes),
     }
 
@@ -575,6 +580,7 @@ def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
         roles = sorted({r for c in cs for r in c["cpu_us_per_hop"]})
         sm["cpu_us_per_hop"] = {r: _med([c["cpu_us_per_hop"].get(r) for c in cs]) for r in roles}
         sm["cpu_us_per_hop_all"] = {r: [c["cpu_us_per_hop"].get(r) for c in cs] for r in roles}
+        sm["rss_mb"] = {r: _med([c["rss_mb"].get(r) for c in cs]) for r in cs[0]["rss_mb"]}
         sm["cpu_util"] = {r: _med([c["cpu_util"].get(r) for c in cs]) for r in roles}
         sm["lag"] = {
             ph: {q: _med([c["lag"][ph][q] for c in cs]) for q in ("p50_ms", "p99_ms", "max_ms")}
@@ -611,7 +617,7 @@ def sizing(summary: dict[str, dict[str, Any]], requests: float = 1e6, headroom: 
     out["partitions"] = 2 * evaluators
     out["replication_factor"] = 3
     out["kafka"] = {}
-    for name in ("dist-2", "dist-2-gzip"):
+    for name in DIST_CASES:
         sm = summary.get(name)
         if not sm:
             continue
