@@ -372,22 +372,25 @@ async def _paced(
     """PACED_RATE entries/s for PACED_SECS (bench/loadgen.py, split over the entry nodes): CPU
     per hop and lag (the probes, labelled "paced") below capacity, where records are smaller."""
     per = PACED_RATE / len(entry)
-    gens = []
-    for i, n in enumerate(entry):
-        gens.append(
-            await asyncio.to_thread(
-                loadgen, s, f"{tag}-paced{i}", n.grpc_addr or "", "als", PER_MESSAGE, PACED_SECS, f"{per:.0f}", 4
+    gens: list[Proc] = []
+    try:
+        for i, n in enumerate(entry):
+            gens.append(
+                await asyncio.to_thread(
+                    loadgen, s, f"{tag}-paced{i}", n.grpc_addr or "", "als", PER_MESSAGE, PACED_SECS, f"{per:.0f}", 4
+                )
             )
-        )
-    gens_cpu: dict[int, float] = {}
-    a = await asyncio.to_thread(_sample, nodes, [], gens_cpu)
-    phase[0] = "paced"
-    results = [await asyncio.to_thread(loadgen_result, g, PACED_SECS + 60) for g in gens]
+        a = await asyncio.to_thread(_sample, nodes, [], {})
+        phase[0] = "paced"
+        results = [await asyncio.to_thread(loadgen_result, g, PACED_SECS + 60) for g in gens]
+    finally:
+        for g in gens:
+            g.stop(timeout=2)
     phase[0] = "after"
     b = a
     for _ in range(int(DRAIN_TIMEOUT / SAMPLE_EVERY)):
         await asyncio.sleep(SAMPLE_EVERY)
-        b = await asyncio.to_thread(_sample, nodes, [], gens_cpu)
+        b = await asyncio.to_thread(_sample, nodes, [], {})
         if b.counts.get("judged", 0) >= b.counts.get("produced", 0) - SLACK_HOPS:
             break
     produced = b.counts.get("produced", 0) - a.counts.get("produced", 0)
