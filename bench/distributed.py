@@ -118,6 +118,9 @@ class Sample:
     counts: dict[str, float]
     cpu: dict[str, float]
     rss: dict[str, int]  # bytes, the largest process of each role
+    # The largest value of a gauge on any node: what a drop would be explained by (a full ingest
+    # queue; records in flight at distributed.max_in_flight_bytes: the broker acknowledges slowly).
+    peaks: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,9 +209,13 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
     """Counters summed by meaning over ``nodes``, CPU seconds per role; a sender's CPU is its
     last reading while alive (an exited process has no /proc entry left to read)."""
     counts: dict[str, float] = {}
+    peaks: dict[str, float] = {}
 
     def add(key: str, v: float) -> None:
         counts[key] = counts.get(key, 0.0) + v
+
+    def peak(key: str, v: float) -> None:
+        peaks[key] = max(peaks.get(key, 0.0), v)
 
     for n in nodes:
         if n.role == "tansu":
@@ -226,6 +233,8 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
         if n.role in ("receiver", "single"):
             add("accepted", metric_sum(m, "meshaudit_received_total"))
             add("dropped", metric_sum(m, "meshaudit_dropped_total"))
+            peak("ingest_queue_entries", metric_sum(m, "meshaudit_ingest_queue_entries"))
+            peak("hop_in_flight_bytes", metric_sum(m, "meshaudit_hop_in_flight_bytes"))
         if n.role == "receiver":
             add("produced", metric_sum(m, "meshaudit_hops_produced_total"))
             add("bytes", metric_sum(m, "meshaudit_hop_produced_bytes_total"))
@@ -250,7 +259,7 @@ def _sample(nodes: list[Node], senders: list[Proc], sender_cpu: dict[int, float]
         if p.alive():
             sender_cpu[p.pid] = max(sender_cpu.get(p.pid, 0.0), cpu_seconds([p.pid]))
     cpu["h2load"] = sum(sender_cpu.values())
-    return Sample(time.monotonic(), counts, cpu, rss)
+    return Sample(time.monotonic(), counts, cpu, rss, peaks)
 
 
 def _io_bytes(pid: int) -> tuple[int, int]:
@@ -457,6 +466,7 @@ def _figures(
         "cpu_util": {role: secs / elapsed for role, secs in cpu.items()},
         "cpu_us_per_hop": per_hop_us,
         "rss_mb": {r: max(x.rss.get(r, 0) for x in samples) / 2**20 for r in last.rss},
+        "peaks": {k: max(x.peaks.get(k, 0.0) for x in samples) for k in last.peaks},
         "lag": _lags(probes),
     }
 
