@@ -62,9 +62,9 @@ clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks (BENCHMARKS.md): ceiling vs meshaudit throughput, workers: 1 vs 2 (load from h2load),
-# alert latency (JSON lines and Kafka via Tansu), overload, real Envoy, py-spy profile, cardinality soak.
-# Prints a table and
-# writes bench/results/<stamp>.json and .md. About 14 minutes with the 5-minute soak;
+# the distributed mode (Tansu, 2 receivers, 1 and 2 evaluators vs one process), alert latency (JSON
+# lines and Kafka via Tansu), overload, real Envoy, py-spy profile, cardinality soak. Prints a table and
+# writes bench/results/<stamp>.json and .md. About 21 minutes with the 5-minute soak;
 # `make bench SOAK_SECS=60` for a quicker pass. taskset pins daemon and load to separate CPUs.
 SOAK_SECS ?= 300
 bench: install tools

@@ -4,7 +4,8 @@ the table as Markdown) under ``bench/results/``. It prints figures; it never ass
 Scenarios: ``throughput`` (ceiling vs meshaudit, side by side, per run), ``latency`` (probe entry
 sent -> alert line written / alert read back from Kafka, under 50 % background load),
 ``soak`` (cardinality stress, RSS over time), ``overload`` (3x capacity, then 50 %), ``envoy``
-(a real Envoy proxying wrk traffic with an ALS sink), ``profile`` (py-spy on the daemon under
+(a real Envoy proxying wrk traffic with an ALS sink), ``distributed`` (Tansu, 2 receivers, 1 and 2
+evaluators against one process: bench/distributed.py), ``profile`` (py-spy on the daemon under
 load). Every server binds 127.0.0.1 on a free port and is stopped by its PID.
 
 The daemon runs pinned to CPU 1, the load generator to CPU 0 (``taskset``); on a one-CPU machine
@@ -1163,6 +1164,10 @@ def table(results: dict[str, Any]) -> str:
                 f"| {name} | {v['wrk_rps']:,.0f} | {v['logs_written']:,.0f} | {v['logs_dropped_max']:,.0f} | "
                 f"{v['sink_cpu']:.2f} | {v['sink_rss_mb']:.0f} |"
             )
+    if "distributed" in results:
+        from bench import distributed
+
+        lines += distributed.table_lines(results)
     prof = results.get("profile")
     if prof and "error" not in prof:
         for case, p in prof.items():
@@ -1173,10 +1178,18 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scenario_distributed(s: Settings, results: dict[str, Any]) -> None:
+    """Tansu, 2 receivers, 1 then 2 evaluators against one process (bench/distributed.py)."""
+    from bench import distributed
+
+    distributed.scenario(s, results)
+
+
 # In this order: throughput first (latency and overload load relative to its capacity).
 SCENARIOS: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "throughput": scenario_throughput,
     "workers": scenario_workers,
+    "distributed": scenario_distributed,
     "profile": scenario_profile,
     "latency": scenario_latency,
     "overload": scenario_overload,
