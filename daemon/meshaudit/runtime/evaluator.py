@@ -540,14 +540,15 @@ class Evaluator(Alone):
         return p.exit_code
 
     async def _shutdown(self, runners: list[web.AppRunner]) -> None:
-        """Stop fetching; let every wait started end (its verdict out); commit all that was judged;
-        leave the group (the partitions move at once); then the engine and the sinks."""
+        """Stop fetching; commit what has settled; leave the group (the partitions move at once);
+        then the engine and the sinks. The records judged in the last ``settle_secs`` stay
+        uncommitted: their waits count in the evaluator's clock, which stands still once nothing is
+        fetched (waiting longer would end none of them), and their partitions' next owners judge
+        them again with all the evidence (alerts raised twice carry the same ids)."""
         deadline = time.monotonic() + SHUTDOWN_SECS
         await self.tasks.stop()
         if self.consumer is not None:
-            if any(self.pending.values()):  # let the last judged records' waits end, then commit
-                await asyncio.sleep(max(0.0, min(self.settle_secs(), deadline - 2 - time.monotonic())))
-                await self.commit_settled()
+            await self.commit_settled()
             try:
                 await self.consumer.stop()
             except kerrors.KafkaError as exc:
