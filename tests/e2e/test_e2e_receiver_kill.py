@@ -56,6 +56,7 @@ def tiers(tansu: Tansu, tmp_path: Path) -> Iterator[dict[str, Daemon]]:
     asyncio.run(create_topic(tansu.port, TOPIC, PARTITIONS))
     distributed = {"bootstrap_servers": [tansu.bootstrap], "hops_topic": TOPIC, "linger_ms": 1}
     group = {"group_id": "receiver-kill", "session_timeout_ms": 3000, "commit_interval_ms": 500}
+    group |= {"edges_topic": f"{TOPIC}-edges", "edges_partitions": PARTITIONS, "create_topic": True}  # stage 2
     evaluator = deep_merge(
         daemon_config(suppress_secs=1), {"engine": {"examples": 20}, "distributed": {**distributed, **group}}
     )

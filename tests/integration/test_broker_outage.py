@@ -78,7 +78,8 @@ def _receiver(broker: Forwarder) -> dict[str, Any]:
 
 def _evaluator(broker: Forwarder) -> dict[str, Any]:
     group = {"group_id": GROUP, "session_timeout_ms": 3000, "commit_interval_ms": 500}
-    return deep_merge(CONFIG, {"distributed": {**_distributed(broker), **group}})
+    stage2 = {"edges_topic": f"{TOPIC}-edges", "edges_partitions": PARTITIONS, "create_topic": True}
+    return deep_merge(CONFIG, {"distributed": {**_distributed(broker), **group, **stage2}})
 
 
 def _intruders(tag: str, n: int) -> Any:
@@ -228,9 +229,10 @@ async def test_broker_down_30s_receivers_push_back_within_bounds_and_both_tiers_
             print(f"{d.alerts_path.name.split('-')[0]} wrote {len(lines)} log lines over the outage")
             assert len(lines) <= LOG_LINES, "\n".join(lines[-40:])
 
-        # --- back: the same port, an empty broker, the topic created again --------------------
+        # --- back: the same port, an empty broker, the topics created again -------------------
         tansu.start()
         await create_topic(tansu.port, TOPIC, PARTITIONS)
+        await create_topic(tansu.port, f"{TOPIC}-edges", PARTITIONS)  # stage 2's
         broker.start()
         back_at = time.monotonic()
         await _wait("the receiver to produce again", lambda: receiver.metric("meshaudit_hops_topic_up") == 1, 30)

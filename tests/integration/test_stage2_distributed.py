@@ -224,3 +224,25 @@ async def test_a_killed_owners_windows_are_rebuilt_by_the_survivor(
     counts = {a["id"]: a["evidence"]["count"] for a in edge}
     assert sorted(counts.values()) == [1, 16], edge  # the summary: 8 violations before the kill, 8 after
     assert survivor.metric("meshaudit_evaluator_edges_records_total", what="replay") > 0
+
+
+async def test_no_hop_is_judged_before_the_edges_topic_exists_and_none_is_lost(
+    tansu: Tansu, tmp_path: Path, evaluators: list[Daemon]
+) -> None:
+    """Every violation goes out through the edges topic: an evaluator that cannot produce to it
+    (missing, ``create_topic`` off) judges nothing, says why on /readyz, and leaves the hops in
+    their topic; once the topic exists it judges them and alerts."""
+    topic = "hops-no-edges"
+    await create_topic(tansu, topic)
+    cfg = evaluator_config(tansu, topic)
+    cfg["distributed"]["create_topic"] = False
+    ev = start_evaluator(evaluators, tmp_path, cfg, "evaluator")
+    await produce(tansu, topic, traffic(time.time()))
+    await asyncio.sleep(3.0)
+    status, body = ev.readyz()
+    assert status == 503 and body["components"]["consumer"].startswith("waiting for the edges topic (stage 2): "), body
+    assert ev.metric("meshaudit_evaluator_hops_total", phase="judge") == 0 and ev.alerts() == []
+    await create_topic(tansu, cfg["distributed"]["edges_topic"])
+    alerts = await asyncio.to_thread(ev.wait_alerts, lambda a: bool(of(a, "unexpected_edge")), 30)
+    assert of(alerts, "unexpected_edge")[0]["source"]["service"] == "ratings"
+    assert ev.readyz()[0] == 200

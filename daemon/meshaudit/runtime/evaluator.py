@@ -60,6 +60,7 @@ from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
 from meshaudit.runtime.baseline_topic import SharedBaseline
 from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
+from meshaudit.runtime.offsets import forgotten
 from meshaudit.runtime.stage2 import Stage2, lateness
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
@@ -185,11 +186,18 @@ class Evaluator(Alone):
     def dispatch(self, alerts: list[Alert]) -> None:
         dispatch_to(self.sinks, alerts)
 
+    def _consumer_state(self) -> str:
+        if self.joined:
+            return "ok"
+        if not self.stage2.ready.is_set():
+            return f"waiting for the edges topic (stage 2): {self.stage2.state}"
+        return self.state
+
     def readiness(self) -> tuple[dict[str, str], dict[str, str]]:
         dead = {**self.pipeline.core.dead(), **self.tasks.dead()}
         gates = {
             "engine": "; ".join(f"{k} {v}" for k, v in dead.items()) or "ok",
-            "consumer": "ok" if self.joined else self.state,
+            "consumer": self._consumer_state(),
             **({"baseline": self.shared.state} if self.shared is not None else {}),
         }
         gates_, sinks = readiness_of(gates, self.sinks)
@@ -250,7 +258,7 @@ class Evaluator(Alone):
         self.partitions = max(len(topic_partitions), self.partitions)
         lost = self.owned - assigned
         kept = {tp for tp in assigned & self.owned if tp in self.positions}
-        anew = await self._forgotten(consumer, kept)
+        anew = await forgotten(consumer, kept, self.committed)
         kept -= anew
         gained = sorted(assigned - kept)
         self.owned -= lost
@@ -272,29 +280,6 @@ class Evaluator(Alone):
         self.joined = True
         self.state = "ok"
         self.rebalancing = False
-
-    async def _forgotten(self, consumer: AIOKafkaConsumer, kept: set[TopicPartition]) -> set[TopicPartition]:
-        """Kept partitions whose committed offset the group no longer has (none, or lower than this
-        member committed): the brokers lost the group's state, and with it, as a broker that lost
-        its data, maybe the log, re-created from offset 0. Positions in the old log would skip as
-        many records of the new one: such a partition is read again as a gained one with no
-        committed offset (its last TTL judged; what was judged twice alerts with the same ids)."""
-        out: set[TopicPartition] = set()
-        for tp in kept:
-            mine = self.committed.get(tp)
-            if mine is None:
-                continue
-            theirs = await consumer.committed(tp)
-            if theirs is None or theirs < mine:
-                out.add(tp)
-                log.warning(
-                    "Partition %d: the group's committed offset is %s, this evaluator committed %d: the brokers "
-                    "lost the group's state (and maybe the log); reading it again as a partition gained.",
-                    tp.partition,
-                    "gone" if theirs is None else theirs,
-                    mine,
-                )
-        return out
 
     def _forget(self, lost: set[TopicPartition]) -> None:
         """Partitions now another member's: their waiting hops go unjudged, and what this member
@@ -369,7 +354,12 @@ class Evaluator(Alone):
                 await asyncio.sleep(RETRY_SECS)
 
     async def _consume(self) -> None:
-        if self.shared is not None:  # no hop is judged before the learned baseline is read
+        # No hop is judged before its violations can go out (stage 2's topic: the hops wait in
+        # theirs meanwhile, retained) and before the learned baseline is read.
+        if not self.stage2.ready.is_set():
+            self.state = "waiting for the edges topic (stage 2)"
+            await self.stage2.ready.wait()
+        if self.shared is not None:
             self.state = "waiting for the learned baseline"
             await self.shared.ready.wait()
         consumer = await self._connect()

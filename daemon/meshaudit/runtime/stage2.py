@@ -63,6 +63,7 @@ from meshaudit.engine.core import Engine
 from meshaudit.guard import ERRORS
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import Alert
+from meshaudit.runtime.offsets import forgotten
 from meshaudit.wire import edges
 from meshaudit.wire.partition import partition
 
@@ -137,6 +138,9 @@ class Stage2:
         self._settled: dict[TopicPartition, int] = {}  # ``absorbed`` at the last commit
         self.state = "not started"
         self.joined = False
+        # Set once the edges topic can be produced to: the evaluator judges no hop before (every
+        # violation goes through this topic; the hops wait in theirs, retained, meanwhile).
+        self.ready = asyncio.Event()
         self._late_seen = 0
         self._backoff = BACKOFF_SECS[0]
 
@@ -286,6 +290,7 @@ class Stage2:
             metrics.EVALUATOR_EDGES.labels(what)
         self.state = "connecting"
         self.producer = await self._connect_producer()
+        self.ready.set()
         consumer = await self._connect_consumer()
         self.state = "joining the group"
         log.info("Stage 2: producing and consuming Kafka topic %s (group %s).", self.topic, self.cfg.group_id)
@@ -358,6 +363,11 @@ class Stage2:
         self.partitions = max(len(consumer.partitions_for_topic(self.topic) or ()), self.partitions)
         lost = self.owned - assigned
         kept = {tp for tp in assigned & self.owned if tp in self.positions}
+        anew = await forgotten(consumer, kept, self.committed)
+        kept -= anew
+        for tp in anew:  # what was absorbed and committed there belongs to a log that is gone
+            for d in (self.plans, self.positions, self.absorbed, self.committed, self._settled):
+                d.pop(tp, None)
         gained = sorted(assigned - kept)
         if lost and self.partitions:
             ids, n = {tp.partition for tp in lost}, self.partitions
