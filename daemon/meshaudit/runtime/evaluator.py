@@ -156,6 +156,9 @@ class Evaluator(Alone):
         # an entry is committed once every wait it may have started is over (``settle_secs``).
         self.pending: dict[TopicPartition, deque[tuple[float, int]]] = {}
         self.committed: dict[TopicPartition, int] = {}
+        # Settled offsets waiting for stage 2's records of their verdicts (``commit_settled``):
+        # (stage 2's next record number when they settled, offsets), oldest first.
+        self.to_commit: deque[tuple[int, dict[TopicPartition, int]]] = deque()
         self.seen_at: dict[TopicPartition, float] = {}  # the time of the last record read, per partition
         self.rebalancing = False
         self._clock = time.time()
@@ -267,6 +270,8 @@ class Evaluator(Alone):
         for tp in anew:  # what this member read and committed there belongs to a log that is gone
             self.pending.pop(tp, None)
             self.committed.pop(tp, None)
+            for _, offsets in self.to_commit:
+                offsets.pop(tp, None)
         plans = await self._plan(consumer, gained) if gained else {}
         for tp in kept:  # state and position stay (the consumer resets positions on a rebalance)
             consumer.seek(tp, self.positions[tp])
@@ -456,15 +461,26 @@ class Evaluator(Alone):
         if consumer is None:
             return
         limit = self.clock() - self.settle_secs()
-        offsets: dict[TopicPartition, int] = {}
+        settled: dict[TopicPartition, int] = {}
         for tp, queue in self.pending.items():
             if only is not None and tp not in only:
                 continue
             offset = None
             while queue and queue[0][0] <= limit:
                 offset = queue.popleft()[1]
-            if offset is not None and offset > self.committed.get(tp, -1):
-                offsets[tp] = offset
+            if offset is not None:
+                settled[tp] = offset
+        # Their verdicts are out, but violations and window counts travel on stage 2's topic: an
+        # offset is committed once every record made so far there is acknowledged (else a crash
+        # would lose what those records carried, with their hops no longer to be judged again).
+        if settled:
+            self.to_commit.append((self.stage2.next_seq, settled))
+        offsets: dict[TopicPartition, int] = {}
+        done = self.stage2.done_below()
+        while self.to_commit and self.to_commit[0][0] <= done:
+            for tp, offset in self.to_commit.popleft()[1].items():
+                if tp in self.owned and offset > max(self.committed.get(tp, -1), offsets.get(tp, -1)):
+                    offsets[tp] = offset
         if not offsets:
             return
         try:
@@ -537,13 +553,14 @@ class Evaluator(Alone):
         them again with all the evidence (alerts raised twice carry the same ids)."""
         deadline = time.monotonic() + SHUTDOWN_SECS
         await self.tasks.stop()
+        self.pipeline.tick(self.clock())  # the last counts handed out
+        await self.stage2.flush(deadline - 3)  # the records of what settled, before it is committed
         if self.consumer is not None:
             await self.commit_settled()
             try:
                 await self.consumer.stop()
             except kerrors.KafkaError as exc:
                 log.warning("Leaving the consumer group failed (its members notice after the session timeout): %s", exc)
-        self.pipeline.tick(self.clock())  # the last counts handed out
         await self.stage2.stop(deadline - 2)
         await self.pipeline.stop()
         await asyncio.gather(*(s.shutdown(deadline) for s in self.sinks))

@@ -124,7 +124,11 @@ class Stage2:
         self.cfg = cfg
         self.host = host
         self.topic = cfg.edges_topic
-        self.pending: deque[tuple[bytes, bytes]] = deque()  # records to produce, oldest first
+        # Records to produce, oldest first: (sequence number, key, value). A record leaves once the
+        # broker acknowledged it (or it was dropped, counted); one that failed goes back to the
+        # front, so the first one's number is the lowest not yet done (``done_below``).
+        self.pending: deque[tuple[int, bytes, bytes]] = deque()
+        self.next_seq = 0
         self.pending_bytes = 0
         self._wake = asyncio.Event()
         self.producer: AIOKafkaProducer | None = None
@@ -162,7 +166,8 @@ class Stage2:
                 metrics.EVALUATOR_EDGES.labels("unproduced").inc()
                 _limited.error("full", "Stage-2 records waiting for the broker are at their bound; dropped one.")
                 continue
-            self.pending.append((key, value))
+            self.pending.append((self.next_seq, key, value))
+            self.next_seq += 1
             self.pending_bytes += len(value)
         self._wake.set()
 
@@ -230,7 +235,7 @@ class Stage2:
                 batch = list(self.pending)
                 failed = await self._send(producer, batch)
                 for _ in batch:
-                    _, value = self.pending.popleft()
+                    _, _, value = self.pending.popleft()
                     self.pending_bytes -= len(value)
                 metrics.EVALUATOR_EDGES.labels("produced").inc(len(batch) - len(failed))
                 if not failed:
@@ -238,15 +243,22 @@ class Stage2:
                     continue
                 for rec in reversed(failed):  # sent again first, in their order
                     self.pending.appendleft(rec)
-                    self.pending_bytes += len(rec[1])
+                    self.pending_bytes += len(rec[2])
                 backoff, self._backoff = self._backoff, min(BACKOFF_SECS[1], self._backoff * 2)
                 await asyncio.sleep(backoff)
 
-    async def _send(self, producer: AIOKafkaProducer, batch: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def done_below(self) -> int:
+        """Every record numbered below this was acknowledged by the broker (or dropped, counted):
+        the evaluator commits a hops offset only once the records of its verdicts are."""
+        return self.pending[0][0] if self.pending else self.next_seq
+
+    async def _send(
+        self, producer: AIOKafkaProducer, batch: list[tuple[int, bytes, bytes]]
+    ) -> list[tuple[int, bytes, bytes]]:
         """Produce ``batch``; the records that failed (kept to be sent again)."""
         futures: list[asyncio.Future[Any]] = []
         try:
-            for key, value in batch:
+            for _, key, value in batch:
                 futures.append(await producer.send(self.topic, value, key=key))
         except kerrors.KafkaError as exc:
             ERRORS.record("edges", exc, f"producing to {self.topic}")
@@ -443,23 +455,32 @@ class Stage2:
             await self.commit()
 
     # --- stopping ---------------------------------------------------------------------------------
+    async def flush(self, deadline: float) -> None:
+        """Produce what is pending, until ``deadline`` (monotonic) or a failure; what the broker
+        did not acknowledge stays pending."""
+        producer = self.producer
+        while producer is not None and self.pending and time.monotonic() < deadline:
+            batch = list(self.pending)
+            try:
+                failed = await asyncio.wait_for(self._send(producer, batch), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                return
+            for _ in batch:
+                _, _, value = self.pending.popleft()
+                self.pending_bytes -= len(value)
+            for rec in reversed(failed):
+                self.pending.appendleft(rec)
+                self.pending_bytes += len(rec[2])
+            if failed:
+                return
+
     async def stop(self, deadline: float) -> None:
         """Produce what is pending (until ``deadline``, monotonic), commit all absorbed, leave."""
         producer = self.producer
-        if producer is not None:
-            while self.pending and time.monotonic() < deadline:
-                batch = list(self.pending)
-                try:
-                    failed = await asyncio.wait_for(self._send(producer, batch), max(0.1, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                for _ in batch:
-                    self.pending.popleft()
-                if failed:
-                    break
-            if self.pending:
-                metrics.EVALUATOR_EDGES.labels("unproduced").inc(len(self.pending))
-                log.warning("Stopping: %d stage-2 records could not be produced.", len(self.pending))
+        await self.flush(deadline)
+        if self.pending:
+            metrics.EVALUATOR_EDGES.labels("unproduced").inc(len(self.pending))
+            log.warning("Stopping: %d stage-2 records could not be produced.", len(self.pending))
         await self.commit(settled=False)
         if self.consumer is not None:
             with contextlib.suppress(kerrors.KafkaError):
