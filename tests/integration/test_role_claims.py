@@ -37,6 +37,7 @@ from integration.test_receivers_tls import (
     tls_config,
     trace_export,
 )
+from integration.test_role_evaluator import partitions, wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -92,18 +93,6 @@ async def create_topic(tansu: Tansu, topic: str) -> None:
         await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
     finally:
         await admin.close()
-
-
-def wait_until(what: str, pred: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def partitions(d: Daemon) -> float:
-    return d.metric("meshaudit_evaluator_partitions")
 
 
 def what_a_user_sees(alert: dict[str, Any]) -> dict[str, Any]:

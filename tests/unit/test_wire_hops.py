@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from infra import als
+from infra.mutate import mutated
 from infra.otlp import client_span, server_span
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.meshaudit.hops.v1 import hops_pb2
@@ -554,19 +555,7 @@ def test_random_bytes_are_a_wire_error_or_well_typed_hops(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_mutated_batches_are_a_wire_error_or_well_typed_hops(data: Any) -> None:
-    raw = bytearray(VALID)
-    for _ in range(data.draw(st.integers(1, 8))):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        if op == "flip":
-            raw[i] ^= data.draw(st.integers(1, 255))
-        elif op == "cut":
-            del raw[i : i + data.draw(st.integers(1, 40))]
-        else:
-            raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-        if not raw:
-            break
-    _check_decoded(bytes(raw))
+    _check_decoded(mutated(VALID, data))
 
 
 def _batch(**fields: Any) -> bytes:

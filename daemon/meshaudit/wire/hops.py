@@ -326,15 +326,20 @@ def decode(data: bytes) -> list[Hop]:
     return hops
 
 
-def decode_split(data: bytes) -> tuple[list[Hop], int]:
-    """The hops of one batch and how many of them, at the end, are evidence copies: indexed by
-    the evaluator, never judged. Raises :class:`WireError` when ``data`` is not a valid batch."""
+def _parse(data: bytes) -> Any:
+    """The HopBatch message of ``data``, of at most ``MAX_BATCH_BYTES``; WireError else."""
     if len(data) > MAX_BATCH_BYTES:
         raise WireError(f"a hop batch of {len(data)} bytes; at most {MAX_BATCH_BYTES}")
     try:
-        b = HopBatch.FromString(data)
+        return HopBatch.FromString(data)
     except DecodeError as exc:
         raise WireError(f"not a hop batch: {exc}") from None
+
+
+def decode_split(data: bytes) -> tuple[list[Hop], int]:
+    """The hops of one batch and how many of them, at the end, are evidence copies: indexed by
+    the evaluator, never judged. Raises :class:`WireError` when ``data`` is not a valid batch."""
+    b = _parse(data)
     n = b.count
     if n > MAX_HOPS:
         raise WireError(f"a batch of {n} hops; at most {MAX_HOPS}")
@@ -512,12 +517,7 @@ def decode_claims(data: bytes) -> list[Claim]:
     """The claims of one batch (none in a batch of hops). Raises :class:`WireError` when ``data``
     is not a valid batch, or a claim is not one a receiver makes: no principal, an unknown via
     or receiver, a time that is not one."""
-    if len(data) > MAX_BATCH_BYTES:
-        raise WireError(f"a hop batch of {len(data)} bytes; at most {MAX_BATCH_BYTES}")
-    try:
-        b = HopBatch.FromString(data)
-    except DecodeError as exc:
-        raise WireError(f"not a hop batch: {exc}") from None
+    b = _parse(data)
     if not b.claims:
         return []
     if b.count:
