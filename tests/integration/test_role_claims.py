@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from infra import als
 from infra.brokers import Tansu
 from infra.daemon import Daemon, deep_merge, running
@@ -37,11 +36,10 @@ from integration.test_receivers_tls import (
     tls_config,
     trace_export,
 )
-from integration.test_role_evaluator import partitions, wait_until
+from integration.test_role_evaluator import PARTITIONS, create_topic, partitions, wait_until
 
 pytestmark = pytest.mark.distributed
 
-PARTITIONS = 4
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
 RULE = "log_source_mismatch"
 
@@ -84,15 +82,6 @@ def evaluator_config(pki: Pki, tansu: Tansu, topic: str) -> dict[str, Any]:
     stage 2 created by the first one)."""
     stage2 = {"distributed": {"edges_topic": f"{topic}-edges", "edges_partitions": PARTITIONS, "create_topic": True}}
     return deep_merge(deep_merge({**CONFIG, "policy": tls_config(pki)["policy"]}, distributed(tansu, topic)), stage2)
-
-
-async def create_topic(tansu: Tansu, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    finally:
-        await admin.close()
 
 
 def what_a_user_sees(alert: dict[str, Any]) -> dict[str, Any]:
