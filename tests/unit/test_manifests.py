@@ -925,15 +925,28 @@ def test_each_telemetry_selects_providers_the_mesh_config_defines() -> None:
         body = next(v for k, v in p.items() if k != "name")
         assert (body["service"], body["port"]) == (host, grpc_port), p["name"]
     used: list[str] = []
-    telemetries = [x for d in kustomizations() if d.is_relative_to(ISTIO) for x in render(d)]
-    assert telemetries
+    istio = [x for d in kustomizations() if d.is_relative_to(ISTIO) for x in render(d)]
+    telemetries = [x for x in istio if x["kind"] == "Telemetry"]
+    assert telemetries and {x["kind"] for x in istio} == {"Telemetry", "DestinationRule"}
     for t in telemetries:
-        assert t["kind"] == "Telemetry"
         for section in ("accessLogging", "tracing"):
             for entry in t["spec"].get(section, []):
                 used += [p["name"] for p in entry["providers"]]
     assert set(used) <= set(defined)
     assert {"meshaudit-als", "meshaudit-tcp", "meshaudit-otel"} <= set(used)
+
+
+def test_the_receivers_destination_rule_ejects_a_dead_receiver_of_the_service_envoy_sends_to() -> None:
+    """deploy/istio/distributed: outlier detection on the Service the mesh config names (the
+    receivers of the distributed layout keep the base's Service), ejecting on one local failure."""
+    (rule,) = [
+        x for d in kustomizations() if d.is_relative_to(ISTIO) for x in render(d) if x["kind"] == "DestinationRule"
+    ]
+    svc = one(base_manifests(), "Service")
+    assert rule["spec"]["host"] == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    assert rule["metadata"]["namespace"] == svc["metadata"]["namespace"]
+    od = rule["spec"]["trafficPolicy"]["outlierDetection"]
+    assert od["splitExternalLocalOriginErrors"] is True and od["consecutiveLocalOriginFailures"] == 1
 
 
 def _calls(tree: ast.AST, funcs: set[str], first_arg: str) -> list[tuple[str, ...]]:
