@@ -70,8 +70,12 @@ log = logging.getLogger("meshaudit")
 
 RETRY_SECS: Final = 2.0  # between attempts to reach the brokers at start
 SETTLE_MARGIN_SECS: Final = 0.5  # past the longest wait and two ticks, before an offset is committed
-# A record produced this long before a fetch response may still be on its way to the broker.
-LATE_SECS: Final = 0.25
+# A record produced this long before a fetch response may still be on its way to the broker: its
+# timestamp is when a receiver's producer took it (CreateTime), and a receiver's batching plus a
+# busy broker's append can take longer than that. A wait that ended while its evidence was on
+# its way would alert with part of it (a plaintext hop named by its address alone: seen with
+# 0.25 s on a loaded 2-core machine). The cost: verdicts this much later than in one process.
+LATE_SECS: Final = 1.0
 # How long the broker may hold a fetch for more data. It adds to the time between two pieces of
 # evidence about one request (waits are counted from when a hop is evaluated): aiokafka's 500 ms
 # would eat most of plaintext_hop's attribution wait.
