@@ -74,9 +74,14 @@ class PathMatcher:
             return True
         if path is None:
             return False
+        # A prefix holds no "?" (a glob character: such a pattern goes to the regex), so it
+        # starts the path exactly when it starts the path without its query: tested first, on
+        # the path as it is (most requests match a prefix).
+        if self._prefixes and path.startswith(self._prefixes):
+            return True
         q = path.find("?")
         if q >= 0:
             path = path[:q]
-        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+        if path in self._exact:
             return True
         return self._re is not None and self._re.match(path) is not None
