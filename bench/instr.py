@@ -8,7 +8,7 @@ fill, as in a daemon under load), then ``--messages`` messages are counted. Stag
 (parse + decode to hops) or ``engine`` (parse + decode + every rule). Run it under callgrind
 (this module starts it when it is not under valgrind already) with a fixed hash seed:
 
-    .venv/bin/python -m bench.instr [--stage engine] [--per 25] [--warmup 10000] [--messages 2000]
+    .venv/bin/python -m bench.instr [--stage engine] [--per 25] [--warmup 10000] [--messages 2000] [--off RULE]
 
 It prints the instructions counted and their number per entry. Needs valgrind and its headers
 (``valgrind/callgrind.h``) and a C compiler: a small helper library switches the instrumentation
@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 _HELPER = """
@@ -41,8 +42,9 @@ def _helper(workdir: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def _workload(stage: str, per: int, warmup: int, messages: int, lib: ctypes.CDLL) -> int:
-    """Run the workload; the number of entries in the counted part."""
+def _workload(stage: str, per: int, warmup: int, messages: int, lib: ctypes.CDLL, off: Sequence[str] = ()) -> int:
+    """Run the workload; the number of entries in the counted part. ``off``: rules switched off
+    (``graph``: the service graph's tally)."""
     from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
     from meshaudit.engine.setup import build_engine
     from meshaudit.model import Hop
@@ -52,7 +54,9 @@ def _workload(stage: str, per: int, warmup: int, messages: int, lib: ctypes.CDLL
 
     msgs = inproc._messages(per)
     nmsg = len(msgs)
-    cfg = inproc._config(True)
+    cfg = inproc._config("graph" not in off)
+    rules = {r: getattr(cfg.rules, r).model_copy(update={"enabled": False}) for r in off if r != "graph"}
+    cfg = cfg.model_copy(update={"rules": cfg.rules.model_copy(update=rules)})
     engine = build_engine(cfg, cfg.policy)
     namer = engine.namer
     ctxs = [
@@ -92,19 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per", type=int, default=25, help="ALS entries per message")
     p.add_argument("--warmup", type=int, default=10_000, help="messages run before counting")
     p.add_argument("--messages", type=int, default=2_000, help="messages counted")
+    p.add_argument("--off", action="append", default=[], help="a rule to switch off, or graph (repeatable)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # under valgrind already
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if a.inner:
-            entries = _workload(a.stage, a.per, a.warmup, a.messages, _helper(workdir))
+            entries = _workload(a.stage, a.per, a.warmup, a.messages, _helper(workdir), a.off)
             print(f"entries {entries}", flush=True)
             return
         out = workdir / "callgrind.out"
         cmd = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             sys.executable, "-m", "bench.instr", "--inner", "--stage", a.stage, "--per", str(a.per),
-            "--warmup", str(a.warmup), "--messages", str(a.messages),
+            "--warmup", str(a.warmup), "--messages", str(a.messages), *(f"--off={r}" for r in a.off),
         ]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         got = re.search(r"entries (\d+)", r.stdout)
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"valgrind failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}")
         entries, instructions = int(got.group(1)), int(ir.group(1))
         print(
-            f"ALS {a.per}/msg {a.stage}: {instructions:,} instructions over {entries:,} entries: "
+            f"ALS {a.per}/msg {a.stage}{''.join(f' -{r}' for r in a.off)}: "
+            f"{instructions:,} instructions over {entries:,} entries: "
             f"{instructions / entries:,.0f} per entry",
             flush=True,
         )
