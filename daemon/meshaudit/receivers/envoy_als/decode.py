@@ -492,7 +492,9 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             t = c.tls_properties
             tv = t.tls_version
             tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
-            peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
+            sans = t.peer_certificate_properties.subject_alt_name
+            # _uri_san's first test, inlined: Istio's certificate has its URI first
+            peer = (sans[0].uri or _uri_san(sans)) if sans else None
         else:
             tls_version = peer = None
         if direction == UNKNOWN and peer:
@@ -503,7 +505,14 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
         conn = None
         trace_id: object = UNREAD  # an outbound entry's is read when asked for (rarely)
         if direction != OUTBOUND:  # the span-join index reads it of every other entry
-            trace_id = _trace_of(r.request_headers.get("traceparent"))
+            # _trace_of, inlined
+            tp = r.request_headers.get("traceparent")
+            if not tp or len(tp) < 55 or tp[2] != "-" or tp[35] != "-":
+                trace_id = None
+            else:
+                trace_id = tp[3:35].lower()
+                if trace_id == ZERO_TRACE:
+                    trace_id = None
         if direction == INBOUND:
             dst = observer
             if peer:  # mTLS: the certificate names the source; the address is not needed
