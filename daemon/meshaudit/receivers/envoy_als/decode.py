@@ -599,6 +599,8 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
+    append = out.append
+    new_hop = object.__new__
     for e in entries:
         c = e.common_properties
         cluster = c.upstream_cluster
@@ -613,23 +615,20 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
             src = observer
             dst = found[1] or _outbound_fallback(e, direction, cluster, None)
             conn = _addr(c.upstream_local_address) if c.HasField("upstream_local_address") else None
-        out.append(
-            AlsTcpHop(
-                e,
-                ALS_TCP,
-                node_id,
-                observer,
-                direction,
-                src,
-                dst,
-                tls_version,
-                peer,
-                None,
-                None,
-                None,
-                None,
-                conn,
-                cluster,
-                0,
-            )
-        )
+        # AlsTcpHop(e, ALS_TCP, node_id, observer, ...), inlined as in decode_http
+        h = new_hop(AlsTcpHop)
+        h._e = e
+        h.origin = ALS_TCP
+        h.observer = node_id
+        h.observer_service = observer
+        h.direction = direction
+        h.src = src
+        h.dst = dst
+        h.tls_version = tls_version
+        h.peer_principal = peer
+        h.method = h.path = h.request_id = None
+        _set_trace_id(h, None)
+        h.conn = conn
+        h.upstream_cluster = cluster
+        h.status = 0
+        append(h)
