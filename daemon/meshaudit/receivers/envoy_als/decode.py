@@ -373,6 +373,7 @@ _LAZY_TCP: dict[str, Callable[[Any], Any]] = {
 # field's property (below), read to tell a field read already from one not read yet.
 _SLOT_GET: Final = {name: Hop.__dict__[name].__get__ for name in _LAZY_HTTP}
 _SLOT_SET: Final = {name: Hop.__dict__[name].__set__ for name in _LAZY_HTTP}
+_SLOT_DEL: Final = {name: Hop.__dict__[name].__delete__ for name in _LAZY_HTTP}
 _set_trace_id: Final = _SLOT_SET["trace_id"]
 _set_attempts: Final = _SLOT_SET["attempts"]
 
@@ -459,7 +460,7 @@ def _lazy(name: str) -> property:
             put(self, value)
             return value
 
-    return property(read, put, doc=f"``{name}``, read from the entry on first use")
+    return property(read, put, _SLOT_DEL[name], doc=f"``{name}``, read from the entry on first use")
 
 
 for _name in _LAZY_HTTP:
@@ -484,7 +485,9 @@ def _tcp_end(name: str) -> property:
             put_details(self, details)
             return flags if name == "response_flags" else details
 
-    return property(read, _SLOT_SET[name], doc=f"``{name}``, read with the other end field on first use")
+    return property(
+        read, _SLOT_SET[name], _SLOT_DEL[name], doc=f"``{name}``, read with the other end field on first use"
+    )
 
 
 class AlsTcpHop(AlsHop):
