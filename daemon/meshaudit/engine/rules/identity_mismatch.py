@@ -225,8 +225,13 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
             how = PAIRED
             if client is None:
                 # No client entry yet. Istio's peer metadata names the sender at once (read while
-                # this mesh's entries carry it, else sampled: ``Correlation.peer_metadata``).
-                client, how = peer_metadata.client(h, now), PEER_METADATA
+                # this mesh's entries carry it, else sampled: ``Correlation.peer_metadata``; its
+                # skipped samples counted down here, without the call).
+                how = PEER_METADATA
+                if now >= peer_metadata.until and peer_metadata.countdown > 0:
+                    peer_metadata.countdown -= 1
+                else:
+                    client = peer_metadata.client(h, now)
             if client is not None:
                 if not self.may_present(client, presented):
                     self._alert(client, presented, h, how)

@@ -107,10 +107,14 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
     def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         pending = self.pending
+        # Whether a span may wait for this batch's logs: tested once per batch, not per entry (a
+        # store's len() is a Python call), and set again when a span parks. A pop from a store
+        # that emptied meanwhile finds nothing, as the test would have.
+        waiting = len(pending) > 0
         spans = False
         for h in hops:
             if h.origin in LOGGED_ORIGINS:
-                if len(pending):
+                if waiting:
                     self._arrived(h)
                 continue
             if h.origin != SPAN:
@@ -138,6 +142,7 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                     self._logged(h, logged_by)
                     continue
                 pending.park((h.trace_id or h.request_id or str(id(h)), svc), h, now)
+                waiting = True
             else:  # a sidecar's own span: that sidecar must have logged the request
                 svc = h.observer_service.key
                 if h.direction == INBOUND:
@@ -148,7 +153,11 @@ class MissingAccessLog(Rule[MissingAccessLogConfig]):
                 if corr.logged_rid.has(svc, rid):
                     self._logged(h)
                     continue
-                (pending if corr.judgeable(h.start) else self.unjoined).park((rid, svc), h, now)
+                if corr.judgeable(h.start):
+                    pending.park((rid, svc), h, now)
+                    waiting = True
+                else:
+                    self.unjoined.park((rid, svc), h, now)
 
     def _arrived(self, h: Hop) -> None:
         """An access log that arrived after its span: the span is satisfied."""

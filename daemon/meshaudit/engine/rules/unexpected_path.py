@@ -55,7 +55,12 @@ class UnexpectedPath(Rule[UnexpectedPathConfig]):
             # route_check()'s cache hit, inlined: this loop runs for every HTTP entry
             uid = dst.uid
             check = cache[uid] if uid in cache else policy.route_check(dst)
-            if check is None or (check.get(method) or check[None])(h.path):
+            if check is None:
+                continue
+            # the matcher's prefixes, inlined (most requests match one): a call fewer per request
+            matcher = check.get(method) or check[None]
+            path = h.path
+            if (path is not None and path.startswith(matcher.prefixes)) or matcher(path):
                 continue
             src = ctx.corr.named_source(h) or h.src
             if self.exempt(src, dst, h):
