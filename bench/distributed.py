@@ -170,6 +170,10 @@ def _dist_config(tag: str, bootstrap: str, compression: str, alerts: Path) -> di
         "group_id": f"bench-{tag}",
         "session_timeout_ms": SESSION_TIMEOUT_MS,
         "compression": compression,
+        # Stage 2's topic (per-edge windows and every violation), created by the first evaluator.
+        "edges_topic": f"{TOPIC}.edges",
+        "edges_partitions": PARTITIONS,
+        "create_topic": True,
     }
     return cfg
 
