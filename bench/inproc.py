@@ -71,6 +71,10 @@ def _config(graph: bool) -> Config:
     return cfg.model_copy(update={"graph": cfg.graph.model_copy(update={"enabled": graph})})
 
 
+WIRE_PARTITIONS = 12  # the hops topic's partitions a receiver spreads a batch over (the default)
+WIRE_TAKE = 1024  # hops a receiver's producer takes off its queue at once under load (at most 2048)
+
+
 def _wire_stages(
     seconds: float,
     n: int,
@@ -89,10 +93,14 @@ def _wire_stages(
         batches.append(wire.encode(hops, entries=entries))
 
     def receiver(i: int) -> int:
-        hops = produce(i)
-        for h in hops:
-            wire.correlation_key(h)
-        wire.encode(hops, entries=entries)
+        """As the producer stage: what waits on the ingest queue (``WIRE_TAKE`` hops, as under
+        load), by partition, evidence copies included."""
+        hops: list[Hop] = []
+        while len(hops) < WIRE_TAKE:
+            hops += produce(i)
+            i += 1
+        for own, copies in wire.route(hops, WIRE_PARTITIONS).values():
+            wire.encode(own + copies, entries=entries, evidence=len(copies))
         return len(hops)
 
     def decode(i: int) -> int:

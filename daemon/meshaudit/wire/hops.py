@@ -214,7 +214,8 @@ def encode(hops: Sequence[Hop], *, entries: bool = True, evidence: int = 0) -> b
     nhttp = ntcp = 0
     http_tag = _HTTP_TAG
     tcp_tag = _TCP_TAG
-    for h in hops:
+    own = n - evidence
+    for h in hops[:own] if evidence else hops:
         if entries and isinstance(h, AlsHop):
             raw = h.entry_bytes()
             if h.__class__ is AlsTcpHop:
@@ -240,12 +241,20 @@ def encode(hops: Sequence[Hop], *, entries: bool = True, evidence: int = 0) -> b
         else:
             add_entry(0)
             add_row(_ROW(h))
+    nlogs = 0  # evidence copies of access logs: an access-log hop's columns, no entry
+    for h in hops[own:] if evidence else ():
+        add_entry(0)
+        if h.origin == SPAN:
+            add_row(_ROW(h))
+        else:
+            nlogs += 1
+            add_row((*_ALS_ROW(h), 0))
     batch = HopBatch(count=n, evidence=evidence)
     if n:
-        if nhttp + ntcp == n:  # access-log hops only: the columns they fill
+        if nhttp + ntcp + nlogs == n:  # access-log hops (and their copies) only: the columns they fill
             _columns(batch, n, dict(zip(ALS_COLUMNS, zip(*rows, strict=True), strict=True)))
         else:
-            if nhttp or ntcp:
+            if nhttp or ntcp or nlogs:
                 rows = [r if len(r) == len(COLUMNS) else (*r, *_ALS_LAZY_FILL) for r in rows]
             _columns(batch, n, dict(zip(COLUMNS, zip(*rows, strict=True), strict=True)))
         if nhttp or ntcp:
@@ -578,14 +587,17 @@ def evidence_key(hop: Hop) -> bytes | None:
     access-log entry that logged the trace (an application's server span, with no request id,
     is joined to it: missing_access_log) and a client span (it names the source of a bypassed
     request, its child span in the same trace). The copy goes only where that partition differs
-    from the hop's own (the producer compares)."""
-    tid = hop.trace_id
-    if not tid or not hop.request_id:
+    from the hop's own (the producer compares). Cheapest tests first: an outbound entry's trace
+    id is a lazy read."""
+    if hop.origin == SPAN:
+        if hop.span_kind != SPAN_KIND_CLIENT or not hop.span_id:
+            return None
+    elif hop.direction == OUTBOUND:
         return None
-    origin = hop.origin
-    if origin == SPAN:
-        return _key(tid) if hop.span_kind == SPAN_KIND_CLIENT and hop.span_id else None
-    return _key(tid) if hop.direction != OUTBOUND else None
+    if not hop.request_id:
+        return None
+    tid = hop.trace_id
+    return _key(tid) if tid else None
 
 
 def route(hops: Sequence[Hop], partitions: int) -> dict[int, tuple[list[Hop], list[Hop]]]:
@@ -611,17 +623,17 @@ def route(hops: Sequence[Hop], partitions: int) -> dict[int, tuple[list[Hop], li
 
 
 def evidence_copy(hop: Hop) -> Hop:
-    """What the joins of :func:`evidence_key` read of ``hop``, and nothing else (no Envoy entry,
-    no request id: nothing at the copy's partition pairs by it)."""
+    """What the joins of :func:`evidence_key` read of ``hop``, and nothing else: no Envoy entry, no
+    request id (nothing at the copy's partition pairs by it), no time (an access log's is a lazy
+    read, and no join reads it: the copy is indexed at the time it is read)."""
     if hop.origin == SPAN:
         return Hop(
             SPAN, hop.observer, hop.observer_service, hop.direction, hop.src, hop.dst, hop.start,
             trace_id=hop.trace_id, span_id=hop.span_id, span_kind=hop.span_kind,
         )  # fmt: skip
     return Hop(
-        hop.origin, hop.observer, hop.observer_service, hop.direction, hop.src, hop.dst, hop.start,
-        trace_id=hop.trace_id,
-    )  # fmt: skip
+        hop.origin, hop.observer, hop.observer_service, hop.direction, hop.src, hop.dst, 0.0, trace_id=hop.trace_id
+    )
 
 
 def _key(key: str) -> bytes:
