@@ -287,6 +287,14 @@ class Hop:
         )
 
 
+# Hop's own slots of two fields read of nearly every entry, read directly (a C call). A subclass
+# that reads fields lazily puts a property over them (AlsHop: a Python call per read, ~2x the
+# cost); read here, such a field not read yet raises AttributeError, and the reader falls back
+# to the attribute: ``try: n = slot_attempts(h) except AttributeError: n = h.attempts``.
+slot_attempts: Final = Hop.__dict__["attempts"].__get__
+slot_trace_id: Final = Hop.__dict__["trace_id"].__get__
+
+
 # --- Alerts ------------------------------------------------------------------------------
 SCHEMA: Final = "meshaudit.alert.v1"
 SEVERITIES: Final = ("info", "warning", "high", "critical")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshaudit.engine.store import GenStore, PairStore
-from meshaudit.model import OUTBOUND, SPAN, Hop, Identity
+from meshaudit.model import OUTBOUND, SPAN, Hop, Identity, slot_trace_id
 
 
 class PeerMetadata:
@@ -148,7 +148,10 @@ class Correlation:
             elif logged:
                 if rid:
                     rids[rid] = True
-                tid = h.trace_id
+                try:
+                    tid = slot_trace_id(h)
+                except AttributeError:  # a lazy field not read yet
+                    tid = h.trace_id
                 if tid:
                     traces[tid] = h.src
         self.outbound_by_rid.settle(now)

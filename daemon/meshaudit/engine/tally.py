@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from meshaudit.engine.outcome import failed
-from meshaudit.model import INBOUND, Hop, Identity
+from meshaudit.model import INBOUND, Hop, Identity, slot_attempts
 
 # Counters of one edge, in this order, in a tally record (after the two identities) and in a ring.
 OUT, OUT_FAIL, RETRIES, IN, IN_MTLS, IN_TLS, IN_FAIL, TRACED, TRACED_LOGGED = range(9)
@@ -107,7 +107,10 @@ class EdgeTally:
                 if rec is None:
                     rec = record(src, dst)
                 n = rec[c_out] = rec[c_out] + 1
-                attempts: int = h.attempts
+                try:
+                    attempts: int = slot_attempts(h)
+                except AttributeError:  # a lazy field not read yet
+                    attempts = h.attempts
                 if attempts > 1:
                     rec[c_retries] += attempts - 1
                 if not 0 < status < 500 and h.method is not None and failed(h):

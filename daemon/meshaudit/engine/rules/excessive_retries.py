@@ -17,7 +17,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from meshaudit.engine.api import EngineContext, Rule, RuleConfig, Severity, Window
-from meshaudit.model import OUTBOUND, Hop
+from meshaudit.model import OUTBOUND, Hop, slot_attempts
 
 
 class ExcessiveRetriesConfig(RuleConfig):
@@ -59,7 +59,10 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
         for h in hops:
             if h.direction != OUTBOUND or h.method is None:
                 continue
-            attempts: int = h.attempts
+            try:
+                attempts: int = slot_attempts(h)
+            except AttributeError:  # a lazy field not read yet
+                attempts = h.attempts
             if attempts == 1:  # nearly every request: no retry
                 add(h.src, h.dst, h, now, 1, 0)
                 continue

@@ -71,6 +71,10 @@ class StreamContext:
 
 ZERO_TRACE = "0" * 32
 UNREAD: Final = object()  # a field AlsHop leaves to its lazy reader
+# HasField called through the class, not the message: a method looked up on a upb message is
+# first looked for among its fields (a failed name lookup, then the generic one): ~35 ns a call
+# instead of ~65 on the decoders' every entry.
+_has: Final = accesslog_pb2.AccessLogCommon.HasField
 
 
 def _addr(a: Any) -> str | None:
@@ -126,7 +130,7 @@ def _uri_san(sans: Any) -> str | None:
 
 def _tls(c: Any) -> tuple[str | None, str | None]:
     """TLS version and peer URI SAN of the downstream connection; (None, None) for plaintext."""
-    if not c.HasField("tls_properties"):
+    if not _has(c, "tls_properties"):
         return None, None
     t = c.tls_properties
     tv = t.tls_version
@@ -531,6 +535,7 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
     principals = namer.principals
     append = out.append
     new_hop = object.__new__
+    has = _has
     for e in entries:
         c = e.common_properties
         cluster = c.upstream_cluster
@@ -540,7 +545,7 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
         m = r.request_method
         rid = r.request_id or None
         # _tls(c), inlined: this runs for every entry, and the call costs ~0.1 us (~1 % of the work)
-        if c.HasField("tls_properties"):
+        if has(c, "tls_properties"):
             t = c.tls_properties
             tv = t.tls_version
             tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
@@ -570,14 +575,14 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
             if peer:  # mTLS: the certificate names the source; the address is not needed
                 src = principals.get(peer) or namer.principal(peer)
             else:
-                conn = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
+                conn = _addr(c.downstream_remote_address) if has(c, "downstream_remote_address") else None
                 src = namer.address(conn) if conn else NOBODY
         else:
             # Outbound: the source is this sidecar's workload; the downstream is the local app.
             # The connection key pairs entries only where no request id does.
             src = observer
             dst = found[1] or _outbound_fallback(e, direction, cluster, r.authority or None)
-            if rid is None and c.HasField("upstream_local_address"):
+            if rid is None and has(c, "upstream_local_address"):
                 conn = _addr(c.upstream_local_address)
         # AlsHop(e, ALS_HTTP, node_id, observer, ...), inlined: a class call runs __init__ through
         # C (its arguments packed and unpacked), ~0.25 us per entry more than setting the slots here.
@@ -622,12 +627,12 @@ def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: li
         tls_version, peer = _tls(c)
         if direction == INBOUND:
             dst = observer
-            conn = _addr(c.downstream_remote_address) if c.HasField("downstream_remote_address") else None
+            conn = _addr(c.downstream_remote_address) if _has(c, "downstream_remote_address") else None
             src = namer.principal(peer) if peer else namer.address(conn) if conn else NOBODY
         else:
             src = observer
             dst = found[1] or _outbound_fallback(e, direction, cluster, None)
-            conn = _addr(c.upstream_local_address) if c.HasField("upstream_local_address") else None
+            conn = _addr(c.upstream_local_address) if _has(c, "upstream_local_address") else None
         # AlsTcpHop(e, ALS_TCP, node_id, observer, ...), inlined as in decode_http
         h = new_hop(AlsTcpHop)
         h._e = e
