@@ -37,7 +37,6 @@ from typing import Any, Final
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as kerrors
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from meshaudit import metrics
 from meshaudit.baseline import Baseline, BaselineFile
@@ -45,6 +44,7 @@ from meshaudit.config import Config
 from meshaudit.engine.api import Edge, Route
 from meshaudit.engine.core import Engine, Facts
 from meshaudit.guard import ERRORS
+from meshaudit.runtime.kafka import connection, ensure_topic
 
 log = logging.getLogger("meshaudit")
 
@@ -102,18 +102,10 @@ class SharedBaseline:
         self.tp = TopicPartition(self.cfg.baseline_topic, 0)
 
     # --- connection ------------------------------------------------------------------------------
-    def _options(self) -> dict[str, Any]:
-        cfg = self.cfg
-        opts: dict[str, Any] = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": cfg.client_id}
-        if cfg.tls is not None:
-            opts["security_protocol"] = "SSL"
-            opts["ssl_context"] = cfg.tls.context()
-        return opts
-
     async def _connect(self) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
         """Both clients started and the topic there (created with ``create_topic``); retried."""
         while True:
-            opts = self._options()
+            opts = connection(self.cfg)
             consumer = AIOKafkaConsumer(
                 **opts, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100
             )
@@ -121,7 +113,9 @@ class SharedBaseline:
             try:
                 await consumer.start()
                 await producer.start()
-                await self._topic(producer, opts)
+                await ensure_topic(
+                    producer, self.cfg, self.cfg.baseline_topic, 1, {"cleanup.policy": "compact"}, "compacted"
+                )
                 consumer.assign([self.tp])
                 await consumer.seek_to_beginning(self.tp)
                 return consumer, producer
@@ -133,24 +127,6 @@ class SharedBaseline:
                 self.state = f"cannot read the learned baseline from {self.cfg.baseline_topic}: {exc}"
                 log.error("Evaluator %s; retrying.", self.state)
                 await asyncio.sleep(RETRY_SECS)
-
-    async def _topic(self, producer: AIOKafkaProducer, opts: dict[str, Any]) -> None:
-        cfg = self.cfg
-        cluster = await producer.client.fetch_all_metadata()
-        if cfg.baseline_topic in cluster.topics():
-            return
-        if not cfg.create_topic:
-            raise LookupError(f"Kafka topic {cfg.baseline_topic!r} does not exist; create it or set create_topic: true")
-        admin = AIOKafkaAdminClient(**opts)
-        await admin.start()
-        try:
-            topic = NewTopic(cfg.baseline_topic, 1, cfg.replication_factor, topic_configs={"cleanup.policy": "compact"})
-            await admin.create_topics([topic])
-            log.info("Kafka topic %s created (compacted; create_topic is on).", cfg.baseline_topic)
-        except kerrors.TopicAlreadyExistsError:
-            pass  # another evaluator created it first
-        finally:
-            await admin.close()
 
     @staticmethod
     async def _close(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:

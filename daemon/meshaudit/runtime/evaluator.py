@@ -60,7 +60,7 @@ from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
 from meshaudit.runtime.baseline_topic import SharedBaseline
 from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
-from meshaudit.runtime.offsets import forgotten
+from meshaudit.runtime.kafka import connection, forgotten
 from meshaudit.runtime.stage2 import Stage2, lateness
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
@@ -108,7 +108,7 @@ class Catchup(NamedTuple):
 
 def consumer_options(cfg: DistributedConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
+        **connection(cfg),
         "group_id": cfg.group_id,
         "client_id": "meshaudit-evaluator",
         "enable_auto_commit": False,  # committed after the verdicts (at-least-once)
@@ -120,9 +120,6 @@ def consumer_options(cfg: DistributedConfig) -> dict[str, Any]:
         "fetch_max_bytes": cfg.fetch_max_bytes,
         "fetch_max_wait_ms": FETCH_WAIT_MS,
     }
-    if cfg.tls is not None:
-        opts["security_protocol"] = "SSL"
-        opts["ssl_context"] = cfg.tls.context()
     return opts
 
 

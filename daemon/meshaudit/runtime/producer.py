@@ -53,7 +53,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerrors
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from meshaudit import metrics
 from meshaudit.config import DistributedConfig
@@ -62,6 +61,7 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import Hop
 from meshaudit.receivers.ingest import IngestQueue
+from meshaudit.runtime.kafka import connection, ensure_topic
 from meshaudit.sinks.base import FatalSinkError
 from meshaudit.wire.hops import MAX_CLAIMS, claim_key, encode, encode_claims, route
 from meshaudit.wire.partition import partition
@@ -193,17 +193,7 @@ class HopStage:
 
     # --- connection ----------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
-        cfg = self.cfg
-        opts: dict[str, Any] = {
-            "bootstrap_servers": cfg.bootstrap_servers,
-            "client_id": cfg.client_id,
-            "request_timeout_ms": cfg.request_timeout_ms,
-            "security_protocol": "PLAINTEXT",
-        }
-        if cfg.tls is not None:
-            opts["security_protocol"] = "SSL"
-            opts["ssl_context"] = cfg.tls.context()
-        return opts
+        return {**connection(self.cfg), "request_timeout_ms": self.cfg.request_timeout_ms}
 
     def _make(self, options: dict[str, Any]) -> Any:
         cfg = self.cfg
@@ -243,7 +233,7 @@ class HopStage:
                     self._idempotent = False
                     producer = self._make(options)
                     await producer.start()
-                await self._topic(producer, options)
+                await self._topic(producer)
                 log.info(
                     "Producing hops to Kafka topic %s on %s (%d partitions, acks=all%s).",
                     self.cfg.hops_topic,
@@ -273,30 +263,11 @@ class HopStage:
                 )
                 await asyncio.sleep(self._next_backoff())
 
-    async def _topic(self, producer: Any, options: dict[str, Any]) -> None:
+    async def _topic(self, producer: Any) -> None:
         cfg = self.cfg
-        # A metadata request for all topics never auto-creates one.
-        cluster = await producer.client.fetch_all_metadata()
-        if cfg.hops_topic not in cluster.topics():
-            if not cfg.create_topic:
-                raise LookupError(f"Kafka topic {cfg.hops_topic!r} does not exist; create it or set create_topic: true")
-            admin = AIOKafkaAdminClient(**options)
-            await admin.start()
-            try:
-                topic_configs = {} if cfg.retention_ms is None else {"retention.ms": str(cfg.retention_ms)}
-                await admin.create_topics(
-                    [NewTopic(cfg.hops_topic, cfg.partitions, cfg.replication_factor, topic_configs=topic_configs)]
-                )
-                log.info(
-                    "Kafka topic %s created with %d partitions, retention %s (create_topic is on).",
-                    cfg.hops_topic,
-                    cfg.partitions,
-                    "the broker's default" if cfg.retention_ms is None else f"{cfg.retention_ms} ms",
-                )
-            except kerrors.TopicAlreadyExistsError:
-                pass  # another receiver created it first
-            finally:
-                await admin.close()
+        retention = "retention the broker's default" if cfg.retention_ms is None else f"retention {cfg.retention_ms} ms"
+        configs = {} if cfg.retention_ms is None else {"retention.ms": str(cfg.retention_ms)}
+        await ensure_topic(producer, cfg, cfg.hops_topic, cfg.partitions, configs, retention)
         self._partitions = len(await producer.partitions_for(cfg.hops_topic))  # before the first record
 
     def _next_backoff(self) -> float:

@@ -54,7 +54,6 @@ from typing import Any, Final, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka import errors as kerrors
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from meshaudit import metrics
 from meshaudit.config import DistributedConfig
@@ -63,7 +62,7 @@ from meshaudit.engine.core import Engine
 from meshaudit.guard import ERRORS
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import Alert
-from meshaudit.runtime.offsets import forgotten
+from meshaudit.runtime.kafka import connection, ensure_topic, forgotten
 from meshaudit.wire import edges
 from meshaudit.wire.partition import partition
 
@@ -171,20 +170,11 @@ class Stage2:
             self.pending_bytes += len(value)
         self._wake.set()
 
-    def _options(self) -> dict[str, Any]:
-        cfg = self.cfg
-        opts: dict[str, Any] = {"bootstrap_servers": cfg.bootstrap_servers, "security_protocol": "PLAINTEXT"}
-        if cfg.tls is not None:
-            opts["security_protocol"] = "SSL"
-            opts["ssl_context"] = cfg.tls.context()
-        return opts
-
     async def _connect_producer(self) -> AIOKafkaProducer:
         """A started producer, the edges topic there (created with ``create_topic``); retried."""
         while True:
             producer = AIOKafkaProducer(
-                **self._options(),
-                client_id=f"{self.cfg.client_id}-edges",
+                **connection(self.cfg, "-edges"),
                 acks="all",
                 linger_ms=self.cfg.linger_ms,
                 request_timeout_ms=self.cfg.request_timeout_ms,
@@ -207,24 +197,8 @@ class Stage2:
 
     async def _topic(self, producer: AIOKafkaProducer) -> None:
         cfg = self.cfg
-        cluster = await producer.client.fetch_all_metadata()  # never auto-creates a topic
-        if self.topic not in cluster.topics():
-            if not cfg.create_topic:
-                raise LookupError(f"Kafka topic {self.topic!r} does not exist; create it or set create_topic: true")
-            admin = AIOKafkaAdminClient(**self._options())
-            await admin.start()
-            try:
-                configs = {} if cfg.edges_retention_ms is None else {"retention.ms": str(cfg.edges_retention_ms)}
-                await admin.create_topics(
-                    [NewTopic(self.topic, cfg.edges_partitions, cfg.replication_factor, topic_configs=configs)]
-                )
-                log.info(
-                    "Kafka topic %s created with %d partitions (create_topic is on).", self.topic, cfg.edges_partitions
-                )
-            except kerrors.TopicAlreadyExistsError:
-                pass  # another evaluator created it first
-            finally:
-                await admin.close()
+        configs = {} if cfg.edges_retention_ms is None else {"retention.ms": str(cfg.edges_retention_ms)}
+        await ensure_topic(producer, cfg, self.topic, cfg.edges_partitions, configs, "stage 2's")
         self.partitions = len(await producer.partitions_for(self.topic))
 
     async def _produce(self, producer: AIOKafkaProducer) -> None:
@@ -276,9 +250,8 @@ class Stage2:
         cfg = self.cfg
         while True:
             consumer = AIOKafkaConsumer(
-                **self._options(),
+                **connection(cfg, "-edges"),
                 group_id=cfg.group_id,  # the evaluators' group: each key owned by one member
-                client_id=f"{cfg.client_id}-edges",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 session_timeout_ms=cfg.session_timeout_ms,
