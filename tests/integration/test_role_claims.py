@@ -150,7 +150,8 @@ async def test_a_forged_claim_at_a_receiver_raises_at_the_evaluator_what_one_pro
     assert receiver.metric("meshaudit_source_claims_unforwarded_total") == 0
     assert receiver.metric("meshaudit_hops_evaluated_total") == 0
     assert receiver.alerts() == []
-    assert evaluator.metric("meshaudit_violations_total", rule=RULE) == 2
+    # counted by the key's owner in stage 2, published with its stats once a second
+    assert evaluator.wait_metric("meshaudit_violations_total", 2, rule=RULE) == 2
     assert evaluator.metric("meshaudit_evaluator_hops_total", phase="judge") == 1 + 2  # the entry, the spans
     assert evaluator.metric("meshaudit_evaluator_undecodable_total") == 0
 
