@@ -5,11 +5,18 @@
 # directory /var/lib/meshaudit (spools, learn-mode state; a volume in Kubernetes) and /tmp.
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for meshaudit's own extension (the ALS entry scanner, setup.py); the final stage
+# takes only the built venv. Debian's compiler packages are not pinned: the base image pins the
+# release, and a point release of gcc builds the same code.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/meshaudit
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY daemon ./daemon
-# Every dependency is pinned in pyproject.toml; binary wheels only, so no compiler is needed.
+# Every dependency is pinned in pyproject.toml and comes as a binary wheel; only meshaudit is built.
 RUN /opt/meshaudit/bin/pip install --no-cache-dir --only-binary=:all: . \
  && /opt/meshaudit/bin/pip check
 

@@ -11,7 +11,7 @@ CONFIG ?= config/default.yaml
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py daemon/meshaudit/receivers/envoy_als/_scan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -41,8 +41,8 @@ proto: install
 	$(PY) proto/generate.py
 
 lint: install
-	$(VENV)/bin/ruff check daemon tests bench proto
-	$(VENV)/bin/ruff format --check daemon tests bench proto
+	$(VENV)/bin/ruff check daemon tests bench proto setup.py
+	$(VENV)/bin/ruff format --check daemon tests bench proto setup.py
 
 typecheck: install
 	$(VENV)/bin/mypy

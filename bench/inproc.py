@@ -138,7 +138,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
         m = Msg.FromString(b)
         hops: list[Hop] = []
         if m.WhichOneof("log_entries") == "http_logs":
-            decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops)
+            decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
         else:
             decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
         return len(hops)
@@ -156,7 +156,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
         m = Msg.FromString(b)
         hops: list[Hop] = []
         if m.WhichOneof("log_entries") == "http_logs":
-            decode_http(m.http_logs.log_entry, ectxs[svc], enamer, hops)
+            decode_http(m.http_logs.log_entry, ectxs[svc], enamer, hops, b)
         else:
             decode_tcp(m.tcp_logs.log_entry, ectxs[svc], enamer, hops)
         now = clock[0] = clock[0] + per / 100_000  # data time at 100 k entries/s
@@ -177,7 +177,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
             m = Msg.FromString(b)
             hops: list[Hop] = []
             if m.WhichOneof("log_entries") == "http_logs":
-                decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops)
+                decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
             else:
                 decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
             return hops

@@ -74,7 +74,7 @@ def _workload(stage: str, per: int, warmup: int, messages: int, lib: ctypes.CDLL
         m = parse(b)
         hops: list[Hop] = []
         if m.WhichOneof("log_entries") == "http_logs":
-            decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops)
+            decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
         else:
             decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
         if full:

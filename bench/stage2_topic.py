@@ -96,7 +96,7 @@ def measure_corpus(rate: int, seconds: int, per: int = 25, tick_ms: int = 200) -
             m = Msg.FromString(b)
             batch: list[Hop] = []
             if m.WhichOneof("log_entries") == "http_logs":
-                decode_http(m.http_logs.log_entry, ctxs[svc], namer, batch)
+                decode_http(m.http_logs.log_entry, ctxs[svc], namer, batch, b)
             else:
                 decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, batch)
             done += len(batch)

@@ -268,12 +268,13 @@ def weaken_tls(entry: Any, version: int, cipher: int) -> Any:
 
 def decode(msg: Any, namer: Namer) -> list[Hop]:
     """A message through the wire (serialized, parsed) and the ALS decoder, as the receiver does."""
-    wire = als_pb2.StreamAccessLogsMessage.FromString(msg.SerializeToString())
+    data = msg.SerializeToString()
+    wire = als_pb2.StreamAccessLogsMessage.FromString(data)
     node = wire.identifier.node
     ctx = StreamContext(namer, node.id, node.cluster, wire.identifier.log_name)
     out: list[Hop] = []
     if wire.WhichOneof("log_entries") == "http_logs":
-        decode_http(wire.http_logs.log_entry, ctx, namer, out)
+        decode_http(wire.http_logs.log_entry, ctx, namer, out, data)
     else:
         decode_tcp(wire.tcp_logs.log_entry, ctx, namer, out)
     return out

@@ -64,11 +64,13 @@ class _Bad:
 
 
 class Received(NamedTuple):
-    """A decoded request message and its size on the wire (for the byte-bounded ingest queue;
-    asking protobuf for the size again would cost as much as parsing it)."""
+    """A decoded request message, its size on the wire (for the byte-bounded ingest queue; asking
+    protobuf for the size again would cost as much as parsing it) and its wire bytes (the ALS
+    receiver scans them for the fields every rule reads: ``envoy_als.decode.http_fields``)."""
 
     msg: Any
     nbytes: int
+    data: bytes
 
 
 UNDECODABLE: Final = _Bad(grpc.StatusCode.INVALID_ARGUMENT, "the message does not decode")
@@ -91,7 +93,7 @@ def _counting(parse: Callable[[bytes], Any], receiver: str, max_bytes: int) -> C
             )
             return TOO_LARGE
         try:
-            return Received(parse(data), len(data))
+            return Received(parse(data), len(data), data)
         except Exception as exc:  # DecodeError, or anything else: never into gRPC
             undecodable.inc()
             _bad.warning(

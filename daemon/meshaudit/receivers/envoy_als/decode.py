@@ -5,9 +5,10 @@ principals, addresses) resolve through caches, and no per-entry dict or f-string
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar, Final
 
@@ -134,7 +135,7 @@ def _tls(c: Any) -> tuple[str | None, str | None]:
         return None, None
     t = c.tls_properties
     tv = t.tls_version
-    return (TLS_VERSIONS[tv] if tv < 5 else "unknown"), _uri_san(t.peer_certificate_properties.subject_alt_name)
+    return (TLS_VERSIONS[tv] if 0 <= tv < 5 else "unknown"), _uri_san(t.peer_certificate_properties.subject_alt_name)
 
 
 # An entry's start time is trusted within these bounds of the time it is read (within
@@ -527,7 +528,82 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
     return identity(cluster or None, None, None, None, upstream)
 
 
-def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
+# What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, tls_version (None: no
+# tls_properties), peer URI SAN or None, request_method, request_id, path, trace id or None,
+# response code, upstream_request_attempt_count). The C scanner (``_scan.c``) takes them from the
+# message's bytes in one pass; ``read_http`` reads them through protobuf: the reference the
+# scanner must equal, and the way when the scanner is not built or declines a message.
+HttpFields = tuple[str, int | None, str | None, int, str, str, str | None, int, int]
+
+
+def read_http(e: Any) -> HttpFields:
+    """An entry's ``HttpFields`` through protobuf."""
+    c = e.common_properties
+    r = e.request
+    if _has(c, "tls_properties"):
+        t = c.tls_properties
+        tv: int | None = t.tls_version
+        peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
+    else:
+        tv = peer = None
+    return (
+        c.upstream_cluster,
+        tv,
+        peer,
+        r.request_method,
+        r.request_id,
+        r.path,
+        _trace_of(r.request_headers.get("traceparent")),
+        e.response.response_code.value,
+        c.upstream_request_attempt_count,
+    )
+
+
+def _scanner() -> Any:
+    """The C entry scanner (``_scan.c``), which `pip install` builds; None in a source tree where
+    it was not built (the receiver then warns: protobuf reads the fields, ~1 us more an entry)."""
+    try:
+        return importlib.import_module("meshaudit.receivers.envoy_als._scan")
+    except ImportError:
+        return None
+
+
+SCANNER: Final = _scanner()
+_scan_declined = metrics.REJECTED.labels("envoy_als", "scan_declined")
+
+
+def http_fields(entries: Sequence[Any], data: bytes | None) -> list[HttpFields]:
+    """``HttpFields`` of each entry of a message (``entries``: its parsed ``http_logs.log_entry``;
+    ``data``: its wire bytes, which upb parsed into ``entries``): scanned from ``data`` when the
+    scanner is built, else read through protobuf. A message the scanner declines (never one upb
+    parsed, unless upb accepts what the scanner does not: a group, an over-long varint) is read
+    through protobuf and counted."""
+    if data is not None and SCANNER is not None:
+        try:
+            fields: list[HttpFields] | None = SCANNER.http_fields(data)
+        except ValueError:
+            fields = None
+        if fields is not None and len(fields) == len(entries):
+            return fields
+        _scan_declined.inc()
+        _bad_input.warning(
+            "scan_declined",
+            "An access-log message parsed by protobuf was declined by the entry scanner; its entries "
+            'were read through protobuf (counted in meshaudit_rejected_total{reason="scan_declined"}).',
+        )
+    return [read_http(e) for e in entries]
+
+
+def decode_http(
+    entries: Sequence[Any],
+    ctx: StreamContext,
+    namer: Namer,
+    out: list[Hop],
+    data: bytes | None = None,
+    fields: Sequence[HttpFields] | None = None,
+) -> None:
+    """Hops of a message's HTTP entries (``data``: the message's wire bytes, see ``http_fields``;
+    or ``fields``, the entries' own, scanned before)."""
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
@@ -536,54 +612,36 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
     append = out.append
     new_hop = object.__new__
     has = _has
-    for e in entries:
-        c = e.common_properties
-        cluster = c.upstream_cluster
+    for e, (cluster, tv, peer, m, request_id, path, trace_id, status, attempts) in zip(
+        entries, http_fields(entries, data) if fields is None else fields, strict=True
+    ):
         found = clusters.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
-        r = e.request
-        m = r.request_method
-        rid = r.request_id or None
-        # _tls(c), inlined: this runs for every entry, and the call costs ~0.1 us (~1 % of the work)
-        if has(c, "tls_properties"):
-            t = c.tls_properties
-            tv = t.tls_version
-            tls_version: str | None = TLS_VERSIONS[tv] if tv < 5 else "unknown"
-            sans = t.peer_certificate_properties.subject_alt_name
-            # _uri_san's first test, inlined: Istio's certificate has its URI first
-            peer = (sans[0].uri or _uri_san(sans)) if sans else None
-        else:
-            tls_version = peer = None
+        tls_version = None if tv is None else TLS_VERSIONS[tv] if 0 <= tv < 5 else "unknown"
         if direction == UNKNOWN and peer:
             # No upstream cluster: the sidecar answered itself (an RBAC denial, no route, a direct
             # response). A downstream that presented a mesh certificate makes it the inbound side:
             # an outbound entry's downstream is the local app, which never speaks mTLS.
             direction = INBOUND
         conn = None
-        trace_id: object = UNREAD  # an outbound entry's is read when asked for (rarely)
-        if direction != OUTBOUND:  # the span-join index reads it of every other entry
-            # _trace_of, inlined
-            tp = r.request_headers.get("traceparent")
-            if not tp or len(tp) < 55 or tp[2] != "-" or tp[35] != "-":
-                trace_id = None
-            else:
-                trace_id = tp[3:35].lower()
-                if trace_id == ZERO_TRACE:
-                    trace_id = None
+        rid = request_id or None
         if direction == INBOUND:
             dst = observer
             if peer:  # mTLS: the certificate names the source; the address is not needed
                 src = principals.get(peer) or namer.principal(peer)
             else:
+                c = e.common_properties
                 conn = _addr(c.downstream_remote_address) if has(c, "downstream_remote_address") else None
                 src = namer.address(conn) if conn else NOBODY
         else:
             # Outbound: the source is this sidecar's workload; the downstream is the local app.
             # The connection key pairs entries only where no request id does.
             src = observer
-            dst = found[1] or _outbound_fallback(e, direction, cluster, r.authority or None)
-            if rid is None and has(c, "upstream_local_address"):
-                conn = _addr(c.upstream_local_address)
+            dst = found[1] or _outbound_fallback(e, direction, cluster, e.request.authority or None)
+            if rid is None:
+                c = e.common_properties
+                if has(c, "upstream_local_address"):
+                    conn = _addr(c.upstream_local_address)
         # AlsHop(e, ALS_HTTP, node_id, observer, ...), inlined: a class call runs __init__ through
         # C (its arguments packed and unpacked), ~0.25 us per entry more than setting the slots here.
         h = new_hop(AlsHop)
@@ -597,23 +655,24 @@ def decode_http(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: l
         h.tls_version = tls_version
         h.peer_principal = peer
         h.method = METHODS[m] if 0 < m < 10 else "OTHER"
-        h.path = r.path or None
+        h.path = path or None
         h.request_id = rid
-        if trace_id is not UNREAD:
-            _set_trace_id(h, trace_id)
+        # Set at once, not read lazily: the span-join index reads the trace id of every inbound
+        # entry, the rules that judge every request by its answer (authz_denied, route_mismatch,
+        # error_burst) its status, excessive_retries the attempts of every outbound entry.
+        _set_trace_id(h, trace_id)
         h.conn = conn
         h.upstream_cluster = cluster
-        # Read at once, not lazily: the rules that judge every request by its answer
-        # (authz_denied, route_mismatch, error_burst) read it first, and a lazy read costs ~3x more.
-        h.status = e.response.response_code.value
-        if direction != INBOUND:
-            # excessive_retries reads it of every outbound entry: read here it costs ~0.15 us,
-            # where a lazy read costs ~0.6 us.
-            _set_attempts(h, c.upstream_request_attempt_count)
+        h.status = status
+        _set_attempts(h, attempts)
         append(h)
 
 
-def decode_tcp(entries: Iterable[Any], ctx: StreamContext, namer: Namer, out: list[Hop]) -> None:
+def decode_tcp(
+    entries: Sequence[Any], ctx: StreamContext, namer: Namer, out: list[Hop], data: bytes | None = None
+) -> None:
+    """Hops of a message's TCP entries, read through protobuf (``data`` is not scanned: one
+    message in ten at most carries TCP entries, and each holds few of the fields)."""
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction

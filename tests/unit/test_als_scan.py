@@ -1,0 +1,260 @@
+"""The C scanner of HTTP access-log entries (``receivers/envoy_als/_scan.c``) against its reference,
+``decode.read_http`` (the same fields read through protobuf): equal on every message upb parses,
+merged and repeated fields included, or it declines the message and the receiver reads it through
+protobuf (counted). The hops decoded either way are the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from infra import als
+from infra.mutate import mutated
+from meshaudit import metrics
+from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
+from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
+from meshaudit.config import MeshConfig
+from meshaudit.model import Hop
+from meshaudit.naming import Namer
+from meshaudit.receivers.envoy_als import decode
+from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, http_fields, read_http
+
+Msg = als_pb2.StreamAccessLogsMessage
+Entry = accesslog_pb2.HTTPAccessLogEntry
+scan = decode.SCANNER
+
+
+def test_the_scanner_is_built() -> None:
+    # `pip install` (make install) builds it; without it every entry costs ~1 us more to decode.
+    assert scan is not None
+
+
+def reference(data: bytes) -> list[Any] | None:
+    m = Msg.FromString(data)
+    if m.WhichOneof("log_entries") != "http_logs":
+        return None
+    return [read_http(e) for e in m.http_logs.log_entry]
+
+
+def scanned(data: bytes) -> list[Any] | None:
+    out: list[Any] | None = scan.http_fields(data)
+    return out
+
+
+TRACE = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+texts = st.text(max_size=12)
+traceparents = st.one_of(
+    st.just(TRACE),
+    st.just(TRACE.upper()),
+    st.just("00-" + "0" * 32 + "-" + "1" * 16 + "-01"),  # all-zero trace id: none
+    st.just(TRACE[:54]),  # one character short
+    st.just("é" * 30 + TRACE[30:]),  # non-ASCII: counted in characters, as Python does
+    st.just("00-" + "ÄB" * 16 + "-" + "cd" * 8 + "-01"),  # non-ASCII inside the id: lowercased as str.lower
+    st.text(min_size=50, max_size=60),
+)
+
+
+@st.composite
+def entries(draw: Any) -> Any:
+    """An HTTP entry with any of the fields the scanner reads set, unset or odd."""
+    e = Entry()
+    c = e.common_properties
+    if draw(st.booleans()):
+        c.upstream_cluster = draw(
+            st.sampled_from(["inbound|8080||", "outbound|8080||reviews.default.svc.cluster.local", ""])
+        )
+    if draw(st.booleans()):
+        c.upstream_request_attempt_count = draw(st.integers(0, 2**32 - 1))
+    if draw(st.booleans()):
+        t = c.tls_properties
+        t.SetInParent()
+        if draw(st.booleans()):
+            t.tls_version = draw(st.integers(-(2**31), 2**31 - 1))
+        for kind, value in draw(st.lists(st.tuples(st.sampled_from(["uri", "dns", "none"]), texts), max_size=3)):
+            san = t.peer_certificate_properties.subject_alt_name.add()
+            if kind != "none":
+                setattr(san, kind, value)
+        if draw(st.booleans()):
+            t.local_certificate_properties.subject_alt_name.add().uri = "spiffe://x/ns/a/sa/b"
+    if draw(st.booleans()):
+        r = e.request
+        r.SetInParent()
+        r.request_method = draw(st.integers(-(2**31), 2**31 - 1))
+        r.request_id = draw(texts)
+        r.path = draw(texts)
+        r.authority = draw(texts)
+        for k in draw(st.lists(st.sampled_from(["traceparent", "x-b3-traceid", "TraceParent"]), max_size=2)):
+            r.request_headers[k] = draw(traceparents)
+    if draw(st.booleans()):
+        e.response.response_code.value = draw(st.integers(0, 2**32 - 1))
+        e.response.response_code_details = draw(texts)
+    return e
+
+
+def wire(msg: Any) -> bytes:
+    data: bytes = msg.SerializeToString()
+    return data
+
+
+@given(st.lists(entries(), max_size=5), st.sampled_from(["http", "tcp", "none"]))
+@settings(max_examples=300, deadline=None)
+def test_equal_to_protobuf_on_generated_messages(es: list[Any], kind: str) -> None:
+    m = Msg()
+    m.identifier.CopyFrom(als.identifier("reviews"))
+    if kind == "http":
+        m.http_logs.log_entry.extend(es)
+    elif kind == "tcp":
+        m.tcp_logs.log_entry.add().common_properties.upstream_cluster = "x"
+    data = wire(m)
+    assert scanned(data) == reference(data)
+
+
+@given(st.lists(st.tuples(entries(), entries()), min_size=1, max_size=3), st.lists(entries(), max_size=2))
+@settings(max_examples=200, deadline=None)
+def test_merged_fields_as_protobuf_merges_them(pairs: list[tuple[Any, Any]], more: list[Any]) -> None:
+    # An entry sent as two concatenated encodings is one entry, the two merged (the later scalar
+    # wins, submessages merge, repeated fields and maps concatenate): each entry field is written
+    # by hand here, then the whole message twice (the log_entry lists concatenate).
+    inner = b""
+    for a, b in pairs:
+        body = wire(a) + wire(b)
+        inner += b"\x0a" + _varint(len(body)) + body
+    http = b"\x12" + _varint(len(inner)) + inner
+    m2 = Msg()
+    m2.http_logs.log_entry.extend(more)
+    data = http + wire(m2)
+    assert scanned(data) == reference(data)
+    assert len(reference(data) or []) == len(pairs) + len(more)
+
+
+def test_the_last_member_of_the_log_entries_oneof_wins() -> None:
+    http = Msg()
+    http.http_logs.log_entry.add().request.path = "/first"
+    tcp = Msg()
+    tcp.tcp_logs.log_entry.add().common_properties.upstream_cluster = "db"
+    again = Msg()
+    again.http_logs.log_entry.add().request.path = "/after"
+    assert scanned(wire(http) + wire(tcp)) is None
+    got = scanned(wire(http) + wire(tcp) + wire(again))
+    assert got == reference(wire(http) + wire(tcp) + wire(again))
+    assert got is not None and [f[5] for f in got] == ["/after"]
+
+
+def test_a_san_whose_oneof_ends_on_dns_has_no_uri() -> None:
+    # The first SAN holds a uri, then a dns (the oneof keeps dns): the peer is the second SAN's uri.
+    uri_then_dns = b"\x0a\x03a:b\x12\x01d"
+    first = b"\x0a" + _len(b"\x22" + _len(b"\x2a" + _len(b"\x0a" + _len(uri_then_dns))))  # common.tls.peer.san
+    e2 = Entry()
+    e2.common_properties.tls_properties.peer_certificate_properties.subject_alt_name.add().uri = "spiffe://second"
+    data = b"\x12" + _len(b"\x0a" + _len(first + wire(e2)))
+    got = scanned(data)
+    assert got == reference(data)
+    assert got is not None and got[0][2] == "spiffe://second"
+
+
+# Built once: its start times are the time it was built, and hypothesis replays the same bytes.
+VALID = wire(
+    als.http_message(
+        [
+            als.inbound_http("frontend", path="/a", request_id="r1", traceparent=TRACE),
+            als.outbound_http("reviews", request_id="r2", attempts=3, status=503),
+        ],
+        als.identifier("reviews"),
+    )
+)
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_messages_equal_protobuf_or_are_declined(data: Any) -> None:
+    raw = mutated(VALID, data)
+    try:
+        want = reference(raw)
+    except DecodeError:
+        return  # upb refuses it: the receiver never scans it
+    try:
+        got = scanned(raw)
+    except ValueError:
+        return  # declined: read through protobuf instead (below)
+    assert got == want
+
+
+def test_a_declined_message_is_read_through_protobuf_and_counted() -> None:
+    # An unknown group inside an entry: upb keeps it as an unknown field, the scanner declines.
+    m = als.http_message([als.inbound_http("frontend", path="/g", request_id="rid")], als.identifier("reviews"))
+    e = m.http_logs.log_entry[0]
+    group = b"\xfb\x07" + b"\x08\x01" + b"\xfc\x07"  # field 127, start group; a varint; end group
+    body = wire(e) + group
+    data = wire(Msg(identifier=m.identifier)) + b"\x12" + _len(b"\x0a" + _len(body))
+    parsed = Msg.FromString(data)
+    with pytest.raises(ValueError):
+        scanned(data)
+    declined = metrics.REJECTED.labels("envoy_als", "scan_declined")
+    before = declined._value.get()
+    got = http_fields(parsed.http_logs.log_entry, data)
+    assert got == reference(data)
+    assert declined._value.get() == before + 1
+
+
+def hops(data: bytes, scan_it: bool) -> list[Hop]:
+    namer = Namer(MeshConfig())
+    m = Msg.FromString(data)
+    ctx = StreamContext(namer, m.identifier.node.id, m.identifier.node.cluster, m.identifier.log_name)
+    out: list[Hop] = []
+    decode_http(m.http_logs.log_entry, ctx, namer, out, data if scan_it else None)
+    return out
+
+
+FIELDS = ("direction", "src", "dst", "tls_version", "peer_principal", "method", "path", "request_id", "trace_id")
+LATER = ("conn", "upstream_cluster", "status", "attempts", "authority", "response_flags", "user_agent")
+
+
+@given(st.lists(entries(), min_size=1, max_size=4))
+@settings(max_examples=150, deadline=None)
+def test_the_hops_are_the_same_either_way(es: list[Any]) -> None:
+    m = als.http_message(es, als.identifier("reviews"))
+    data = wire(m)
+    a, b = hops(data, True), hops(data, False)
+    assert [[getattr(h, f) for f in FIELDS + LATER] for h in a] == [[getattr(h, f) for f in FIELDS + LATER] for h in b]
+
+
+def test_a_negative_tls_version_is_unknown_not_tls_1_3() -> None:
+    # An enum is an int32 on the wire: -1 once indexed the versions' table from its end.
+    e = als.inbound_http("frontend", path="/", request_id="rid")
+    e.common_properties.tls_properties.tls_version = -1
+    (h,) = als.decode(als.http_message([e], als.identifier("reviews")), Namer(MeshConfig()))
+    assert h.tls_version == "unknown"
+    t = als.tcp_entry(cluster="inbound|5432||", tls=True)
+    t.common_properties.tls_properties.tls_version = -1
+    (h,) = als.decode(als.tcp_message([t], als.identifier("db")), Namer(MeshConfig()))
+    assert h.tls_version == "unknown"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len(body: bytes) -> bytes:
+    return _varint(len(body)) + body
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500, deadline=None)
+def test_any_bytes_give_fields_none_or_value_error(raw: bytes) -> None:
+    # The receiver scans only what upb parsed; the scanner still stays within the bytes it is given.
+    try:
+        got = scanned(raw)
+    except ValueError:
+        return
+    assert got is None or all(len(f) == 9 for f in got)
