@@ -140,7 +140,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
         if m.WhichOneof("log_entries") == "http_logs":
             decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
         else:
-            decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
+            decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops, b)
         return len(hops)
 
     engine = build_engine(cfg, cfg.policy)
@@ -158,7 +158,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
         if m.WhichOneof("log_entries") == "http_logs":
             decode_http(m.http_logs.log_entry, ectxs[svc], enamer, hops, b)
         else:
-            decode_tcp(m.tcp_logs.log_entry, ectxs[svc], enamer, hops)
+            decode_tcp(m.tcp_logs.log_entry, ectxs[svc], enamer, hops, b)
         now = clock[0] = clock[0] + per / 100_000  # data time at 100 k entries/s
         engine.evaluate(hops, now)
         if (i & 63) == 0:
@@ -179,7 +179,7 @@ def als(per: int, seconds: float, graph: bool = True, with_wire: bool = False) -
             if m.WhichOneof("log_entries") == "http_logs":
                 decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
             else:
-                decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
+                decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops, b)
             return hops
 
         for entries, tag in ((True, ""), (False, " (read all)")):

@@ -76,7 +76,7 @@ def _workload(stage: str, per: int, warmup: int, messages: int, lib: ctypes.CDLL
         if m.WhichOneof("log_entries") == "http_logs":
             decode_http(m.http_logs.log_entry, ctxs[svc], namer, hops, b)
         else:
-            decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops)
+            decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, hops, b)
         if full:
             now += per / 100_000  # data time at 100 k entries/s
             engine.evaluate(hops, now)

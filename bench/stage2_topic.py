@@ -98,7 +98,7 @@ def measure_corpus(rate: int, seconds: int, per: int = 25, tick_ms: int = 200) -
             if m.WhichOneof("log_entries") == "http_logs":
                 decode_http(m.http_logs.log_entry, ctxs[svc], namer, batch, b)
             else:
-                decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, batch)
+                decode_tcp(m.tcp_logs.log_entry, ctxs[svc], namer, batch, b)
             done += len(batch)
             hop_records += 1
             hop_bytes += len(hops.encode(batch))

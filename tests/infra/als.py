@@ -276,5 +276,5 @@ def decode(msg: Any, namer: Namer) -> list[Hop]:
     if wire.WhichOneof("log_entries") == "http_logs":
         decode_http(wire.http_logs.log_entry, ctx, namer, out, data)
     else:
-        decode_tcp(wire.tcp_logs.log_entry, ctx, namer, out)
+        decode_tcp(wire.tcp_logs.log_entry, ctx, namer, out, data)
     return out

@@ -20,10 +20,19 @@ from meshaudit.config import MeshConfig
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als import decode
-from meshaudit.receivers.envoy_als.decode import StreamContext, decode_http, http_fields, read_http
+from meshaudit.receivers.envoy_als.decode import (
+    StreamContext,
+    decode_http,
+    decode_tcp,
+    flag_text,
+    http_fields,
+    read_http,
+    read_tcp,
+)
 
 Msg = als_pb2.StreamAccessLogsMessage
 Entry = accesslog_pb2.HTTPAccessLogEntry
+TcpEntry = accesslog_pb2.TCPAccessLogEntry
 scan = decode.SCANNER
 
 
@@ -41,6 +50,18 @@ def reference(data: bytes) -> list[Any] | None:
 
 def scanned(data: bytes) -> list[Any] | None:
     out: list[Any] | None = scan.http_fields(data)
+    return out
+
+
+def tcp_reference(data: bytes) -> list[Any] | None:
+    m = Msg.FromString(data)
+    if m.WhichOneof("log_entries") != "tcp_logs":
+        return None
+    return [read_tcp(e) for e in m.tcp_logs.log_entry]
+
+
+def tcp_scanned(data: bytes) -> list[Any] | None:
+    out: list[Any] | None = scan.tcp_fields(data)
     return out
 
 
@@ -94,6 +115,54 @@ def entries(draw: Any) -> Any:
     return e
 
 
+FLAGS = [fd for fd in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields]
+
+
+def address(draw: Any, a: Any) -> None:
+    kind = draw(st.sampled_from(["socket", "socket6", "named", "pipe", "internal", "empty"]))
+    if kind.startswith("socket") or kind == "named":
+        s = a.socket_address
+        s.address = draw(st.sampled_from(["10.0.0.7", "fd00::7", "", "é.local"])) if kind != "socket6" else "::1"
+        if kind == "named":
+            s.port_value = 80
+            s.named_port = "http"  # the oneof's port_value is cleared
+        elif draw(st.booleans()):
+            s.port_value = draw(st.integers(0, 2**32 - 1))
+    elif kind == "pipe":
+        a.pipe.path = draw(texts)
+    elif kind == "internal":
+        a.envoy_internal_address.server_listener_name = "l"
+    else:
+        a.SetInParent()
+
+
+@st.composite
+def tcp_entries(draw: Any) -> Any:
+    """A TCP entry with its addresses, TLS, response flags and termination details set or not."""
+    e = TcpEntry()
+    c = e.common_properties
+    if draw(st.booleans()):
+        c.upstream_cluster = draw(st.sampled_from(["inbound|5432||", "outbound|5432||db.data.svc.cluster.local", ""]))
+    if draw(st.booleans()):
+        c.tls_properties.tls_version = draw(st.integers(-2, 6))
+        if draw(st.booleans()):
+            c.tls_properties.peer_certificate_properties.subject_alt_name.add().uri = draw(texts)
+    if draw(st.booleans()):
+        address(draw, c.downstream_remote_address)
+    if draw(st.booleans()):
+        address(draw, c.upstream_local_address)
+    for fd in draw(st.lists(st.sampled_from(FLAGS), max_size=3)):
+        f = c.response_flags
+        if fd.name == "unauthorized_details":
+            f.unauthorized_details.SetInParent()
+        else:
+            setattr(f, fd.name, draw(st.booleans()))
+            f.SetInParent()
+    if draw(st.booleans()):
+        c.connection_termination_details = draw(st.sampled_from(["rbac_access_denied_matched_policy[x]", "", "ü"]))
+    return e
+
+
 def wire(msg: Any) -> bytes:
     data: bytes = msg.SerializeToString()
     return data
@@ -128,6 +197,30 @@ def test_merged_fields_as_protobuf_merges_them(pairs: list[tuple[Any, Any]], mor
     data = http + wire(m2)
     assert scanned(data) == reference(data)
     assert len(reference(data) or []) == len(pairs) + len(more)
+
+
+@given(st.lists(tcp_entries(), max_size=4), st.lists(st.tuples(tcp_entries(), tcp_entries()), max_size=2))
+@settings(max_examples=300, deadline=None)
+def test_tcp_entries_equal_protobuf_merged_or_not(es: list[Any], pairs: list[tuple[Any, Any]]) -> None:
+    m = Msg()
+    m.tcp_logs.log_entry.extend(es)
+    inner = b""
+    for a, b in pairs:  # one entry sent as two encodings: merged (addresses' oneofs switch, flags toggle)
+        inner += b"\x0a" + _len(wire(a) + wire(b))
+    data = wire(m) + b"\x1a" + _len(inner)
+    assert tcp_scanned(data) == tcp_reference(data)
+    assert scanned(data) is None and tcp_scanned(wire(als.http_message([], als.identifier("x")))) is None
+
+
+def test_a_tcp_entrys_flags_read_as_envoy_names_them() -> None:
+    t = als.tcp_entry(cluster="outbound|5432||db.default.svc.cluster.local", tls=False)
+    f = t.common_properties.response_flags
+    f.upstream_connection_failure = f.no_cluster_found = True
+    f.unauthorized_details.SetInParent()
+    data = wire(als.tcp_message([t], als.identifier("web")))
+    got = tcp_scanned(data)
+    assert got == tcp_reference(data)
+    assert got is not None and flag_text(got[0][5]) == "UF,UAEX,NC"
 
 
 def test_the_last_member_of_the_log_entries_oneof_wins() -> None:
@@ -204,7 +297,10 @@ def hops(data: bytes, scan_it: bool) -> list[Hop]:
     m = Msg.FromString(data)
     ctx = StreamContext(namer, m.identifier.node.id, m.identifier.node.cluster, m.identifier.log_name)
     out: list[Hop] = []
-    decode_http(m.http_logs.log_entry, ctx, namer, out, data if scan_it else None)
+    if m.WhichOneof("log_entries") == "tcp_logs":
+        decode_tcp(m.tcp_logs.log_entry, ctx, namer, out, data if scan_it else None)
+    else:
+        decode_http(m.http_logs.log_entry, ctx, namer, out, data if scan_it else None)
     return out
 
 
@@ -219,6 +315,15 @@ def test_the_hops_are_the_same_either_way(es: list[Any]) -> None:
     data = wire(m)
     a, b = hops(data, True), hops(data, False)
     assert [[getattr(h, f) for f in FIELDS + LATER] for h in a] == [[getattr(h, f) for f in FIELDS + LATER] for h in b]
+
+
+@given(st.lists(tcp_entries(), min_size=1, max_size=4))
+@settings(max_examples=150, deadline=None)
+def test_tcp_hops_are_the_same_either_way(es: list[Any]) -> None:
+    data = wire(als.tcp_message(es, als.identifier("db")))
+    a, b = hops(data, True), hops(data, False)
+    fields = (*FIELDS, "conn", "upstream_cluster", "response_flags", "connection_termination_details")
+    assert [[getattr(h, f) for f in fields] for h in a] == [[getattr(h, f) for f in fields] for h in b]
 
 
 def test_a_negative_tls_version_is_unknown_not_tls_1_3() -> None:
@@ -258,3 +363,8 @@ def test_any_bytes_give_fields_none_or_value_error(raw: bytes) -> None:
     except ValueError:
         return
     assert got is None or all(len(f) == 9 for f in got)
+    try:
+        tcp = tcp_scanned(raw)
+    except ValueError:
+        return
+    assert tcp is None or all(len(f) == 7 for f in tcp)

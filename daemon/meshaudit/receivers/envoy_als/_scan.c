@@ -23,6 +23,11 @@
  * request_id: str, path: str, trace_id: str | None (from the traceparent header, as
  * decode._trace_of), response_code: int, upstream_request_attempt_count: int).
  *
+ * tcp_fields(data: bytes) -> list[tuple] | None, the same for TCP entries: (upstream_cluster,
+ * tls_version, peer_uri, downstream_remote_address: str | None, upstream_local_address: str | None
+ * (as decode._addr formats them), response_flags: int (bit n: ResponseFlags field n set),
+ * connection_termination_details: str).
+ *
  * Field numbers: proto/envoy/service/accesslog/v3/als.proto, proto/envoy/data/accesslog/v3/
  * accesslog.proto (the copies this project parses with).
  */
@@ -107,7 +112,19 @@ static int next_field(const uint8_t **pp, const uint8_t *end, Field *f)
     for (const uint8_t *f##_p = (slice).p, *f##_end = (slice).p + (slice).n;                     \
          (rc = next_field(&f##_p, f##_end, &f)) > 0;)
 
-/* What one HTTP entry's scan keeps: slices into the message, and the scalars. */
+/* A config.core.v3.Address: oneof address { SocketAddress socket_address = 1; Pipe pipe = 2;
+ * EnvoyInternalAddress envoy_internal_address = 3; } (which: 0 unset or none, else the member);
+ * SocketAddress: string address = 2; oneof port_specifier { uint32 port_value = 3;
+ * string named_port = 4; }; Pipe: string path = 1. */
+typedef struct {
+    int present;
+    int which;
+    Slice ip;
+    uint32_t port;
+    Slice path;
+} Addr;
+
+/* What one entry's scan keeps: slices into the message, and the scalars. */
 typedef struct {
     Slice cluster;
     int has_tls;
@@ -121,6 +138,12 @@ typedef struct {
     Slice traceparent;
     uint32_t status;
     uint32_t attempts;
+    /* TCP entries only (scan_common reads these when tcp is set) */
+    int tcp;
+    Addr remote; /* downstream_remote_address */
+    Addr local;  /* upstream_local_address */
+    uint64_t flags;
+    Slice termination;
 } Entry;
 
 static const Slice EMPTY = {(const uint8_t *)"", 0};
@@ -178,7 +201,79 @@ static int scan_tls(Slice s, Entry *e)
     return rc;
 }
 
-/* AccessLogCommon: tls_properties = 4, upstream_cluster = 15, upstream_request_attempt_count = 24 */
+static int scan_socket(Slice s, Addr *a)
+{
+    Field f;
+    int rc;
+    FOR_FIELDS(s, f, rc)
+    {
+        if (f.num == 2 && f.wt == WT_LEN)
+            a->ip = f.s;
+        else if (f.num == 3 && f.wt == WT_VARINT)
+            a->port = (uint32_t)f.v;
+        else if (f.num == 4 && f.wt == WT_LEN)
+            a->port = 0; /* named_port set: the oneof's port_value is cleared */
+    }
+    return rc;
+}
+
+static int scan_address(Slice s, Addr *a)
+{
+    Field f, g;
+    int rc, rc2;
+    a->present = 1;
+    FOR_FIELDS(s, f, rc)
+    {
+        if (f.wt != WT_LEN || f.num < 1 || f.num > 3)
+            continue;
+        if (a->which != (int)f.num) { /* another member: the one before is cleared */
+            a->ip = a->path = EMPTY;
+            a->port = 0;
+            a->which = (int)f.num;
+        }
+        if (f.num == 1) {
+            if (scan_socket(f.s, a) < 0)
+                return -1;
+        } else if (f.num == 2) {
+            FOR_FIELDS(f.s, g, rc2)
+            {
+                if (g.num == 1 && g.wt == WT_LEN)
+                    a->path = g.s;
+            }
+            if (rc2 < 0)
+                return -1;
+        }
+    }
+    return rc;
+}
+
+/* ResponseFlags: bools 1..27 but 13, the Unauthorized message unauthorized_details = 13. Bit n
+ * set: field n set (a bool true, the message present), as ListFields lists them. */
+static int scan_flags(Slice s, uint64_t *mask)
+{
+    Field f;
+    int rc;
+    FOR_FIELDS(s, f, rc)
+    {
+        if (f.num < 1 || f.num > 27)
+            continue;
+        uint64_t bit = (uint64_t)1 << f.num;
+        if (f.num == 13) {
+            if (f.wt == WT_LEN)
+                *mask |= bit;
+        } else if (f.wt == WT_VARINT) {
+            if (f.v)
+                *mask |= bit;
+            else
+                *mask &= ~bit;
+        }
+    }
+    return rc;
+}
+
+/* AccessLogCommon: tls_properties = 4, upstream_cluster = 15, upstream_request_attempt_count = 24;
+ * for TCP entries also downstream_remote_address = 2, upstream_local_address = 14,
+ * response_flags = 16, connection_termination_details = 25 */
 static int scan_common(Slice s, Entry *e)
 {
     Field f;
@@ -192,6 +287,19 @@ static int scan_common(Slice s, Entry *e)
             e->cluster = f.s;
         } else if (f.num == 24 && f.wt == WT_VARINT) {
             e->attempts = (uint32_t)f.v;
+        } else if (!e->tcp || f.wt != WT_LEN) {
+            continue;
+        } else if (f.num == 2) {
+            if (scan_address(f.s, &e->remote) < 0)
+                return -1;
+        } else if (f.num == 14) {
+            if (scan_address(f.s, &e->local) < 0)
+                return -1;
+        } else if (f.num == 16) {
+            if (scan_flags(f.s, &e->flags) < 0)
+                return -1;
+        } else if (f.num == 25) {
+            e->termination = f.s;
         }
     }
     return rc;
@@ -260,13 +368,34 @@ static int scan_response(Slice s, Entry *e)
     return rc;
 }
 
+static void entry_init(Entry *e, int tcp)
+{
+    memset(e, 0, sizeof(*e));
+    e->cluster = e->peer = e->request_id = e->path = e->traceparent = e->termination = EMPTY;
+    e->remote.ip = e->remote.path = e->local.ip = e->local.path = EMPTY;
+    e->tcp = tcp;
+}
+
+/* TCPAccessLogEntry: common_properties = 1 */
+static int scan_tcp_entry(Slice s, Entry *e)
+{
+    Field f;
+    int rc;
+    entry_init(e, 1);
+    FOR_FIELDS(s, f, rc)
+    {
+        if (f.num == 1 && f.wt == WT_LEN && scan_common(f.s, e) < 0)
+            return -1;
+    }
+    return rc;
+}
+
 /* HTTPAccessLogEntry: common_properties = 1, request = 3, response = 4 */
 static int scan_entry(Slice s, Entry *e)
 {
     Field f;
     int rc;
-    memset(e, 0, sizeof(*e));
-    e->cluster = e->peer = e->request_id = e->path = e->traceparent = EMPTY;
+    entry_init(e, 0);
     FOR_FIELDS(s, f, rc)
     {
         if (f.wt != WT_LEN)
@@ -389,6 +518,50 @@ fail:
     return NULL;
 }
 
+/* decode._addr: "ip:port", "[ipv6]:port", a pipe's path; None when unset or another kind. */
+static PyObject *address_str(Addr *a)
+{
+    if (!a->present || (a->which != 1 && a->which != 2))
+        Py_RETURN_NONE;
+    if (a->which == 2)
+        return str_of(a->path);
+    PyObject *ip = str_of(a->ip);
+    if (ip == NULL)
+        return NULL;
+    /* a ':' byte is a ':' character: UTF-8 never uses ASCII bytes inside a multi-byte character */
+    int v6 = memchr(a->ip.p, ':', a->ip.n) != NULL;
+    PyObject *out = PyUnicode_FromFormat(v6 ? "[%U]:%lu" : "%U:%lu", ip, (unsigned long)a->port);
+    Py_DECREF(ip);
+    return out;
+}
+
+static PyObject *tcp_tuple(Entry *e, Recent *cluster, Recent *peer)
+{
+    PyObject *t = PyTuple_New(7);
+    if (t == NULL)
+        return NULL;
+    PyObject *v;
+#define SET(i, expr)                                                                               \
+    do {                                                                                           \
+        v = (expr);                                                                                \
+        if (v == NULL)                                                                             \
+            goto fail;                                                                             \
+        PyTuple_SET_ITEM(t, i, v);                                                                 \
+    } while (0)
+    SET(0, recent_str(cluster, e->cluster));
+    SET(1, e->has_tls ? PyLong_FromLong((long)e->tls_version) : Py_NewRef(Py_None));
+    SET(2, e->has_tls && e->have_peer ? recent_str(peer, e->peer) : Py_NewRef(Py_None));
+    SET(3, address_str(&e->remote));
+    SET(4, address_str(&e->local));
+    SET(5, PyLong_FromUnsignedLongLong((unsigned long long)e->flags));
+    SET(6, str_of(e->termination));
+#undef SET
+    return t;
+fail:
+    Py_DECREF(t);
+    return NULL;
+}
+
 static PyObject *malformed(void)
 {
     if (!PyErr_Occurred())
@@ -396,17 +569,17 @@ static PyObject *malformed(void)
     return NULL;
 }
 
-/* StreamAccessLogsMessage: oneof log_entries { http_logs = 2; tcp_logs = 3; };
- * HTTPAccessLogEntries: repeated HTTPAccessLogEntry log_entry = 1. */
-static PyObject *http_fields(PyObject *self, PyObject *arg)
+/* StreamAccessLogsMessage: oneof log_entries { HTTPAccessLogEntries http_logs = 2;
+ * TCPAccessLogEntries tcp_logs = 3; }, each: repeated ... log_entry = 1. The tuples of the
+ * entries of member `want` (2 or 3); None when the message's oneof ends on the other or none. */
+static PyObject *fields_of(PyObject *arg, uint32_t want)
 {
-    (void)self;
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Slice msg = {(const uint8_t *)view.buf, (size_t)view.len};
     PyObject *out = PyList_New(0);
-    int is_http = 0;
+    uint32_t member = 0;
     Field f, g;
     int rc, rc2;
     Entry e;
@@ -415,38 +588,38 @@ static PyObject *http_fields(PyObject *self, PyObject *arg)
         goto fail;
     FOR_FIELDS(msg, f, rc)
     {
-        if (f.wt != WT_LEN)
+        if (f.wt != WT_LEN || (f.num != 2 && f.num != 3))
             continue;
-        if (f.num == 3) { /* tcp_logs: the oneof's http_logs is cleared */
-            is_http = 0;
+        if (f.num != member) { /* the oneof's other member is cleared */
+            member = f.num;
             if (PyList_SetSlice(out, 0, PyList_GET_SIZE(out), NULL) < 0)
                 goto fail;
-        } else if (f.num == 2) {
-            is_http = 1;
-            FOR_FIELDS(f.s, g, rc2)
-            {
-                if (g.num != 1 || g.wt != WT_LEN)
-                    continue;
-                if (scan_entry(g.s, &e) < 0)
-                    goto malformed;
-                PyObject *t = entry_tuple(&e, &cluster, &peer);
-                if (t == NULL)
-                    goto fail;
-                int bad = PyList_Append(out, t);
-                Py_DECREF(t);
-                if (bad < 0)
-                    goto fail;
-            }
-            if (rc2 < 0)
-                goto malformed;
         }
+        if (f.num != want)
+            continue;
+        FOR_FIELDS(f.s, g, rc2)
+        {
+            if (g.num != 1 || g.wt != WT_LEN)
+                continue;
+            if ((want == 2 ? scan_entry(g.s, &e) : scan_tcp_entry(g.s, &e)) < 0)
+                goto malformed;
+            PyObject *t = want == 2 ? entry_tuple(&e, &cluster, &peer) : tcp_tuple(&e, &cluster, &peer);
+            if (t == NULL)
+                goto fail;
+            int bad = PyList_Append(out, t);
+            Py_DECREF(t);
+            if (bad < 0)
+                goto fail;
+        }
+        if (rc2 < 0)
+            goto malformed;
     }
     if (rc < 0)
         goto malformed;
     Py_XDECREF(cluster.str);
     Py_XDECREF(peer.str);
     PyBuffer_Release(&view);
-    if (!is_http) {
+    if (member != want) {
         Py_DECREF(out);
         Py_RETURN_NONE;
     }
@@ -461,9 +634,23 @@ fail:
     return NULL;
 }
 
+static PyObject *http_fields(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    return fields_of(arg, 2);
+}
+
+static PyObject *tcp_fields(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    return fields_of(arg, 3);
+}
+
 static PyMethodDef methods[] = {
     {"http_fields", http_fields, METH_O,
      "http_fields(data) -> list of per-entry tuples, or None when the message holds no HTTP entries"},
+    {"tcp_fields", tcp_fields, METH_O,
+     "tcp_fields(data) -> list of per-entry tuples, or None when the message holds no TCP entries"},
     {NULL, NULL, 0, NULL},
 };
 

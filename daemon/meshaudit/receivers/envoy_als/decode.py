@@ -91,8 +91,33 @@ def _addr(a: Any) -> str | None:
     return None
 
 
+def _flag_mask(f: Any) -> int:
+    """ResponseFlags as a bit mask: bit n, field n set (as the entry scanner gives them)."""
+    mask = 0
+    for fd, v in f.ListFields():
+        if v:
+            mask |= 1 << fd.number
+    return mask
+
+
+_FLAG_BY_NUMBER: Final = sorted(
+    (fd.number, FLAG_NAMES.get(fd.name, fd.name)) for fd in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields
+)
+_FLAG_TEXT: dict[int, str] = {0: ""}
+
+
+def flag_text(mask: int) -> str:
+    """``_flags``' text of a ``_flag_mask``: Envoy's short names in field order, comma separated."""
+    found = _FLAG_TEXT.get(mask)
+    if found is None:
+        found = ",".join(name for n, name in _FLAG_BY_NUMBER if mask >> n & 1)
+        if len(_FLAG_TEXT) < 4096:
+            _FLAG_TEXT[mask] = found
+    return found
+
+
 def _flags(f: Any) -> str:
-    return ",".join(FLAG_NAMES.get(fd.name, fd.name) for fd, v in f.ListFields() if v)
+    return flag_text(_flag_mask(f))
 
 
 _CLUSTER_CACHE: dict[str, tuple[int, Identity | None]] = {}
@@ -129,13 +154,17 @@ def _uri_san(sans: Any) -> str | None:
     return None
 
 
-def _tls(c: Any) -> tuple[str | None, str | None]:
-    """TLS version and peer URI SAN of the downstream connection; (None, None) for plaintext."""
+def _tls(c: Any) -> tuple[int | None, str | None]:
+    """TLS version (the enum's number) and peer URI SAN of the downstream connection; (None, None)
+    for plaintext."""
     if not _has(c, "tls_properties"):
         return None, None
     t = c.tls_properties
-    tv = t.tls_version
-    return (TLS_VERSIONS[tv] if 0 <= tv < 5 else "unknown"), _uri_san(t.peer_certificate_properties.subject_alt_name)
+    return t.tls_version, _uri_san(t.peer_certificate_properties.subject_alt_name)
+
+
+def _tls_name(tv: int | None) -> str | None:
+    return None if tv is None else TLS_VERSIONS[tv] if 0 <= tv < 5 else "unknown"
 
 
 # An entry's start time is trusted within these bounds of the time it is read (within
@@ -381,6 +410,8 @@ _SLOT_SET: Final = {name: Hop.__dict__[name].__set__ for name in _LAZY_HTTP}
 _SLOT_DEL: Final = {name: Hop.__dict__[name].__delete__ for name in _LAZY_HTTP}
 _set_trace_id: Final = _SLOT_SET["trace_id"]
 _set_attempts: Final = _SLOT_SET["attempts"]
+_set_flags: Final = _SLOT_SET["response_flags"]
+_set_details: Final = _SLOT_SET["connection_termination_details"]
 
 
 class AlsHop(Hop):
@@ -540,12 +571,7 @@ def read_http(e: Any) -> HttpFields:
     """An entry's ``HttpFields`` through protobuf."""
     c = e.common_properties
     r = e.request
-    if _has(c, "tls_properties"):
-        t = c.tls_properties
-        tv: int | None = t.tls_version
-        peer = _uri_san(t.peer_certificate_properties.subject_alt_name)
-    else:
-        tv = peer = None
+    tv, peer = _tls(c)
     return (
         c.upstream_cluster,
         tv,
@@ -572,15 +598,35 @@ SCANNER: Final = _scanner()
 _scan_declined = metrics.REJECTED.labels("envoy_als", "scan_declined")
 
 
-def http_fields(entries: Sequence[Any], data: bytes | None) -> list[HttpFields]:
-    """``HttpFields`` of each entry of a message (``entries``: its parsed ``http_logs.log_entry``;
-    ``data``: its wire bytes, which upb parsed into ``entries``): scanned from ``data`` when the
-    scanner is built, else read through protobuf. A message the scanner declines (never one upb
-    parsed, unless upb accepts what the scanner does not: a group, an over-long varint) is read
-    through protobuf and counted."""
+# What decode_tcp reads of every TCP entry: (upstream_cluster, tls_version, peer URI SAN,
+# downstream_remote_address, upstream_local_address (as ``_addr`` writes them, None when unset),
+# response flags (``_flag_mask``), connection_termination_details).
+TcpFields = tuple[str, int | None, str | None, str | None, str | None, int, str]
+
+
+def read_tcp(e: Any) -> TcpFields:
+    """A TCP entry's ``TcpFields`` through protobuf."""
+    c = e.common_properties
+    tv, peer = _tls(c)
+    return (
+        c.upstream_cluster,
+        tv,
+        peer,
+        _addr(c.downstream_remote_address) if _has(c, "downstream_remote_address") else None,
+        _addr(c.upstream_local_address) if _has(c, "upstream_local_address") else None,
+        _flag_mask(c.response_flags) if _has(c, "response_flags") else 0,
+        c.connection_termination_details,
+    )
+
+
+def _fields(entries: Sequence[Any], data: bytes | None, scan: str, read: Callable[[Any], Any]) -> list[Any]:
+    """Each entry's fields: scanned from ``data`` (``SCANNER.<scan>``) when the scanner is built,
+    else read through protobuf (``read``). A message the scanner declines (never one upb parsed,
+    unless upb accepts what the scanner does not: a group, an over-long varint) is read through
+    protobuf and counted."""
     if data is not None and SCANNER is not None:
         try:
-            fields: list[HttpFields] | None = SCANNER.http_fields(data)
+            fields: list[Any] | None = getattr(SCANNER, scan)(data)
         except ValueError:
             fields = None
         if fields is not None and len(fields) == len(entries):
@@ -591,7 +637,18 @@ def http_fields(entries: Sequence[Any], data: bytes | None) -> list[HttpFields]:
             "An access-log message parsed by protobuf was declined by the entry scanner; its entries "
             'were read through protobuf (counted in meshaudit_rejected_total{reason="scan_declined"}).',
         )
-    return [read_http(e) for e in entries]
+    return [read(e) for e in entries]
+
+
+def http_fields(entries: Sequence[Any], data: bytes | None) -> list[HttpFields]:
+    """``HttpFields`` of each entry of a message (``entries``: its parsed ``http_logs.log_entry``;
+    ``data``: its wire bytes, which upb parsed into ``entries``)."""
+    return _fields(entries, data, "http_fields", read_http)
+
+
+def tcp_fields(entries: Sequence[Any], data: bytes | None) -> list[TcpFields]:
+    """``TcpFields`` of each entry of a message, as ``http_fields``."""
+    return _fields(entries, data, "tcp_fields", read_tcp)
 
 
 def decode_http(
@@ -617,7 +674,7 @@ def decode_http(
     ):
         found = clusters.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
-        tls_version = None if tv is None else TLS_VERSIONS[tv] if 0 <= tv < 5 else "unknown"
+        tls_version = _tls_name(tv)
         if direction == UNKNOWN and peer:
             # No upstream cluster: the sidecar answered itself (an RBAC denial, no route, a direct
             # response). A downstream that presented a mesh certificate makes it the inbound side:
@@ -669,29 +726,32 @@ def decode_http(
 
 
 def decode_tcp(
-    entries: Sequence[Any], ctx: StreamContext, namer: Namer, out: list[Hop], data: bytes | None = None
+    entries: Sequence[Any],
+    ctx: StreamContext,
+    namer: Namer,
+    out: list[Hop],
+    data: bytes | None = None,
+    fields: Sequence[TcpFields] | None = None,
 ) -> None:
-    """Hops of a message's TCP entries, read through protobuf (``data`` is not scanned: one
-    message in ten at most carries TCP entries, and each holds few of the fields)."""
+    """Hops of a message's TCP entries (``data``, ``fields``: as ``decode_http``)."""
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
     append = out.append
     new_hop = object.__new__
-    for e in entries:
-        c = e.common_properties
-        cluster = c.upstream_cluster
+    for e, (cluster, tv, peer, remote, local, flags, details) in zip(
+        entries, tcp_fields(entries, data) if fields is None else fields, strict=True
+    ):
         found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
-        tls_version, peer = _tls(c)
         if direction == INBOUND:
             dst = observer
-            conn = _addr(c.downstream_remote_address) if _has(c, "downstream_remote_address") else None
+            conn = remote
             src = namer.principal(peer) if peer else namer.address(conn) if conn else NOBODY
         else:
             src = observer
             dst = found[1] or _outbound_fallback(e, direction, cluster, None)
-            conn = _addr(c.upstream_local_address) if _has(c, "upstream_local_address") else None
+            conn = local
         # AlsTcpHop(e, ALS_TCP, node_id, observer, ...), inlined as in decode_http
         h = new_hop(AlsTcpHop)
         h._e = e
@@ -701,11 +761,14 @@ def decode_tcp(
         h.direction = direction
         h.src = src
         h.dst = dst
-        h.tls_version = tls_version
+        h.tls_version = _tls_name(tv)
         h.peer_principal = peer
         h.method = h.path = h.request_id = None
         _set_trace_id(h, None)
         h.conn = conn
         h.upstream_cluster = cluster
         h.status = 0
+        # how it ended: route_mismatch and authz_denied read both of every TCP entry
+        _set_flags(h, flag_text(flags))
+        _set_details(h, details)
         append(h)

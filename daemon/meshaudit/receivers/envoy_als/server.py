@@ -27,7 +27,14 @@ from meshaudit.engine.sources import claimed_by_node
 from meshaudit.logsafe import RateLimited, wire
 from meshaudit.model import Hop
 from meshaudit.naming import Namer
-from meshaudit.receivers.envoy_als.decode import SCANNER, StreamContext, decode_http, decode_tcp, http_fields
+from meshaudit.receivers.envoy_als.decode import (
+    SCANNER,
+    StreamContext,
+    decode_http,
+    decode_tcp,
+    http_fields,
+    tcp_fields,
+)
 from meshaudit.receivers.ingest import IngestQueue
 
 if TYPE_CHECKING:
@@ -37,7 +44,7 @@ log = logging.getLogger("meshaudit.receivers.envoy_als")
 RECEIVER = "envoy_als"
 SLICE: Final = 2048  # entries decoded (and later evaluated) between yields to the event loop
 
-Decoder = Callable[[Sequence[Any], StreamContext, Namer, list[Hop], bytes | None], None]
+Decoder = Callable[[Sequence[Any], StreamContext, Namer, list[Hop], bytes | None, Sequence[Any] | None], None]
 
 
 def node_metadata(node: Any) -> dict[str, str]:
@@ -152,7 +159,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     continue
                 if n <= SLICE:
                     hops: list[Hop] = []
-                    decode(entries, ctx, self.namer, hops, data)
+                    decode(entries, ctx, self.namer, hops, data, None)
                     received.inc(len(hops))
                     if hops and not self.queue.offer(hops, nbytes=nbytes):
                         self._dropped.inc(len(hops))
@@ -168,15 +175,12 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         """A large message, a slice at a time, yielding to the loop between slices. Once the queue
         refuses a slice, the rest of the message is dropped undecoded (and counted). An HTTP
         message's fields are scanned once, for all its slices."""
-        fields = http_fields(entries, data) if decode is decode_http else None
+        fields = http_fields(entries, data) if decode is decode_http else tcp_fields(entries, data)
         for i in range(0, n, SLICE):
             if i:
                 await asyncio.sleep(0)
             hops: list[Hop] = []
-            if fields is not None:
-                decode_http(entries[i : i + SLICE], ctx, self.namer, hops, fields=fields[i : i + SLICE])
-            else:
-                decode(entries[i : i + SLICE], ctx, self.namer, hops, None)
+            decode(entries[i : i + SLICE], ctx, self.namer, hops, None, fields[i : i + SLICE])
             received.inc(len(hops))
             if not self.queue.offer(hops, nbytes=nbytes * len(hops) // n):
                 received.inc(n - i - len(hops))  # the rest, not decoded
