@@ -18,10 +18,11 @@
  * http_logs/tcp_logs, a SAN's uri/dns); a map's later duplicate key wins.
  *
  * http_fields(data: bytes) -> list[tuple] | None: None when the message's log_entries is not
- * http_logs. Per entry: (upstream_cluster: str, tls_version: int | None (None: no tls_properties),
- * peer_uri: str | None (the first non-empty URI SAN of the peer certificate), request_method: int,
- * request_id: str, path: str, trace_id: str | None (from the traceparent header, as
- * decode._trace_of), response_code: int, upstream_request_attempt_count: int).
+ * http_logs. Per entry: (upstream_cluster: str, tls_version: str | None ("TLSv1.3", ..., "unknown"
+ * out of range; None: no tls_properties), peer_uri: str | None (the first non-empty URI SAN of the
+ * peer certificate), method: str ("GET", ..., "OTHER"), request_id: str | None, path: str | None
+ * (None when empty), trace_id: str | None (from the traceparent header, as decode._trace_of),
+ * response_code: int, upstream_request_attempt_count: int).
  *
  * tcp_fields(data: bytes) -> list[tuple] | None, the same for TCP entries: (upstream_cluster,
  * tls_version, peer_uri, downstream_remote_address: str | None, upstream_local_address: str | None
@@ -469,6 +470,35 @@ static PyObject *trace_id_of(Entry *e)
     return out;
 }
 
+/* The names decode gives the two enums, made once (decode.TLS_VERSIONS, decode.METHODS). */
+static const char *const TLS_NAMES[] = {"unknown", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"};
+static const char *const METHOD_NAMES[] = {"OTHER", "GET",     "HEAD",  "POST",  "PUT",
+                                           "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"};
+static PyObject *tls_names[5], *method_names[10];
+
+/* "TLSv1.3", ...; "unknown" for a version out of the enum's range; None for no tls_properties */
+static PyObject *tls_name(Entry *e)
+{
+    if (!e->has_tls)
+        Py_RETURN_NONE;
+    int32_t v = e->tls_version;
+    return Py_NewRef(tls_names[v >= 0 && v < 5 ? v : 0]);
+}
+
+/* "GET", ...; "OTHER" for METHOD_UNSPECIFIED and anything out of range */
+static PyObject *method_name(int32_t m)
+{
+    return Py_NewRef(method_names[m > 0 && m < 10 ? m : 0]);
+}
+
+/* a string, or None when empty (request_id, path: decode keeps "" as None) */
+static PyObject *str_or_none(Slice s)
+{
+    if (s.n == 0)
+        Py_RETURN_NONE;
+    return str_of(s);
+}
+
 /* The last string made of a value that repeats from entry to entry of one message (the upstream
  * cluster, the peer's URI SAN: one sidecar, few clusters and clients): equal bytes give the same
  * object again, whose hash Python has computed already. */
@@ -503,11 +533,11 @@ static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
         PyTuple_SET_ITEM(t, i, v);                                                                 \
     } while (0)
     SET(0, recent_str(cluster, e->cluster));
-    SET(1, e->has_tls ? PyLong_FromLong((long)e->tls_version) : Py_NewRef(Py_None));
+    SET(1, tls_name(e));
     SET(2, e->has_tls && e->have_peer ? recent_str(peer, e->peer) : Py_NewRef(Py_None));
-    SET(3, PyLong_FromLong((long)e->method));
-    SET(4, str_of(e->request_id));
-    SET(5, str_of(e->path));
+    SET(3, method_name(e->method));
+    SET(4, str_or_none(e->request_id));
+    SET(5, str_or_none(e->path));
     SET(6, trace_id_of(e));
     SET(7, PyLong_FromUnsignedLong((unsigned long)e->status));
     SET(8, PyLong_FromUnsignedLong((unsigned long)e->attempts));
@@ -549,7 +579,7 @@ static PyObject *tcp_tuple(Entry *e, Recent *cluster, Recent *peer)
         PyTuple_SET_ITEM(t, i, v);                                                                 \
     } while (0)
     SET(0, recent_str(cluster, e->cluster));
-    SET(1, e->has_tls ? PyLong_FromLong((long)e->tls_version) : Py_NewRef(Py_None));
+    SET(1, tls_name(e));
     SET(2, e->has_tls && e->have_peer ? recent_str(peer, e->peer) : Py_NewRef(Py_None));
     SET(3, address_str(&e->remote));
     SET(4, address_str(&e->local));
@@ -664,5 +694,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__scan(void)
 {
+    for (int i = 0; i < 5; i++)
+        if (tls_names[i] == NULL && (tls_names[i] = PyUnicode_InternFromString(TLS_NAMES[i])) == NULL)
+            return NULL;
+    for (int i = 0; i < 10; i++)
+        if (method_names[i] == NULL && (method_names[i] = PyUnicode_InternFromString(METHOD_NAMES[i])) == NULL)
+            return NULL;
     return PyModule_Create(&module);
 }

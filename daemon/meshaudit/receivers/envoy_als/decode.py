@@ -559,12 +559,12 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
     return identity(cluster or None, None, None, None, upstream)
 
 
-# What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, tls_version (None: no
-# tls_properties), peer URI SAN or None, request_method, request_id, path, trace id or None,
-# response code, upstream_request_attempt_count). The C scanner (``_scan.c``) takes them from the
-# message's bytes in one pass; ``read_http`` reads them through protobuf: the reference the
-# scanner must equal, and the way when the scanner is not built or declines a message.
-HttpFields = tuple[str, int | None, str | None, int, str, str, str | None, int, int]
+# What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, TLS version's name
+# (None: no tls_properties), peer URI SAN or None, method's name, request_id or None, path or None,
+# trace id or None, response code, upstream_request_attempt_count). The C scanner (``_scan.c``)
+# takes them from the message's bytes in one pass; ``read_http`` reads them through protobuf: the
+# reference the scanner must equal, and the way when the scanner is not built or declines a message.
+HttpFields = tuple[str, str | None, str | None, str, str | None, str | None, str | None, int, int]
 
 
 def read_http(e: Any) -> HttpFields:
@@ -572,13 +572,14 @@ def read_http(e: Any) -> HttpFields:
     c = e.common_properties
     r = e.request
     tv, peer = _tls(c)
+    m = r.request_method
     return (
         c.upstream_cluster,
-        tv,
+        _tls_name(tv),
         peer,
-        r.request_method,
-        r.request_id,
-        r.path,
+        METHODS[m] if 0 < m < 10 else "OTHER",
+        r.request_id or None,
+        r.path or None,
         _trace_of(r.request_headers.get("traceparent")),
         e.response.response_code.value,
         c.upstream_request_attempt_count,
@@ -598,10 +599,10 @@ SCANNER: Final = _scanner()
 _scan_declined = metrics.REJECTED.labels("envoy_als", "scan_declined")
 
 
-# What decode_tcp reads of every TCP entry: (upstream_cluster, tls_version, peer URI SAN,
+# What decode_tcp reads of every TCP entry: (upstream_cluster, TLS version's name, peer URI SAN,
 # downstream_remote_address, upstream_local_address (as ``_addr`` writes them, None when unset),
 # response flags (``_flag_mask``), connection_termination_details).
-TcpFields = tuple[str, int | None, str | None, str | None, str | None, int, str]
+TcpFields = tuple[str, str | None, str | None, str | None, str | None, int, str]
 
 
 def read_tcp(e: Any) -> TcpFields:
@@ -610,7 +611,7 @@ def read_tcp(e: Any) -> TcpFields:
     tv, peer = _tls(c)
     return (
         c.upstream_cluster,
-        tv,
+        _tls_name(tv),
         peer,
         _addr(c.downstream_remote_address) if _has(c, "downstream_remote_address") else None,
         _addr(c.upstream_local_address) if _has(c, "upstream_local_address") else None,
@@ -669,19 +670,17 @@ def decode_http(
     append = out.append
     new_hop = object.__new__
     has = _has
-    for e, (cluster, tv, peer, m, request_id, path, trace_id, status, attempts) in zip(
+    for e, (cluster, tls_version, peer, method, rid, path, trace_id, status, attempts) in zip(
         entries, http_fields(entries, data) if fields is None else fields, strict=True
     ):
         found = clusters.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
-        tls_version = _tls_name(tv)
         if direction == UNKNOWN and peer:
             # No upstream cluster: the sidecar answered itself (an RBAC denial, no route, a direct
             # response). A downstream that presented a mesh certificate makes it the inbound side:
             # an outbound entry's downstream is the local app, which never speaks mTLS.
             direction = INBOUND
         conn = None
-        rid = request_id or None
         if direction == INBOUND:
             dst = observer
             if peer:  # mTLS: the certificate names the source; the address is not needed
@@ -711,8 +710,8 @@ def decode_http(
         h.dst = dst
         h.tls_version = tls_version
         h.peer_principal = peer
-        h.method = METHODS[m] if 0 < m < 10 else "OTHER"
-        h.path = path or None
+        h.method = method
+        h.path = path
         h.request_id = rid
         # Set at once, not read lazily: the span-join index reads the trace id of every inbound
         # entry, the rules that judge every request by its answer (authz_denied, route_mismatch,
@@ -739,7 +738,7 @@ def decode_tcp(
     default_direction = ctx.default_direction
     append = out.append
     new_hop = object.__new__
-    for e, (cluster, tv, peer, remote, local, flags, details) in zip(
+    for e, (cluster, tls_version, peer, remote, local, flags, details) in zip(
         entries, tcp_fields(entries, data) if fields is None else fields, strict=True
     ):
         found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
@@ -761,7 +760,7 @@ def decode_tcp(
         h.direction = direction
         h.src = src
         h.dst = dst
-        h.tls_version = _tls_name(tv)
+        h.tls_version = tls_version
         h.peer_principal = peer
         h.method = h.path = h.request_id = None
         _set_trace_id(h, None)
