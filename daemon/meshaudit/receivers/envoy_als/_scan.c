@@ -519,12 +519,8 @@ static PyObject *recent_str(Recent *r, Slice s)
     return u;
 }
 
-static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
-{
-    PyObject *t = PyTuple_New(9);
-    if (t == NULL)
-        return NULL;
-    PyObject *v;
+/* Item i of tuple t (a new one: its items start NULL) set to expr's new reference; expr NULL (an
+ * exception set) jumps to the caller's fail label, which drops t. */
 #define SET(i, expr)                                                                               \
     do {                                                                                           \
         v = (expr);                                                                                \
@@ -532,16 +528,33 @@ static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
             goto fail;                                                                             \
         PyTuple_SET_ITEM(t, i, v);                                                                 \
     } while (0)
+
+/* The items both kinds of entry start with: the cluster, the TLS version's name, the peer URI SAN. */
+static int set_common(PyObject *t, Entry *e, Recent *cluster, Recent *peer)
+{
+    PyObject *v;
     SET(0, recent_str(cluster, e->cluster));
     SET(1, tls_name(e));
     SET(2, e->has_tls && e->have_peer ? recent_str(peer, e->peer) : Py_NewRef(Py_None));
+    return 0;
+fail:
+    return -1;
+}
+
+static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
+{
+    PyObject *t = PyTuple_New(9);
+    PyObject *v;
+    if (t == NULL)
+        return NULL;
+    if (set_common(t, e, cluster, peer) < 0)
+        goto fail;
     SET(3, method_name(e->method));
     SET(4, str_or_none(e->request_id));
     SET(5, str_or_none(e->path));
     SET(6, trace_id_of(e));
     SET(7, PyLong_FromUnsignedLong((unsigned long)e->status));
     SET(8, PyLong_FromUnsignedLong((unsigned long)e->attempts));
-#undef SET
     return t;
 fail:
     Py_DECREF(t);
@@ -568,19 +581,11 @@ static PyObject *address_str(Addr *a)
 static PyObject *tcp_tuple(Entry *e, Recent *cluster, Recent *peer)
 {
     PyObject *t = PyTuple_New(7);
+    PyObject *v;
     if (t == NULL)
         return NULL;
-    PyObject *v;
-#define SET(i, expr)                                                                               \
-    do {                                                                                           \
-        v = (expr);                                                                                \
-        if (v == NULL)                                                                             \
-            goto fail;                                                                             \
-        PyTuple_SET_ITEM(t, i, v);                                                                 \
-    } while (0)
-    SET(0, recent_str(cluster, e->cluster));
-    SET(1, tls_name(e));
-    SET(2, e->has_tls && e->have_peer ? recent_str(peer, e->peer) : Py_NewRef(Py_None));
+    if (set_common(t, e, cluster, peer) < 0)
+        goto fail;
     SET(3, address_str(&e->remote));
     SET(4, address_str(&e->local));
     SET(5, PyLong_FromUnsignedLongLong((unsigned long long)e->flags));
