@@ -59,7 +59,8 @@ test-distributed: install tools
 	$(VENV)/bin/pytest -q -m distributed
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache build
+	find daemon -name '*.so' -delete  # the C entry scanner, built in place by the editable install
 
 # Benchmarks (BENCHMARKS.md): ceiling vs meshaudit throughput, workers: 1 vs 2 (load from h2load),
 # the distributed mode (Tansu, 2 receivers, 1 and 2 evaluators vs one process), alert latency (JSON
