@@ -39,6 +39,22 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sample_sum(exposition: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` in one scrape's text; 0 when
+    absent. (Two metrics read from one scrape are consistent with each other.)"""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
 class Daemon:
     """A running daemon. ``alerts()`` reads the JSON-lines sink file; ``metric()`` scrapes."""
 
@@ -131,17 +147,7 @@ class Daemon:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``; 0 when absent."""
-        total = 0.0
-        for line in self.scrape().splitlines():
-            if line.startswith("#"):
-                continue
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
-            if not m or m.group(1) != name:
-                continue
-            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
+        return sample_sum(self.scrape(), name, **labels)
 
     def readyz(self, verbose: bool = False) -> tuple[int, dict[str, Any]]:
         """/readyz ("can receive"); ``verbose`` adds each sink's state under "sinks"."""

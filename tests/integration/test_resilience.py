@@ -20,7 +20,7 @@ import grpc
 import orjson
 import pytest
 from infra import als
-from infra.daemon import Daemon, deep_merge, running
+from infra.daemon import Daemon, deep_merge, running, sample_sum
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
@@ -257,9 +257,11 @@ async def test_a_message_of_two_million_empty_entries_is_rejected_without_memory
 
 
 def _lag_over(d: Daemon, secs: str) -> float:
-    """Loop-lag observations above ``secs`` so far."""
-    return d.metric("meshaudit_event_loop_lag_seconds_count") - d.metric(
-        "meshaudit_event_loop_lag_seconds_bucket", le=secs
+    """Loop-lag observations above ``secs`` so far: the count and the bucket from one scrape (two
+    scrapes could straddle an observation and count one too few)."""
+    text = d.scrape()
+    return sample_sum(text, "meshaudit_event_loop_lag_seconds_count") - sample_sum(
+        text, "meshaudit_event_loop_lag_seconds_bucket", le=secs
     )
 
 

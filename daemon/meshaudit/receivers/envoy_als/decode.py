@@ -666,15 +666,10 @@ def tcp_fields(entries: Sequence[Any], data: bytes | None) -> list[TcpFields]:
 
 
 def decode_http(
-    entries: Sequence[Any],
-    ctx: StreamContext,
-    namer: Namer,
-    out: list[Hop],
-    data: bytes | None = None,
-    fields: Sequence[HttpFields] | None = None,
+    entries: Sequence[Any], ctx: StreamContext, namer: Namer, out: list[Hop], data: bytes | None = None
 ) -> None:
     """Hops of a message's HTTP entries (``data``: the message's wire bytes, see ``http_fields``;
-    or ``fields``, the entries' own, scanned before)."""
+    None: read through protobuf)."""
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
@@ -683,10 +678,7 @@ def decode_http(
     append = out.append
     new_hop = object.__new__
     has = _has
-    if fields is None:
-        fields = http_fields(entries, data)
-    if len(fields) != len(entries):
-        raise ValueError(f"{len(fields)} entries' fields for {len(entries)} entries")
+    fields = http_fields(entries, data)  # one per entry
     for i, (cluster, tls_version, peer, method, rid, path, trace_id, status, attempts) in enumerate(fields):
         found = clusters.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
@@ -745,23 +737,15 @@ def decode_http(
 
 
 def decode_tcp(
-    entries: Sequence[Any],
-    ctx: StreamContext,
-    namer: Namer,
-    out: list[Hop],
-    data: bytes | None = None,
-    fields: Sequence[TcpFields] | None = None,
+    entries: Sequence[Any], ctx: StreamContext, namer: Namer, out: list[Hop], data: bytes | None = None
 ) -> None:
-    """Hops of a message's TCP entries (``data``, ``fields``: as ``decode_http``)."""
+    """Hops of a message's TCP entries (``data``: as ``decode_http``)."""
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
     append = out.append
     new_hop = object.__new__
-    if fields is None:
-        fields = tcp_fields(entries, data)
-    if len(fields) != len(entries):
-        raise ValueError(f"{len(fields)} entries' fields for {len(entries)} entries")
+    fields = tcp_fields(entries, data)  # one per entry
     for i, (cluster, tls_version, peer, remote, local, flags, details) in enumerate(fields):
         found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
         direction = found[0] or default_direction
