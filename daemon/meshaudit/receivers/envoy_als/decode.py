@@ -71,7 +71,6 @@ class StreamContext:
 
 
 ZERO_TRACE = "0" * 32
-UNREAD: Final = object()  # a field AlsHop leaves to its lazy reader
 # HasField called through the class, not the message: a method looked up on a upb message is
 # first looked for among its fields (a failed name lookup, then the generic one): ~35 ns a call
 # instead of ~65 on the decoders' every entry.
@@ -415,10 +414,11 @@ _set_details: Final = _SLOT_SET["connection_termination_details"]
 
 
 class AlsHop(Hop):
-    """A Hop from an Envoy access-log entry: the fields every rule reads are set at once, the rest
-    (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use (``status`` and
-    ``attempts`` of an outbound HTTP entry are set by ``decode_http``: rules read them of every
-    one). The entry is immutable once parsed.
+    """A Hop from an Envoy access-log entry: the fields every rule reads are set at once (by
+    ``decode_http`` and ``decode_tcp``, from the entry scanner's tuples: ``trace_id`` and
+    ``attempts`` too, and a TCP entry's ``response_flags`` and ``connection_termination_details``),
+    the rest (see ``_LAZY_HTTP``, ``_LAZY_TCP``) are read from the entry on first use. The entry is
+    immutable once parsed.
 
     Each lazy field is a property over the field's own slot (``_lazy``), not a ``__getattr__``:
     a class with ``__getattr__`` makes every attribute read of its instances, the eager fields'
@@ -445,7 +445,7 @@ class AlsHop(Hop):
         method: str | None,
         path: str | None,
         request_id: str | None,
-        trace_id: object,
+        trace_id: str | None,
         conn: str | None,
         upstream_cluster: str,
         status: int,
@@ -463,8 +463,7 @@ class AlsHop(Hop):
         self.method = method
         self.path = path
         self.request_id = request_id
-        if trace_id is not UNREAD:
-            _set_trace_id(self, trace_id)  # into the slot: the property's setter is a Python call
+        _set_trace_id(self, trace_id)  # into the slot: the property's setter is a Python call
         self.conn = conn
         self.upstream_cluster = upstream_cluster
         self.status = status
