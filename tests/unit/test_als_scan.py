@@ -41,27 +41,18 @@ def test_the_scanner_is_built() -> None:
     assert scan is not None
 
 
-def reference(data: bytes) -> list[Any] | None:
+def reference(data: bytes, kind: str = "http_logs") -> list[Any] | None:
+    """Protobuf's answer: each entry's fields when the message's log_entries is ``kind``."""
     m = Msg.FromString(data)
-    if m.WhichOneof("log_entries") != "http_logs":
+    if m.WhichOneof("log_entries") != kind:
         return None
-    return [read_http(e) for e in m.http_logs.log_entry]
+    read = read_http if kind == "http_logs" else read_tcp
+    return [read(e) for e in getattr(m, kind).log_entry]
 
 
-def scanned(data: bytes) -> list[Any] | None:
-    out: list[Any] | None = scan.http_fields(data)
-    return out
-
-
-def tcp_reference(data: bytes) -> list[Any] | None:
-    m = Msg.FromString(data)
-    if m.WhichOneof("log_entries") != "tcp_logs":
-        return None
-    return [read_tcp(e) for e in m.tcp_logs.log_entry]
-
-
-def tcp_scanned(data: bytes) -> list[Any] | None:
-    out: list[Any] | None = scan.tcp_fields(data)
+def scanned(data: bytes, kind: str = "http_logs") -> list[Any] | None:
+    """The scanner's answer for entries of ``kind``."""
+    out: list[Any] | None = (scan.http_fields if kind == "http_logs" else scan.tcp_fields)(data)
     return out
 
 
@@ -208,8 +199,8 @@ def test_tcp_entries_equal_protobuf_merged_or_not(es: list[Any], pairs: list[tup
     for a, b in pairs:  # one entry sent as two encodings: merged (addresses' oneofs switch, flags toggle)
         inner += b"\x0a" + _len(wire(a) + wire(b))
     data = wire(m) + b"\x1a" + _len(inner)
-    assert tcp_scanned(data) == tcp_reference(data)
-    assert scanned(data) is None and tcp_scanned(wire(als.http_message([], als.identifier("x")))) is None
+    assert scanned(data, "tcp_logs") == reference(data, "tcp_logs")
+    assert scanned(data) is None and scanned(wire(als.http_message([], als.identifier("x"))), "tcp_logs") is None
 
 
 def test_a_tcp_entrys_flags_read_as_envoy_names_them() -> None:
@@ -218,8 +209,8 @@ def test_a_tcp_entrys_flags_read_as_envoy_names_them() -> None:
     f.upstream_connection_failure = f.no_cluster_found = True
     f.unauthorized_details.SetInParent()
     data = wire(als.tcp_message([t], als.identifier("web")))
-    got = tcp_scanned(data)
-    assert got == tcp_reference(data)
+    got = scanned(data, "tcp_logs")
+    assert got == reference(data, "tcp_logs")
     assert got is not None and flag_text(got[0][5]) == "UF,UAEX,NC"
 
 
@@ -364,7 +355,7 @@ def test_any_bytes_give_fields_none_or_value_error(raw: bytes) -> None:
         return
     assert got is None or all(len(f) == 9 for f in got)
     try:
-        tcp = tcp_scanned(raw)
+        tcp = scanned(raw, "tcp_logs")
     except ValueError:
         return
     assert tcp is None or all(len(f) == 7 for f in tcp)

@@ -64,12 +64,11 @@ class _Bad:
 
 
 class Received(NamedTuple):
-    """A decoded request message, its size on the wire (for the byte-bounded ingest queue; asking
-    protobuf for the size again would cost as much as parsing it) and its wire bytes (the ALS
-    receiver scans them for the fields every rule reads: ``envoy_als.decode.http_fields``)."""
+    """A decoded request message and its wire bytes: their size bounds the ingest queue (asking
+    protobuf for the size again would cost as much as parsing it), and the ALS receiver scans them
+    for the fields every rule reads (``envoy_als.decode.http_fields``)."""
 
     msg: Any
-    nbytes: int
     data: bytes
 
 
@@ -93,7 +92,7 @@ def _counting(parse: Callable[[bytes], Any], receiver: str, max_bytes: int) -> C
             )
             return TOO_LARGE
         try:
-            return Received(parse(data), len(data), data)
+            return Received(parse(data), data)
         except Exception as exc:  # DecodeError, or anything else: never into gRPC
             undecodable.inc()
             _bad.warning(
@@ -118,7 +117,7 @@ def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Bad):
             await _abort(request, context)
-        return await handler(request.msg, request.nbytes, context)
+        return await handler(request.msg, len(request.data), context)
 
     return checked
 

@@ -173,17 +173,24 @@ static int scan_san(Slice s, Entry *e)
     return 0;
 }
 
-/* TLSProperties.CertificateProperties: repeated SubjectAltName subject_alt_name = 1 */
-static int scan_cert(Slice s, Entry *e)
+/* Scan every occurrence of submessage field num of s with scan (a repeated field's elements; a
+ * singular one's parts, merged in order). */
+static int scan_each(Slice s, uint32_t num, int (*scan)(Slice, Entry *), Entry *e)
 {
     Field f;
     int rc;
     FOR_FIELDS(s, f, rc)
     {
-        if (f.num == 1 && f.wt == WT_LEN && scan_san(f.s, e) < 0)
+        if (f.num == num && f.wt == WT_LEN && scan(f.s, e) < 0)
             return -1;
     }
     return rc;
+}
+
+/* TLSProperties.CertificateProperties: repeated SubjectAltName subject_alt_name = 1 */
+static int scan_cert(Slice s, Entry *e)
+{
+    return scan_each(s, 1, scan_san, e);
 }
 
 /* TLSProperties: TLSVersion tls_version = 1; CertificateProperties peer_certificate_properties = 5 */
@@ -380,15 +387,8 @@ static void entry_init(Entry *e, int tcp)
 /* TCPAccessLogEntry: common_properties = 1 */
 static int scan_tcp_entry(Slice s, Entry *e)
 {
-    Field f;
-    int rc;
     entry_init(e, 1);
-    FOR_FIELDS(s, f, rc)
-    {
-        if (f.num == 1 && f.wt == WT_LEN && scan_common(f.s, e) < 0)
-            return -1;
-    }
-    return rc;
+    return scan_each(s, 1, scan_common, e);
 }
 
 /* HTTPAccessLogEntry: common_properties = 1, request = 3, response = 4 */

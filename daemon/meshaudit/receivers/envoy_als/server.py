@@ -94,8 +94,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         metrics.STREAMS_OPENED.inc()
         metrics.STREAMS_ACTIVE.inc()
         try:
-            async for msg, nbytes, data in request_iterator:  # grpc_server.Received: message, wire size, bytes
+            async for msg, data in request_iterator:  # grpc_server.Received: message, wire bytes
                 self._messages.inc()
+                nbytes = len(data)
                 if msg.HasField("identifier"):
                     ident = msg.identifier
                     node = ident.node
