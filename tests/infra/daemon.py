@@ -149,6 +149,14 @@ class Daemon:
         """Sum of the samples of ``name`` whose labels include ``labels``; 0 when absent."""
         return sample_sum(self.scrape(), name, **labels)
 
+    def loop_lag_over(self, secs: str) -> float:
+        """Event-loop lag observations above ``secs`` so far: the count and the bucket from one
+        scrape (two scrapes could straddle an observation and count one too few)."""
+        text = self.scrape()
+        return sample_sum(text, "meshaudit_event_loop_lag_seconds_count") - sample_sum(
+            text, "meshaudit_event_loop_lag_seconds_bucket", le=secs
+        )
+
     def readyz(self, verbose: bool = False) -> tuple[int, dict[str, Any]]:
         """/readyz ("can receive"); ``verbose`` adds each sink's state under "sinks"."""
         try:

@@ -20,7 +20,7 @@ import grpc
 import orjson
 import pytest
 from infra import als
-from infra.daemon import Daemon, deep_merge, running, sample_sum
+from infra.daemon import Daemon, deep_merge, running
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
@@ -256,15 +256,6 @@ async def test_a_message_of_two_million_empty_entries_is_rejected_without_memory
     assert _by_rule(daemon.wait_alerts(lambda a: bool(_by_rule(a, "unexpected_edge")), 5), "unexpected_edge")
 
 
-def _lag_over(d: Daemon, secs: str) -> float:
-    """Loop-lag observations above ``secs`` so far: the count and the bucket from one scrape (two
-    scrapes could straddle an observation and count one too few)."""
-    text = d.scrape()
-    return sample_sum(text, "meshaudit_event_loop_lag_seconds_count") - sample_sum(
-        text, "meshaudit_event_loop_lag_seconds_bucket", le=secs
-    )
-
-
 N = 299_999
 
 
@@ -291,13 +282,13 @@ async def test_a_message_just_under_the_entry_cap_is_decoded_without_stalling_th
         ),
     ) as d:
         await asyncio.sleep(0.5)
-        stalls_before = _lag_over(d, "0.25")
+        stalls_before = d.loop_lag_over("0.25")
         t0 = time.monotonic()
         assert await _raw_stream(d.grpc, [raw]) == grpc.StatusCode.OK
         assert _wait(lambda: d.metric("meshaudit_hops_evaluated_total") >= N, 20), d.stderr()[-3000:]
         took = time.monotonic() - t0
         await asyncio.sleep(1.5)  # the timer observations of that time are in
-        stalls = _lag_over(d, "0.25") - stalls_before
+        stalls = d.loop_lag_over("0.25") - stalls_before
         print(f"\n{N} entries evaluated in {took:.2f} s; loop-lag observations over 250 ms: {stalls:.0f}")
         assert d.metric("meshaudit_received_total", receiver="envoy_als", kind="tcp") == N
         assert d.metric("meshaudit_rejected_total", receiver="envoy_als") == 0
