@@ -92,6 +92,9 @@ class Settings:
     envoy_secs: float = 10.0
     envoy_runs: int = 3
     profile_secs: float = 12.0
+    # py-spy --native: C frames too (gRPC's core, upb, uvloop, the scanner); py-spy then pauses
+    # the daemon for each sample, so only the shares mean anything, not the rate
+    profile_native: bool = False
     workers: int = 2
     workers_measure: float = 4.0
     out: Path = RESULTS
@@ -1029,7 +1032,7 @@ def scenario_profile(s: Settings, results: dict[str, Any]) -> None:
                     "raw",
                     "--output",
                     str(raw),
-                    "--nonblocking",
+                    *(["--native"] if s.profile_native else ["--nonblocking"]),
                 ],
                 check=False,
                 capture_output=True,
@@ -1211,6 +1214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-secs", type=float, default=d.latency_secs)
     p.add_argument("--workers", type=int, default=d.workers, help="the N of the workers scenario (vs 1)")
     p.add_argument("--capacity-from", type=Path, help="a previous results JSON for capacity (latency, overload)")
+    p.add_argument("--native", action="store_true", help="profile: C frames too (the daemon paused per sample)")
     a = p.parse_args(argv)
     s = Settings(
         runs=a.runs,
@@ -1220,6 +1224,7 @@ def main(argv: list[str] | None = None) -> None:
         overload_secs=min(a.overload_secs, 300.0),
         latency_secs=min(a.latency_secs, 300.0),
         workers=a.workers,
+        profile_native=a.native,
     )
     chosen = list(SCENARIOS) if "all" in a.scenarios else a.scenarios
     every = SCENARIOS | OPT_IN
