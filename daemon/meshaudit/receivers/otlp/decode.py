@@ -157,18 +157,64 @@ def _path_of(url: str | None) -> str | None:
 
 
 # --- traces ----------------------------------------------------------------------------------
-def decode_traces(req: Any, namer: Namer, out: list[Hop], check: Check | None = None) -> int:
-    """Append one hop per span; returns the number of spans read. Raises :class:`OtlpRejected`
-    (nothing of the export is to be used) for an invalid id or too many spans."""
-    if check is None:
-        check = Check()
-    check.entries(sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans), "spans")
+# What decode_traces reads of every span, as a tuple: (trace_id, span_id, parent_span_id (hex; None
+# when empty), kind, start (start_time_unix_nano / 1e9, before Check's bound), duration_ms (None
+# unless end > start), node_id, request_id, path, upstream_cluster ("" when none), the
+# canonical service, the Istio namespace, server.address, the peer's address, method, status
+# (an int, or a value ``_int`` makes one), user_agent). ``read_span`` reads them through protobuf;
+# one function makes the hops of them, whatever read them.
+SpanFields = tuple[
+    str, str, str | None, int, float, float | None, str | None, str | None, str | None, str,
+    str | None, str | None, str | None, str | None, str | None, Any, str | None,
+]  # fmt: skip
+# Of every ResourceSpans: its service.name, service.namespace and k8s.namespace.name as ``_attr``
+# reads them, and its spans' fields (all its scope_spans', in order).
+ResourceFields = tuple[Any, Any, Any, list[SpanFields]]
+
+
+def read_span(sp: Any) -> SpanFields:
+    """A span's ``SpanFields`` through protobuf. Envoy's tracer tags (node_id, upstream_cluster,
+    guid:x-request-id, http.url, peer.address) come first; OpenTelemetry semantic-convention names
+    are the fallbacks. The keys meshaudit needs hold strings, but for the status code, which may
+    be an int."""
+    g = sp.attributes.get
+    url = _sv(g("http.url"))
+    if url is not None:
+        path = _path_of(url)
+    else:
+        path = _sv(g("url.path")) or _path_of(_sv(g("url.full"))) or _sv(g("http.target"))
+    start = sp.start_time_unix_nano
+    end = sp.end_time_unix_nano
+    return (
+        sp.trace_id.hex(),
+        sp.span_id.hex(),
+        sp.parent_span_id.hex() or None,
+        sp.kind,
+        start / 1e9,
+        (end - start) / 1e6 if end > start else None,
+        _sv(g("node_id")),
+        _sv(g("guid:x-request-id")) or _header(g("http.request.header.x-request-id")),
+        path,
+        _sv(g("upstream_cluster")) or _sv(g("upstream_cluster.name")) or "",
+        _sv(g("istio.canonical_service")),
+        _sv(g("istio.namespace")),
+        _sv(g("server.address")),
+        _sv(g("peer.address")) or _sv(g("client.address")) or _sv(g("network.peer.address")) or _sv(g("net.peer.ip")),
+        _sv(g("http.method")) or _sv(g("http.request.method")),
+        _int(_first(sp.attributes, "http.status_code", "http.response.status_code")),
+        _sv(g("user_agent.original")),  # the semantic conventions' (http.user_agent before 1.19)
+    )
+
+
+def read_spans(req: Any) -> list[ResourceFields]:
+    """Every resource's and span's fields through protobuf. Raises :class:`OtlpRejected`
+    (``invalid_id``, naming the span by its number in the export) for a trace id that is not 16
+    bytes, a span id that is not 8, a parent span id neither empty nor 8."""
+    out: list[ResourceFields] = []
     n = 0
-    append = out.append
     for rs in req.resource_spans:
         res = rs.resource.attributes
-        res_service = _first_str(res, "service.name")
-        res_ns = _first_str(res, "service.namespace", "k8s.namespace.name")
+        spans: list[SpanFields] = []
         for ss in rs.scope_spans:
             for sp in ss.spans:
                 n += 1
@@ -181,7 +227,21 @@ def decode_traces(req: Any, namer: Namer, out: list[Hop], check: Check | None = 
                     raise _bad_id("span_id", sid, 8, n)
                 if pid and len(pid) != 8:
                     raise _bad_id("parent_span_id", pid, 8, n)
-                append(_span_hop(sp, res_service, res_ns, namer, check.time(sp.start_time_unix_nano)))
+                spans.append(read_span(sp))
+        claims = (_attr(res, "service.name"), _attr(res, "service.namespace"), _attr(res, "k8s.namespace.name"))
+        out.append((*claims, spans))
+    return out
+
+
+def decode_traces(req: Any, namer: Namer, out: list[Hop], check: Check | None = None) -> int:
+    """Append one hop per span; returns the number of spans read. Raises :class:`OtlpRejected`
+    (nothing of the export is to be used, nothing is appended) for too many spans or an invalid
+    id."""
+    if check is None:
+        check = Check()
+    n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+    check.entries(n, "spans")
+    _span_hops(read_spans(req), namer, out, check)
     return n
 
 
@@ -218,74 +278,96 @@ def _header(v: Any) -> str | None:
     return _sv(v)
 
 
-def _span_hop(sp: Any, res_service: str | None, res_ns: str | None, namer: Namer, start: float) -> Hop:
-    """Envoy's tracer tags (node_id, upstream_cluster, guid:x-request-id, http.url, peer.address)
-    are looked up first; OpenTelemetry semantic-convention names are the fallbacks. The keys
-    meshaudit needs hold strings, but for the status code, which may be an int."""
-    g = sp.attributes.get
-    kind = sp.kind
-    node_id = _sv(g("node_id"))
-    rid = _sv(g("guid:x-request-id")) or _header(g("http.request.header.x-request-id"))
-    url = _sv(g("http.url"))
-    if url is not None:
-        path = _path_of(url)
-    else:
-        path = _sv(g("url.path")) or _path_of(_sv(g("url.full"))) or _sv(g("http.target"))
-    cluster = _sv(g("upstream_cluster")) or _sv(g("upstream_cluster.name")) or ""
-    svc = _sv(g("istio.canonical_service")) or res_service
-    ns = _sv(g("istio.namespace")) or res_ns
-    cluster = _shared(cluster)
-    if node_id:  # a sidecar's own span
-        node_id = _shared(node_id)
-        me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
-        observer = node_id
-        direction = cluster_direction(cluster) if cluster else UNKNOWN
-        if direction == UNKNOWN:
-            direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
-    else:
-        me = identity(svc, ns) if svc else NOBODY
-        observer = _shared("span:" + (me.key if svc else "unknown"))
-        direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
-    src: Identity
-    dst: Identity
-    if direction == OUTBOUND:
-        src = me
+_CLUSTERS: dict[str, tuple[str, int, Identity | None]] = {}
+
+
+def _cluster(cluster: str, namer: Namer) -> tuple[str, int, Identity | None]:
+    """A cluster's one copy (``_shared``), its direction (``cluster_direction``) and the service
+    it names when it is an outbound one (else None), worked out once: a few clusters repeat."""
+    found = _CLUSTERS.get(cluster)
+    if found is None:
         tsvc, tns = outbound_cluster_target(cluster)
-        dst = namer.service(tsvc, tns) if tsvc else identity(_sv(g("server.address")))
-        peer_addr = None
-    else:
-        peer_addr = (
-            _sv(g("peer.address"))
-            or _sv(g("client.address"))
-            or _sv(g("network.peer.address"))
-            or _sv(g("net.peer.ip"))
-        )
-        src = namer.address(peer_addr) if peer_addr else NOBODY
-        dst = me
-    method = _sv(g("http.method")) or _sv(g("http.request.method"))
-    return Hop(
-        SPAN,
-        observer,
-        me,
-        direction,
-        src,
-        dst,
-        start,
-        method=_shared(method) if method else None,
-        path=path,
-        status=_int(_first(sp.attributes, "http.status_code", "http.response.status_code")),
-        upstream_cluster=cluster,
-        trace_id=sp.trace_id.hex() or None,
-        span_id=sp.span_id.hex() or None,
-        parent_span_id=sp.parent_span_id.hex() or None,
-        request_id=rid,
-        span_kind=kind,
-        user_agent=_sv(g("user_agent.original")),  # the semantic conventions' (http.user_agent before 1.19)
-        source_address=peer_addr,
-        duration_ms=(sp.end_time_unix_nano - sp.start_time_unix_nano) / 1e6
-        if sp.end_time_unix_nano > sp.start_time_unix_nano
-        else None,
-    )
+        found = (_shared(cluster), cluster_direction(cluster), namer.service(tsvc, tns) if tsvc else None)
+        if len(_CLUSTERS) >= 10_000:
+            _CLUSTERS.clear()
+        _CLUSTERS[cluster] = found
+    return found
+
+
+def _span_hops(resources: list[ResourceFields], namer: Namer, out: list[Hop], check: Check) -> None:
+    """A hop per span of ``resources``. A span's own istio.canonical_service and istio.namespace
+    name its workload before its resource's service.name and namespace do."""
+    now = check.now
+    max_skew = check.max_skew
+    append = out.append
+    shared = _SHARED.get
+    clusters = _CLUSTERS.get
+    new_hop = object.__new__
+    for service_name, service_ns, k8s_ns, spans in resources:
+        res_service = None if service_name is None else str(service_name)
+        ns_value = service_ns if service_ns is not None else k8s_ns
+        res_ns = None if ns_value is None else str(ns_value)
+        for (
+            trace_id, span_id, parent_span_id, kind, sent_start, duration_ms, node, rid, path, upstream,
+            canonical, istio_ns, server_address, peer, method, code, user_agent,
+        ) in spans:  # fmt: skip
+            start = sent_start
+            if abs(start - now) > max_skew:  # Check.time, inlined
+                check.clamped += 1
+                start = now
+            cluster, direction, named = clusters(upstream) or _cluster(upstream, namer)
+            svc = canonical or res_service
+            ns = istio_ns or res_ns
+            if node:  # a sidecar's own span
+                node_id = shared(node) or _shared(node)
+                me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
+                observer = node_id
+                if direction == UNKNOWN:
+                    direction = (
+                        INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
+                    )
+            else:
+                me = identity(svc, ns) if svc else NOBODY
+                observer = _shared("span:" + (me.key if svc else "unknown"))
+                direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
+            src: Identity
+            dst: Identity
+            if direction == OUTBOUND:
+                src = me
+                dst = named if named is not None else identity(server_address)
+                peer_addr = None
+            else:
+                peer_addr = peer
+                src = namer.address(peer_addr) if peer_addr else NOBODY
+                dst = me
+            # Hop(SPAN, observer, me, direction, src, dst, start, ...), inlined: a class call with
+            # keywords runs __init__ through C (its arguments packed and unpacked), ~0.5 us per
+            # span more than setting every slot here (test_otlp_scan checks each one is set).
+            h = new_hop(Hop)
+            h.origin = SPAN
+            h.observer = observer
+            h.observer_service = me
+            h.direction = direction
+            h.src = src
+            h.dst = dst
+            h.start = start
+            h.method = (shared(method) or _shared(method)) if method else None
+            h.path = path
+            h.status = code if code.__class__ is int else _int(code)
+            h.upstream_cluster = cluster
+            h.trace_id = trace_id
+            h.span_id = span_id
+            h.parent_span_id = parent_span_id
+            h.request_id = rid
+            h.span_kind = kind
+            h.user_agent = user_agent
+            h.source_address = peer_addr
+            h.duration_ms = duration_ms
+            h.tls_version = h.tls_cipher = h.peer_principal = h.local_principal = h.authority = h.conn = None
+            h.downstream_peer = h.upstream_peer = h.xfcc_uri = h.xfcc_by = None
+            h.response_flags = h.response_code_details = h.route_name = h.connection_termination_details = ""
+            h.attempts = 0
+            append(h)
 
 
 # --- logs (Envoy's OpenTelemetry access logger) -------------------------------------------------
