@@ -11,7 +11,8 @@ CONFIG ?= config/default.yaml
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py daemon/meshaudit/receivers/envoy_als/_scan.c
+$(VENV)/.installed: pyproject.toml setup.py daemon/meshaudit/receivers/envoy_als/_scan.c \
+		daemon/meshaudit/receivers/otlp/_spanscan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -60,7 +61,7 @@ test-distributed: install tools
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache build
-	find daemon -name '*.so' -delete  # the C entry scanner, built in place by the editable install
+	find daemon -name '*.so' -delete  # the C scanners, built in place by the editable install
 
 # Benchmarks (BENCHMARKS.md): ceiling vs meshaudit throughput, workers: 1 vs 2 (load from h2load),
 # the distributed mode (Tansu, 2 receivers, 1 and 2 evaluators vs one process), alert latency (JSON

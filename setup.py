@@ -1,6 +1,7 @@
-"""The one thing pyproject.toml cannot declare without an experimental setting: the C scanner of
-Envoy's HTTP access-log entries (daemon/meshaudit/receivers/envoy_als/_scan.c, whose header says
-why it exists). `pip install` builds it with the machine's C compiler and the Python headers."""
+"""The one thing pyproject.toml cannot declare without an experimental setting: meshaudit's C
+scanners, of Envoy's access-log entries (daemon/meshaudit/receivers/envoy_als/_scan.c) and of OTLP
+spans (daemon/meshaudit/receivers/otlp/_spanscan.c), whose headers say why they exist. `pip install`
+builds them with the machine's C compiler and the Python headers."""
 
 from setuptools import Extension, setup
 
@@ -10,6 +11,11 @@ setup(
             "meshaudit.receivers.envoy_als._scan",
             sources=["daemon/meshaudit/receivers/envoy_als/_scan.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "meshaudit.receivers.otlp._spanscan",
+            sources=["daemon/meshaudit/receivers/otlp/_spanscan.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ]
 )
