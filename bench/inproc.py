@@ -211,14 +211,16 @@ def otlp(seconds: float, graph: bool = True, with_wire: bool = False) -> dict[st
 
     def decode(i: int) -> int:
         hops: list[Hop] = []
-        return decode_traces(ExportTraceServiceRequest.FromString(exports[i % n]), namer, hops)
+        b = exports[i % n]
+        return decode_traces(ExportTraceServiceRequest.FromString(b), namer, hops, None, b)
 
     engine = build_engine(cfg, cfg.policy)
     clock = [1_800_000_000.0]
 
     def full(i: int) -> int:
         hops: list[Hop] = []
-        k = decode_traces(ExportTraceServiceRequest.FromString(exports[i % n]), engine.namer, hops)
+        b = exports[i % n]
+        k = decode_traces(ExportTraceServiceRequest.FromString(b), engine.namer, hops, None, b)
         now = clock[0] = clock[0] + k / 80_000
         engine.evaluate(hops, now)
         if (i & 7) == 0:
@@ -231,7 +233,8 @@ def otlp(seconds: float, graph: bool = True, with_wire: bool = False) -> dict[st
 
         def produce(i: int) -> list[Hop]:
             hops: list[Hop] = []
-            decode_traces(ExportTraceServiceRequest.FromString(exports[i % n]), namer, hops)
+            b = exports[i % n]
+            decode_traces(ExportTraceServiceRequest.FromString(b), namer, hops, None, b)
             return hops
 
         engine = build_engine(cfg, cfg.policy)

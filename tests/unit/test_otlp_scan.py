@@ -524,6 +524,42 @@ def test_a_declined_export_is_read_through_protobuf_and_counted() -> None:
     assert metrics.REJECTED.labels("otlp_http", "scan_declined")._value.get() == before
 
 
+async def test_the_receivers_hand_the_scanner_the_exports_bytes() -> None:
+    # The same declined export through each receiver: counted under its label only if its bytes
+    # reached the scanner. A JSON body has none to scan: read through protobuf, not a decline.
+    from aiohttp.test_utils import TestClient, TestServer
+    from meshaudit.config import ReceiversConfig
+    from meshaudit.receivers.grpc_server import OtlpGrpc, Received, _unary
+    from meshaudit.receivers.ingest import IngestQueue
+    from meshaudit.receivers.otlp.http import OtlpHttp
+
+    sp = trace_pb2.Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, kind=SERVER)
+    data = _export_of(wire(sp) + b"\xfb\x07\x08\x01\xfc\x07")  # an unknown group: declined
+    queue, namer = IngestQueue(max_entries=1_000), Namer(MeshConfig())
+    grpc_declined = metrics.REJECTED.labels("otlp_grpc", "scan_declined")
+    http_declined = metrics.REJECTED.labels("otlp_http", "scan_declined")
+    before = grpc_declined._value.get(), http_declined._value.get()
+
+    class Context:
+        async def abort(self, code: Any, details: str) -> None:
+            raise AssertionError(f"{code}: {details}")
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:40000"
+
+    answer = await _unary(OtlpGrpc(queue, namer).export_traces)(
+        Received(ExportTraceServiceRequest.FromString(data), data), Context()
+    )
+    assert answer == trace_service_pb2.ExportTraceServiceResponse()
+    async with TestClient(TestServer(OtlpHttp(queue, namer, ReceiversConfig()).app())) as client:
+        pb = await client.post("/v1/traces", data=data, headers={"Content-Type": "application/x-protobuf"})
+        body = {"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "01" * 16, "spanId": "02" * 8}]}]}]}
+        js = await client.post("/v1/traces", json=body)
+        assert (pb.status, js.status) == (200, 200)
+    assert (grpc_declined._value.get(), http_declined._value.get()) == (before[0] + 1, before[1] + 1)
+    assert queue.entries == 3  # a hop each way: evaluated all the same
+
+
 # Built once: hypothesis replays the same bytes.
 VALID = wire(sdk_export()) + _field(1, _field(2, b"".join(_field(2, wire(sp)) for sp in [
     trace_pb2.Span(

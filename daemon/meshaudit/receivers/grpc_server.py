@@ -47,6 +47,7 @@ from meshaudit.receivers.otlp.decode import (
     decode_traces,
     log_claims,
     trace_claims,
+    warn_if_not_scanned,
 )
 from meshaudit.receivers.sockets import ensure_free
 
@@ -65,8 +66,9 @@ class _Bad:
 
 class Received(NamedTuple):
     """A decoded request message and its wire bytes: their size bounds the ingest queue (asking
-    protobuf for the size again would cost as much as parsing it), and the ALS receiver scans them
-    for the fields every rule reads (``envoy_als.decode.http_fields``)."""
+    protobuf for the size again would cost as much as parsing it), and the ALS and OTLP trace
+    receivers scan them for the fields every rule reads (``envoy_als.decode.http_fields``,
+    ``otlp.decode.span_fields``)."""
 
     msg: Any
     data: bytes
@@ -117,7 +119,7 @@ def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Bad):
             await _abort(request, context)
-        return await handler(request.msg, len(request.data), context)
+        return await handler(request.msg, request.data, context)
 
     return checked
 
@@ -161,6 +163,7 @@ class OtlpGrpc:
         self._messages = metrics.MESSAGES.labels(OTLP)
         self._busy = metrics.REJECTED.labels(OTLP, "busy")
         self._clamped = metrics.REJECTED.labels(OTLP, "clamped_time")
+        warn_if_not_scanned()
 
     async def _offer(self, hops: list[Hop], nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if hops and not self.queue.offer(hops, nbytes=nbytes):
@@ -192,15 +195,18 @@ class OtlpGrpc:
             )
 
     async def _export(
-        self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]
+        self, req: Any, data: bytes, context: grpc.aio.ServicerContext[Any, Any], decode: Callable[..., int]
     ) -> int:
         self._messages.inc()
         await self._authorize(req, context, trace_claims if decode is decode_traces else log_claims)
         hops: list[Hop] = []
-        check = Check(self.max_entries, self.max_skew)
+        check = Check(self.max_entries, self.max_skew, receiver=OTLP)
         n = 0
         try:
-            n = decode(req, self.namer, hops, check)
+            if decode is decode_traces:
+                n = decode_traces(req, self.namer, hops, check, data)  # the spans scanned from the bytes
+            else:
+                n = decode(req, self.namer, hops, check)
         except OtlpRejected as exc:
             metrics.REJECTED.labels(OTLP, exc.reason).inc()
             _bad.warning(f"{OTLP}:{exc.reason}", "Rejected an OTLP/gRPC export (%s): %s", exc.reason, wire(exc))
@@ -212,15 +218,15 @@ class OtlpGrpc:
                 "%d OTLP/gRPC span or log times were implausible: receive time used.",
                 check.clamped,
             )
-        await self._offer(hops, nbytes, context)
+        await self._offer(hops, len(data), context)
         return n
 
-    async def export_traces(self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        self._spans.inc(await self._export(req, nbytes, context, decode_traces))
+    async def export_traces(self, req: Any, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._spans.inc(await self._export(req, data, context, decode_traces))
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    async def export_logs(self, req: Any, nbytes: int, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        self._logs.inc(await self._export(req, nbytes, context, decode_logs))
+    async def export_logs(self, req: Any, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._logs.inc(await self._export(req, data, context, decode_logs))
         return logs_service_pb2.ExportLogsServiceResponse()
 
 

@@ -55,6 +55,7 @@ from meshaudit.receivers.otlp.decode import (
     log_claims,
     parse_json,
     trace_claims,
+    warn_if_not_scanned,
 )
 
 log = logging.getLogger("meshaudit.receivers.otlp_http")
@@ -119,6 +120,7 @@ class OtlpHttp:
         self.open_connections = 0
         self._messages = metrics.MESSAGES.labels(RECEIVER)
         self._log = RateLimited(log)
+        warn_if_not_scanned()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_announce_close])
@@ -257,10 +259,11 @@ class OtlpHttp:
                 msg = f"{sender.principal} may not send telemetry for what this export names"
                 return status_response(403, msg, answer)
         hops: list[Hop] = []
-        check = Check(self.limits.max_entries_per_message, self.limits.max_clock_skew_secs)
+        check = Check(self.limits.max_entries_per_message, self.limits.max_clock_skew_secs, receiver=RECEIVER)
         try:
             if kind == "traces":
-                n = decode_traces(message, self.namer, hops, check)
+                # a protobuf body's spans are scanned from its bytes; a JSON body's through protobuf
+                n = decode_traces(message, self.namer, hops, check, body if ctype == PROTOBUF else None)
                 metrics.RECEIVED.labels(RECEIVER, "span").inc(n)
             else:
                 n = decode_logs(message, self.namer, hops, check)
