@@ -241,6 +241,26 @@ def test_a_san_whose_oneof_ends_on_dns_has_no_uri() -> None:
     assert got is not None and got[0][2] == "spiffe://second"
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [b"\x18\x01", b"\x10\x05", b"\x08\x01"],  # another field (3); the value (2), the key (1) as varints
+    ids=["another field", "value not a string", "key not a string"],
+)
+def test_a_header_entry_upb_keeps_out_of_the_map_leaves_the_earlier_one(extra: bytes) -> None:
+    # upb parses a map entry holding anything besides a string key (1) and value (2) into an
+    # unknown field, not into the map: the traceparent logged before it stays the header's value.
+    # (The scanner once took the later entry's value.)
+    e = Entry()
+    e.request.request_headers["traceparent"] = TRACE
+    later = "00-" + "ef" * 16 + "-" + "cd" * 8 + "-01"
+    entry = b"\x0a" + _len(b"traceparent") + b"\x12" + _len(later.encode()) + extra
+    request = b"\x6a" + _len(entry)  # HTTPRequestProperties.request_headers = 13
+    data = b"\x12" + _len(b"\x0a" + _len(wire(e) + b"\x1a" + _len(request)))
+    want = reference(data)
+    assert want is not None and want[0][6] == "ab" * 16
+    assert scanned(data) == want
+
+
 # Built once: its start times are the time it was built, and hypothesis replays the same bytes.
 VALID = wire(
     als.http_message(

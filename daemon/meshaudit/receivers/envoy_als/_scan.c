@@ -331,7 +331,9 @@ static int scan_common(Slice s, Entry *e)
     return rc;
 }
 
-/* A request_headers map entry: string key = 1; string value = 2. */
+/* A request_headers map entry: string key = 1; string value = 2. An entry holding anything else
+ * (another field, or its key or value in another wire type) is not in the map: upb keeps it as
+ * an unknown field of the request, and an earlier entry of its key stays the header's value. */
 static int scan_header(Slice s, Entry *e)
 {
     Field f;
@@ -339,8 +341,8 @@ static int scan_header(Slice s, Entry *e)
     Slice key = EMPTY, value = EMPTY;
     FOR_FIELDS(s, f, rc)
     {
-        if (f.wt != WT_LEN)
-            continue;
+        if (f.wt != WT_LEN || (f.num != 1 && f.num != 2))
+            return 0;
         if (f.num == 1)
             key = f.s;
         else if (f.num == 2)
