@@ -128,9 +128,10 @@ def _value(v: Any) -> Any:
 
 
 def _int(v: Any) -> int:
+    """A status code as an int; 0 for a value that is none (a word, NaN, an infinity)."""
     try:
         return int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 
