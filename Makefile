@@ -12,7 +12,7 @@ CONFIG ?= config/default.yaml
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py daemon/meshaudit/receivers/envoy_als/_scan.c \
-		daemon/meshaudit/receivers/otlp/_spanscan.c
+		daemon/meshaudit/receivers/otlp/_spanscan.c daemon/meshaudit/receivers/protowire.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
