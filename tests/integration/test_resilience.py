@@ -21,6 +21,7 @@ import orjson
 import pytest
 from infra import als
 from infra.daemon import Daemon, deep_merge, running
+from infra.protowire import varint
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import Config
@@ -173,15 +174,6 @@ async def test_a_core_task_that_dies_fails_healthz_and_sigterm_still_exits_0(
 
 
 # --- defect 5: memory bounded in entries, not batches ----------------------------------------------
-def _varint(x: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = x & 0x7F
-        x >>= 7
-        if not x:
-            out.append(b)
-            return bytes(out)
-        out.append(b | 0x80)
 
 
 def _huge_message(n: int, entry: bytes = b"", tcp: bool = False) -> bytes:
@@ -189,11 +181,11 @@ def _huge_message(n: int, entry: bytes = b"", tcp: bool = False) -> bytes:
     TCP) entry, empty by default: two bytes each on the wire."""
     ident = als_pb2.StreamAccessLogsMessage()
     ident.identifier.CopyFrom(als.identifier("reviews"))
-    one = b"\x0a" + _varint(len(entry)) + entry  # log_entry = 1
+    one = b"\x0a" + varint(len(entry)) + entry  # log_entry = 1
     inner = one * n
     tag = b"\x1a" if tcp else b"\x12"  # tcp_logs = 3, http_logs = 2
     head: bytes = ident.SerializeToString()
-    return head + tag + _varint(len(inner)) + inner
+    return head + tag + varint(len(inner)) + inner
 
 
 def _rss_kib(pid: int, key: str) -> int:

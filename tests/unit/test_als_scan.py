@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from infra import als
 from infra.mutate import mutated
+from infra.protowire import delimited, varint
 from meshaudit import metrics
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
@@ -183,8 +184,8 @@ def test_merged_fields_as_protobuf_merges_them(pairs: list[tuple[Any, Any]], mor
     inner = b""
     for a, b in pairs:
         body = wire(a) + wire(b)
-        inner += b"\x0a" + _varint(len(body)) + body
-    http = b"\x12" + _varint(len(inner)) + inner
+        inner += b"\x0a" + varint(len(body)) + body
+    http = b"\x12" + varint(len(inner)) + inner
     m2 = Msg()
     m2.http_logs.log_entry.extend(more)
     data = http + wire(m2)
@@ -199,8 +200,8 @@ def test_tcp_entries_equal_protobuf_merged_or_not(es: list[Any], pairs: list[tup
     m.tcp_logs.log_entry.extend(es)
     inner = b""
     for a, b in pairs:  # one entry sent as two encodings: merged (addresses' oneofs switch, flags toggle)
-        inner += b"\x0a" + _len(wire(a) + wire(b))
-    data = wire(m) + b"\x1a" + _len(inner)
+        inner += b"\x0a" + delimited(wire(a) + wire(b))
+    data = wire(m) + b"\x1a" + delimited(inner)
     assert scanned(data, "tcp_logs") == reference(data, "tcp_logs")
     assert scanned(data) is None and scanned(wire(als.http_message([], als.identifier("x"))), "tcp_logs") is None
 
@@ -232,10 +233,12 @@ def test_the_last_member_of_the_log_entries_oneof_wins() -> None:
 def test_a_san_whose_oneof_ends_on_dns_has_no_uri() -> None:
     # The first SAN holds a uri, then a dns (the oneof keeps dns): the peer is the second SAN's uri.
     uri_then_dns = b"\x0a\x03a:b\x12\x01d"
-    first = b"\x0a" + _len(b"\x22" + _len(b"\x2a" + _len(b"\x0a" + _len(uri_then_dns))))  # common.tls.peer.san
+    first = b"\x0a" + delimited(
+        b"\x22" + delimited(b"\x2a" + delimited(b"\x0a" + delimited(uri_then_dns)))
+    )  # common.tls.peer.san
     e2 = Entry()
     e2.common_properties.tls_properties.peer_certificate_properties.subject_alt_name.add().uri = "spiffe://second"
-    data = b"\x12" + _len(b"\x0a" + _len(first + wire(e2)))
+    data = b"\x12" + delimited(b"\x0a" + delimited(first + wire(e2)))
     got = scanned(data)
     assert got == reference(data)
     assert got is not None and got[0][2] == "spiffe://second"
@@ -253,9 +256,9 @@ def test_a_header_entry_upb_keeps_out_of_the_map_leaves_the_earlier_one(extra: b
     e = Entry()
     e.request.request_headers["traceparent"] = TRACE
     later = "00-" + "ef" * 16 + "-" + "cd" * 8 + "-01"
-    entry = b"\x0a" + _len(b"traceparent") + b"\x12" + _len(later.encode()) + extra
-    request = b"\x6a" + _len(entry)  # HTTPRequestProperties.request_headers = 13
-    data = b"\x12" + _len(b"\x0a" + _len(wire(e) + b"\x1a" + _len(request)))
+    entry = b"\x0a" + delimited(b"traceparent") + b"\x12" + delimited(later.encode()) + extra
+    request = b"\x6a" + delimited(entry)  # HTTPRequestProperties.request_headers = 13
+    data = b"\x12" + delimited(b"\x0a" + delimited(wire(e) + b"\x1a" + delimited(request)))
     want = reference(data)
     assert want is not None and want[0][6] == "ab" * 16
     assert scanned(data) == want
@@ -294,7 +297,7 @@ def test_a_declined_message_is_read_through_protobuf_and_counted() -> None:
     e = m.http_logs.log_entry[0]
     group = b"\xfb\x07" + b"\x08\x01" + b"\xfc\x07"  # field 127, start group; a varint; end group
     body = wire(e) + group
-    data = wire(Msg(identifier=m.identifier)) + b"\x12" + _len(b"\x0a" + _len(body))
+    data = wire(Msg(identifier=m.identifier)) + b"\x12" + delimited(b"\x0a" + delimited(body))
     parsed = Msg.FromString(data)
     with pytest.raises(ValueError):
         scanned(data)
@@ -349,22 +352,6 @@ def test_a_negative_tls_version_is_unknown_not_tls_1_3() -> None:
     t.common_properties.tls_properties.tls_version = -1
     (h,) = als.decode(als.tcp_message([t], als.identifier("db")), Namer(MeshConfig()))
     assert h.tls_version == "unknown"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len(body: bytes) -> bytes:
-    return _varint(len(body)) + body
 
 
 @given(st.binary(max_size=300))

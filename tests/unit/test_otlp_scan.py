@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from infra.mutate import mutated
 from infra.otlp import client_span, server_span
+from infra.protowire import field, varint
 from meshaudit import metrics
 from meshaudit.config import MeshConfig
 from meshaudit.model import Hop, identity
@@ -193,24 +194,6 @@ def test_no_spans_and_no_resources() -> None:
 
 
 # --- merged encodings --------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len(body: bytes) -> bytes:
-    return _varint(len(body)) + body
-
-
-def _field(num: int, body: bytes) -> bytes:
-    return _varint(num << 3 | 2) + _len(body)
 
 
 @st.composite
@@ -234,7 +217,7 @@ def merged_spans(draw: Any) -> bytes:
         b.ClearField("trace_id")  # the earlier one stays
     body = wire(a) + wire(b)
     for e in draw(st.lists(entries(SPAN_KEYS), max_size=4)):
-        body += _field(9, e)
+        body += field(9, e)
     return body
 
 
@@ -245,10 +228,10 @@ def test_merged_fields_as_protobuf_merges_them(resources: list[tuple[list[bytes]
     # its scope_spans concatenated.
     data = b""
     for bodies, res_entries in resources:
-        scope = b"".join(_field(2, body) for body in bodies)
-        first = _field(1, b"".join(_field(1, e) for e in res_entries[:1])) + _field(2, scope)
-        second = _field(1, b"".join(_field(1, e) for e in res_entries[1:])) + _field(2, scope)
-        data += _field(1, first + second)
+        scope = b"".join(field(2, body) for body in bodies)
+        first = field(1, b"".join(field(1, e) for e in res_entries[:1])) + field(2, scope)
+        second = field(1, b"".join(field(1, e) for e in res_entries[1:])) + field(2, scope)
+        data += field(1, first + second)
     want = reference(data)
     assert want is not None and same(scanned(data), want)
     assert sum(len(r[3]) for r in want) == 2 * sum(len(b) for b, _ in resources)
@@ -256,7 +239,7 @@ def test_merged_fields_as_protobuf_merges_them(resources: list[tuple[list[bytes]
 
 def _export_of(*bodies: bytes) -> bytes:
     """An export of one resource, one scope and a span per encoded body."""
-    return _field(1, _field(2, b"".join(_field(2, body) for body in bodies)))
+    return field(1, field(2, b"".join(field(2, body) for body in bodies)))
 
 
 def test_the_last_entry_of_a_key_and_the_last_member_of_a_value_win() -> None:
@@ -269,16 +252,16 @@ def test_the_last_entry_of_a_key_and_the_last_member_of_a_value_win() -> None:
     # one entry: the key, an array value, then an int: the int wins, then a string: the string wins
     hdr = common_pb2.KeyValue(key="http.request.header.x-request-id")
     hdr.value.array_value.values.add(string_value="rid-in-array")
-    one += _field(9, wire(hdr) + _field(2, b"\x18\x05") + _field(2, b"\x0a\x06rid-st"))
+    one += field(9, wire(hdr) + field(2, b"\x18\x05") + field(2, b"\x0a\x06rid-st"))
     # kvlist_value (6) is not in the view: the string before it in the same value stays
-    one += _field(9, _field(1, b"url.path") + _field(2, _field(1, b"/p") + _field(6, b"")))
+    one += field(9, field(1, b"url.path") + field(2, field(1, b"/p") + field(6, b"")))
     # an array, an int, then two arrays: one array (the first one cleared), ["a", "b"]
     two = wire(trace_pb2.Span(trace_id=b"\x03" * 16, span_id=b"\x04" * 8))
-    z, a, b = (_field(5, _field(1, _field(1, x))) for x in (b"z", b"a", b"b"))
+    z, a, b = (field(5, field(1, field(1, x))) for x in (b"z", b"a", b"b"))
     value = z + b"\x18\x05" + a + b
-    two += _field(9, _field(1, b"http.request.header.x-request-id") + _field(2, value))
+    two += field(9, field(1, b"http.request.header.x-request-id") + field(2, value))
     # the entry's last key counts, its value merged from both encodings
-    two += _field(9, _field(1, b"url.path") + _field(2, _field(1, b"/x")) + _field(1, b"http.target"))
+    two += field(9, field(1, b"url.path") + field(2, field(1, b"/x")) + field(1, b"http.target"))
     data = _export_of(one, two)
     got = scanned(data)
     assert same(got, reference(data))
@@ -294,17 +277,17 @@ def test_a_field_of_another_wire_type_is_an_unknown_field() -> None:
     start = int(NOW * 1e9)
     sp = wire(trace_pb2.Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, kind=SERVER, start_time_unix_nano=start))
     sp += b"\x08\x01"  # trace_id as a varint
-    sp += b"\x30" + _varint(2**32 + 3)  # kind 2**32 + 3: 3
+    sp += b"\x30" + varint(2**32 + 3)  # kind 2**32 + 3: 3
     sp += b"\x38\x05" + b"\x45\x01\x00\x00\x00"  # start_time as a varint, end_time as a fixed32
-    sp += _field(6, b"\x04") + b"\x35\x04\x00\x00\x00"  # kind as bytes, as a fixed32
+    sp += field(6, b"\x04") + b"\x35\x04\x00\x00\x00"  # kind as bytes, as a fixed32
     sp += b"\x48\x01"  # attributes as a varint
     # a string, then an int as bytes, a string as a varint, a double as a fixed32: the string stays
-    path = _field(1, b"/q") + _field(3, b"\x05") + b"\x08\x01" + b"\x25\x01\x00\x00\x00"
-    sp += _field(9, _field(1, b"url.path") + _field(2, path))
+    path = field(1, b"/q") + field(3, b"\x05") + b"\x08\x01" + b"\x25\x01\x00\x00\x00"
+    sp += field(9, field(1, b"url.path") + field(2, path))
     # an int, then a bool and an int as fixed64s: the int stays
     status = b"\x18\xc8\x01" + b"\x11" + b"\x01" * 8 + b"\x19" + b"\x02" * 8
-    sp += _field(9, _field(1, b"http.status_code") + _field(2, status))
-    sp += _field(9, _field(1, b"http.request.method") + _field(2, _field(1, b"PUT") + b"\x2a\x00"))  # an array
+    sp += field(9, field(1, b"http.status_code") + field(2, status))
+    sp += field(9, field(1, b"http.request.method") + field(2, field(1, b"PUT") + b"\x2a\x00"))  # an array
     data = _export_of(sp)
     got = scanned(data)
     assert same(got, reference(data))
@@ -317,10 +300,10 @@ def test_a_map_entry_with_a_field_of_its_own_is_not_in_the_map() -> None:
     # upb keeps such an entry whole as an unknown field of the span (or resource): the entry of
     # its key before it stays. A key or value of another wire type is such a field.
     sp = wire(trace_pb2.Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8))
-    entry = _field(1, b"http.method") + _field(2, _field(1, b"GET"))
+    entry = field(1, b"http.method") + field(2, field(1, b"GET"))
     extras = [
-        _field(3, b"x"),
-        _field(9, b"x"),
+        field(3, b"x"),
+        field(9, b"x"),
         b"\x10\x01",
         b"\x08\x01",
         b"\x1d\x00\x00\x00\x00",
@@ -328,11 +311,11 @@ def test_a_map_entry_with_a_field_of_its_own_is_not_in_the_map() -> None:
     ]
     bodies = []
     for extra in extras:
-        later = _field(1, b"http.method") + _field(2, _field(1, b"POST"))
-        bodies.append(sp + _field(9, entry) + _field(9, later + extra) + _field(9, extra + later))
-    service = _field(1, b"service.name") + _field(2, _field(1, b"GET"))
-    res = _field(1, service) + _field(1, _field(1, b"service.name") + b"\x18\x01")  # a varint of its own
-    data = _field(1, _field(1, res) + _field(2, b"".join(_field(2, body) for body in bodies)))
+        later = field(1, b"http.method") + field(2, field(1, b"POST"))
+        bodies.append(sp + field(9, entry) + field(9, later + extra) + field(9, extra + later))
+    service = field(1, b"service.name") + field(2, field(1, b"GET"))
+    res = field(1, service) + field(1, field(1, b"service.name") + b"\x18\x01")  # a varint of its own
+    data = field(1, field(1, res) + field(2, b"".join(field(2, body) for body in bodies)))
     got = scanned(data)
     assert same(got, reference(data))
     assert got is not None and got[0][0] == "GET" and [t[14] for t in got[0][3]] == ["GET"] * len(extras)
@@ -511,7 +494,7 @@ def test_a_declined_export_is_read_through_protobuf_and_counted() -> None:
     sp = trace_pb2.Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, kind=SERVER)
     sp.attributes.add(key="http.url", value=common_pb2.AnyValue(string_value="http://a/b"))
     group = b"\xfb\x07" + b"\x08\x01" + b"\xfc\x07"  # field 127, start group; a varint; end group
-    data = req + _field(1, _field(2, _field(2, wire(sp) + group)))
+    data = req + field(1, field(2, field(2, wire(sp) + group)))
     ExportTraceServiceRequest.FromString(data)  # upb accepts it
     with pytest.raises(ValueError):
         scan.spans(data)
@@ -564,7 +547,7 @@ async def test_the_receivers_hand_the_scanner_the_exports_bytes() -> None:
 
 
 # Built once: hypothesis replays the same bytes.
-VALID = wire(sdk_export()) + _field(1, _field(2, b"".join(_field(2, wire(sp)) for sp in [
+VALID = wire(sdk_export()) + field(1, field(2, b"".join(field(2, wire(sp)) for sp in [
     trace_pb2.Span(
         trace_id=b"\x05" * 16, span_id=b"\x06" * 8, parent_span_id=b"\x07" * 8, kind=CLIENT,
         start_time_unix_nano=9, end_time_unix_nano=99,
