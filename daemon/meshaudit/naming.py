@@ -60,6 +60,24 @@ def outbound_cluster_target(cluster: str) -> tuple[str | None, str | None]:
     return labels[0], None
 
 
+# cluster name -> ``cluster_of``'s answer; the decoders read it directly, once per entry or span
+CLUSTERS: dict[str, tuple[str, int, Identity | None]] = {}
+
+
+def cluster_of(cluster: str) -> tuple[str, int, Identity | None]:
+    """A cluster name's one copy (entries and spans repeat a few names), its direction
+    (``cluster_direction``) and the service an outbound cluster names (else None), worked out
+    once per name (``CLUSTERS``, bounded: emptied at 10 000 names)."""
+    found = CLUSTERS.get(cluster)
+    if found is None:
+        svc, ns = outbound_cluster_target(cluster)
+        found = (cluster, cluster_direction(cluster), identity(svc, ns) if svc else None)
+        if len(CLUSTERS) >= 10_000:
+            CLUSTERS.clear()
+        CLUSTERS[cluster] = found
+    return found
+
+
 def cluster_port(cluster: str) -> int | None:
     """The port of an Istio cluster name: ``inbound|9000||`` or ``outbound|9000||db.data...``."""
     parts = cluster.split("|", 2)

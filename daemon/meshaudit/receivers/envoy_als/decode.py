@@ -19,7 +19,13 @@ from meshaudit import metrics
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit.logsafe import RateLimited
 from meshaudit.model import ALS_HTTP, ALS_TCP, INBOUND, NOBODY, OUTBOUND, UNKNOWN, Hop, Identity, identity
-from meshaudit.naming import BLACKHOLE, Namer, cluster_direction, outbound_cluster_target, strip_pod_hash
+from meshaudit.naming import (
+    BLACKHOLE,
+    CLUSTERS,
+    Namer,
+    cluster_of,
+    strip_pod_hash,
+)
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 TLS_VERSIONS = ("unknown", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -117,26 +123,6 @@ def flag_text(mask: int) -> str:
 
 def _flags(f: Any) -> str:
     return flag_text(_flag_mask(f))
-
-
-_CLUSTER_CACHE: dict[str, tuple[int, Identity | None]] = {}
-
-
-def _cluster(cluster: str, namer: Namer) -> tuple[int, Identity | None]:
-    """Direction and, for outbound clusters, the destination service."""
-    found = _CLUSTER_CACHE.get(cluster)
-    if found is not None:
-        return found
-    direction = cluster_direction(cluster)
-    dst = None
-    if direction == OUTBOUND:
-        svc, ns = outbound_cluster_target(cluster)
-        if svc:
-            dst = namer.service(svc, ns)
-    found = (direction, dst)
-    if len(_CLUSTER_CACHE) < 10_000:
-        _CLUSTER_CACHE[cluster] = found
-    return found
 
 
 def _uri_san(sans: Any) -> str | None:
@@ -672,15 +658,15 @@ def decode_http(
     node_id = ctx.node_id
     observer = ctx.observer
     default_direction = ctx.default_direction
-    clusters = _CLUSTER_CACHE
+    clusters = CLUSTERS
     principals = namer.principals
     append = out.append
     new_hop = object.__new__
     has = _has
     fields = http_fields(entries, data)  # one per entry
     for i, (cluster, tls_version, peer, method, rid, path, trace_id, status, attempts) in enumerate(fields):
-        found = clusters.get(cluster) or _cluster(cluster, namer)
-        direction = found[0] or default_direction
+        found = clusters.get(cluster) or cluster_of(cluster)
+        direction = found[1] or default_direction
         if direction == UNKNOWN and peer:
             # No upstream cluster: the sidecar answered itself (an RBAC denial, no route, a direct
             # response). A downstream that presented a mesh certificate makes it the inbound side:
@@ -699,7 +685,7 @@ def decode_http(
             # Outbound: the source is this sidecar's workload; the downstream is the local app.
             # The connection key pairs entries only where no request id does.
             src = observer
-            named = found[1]
+            named = found[2]
             if named is None:
                 e = entries[i]
                 named = _outbound_fallback(e, direction, cluster, e.request.authority or None)
@@ -746,15 +732,15 @@ def decode_tcp(
     new_hop = object.__new__
     fields = tcp_fields(entries, data)  # one per entry
     for i, (cluster, tls_version, peer, remote, local, flags, details) in enumerate(fields):
-        found = _CLUSTER_CACHE.get(cluster) or _cluster(cluster, namer)
-        direction = found[0] or default_direction
+        found = CLUSTERS.get(cluster) or cluster_of(cluster)
+        direction = found[1] or default_direction
         if direction == INBOUND:
             dst = observer
             conn = remote
             src = namer.principal(peer) if peer else namer.address(conn) if conn else NOBODY
         else:
             src = observer
-            dst = found[1] or _outbound_fallback(entries[i], direction, cluster, None)
+            dst = found[2] or _outbound_fallback(entries[i], direction, cluster, None)
             conn = local
         # AlsTcpHop(e, ALS_TCP, node_id, observer, ...), inlined as in decode_http
         h = new_hop(AlsTcpHop)

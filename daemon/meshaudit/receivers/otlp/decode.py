@@ -50,7 +50,7 @@ from meshaudit.model import (
     Identity,
     identity,
 )
-from meshaudit.naming import Namer, cluster_direction, outbound_cluster_target
+from meshaudit.naming import CLUSTERS, Namer, cluster_direction, cluster_of, outbound_cluster_target
 from meshaudit.tls import cipher_code_of_name
 
 # The daemon parses OTLP into a wire-compatible view whose attributes are maps (see
@@ -346,22 +346,6 @@ def _header(v: Any) -> str | None:
     return _sv(v)
 
 
-_CLUSTERS: dict[str, tuple[str, int, Identity | None]] = {}
-
-
-def _cluster(cluster: str, namer: Namer) -> tuple[str, int, Identity | None]:
-    """A cluster's one copy (``_shared``), its direction (``cluster_direction``) and the service
-    it names when it is an outbound one (else None), worked out once: a few clusters repeat."""
-    found = _CLUSTERS.get(cluster)
-    if found is None:
-        tsvc, tns = outbound_cluster_target(cluster)
-        found = (_shared(cluster), cluster_direction(cluster), namer.service(tsvc, tns) if tsvc else None)
-        if len(_CLUSTERS) >= 10_000:
-            _CLUSTERS.clear()
-        _CLUSTERS[cluster] = found
-    return found
-
-
 def _span_hops(resources: list[ResourceFields], namer: Namer, out: list[Hop], check: Check) -> None:
     """A hop per span of ``resources``. A span's own istio.canonical_service and istio.namespace
     name its workload before its resource's service.name and namespace do."""
@@ -369,7 +353,7 @@ def _span_hops(resources: list[ResourceFields], namer: Namer, out: list[Hop], ch
     max_skew = check.max_skew
     append = out.append
     shared = _SHARED.get
-    clusters = _CLUSTERS.get
+    clusters = CLUSTERS.get
     new_hop = object.__new__
     for service_name, service_ns, k8s_ns, spans in resources:
         res_service = None if service_name is None else str(service_name)
@@ -383,20 +367,18 @@ def _span_hops(resources: list[ResourceFields], namer: Namer, out: list[Hop], ch
             if abs(start - now) > max_skew:  # Check.time, inlined
                 check.clamped += 1
                 start = now
-            cluster, direction, named = clusters(upstream) or _cluster(upstream, namer)
+            cluster, direction, named = clusters(upstream) or cluster_of(upstream)
             svc = canonical or res_service
             ns = istio_ns or res_ns
             if node:  # a sidecar's own span
                 node_id = shared(node) or _shared(node)
                 me = namer.node(node_id, f"{svc}.{ns}" if svc and ns else (svc or ""))
                 observer = node_id
-                if direction == UNKNOWN:
-                    direction = (
-                        INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
-                    )
             else:
                 me = identity(svc, ns) if svc else NOBODY
                 observer = _shared("span:" + (me.key if svc else "unknown"))
+                direction = UNKNOWN  # an application's span: only its kind says
+            if direction == UNKNOWN:
                 direction = INBOUND if kind == SPAN_KIND_SERVER else OUTBOUND if kind == SPAN_KIND_CLIENT else UNKNOWN
             src: Identity
             dst: Identity
