@@ -5,6 +5,7 @@ protobuf (counted). The hops decoded either way are the same."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -70,11 +71,31 @@ traceparents = st.one_of(
 )
 
 
+# Timestamps and durations: a second of this year, or any int64 (and any int32 of nanoseconds):
+# upb checks no range, so neither may the scanner; its arithmetic must equal Python's to the bit.
+seconds = st.one_of(st.integers(1_700_000_000, 1_900_000_000), st.integers(-(2**63), 2**63 - 1))
+nanos = st.one_of(st.integers(0, 999_999_999), st.integers(-(2**31), 2**31 - 1))
+
+
+def times(draw: Any, c: Any) -> None:
+    """Set, or not, an entry's start_time and duration (an empty duration is still one)."""
+    if draw(st.booleans()):
+        c.start_time.seconds = draw(seconds)
+        c.start_time.nanos = draw(nanos)
+    if draw(st.booleans()):
+        c.duration.SetInParent()
+        if draw(st.booleans()):
+            c.duration.seconds = draw(st.one_of(st.integers(0, 100), seconds))
+        if draw(st.booleans()):
+            c.duration.nanos = draw(nanos)
+
+
 @st.composite
 def entries(draw: Any) -> Any:
     """An HTTP entry with any of the fields the scanner reads set, unset or odd."""
     e = Entry()
     c = e.common_properties
+    times(draw, c)
     if draw(st.booleans()):
         c.upstream_cluster = draw(
             st.sampled_from(["inbound|8080||", "outbound|8080||reviews.default.svc.cluster.local", ""])
@@ -135,6 +156,7 @@ def tcp_entries(draw: Any) -> Any:
     """A TCP entry with its addresses, TLS, response flags and termination details set or not."""
     e = TcpEntry()
     c = e.common_properties
+    times(draw, c)
     if draw(st.booleans()):
         c.upstream_cluster = draw(st.sampled_from(["inbound|5432||", "outbound|5432||db.data.svc.cluster.local", ""]))
     if draw(st.booleans()):
@@ -321,7 +343,7 @@ def hops(data: bytes, scan_it: bool) -> list[Hop]:
 
 
 FIELDS = ("direction", "src", "dst", "tls_version", "peer_principal", "method", "path", "request_id", "trace_id")
-LATER = ("conn", "upstream_cluster", "status", "attempts", "authority", "response_flags", "user_agent")
+LATER = ("conn", "upstream_cluster", "status", "attempts", "authority", "response_flags", "user_agent", "duration_ms")
 
 
 @given(st.lists(entries(), min_size=1, max_size=4))
@@ -338,7 +360,7 @@ def test_the_hops_are_the_same_either_way(es: list[Any]) -> None:
 def test_tcp_hops_are_the_same_either_way(es: list[Any]) -> None:
     data = wire(als.tcp_message(es, als.identifier("db")))
     a, b = hops(data, True), hops(data, False)
-    fields = (*FIELDS, "conn", "upstream_cluster", "response_flags", "connection_termination_details")
+    fields = (*FIELDS, "conn", "upstream_cluster", "response_flags", "connection_termination_details", "duration_ms")
     assert [[getattr(h, f) for f in fields] for h in a] == [[getattr(h, f) for f in fields] for h in b]
 
 
@@ -362,9 +384,66 @@ def test_any_bytes_give_fields_none_or_value_error(raw: bytes) -> None:
         got = scanned(raw)
     except ValueError:
         return
-    assert got is None or all(len(f) == 9 for f in got)
+    assert got is None or all(len(f) == 11 for f in got)
     try:
         tcp = scanned(raw, "tcp_logs")
     except ValueError:
         return
-    assert tcp is None or all(len(f) == 7 for f in tcp)
+    assert tcp is None or all(len(f) == 9 for f in tcp)
+
+
+def test_a_time_and_a_duration_in_the_wrong_wire_type_are_no_value() -> None:
+    # upb keeps a Timestamp's or Duration's field of another wire type as an unknown field: the
+    # value before it stays (seconds 7 as a fixed64, nanos 9 as a length-delimited field).
+    e = Entry()
+    e.common_properties.start_time.seconds = 1_800_000_000
+    e.common_properties.duration.nanos = 5_000_000
+    odd = b"\x09" + (7).to_bytes(8, "little") + b"\x12" + delimited(b"\x09")
+    common = b"\x2a" + delimited(odd) + b"\xba\x01" + delimited(odd)  # start_time = 5, duration = 23
+    data = b"\x12" + delimited(b"\x0a" + delimited(wire(e) + b"\x0a" + delimited(common)))
+    want = reference(data)
+    assert want is not None and want[0][9:] == (1_800_000_000.0, 5.0)
+    assert scanned(data) == want
+
+
+@given(st.lists(st.one_of(entries(), tcp_entries()), min_size=1, max_size=4))
+@settings(max_examples=150, deadline=None)
+def test_a_hops_start_and_duration_are_what_reading_its_entry_gives(es: list[Any]) -> None:
+    # Set at decode (the service graph reads every entry's duration, an exception's count its
+    # start): the values the entry's lazy read gives; a start out of range is the time of the
+    # decode, counted there once.
+    tcp = [x for x in es if isinstance(x, TcpEntry)]
+    http = [x for x in es if not isinstance(x, TcpEntry)]
+    clamped = metrics.REJECTED.labels("envoy_als", "clamped_time")
+    for m, lazy in (
+        (als.tcp_message(tcp, als.identifier("db")), decode._LAZY_TCP),
+        (als.http_message(http, als.identifier("reviews")), decode._LAZY_HTTP),
+    ):
+        data = wire(m)
+        kind = m.WhichOneof("log_entries")
+        sent = list(getattr(m, kind).log_entry) if kind else []
+        before = clamped._value.get()
+        t0 = time.time()
+        got = hops(data, True)
+        out_of_range = 0
+        for h, e in zip(got, sent, strict=True):
+            assert h.duration_ms == lazy["duration_ms"](e)
+            t = decode._raw_start(e.common_properties)
+            if t0 - decode.MAX_PAST_SECS <= t <= t0 + decode.MAX_FUTURE_SECS:
+                assert h.start == t == lazy["start"](e)
+            else:
+                out_of_range += 1
+                assert t0 <= h.start <= time.time()
+        assert clamped._value.get() == before + out_of_range
+
+
+@pytest.mark.parametrize("secs,ns", [(417_612_917_817, 247_891_063), (-686_293_018_323, 523_832_096)])
+def test_a_duration_is_the_exact_nanoseconds_rounded_once(secs: int, ns: int) -> None:
+    # Durations where seconds * 1e9 and nanos added as doubles round twice and land elsewhere.
+    e = Entry()
+    e.common_properties.duration.seconds = secs
+    e.common_properties.duration.nanos = ns
+    data = wire(als.http_message([e], als.identifier("reviews")))
+    got = scanned(data)
+    assert got == reference(data)
+    assert got is not None and got[0][10] == (secs * 10**9 + ns) / 1e6 != (secs * 1e9 + ns) / 1e6

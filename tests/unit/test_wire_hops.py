@@ -33,7 +33,7 @@ from meshaudit.model import (
 )
 from meshaudit.naming import Namer
 from meshaudit.receivers.envoy_als import decode as als_decode
-from meshaudit.receivers.envoy_als.decode import AlsHop
+from meshaudit.receivers.envoy_als.decode import AlsHop, AlsTcpHop
 from meshaudit.receivers.otlp.decode import (
     ExportLogsServiceRequest,
     ExportTraceServiceRequest,
@@ -229,13 +229,16 @@ def _is_set(h: Hop, name: str) -> bool:
 
 
 def assert_same(originals: list[Hop], decoded: list[Hop]) -> None:
-    """Every field reads the same; access-log hops keep their class (fields read from the
-    entry), others are plain Hops; parties are the interned identities."""
+    """Every field reads the same; access-log hops stay access-log hops of their kind (fields read
+    from the entry), others are plain Hops; parties are the interned identities."""
     assert len(decoded) == len(originals)
     for h, g in zip(originals, decoded, strict=True):
         for name in SLOTS:
             assert getattr(g, name) == getattr(h, name), (ORIGIN_NAMES[h.origin], name)
-        assert type(g) is (type(h) if isinstance(h, AlsHop) else Hop)
+        if isinstance(h, AlsHop):  # an access-log hop (decoded from its entry, or sent): HTTP or TCP still
+            assert isinstance(g, AlsHop) and isinstance(g, AlsTcpHop) == isinstance(h, AlsTcpHop)
+        else:
+            assert type(g) is Hop
         # Parties are Identities equal to the interned ones (interning is an optimisation only:
         # the intern table may be cleared between two reads, and a decoder's own cache keeps
         # the older object, so ``is`` cannot be required; model.py says the same).
@@ -306,12 +309,15 @@ def test_the_receiver_reads_no_lazy_field_and_the_evaluator_reads_them_from_the_
     def lazy_set() -> list[list[str]]:
         return [[n for n in wire.ALS_LAZY if _is_set(h, n)] for h in originals]
 
-    # decoding set none but a TCP entry's end (its flags and termination details: scanned with
-    # the eager fields, every rule judging a TCP entry reads them)
-    tcp_end = ["response_flags", "connection_termination_details"]
-    assert lazy_set() == [[] if h.origin == ALS_HTTP else tcp_end for h in originals]
+    # decoding set none but the times (the service graph reads every entry's duration) and a TCP
+    # entry's end (its flags and termination details: every rule judging a TCP entry reads them),
+    # all scanned with the eager fields
+    times = {"start", "duration_ms"}
+    tcp_end = times | {"response_flags", "connection_termination_details"}
+    want = [[n for n in wire.ALS_LAZY if n in (times if h.origin == ALS_HTTP else tcp_end)] for h in originals]
+    assert lazy_set() == want
     batch = encode(originals)
-    assert lazy_set() == [[] if h.origin == ALS_HTTP else tcp_end for h in originals]
+    assert lazy_set() == want
     decoded = decode(batch)
     assert not any(_is_set(g, "route_name") for g in decoded)
     assert [g.route_name for g in decoded] == [h.route_name for h in originals]

@@ -218,7 +218,7 @@ def encode(hops: Sequence[Hop], *, entries: bool = True, evidence: int = 0) -> b
     for h in hops[:own] if evidence else hops:
         if entries and isinstance(h, AlsHop):
             raw = h.entry_bytes()
-            if h.__class__ is AlsTcpHop:
+            if h.origin == ALS_TCP:
                 ntcp += 1
                 add_entry(ntcp)
                 add(tcp_tag)

@@ -22,12 +22,13 @@
  * out of range; None: no tls_properties), peer_uri: str | None (the first non-empty URI SAN of the
  * peer certificate), method: str ("GET", ..., "OTHER"), request_id: str | None, path: str | None
  * (None when empty), trace_id: str | None (from the traceparent header, as decode._trace_of),
- * response_code: int, upstream_request_attempt_count: int).
+ * response_code: int, upstream_request_attempt_count: int, start: float (start_time's seconds +
+ * nanos * 1e-9, not clamped), duration_ms: float | None (None: no duration)).
  *
  * tcp_fields(data: bytes) -> list[tuple] | None, the same for TCP entries: (upstream_cluster,
  * tls_version, peer_uri, downstream_remote_address: str | None, upstream_local_address: str | None
  * (as decode._addr formats them), response_flags: int (bit n: ResponseFlags field n set),
- * connection_termination_details: str).
+ * connection_termination_details: str, start, duration_ms).
  *
  * Field numbers: proto/envoy/service/accesslog/v3/als.proto, proto/envoy/data/accesslog/v3/
  * accesslog.proto (the copies this project parses with).
@@ -51,6 +52,12 @@ typedef struct {
     Slice path;
 } Addr;
 
+/* A google.protobuf.Timestamp or Duration: int64 seconds = 1; int32 nanos = 2 */
+typedef struct {
+    int64_t seconds;
+    int32_t nanos;
+} Time;
+
 /* What one entry's scan keeps: slices into the message, and the scalars. */
 typedef struct {
     Slice cluster;
@@ -65,6 +72,9 @@ typedef struct {
     Slice traceparent;
     uint32_t status;
     uint32_t attempts;
+    Time start;       /* start_time (unset: 0 s 0 ns) */
+    int has_duration; /* duration appeared (HasField), even empty */
+    Time duration;
     /* TCP entries only (scan_common reads these when tcp is set) */
     int tcp;
     Addr remote; /* downstream_remote_address */
@@ -117,6 +127,24 @@ static int scan_each(Slice s, uint32_t num, int (*scan)(Slice, Entry *), Entry *
 static int scan_cert(Slice s, Entry *e)
 {
     return scan_each(s, 1, scan_san, e);
+}
+
+/* A Timestamp or Duration: every occurrence merges into t (a later value over an earlier one);
+ * a value of another wire type is no value for upb (an unknown field) and is skipped here. */
+static int scan_time(Slice s, Time *t)
+{
+    Field f;
+    int rc;
+    FOR_FIELDS(s, f, rc)
+    {
+        if (f.wt != WT_VARINT)
+            continue;
+        if (f.num == 1)
+            t->seconds = (int64_t)f.v;
+        else if (f.num == 2)
+            t->nanos = (int32_t)(uint32_t)f.v;
+    }
+    return rc;
 }
 
 /* TLSProperties: TLSVersion tls_version = 1; CertificateProperties peer_certificate_properties = 5 */
@@ -205,8 +233,8 @@ static int scan_flags(Slice s, uint64_t *mask)
     return rc;
 }
 
-/* AccessLogCommon: tls_properties = 4, upstream_cluster = 15, upstream_request_attempt_count = 24;
- * for TCP entries also downstream_remote_address = 2, upstream_local_address = 14,
+/* AccessLogCommon: tls_properties = 4, start_time = 5, upstream_cluster = 15, duration = 23,
+ * upstream_request_attempt_count = 24; for TCP entries also downstream_remote_address = 2, upstream_local_address = 14,
  * response_flags = 16, connection_termination_details = 25 */
 static int scan_common(Slice s, Entry *e)
 {
@@ -219,6 +247,13 @@ static int scan_common(Slice s, Entry *e)
                 return -1;
         } else if (f.num == 15 && f.wt == WT_LEN) {
             e->cluster = f.s;
+        } else if (f.num == 5 && f.wt == WT_LEN) {
+            if (scan_time(f.s, &e->start) < 0)
+                return -1;
+        } else if (f.num == 23 && f.wt == WT_LEN) {
+            e->has_duration = 1;
+            if (scan_time(f.s, &e->duration) < 0)
+                return -1;
         } else if (f.num == 24 && f.wt == WT_VARINT) {
             e->attempts = (uint32_t)f.v;
         } else if (!e->tcp || f.wt != WT_LEN) {
@@ -457,6 +492,24 @@ static PyObject *recent_str(Recent *r, Slice s)
         PyTuple_SET_ITEM(t, i, v);                                                                 \
     } while (0)
 
+/* decode._raw_start: seconds + nanos * 1e-9, each step as Python takes it (an int made a double,
+ * rounded to nearest; no fused multiply-add: setup.py builds with -ffp-contract=off). */
+static PyObject *start_of(Entry *e)
+{
+    double frac = (double)e->start.nanos * 1e-9;
+    return PyFloat_FromDouble((double)e->start.seconds + frac);
+}
+
+/* decode._duration_ms: Duration.ToNanoseconds() / 1e6 (the exact integer of nanoseconds, made a
+ * double rounded to nearest, then divided), None when the entry has no duration. */
+static PyObject *duration_of(Entry *e)
+{
+    if (!e->has_duration)
+        Py_RETURN_NONE;
+    __int128 ns = (__int128)e->duration.seconds * 1000000000 + e->duration.nanos;
+    return PyFloat_FromDouble((double)ns / 1e6);
+}
+
 /* The items both kinds of entry start with: the cluster, the TLS version's name, the peer URI SAN. */
 static int set_common(PyObject *t, Entry *e, Recent *cluster, Recent *peer)
 {
@@ -471,7 +524,7 @@ fail:
 
 static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
 {
-    PyObject *t = PyTuple_New(9);
+    PyObject *t = PyTuple_New(11);
     PyObject *v;
     if (t == NULL)
         return NULL;
@@ -483,6 +536,8 @@ static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
     SET(6, trace_id_of(e));
     SET(7, PyLong_FromUnsignedLong((unsigned long)e->status));
     SET(8, PyLong_FromUnsignedLong((unsigned long)e->attempts));
+    SET(9, start_of(e));
+    SET(10, duration_of(e));
     return t;
 fail:
     Py_DECREF(t);
@@ -529,7 +584,7 @@ static PyObject *address_str(Addr *a)
 
 static PyObject *tcp_tuple(Entry *e, Recent *cluster, Recent *peer)
 {
-    PyObject *t = PyTuple_New(7);
+    PyObject *t = PyTuple_New(9);
     PyObject *v;
     if (t == NULL)
         return NULL;
@@ -539,6 +594,8 @@ static PyObject *tcp_tuple(Entry *e, Recent *cluster, Recent *peer)
     SET(4, address_str(&e->local));
     SET(5, PyLong_FromUnsignedLongLong((unsigned long long)e->flags));
     SET(6, str_of(e->termination));
+    SET(7, start_of(e));
+    SET(8, duration_of(e));
 #undef SET
     return t;
 fail:

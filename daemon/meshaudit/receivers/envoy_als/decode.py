@@ -164,20 +164,36 @@ _clamped = metrics.REJECTED.labels("envoy_als", "clamped_time")
 _bad_input = RateLimited(logging.getLogger("meshaudit.receivers.envoy_als"))
 
 
+def _raw_start(c: Any) -> float:
+    """An entry's ``start_time`` in epoch seconds, as sent (``_start`` clamps it)."""
+    ts = c.start_time
+    t: float = ts.seconds + ts.nanos * 1e-9
+    return t
+
+
+def _duration_ms(c: Any) -> float | None:
+    """An entry's ``duration`` in milliseconds; None when it has none."""
+    return c.duration.ToNanoseconds() / 1e6 if c.HasField("duration") else None
+
+
 def _start(e: Any) -> float:
-    ts = e.common_properties.start_time
-    t = ts.seconds + ts.nanos * 1e-9
+    t = _raw_start(e.common_properties)
     now = time.time()
     if now - MAX_PAST_SECS <= t <= now + MAX_FUTURE_SECS:
-        return float(t)
+        return t
+    return _clamped_start(t)
+
+
+def _clamped_start(t: float) -> float:
+    """The time used for an entry whose start_time ``t`` is out of range: now (counted, logged)."""
     _clamped.inc()
     _bad_input.warning(
         "clamped_time",
-        "An access-log entry's start_time (%d s) is more than ten years before or a day after now; "
+        "An access-log entry's start_time (%.0f s) is more than ten years before or a day after now; "
         'its receive time is used instead (counted in meshaudit_rejected_total{reason="clamped_time"}).',
-        ts.seconds,
+        t,
     )
-    return now
+    return time.time()
 
 
 def _local_principal(e: Any) -> str | None:
@@ -357,9 +373,7 @@ _LAZY_COMMON: dict[str, Callable[[Any], Any]] = {
     "span_kind": lambda e: 0,
     "downstream_peer": _downstream_peer,
     "upstream_peer": _upstream_peer,
-    "duration_ms": lambda e: (
-        e.common_properties.duration.ToNanoseconds() / 1e6 if e.common_properties.HasField("duration") else None
-    ),
+    "duration_ms": lambda e: _duration_ms(e.common_properties),
     "source_address": lambda e: (
         _addr(e.common_properties.downstream_remote_address)
         if e.common_properties.HasField("downstream_remote_address")
@@ -394,9 +408,6 @@ _SLOT_GET: Final = {name: Hop.__dict__[name].__get__ for name in _LAZY_HTTP}
 _SLOT_SET: Final = {name: Hop.__dict__[name].__set__ for name in _LAZY_HTTP}
 _SLOT_DEL: Final = {name: Hop.__dict__[name].__delete__ for name in _LAZY_HTTP}
 _set_trace_id: Final = _SLOT_SET["trace_id"]
-_set_attempts: Final = _SLOT_SET["attempts"]
-_set_flags: Final = _SLOT_SET["response_flags"]
-_set_details: Final = _SLOT_SET["connection_termination_details"]
 
 
 class AlsHop(Hop):
@@ -545,6 +556,30 @@ class AlsTcpHop(AlsHop):
     connection_termination_details = _tcp_end("connection_termination_details")
 
 
+class ScannedHop(AlsHop):
+    """The hop ``decode_http`` makes: the fields it sets from the scanner's tuple (``SCANNED``)
+    are plain slots here, not lazy properties (a write through a property's setter costs ~35 ns,
+    a slot's ~7); its other fields are read lazily as an ``AlsHop``'s."""
+
+    __slots__ = ()
+
+
+class ScannedTcpHop(AlsTcpHop):
+    """The hop ``decode_tcp`` makes, as ``ScannedHop``: how the connection ended is set too."""
+
+    __slots__ = ()
+
+
+# The lazy fields the decoders set at once (a TCP entry's attempts stay lazy: no rule reads them
+# but the service graph's, for an outbound TCP entry).
+SCANNED: Final = ("trace_id", "attempts", "start", "duration_ms")
+SCANNED_TCP: Final = ("trace_id", "start", "duration_ms", "response_flags", "connection_termination_details")
+for _name in SCANNED:
+    setattr(ScannedHop, _name, Hop.__dict__[_name])
+for _name in SCANNED_TCP:
+    setattr(ScannedTcpHop, _name, Hop.__dict__[_name])
+
+
 def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | None) -> Identity:
     """Destination of an outbound entry whose cluster names no service."""
     c = e.common_properties
@@ -559,10 +594,13 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
 
 # What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, TLS version's name
 # (None: no tls_properties), peer URI SAN or None, method's name, request_id or None, path or None,
-# trace id or None, response code, upstream_request_attempt_count). The C scanner (``_scan.c``)
+# trace id or None, response code, upstream_request_attempt_count, start_time in epoch seconds (not
+# clamped: ``decode_http`` sets it when it is in range, else ``_start`` clamps and counts it on
+# first read), duration in ms or None; the last two are read by the service graph, exceptions and
+# windows, where a lazy read cost ~0.7 us an entry). The C scanner (``_scan.c``)
 # takes them from the message's bytes in one pass; ``read_http`` reads them through protobuf: the
 # reference the scanner must equal, and the way when the scanner is not built or declines a message.
-HttpFields = tuple[str, str | None, str | None, str, str | None, str | None, str | None, int, int]
+HttpFields = tuple[str, str | None, str | None, str, str | None, str | None, str | None, int, int, float, float | None]
 
 
 def read_http(e: Any) -> HttpFields:
@@ -581,6 +619,8 @@ def read_http(e: Any) -> HttpFields:
         _trace_of(r.request_headers.get("traceparent")),
         e.response.response_code.value,
         c.upstream_request_attempt_count,
+        _raw_start(c),
+        _duration_ms(c),
     )
 
 
@@ -599,8 +639,8 @@ _scan_declined = metrics.REJECTED.labels("envoy_als", "scan_declined")
 
 # What decode_tcp reads of every TCP entry: (upstream_cluster, TLS version's name, peer URI SAN,
 # downstream_remote_address, upstream_local_address (as ``_addr`` writes them, None when unset),
-# response flags (``_flag_mask``), connection_termination_details).
-TcpFields = tuple[str, str | None, str | None, str | None, str | None, int, str]
+# response flags (``_flag_mask``), connection_termination_details, start, duration_ms (as HttpFields)).
+TcpFields = tuple[str, str | None, str | None, str | None, str | None, int, str, float, float | None]
 
 
 def read_tcp(e: Any) -> TcpFields:
@@ -615,6 +655,8 @@ def read_tcp(e: Any) -> TcpFields:
         _addr(c.upstream_local_address) if _has(c, "upstream_local_address") else None,
         _flag_mask(c.response_flags) if _has(c, "response_flags") else 0,
         c.connection_termination_details,
+        _raw_start(c),
+        _duration_ms(c),
     )
 
 
@@ -664,7 +706,9 @@ def decode_http(
     new_hop = object.__new__
     has = _has
     fields = http_fields(entries, data)  # one per entry
-    for i, (cluster, tls_version, peer, method, rid, path, trace_id, status, attempts) in enumerate(fields):
+    now = time.time()
+    earliest, latest = now - MAX_PAST_SECS, now + MAX_FUTURE_SECS  # a start outside: clamped when read
+    for i, (cluster, tls_version, peer, method, rid, path, trace_id, status, attempts, start, ms) in enumerate(fields):
         found = clusters.get(cluster) or cluster_of(cluster)
         direction = found[1] or default_direction
         if direction == UNKNOWN and peer:
@@ -696,7 +740,7 @@ def decode_http(
                     conn = _addr(c.upstream_local_address)
         # AlsHop(e, ALS_HTTP, node_id, observer, ...), inlined: a class call runs __init__ through
         # C (its arguments packed and unpacked), ~0.25 us per entry more than setting the slots here.
-        h = new_hop(AlsHop)
+        h = new_hop(ScannedHop)
         h._e = entries
         h._i = i
         h.origin = ALS_HTTP
@@ -712,12 +756,15 @@ def decode_http(
         h.request_id = rid
         # Set at once, not read lazily: the span-join index reads the trace id of every inbound
         # entry, the rules that judge every request by its answer (authz_denied, route_mismatch,
-        # error_burst) its status, excessive_retries the attempts of every outbound entry.
-        _set_trace_id(h, trace_id)
+        # error_burst) its status, excessive_retries the attempts of every outbound entry, the
+        # service graph the duration of every entry and windows and exceptions its start.
+        h.trace_id = trace_id
         h.conn = conn
         h.upstream_cluster = cluster
         h.status = status
-        _set_attempts(h, attempts)
+        h.attempts = attempts
+        h.start = start if earliest <= start <= latest else _clamped_start(start)
+        h.duration_ms = ms
         append(h)
 
 
@@ -731,7 +778,9 @@ def decode_tcp(
     append = out.append
     new_hop = object.__new__
     fields = tcp_fields(entries, data)  # one per entry
-    for i, (cluster, tls_version, peer, remote, local, flags, details) in enumerate(fields):
+    now = time.time()
+    earliest, latest = now - MAX_PAST_SECS, now + MAX_FUTURE_SECS
+    for i, (cluster, tls_version, peer, remote, local, flags, details, start, ms) in enumerate(fields):
         found = CLUSTERS.get(cluster) or cluster_of(cluster)
         direction = found[1] or default_direction
         if direction == INBOUND:
@@ -743,7 +792,7 @@ def decode_tcp(
             dst = found[2] or _outbound_fallback(entries[i], direction, cluster, None)
             conn = local
         # AlsTcpHop(e, ALS_TCP, node_id, observer, ...), inlined as in decode_http
-        h = new_hop(AlsTcpHop)
+        h = new_hop(ScannedTcpHop)
         h._e = entries
         h._i = i
         h.origin = ALS_TCP
@@ -754,12 +803,13 @@ def decode_tcp(
         h.dst = dst
         h.tls_version = tls_version
         h.peer_principal = peer
-        h.method = h.path = h.request_id = None
-        _set_trace_id(h, None)
+        h.method = h.path = h.request_id = h.trace_id = None
         h.conn = conn
         h.upstream_cluster = cluster
         h.status = 0
         # how it ended: route_mismatch and authz_denied read both of every TCP entry
-        _set_flags(h, flag_text(flags))
-        _set_details(h, details)
+        h.response_flags = flag_text(flags)
+        h.connection_termination_details = details
+        h.start = start if earliest <= start <= latest else _clamped_start(start)
+        h.duration_ms = ms
         append(h)
