@@ -309,8 +309,54 @@ def test_mutated_messages_equal_protobuf_or_are_declined(data: Any) -> None:
     try:
         got = scanned(raw)
     except ValueError:
+        with pytest.raises(ValueError):  # the hops' scan declines it too
+            made(raw)
         return  # declined: read through protobuf instead (below)
     assert got == want
+    hops_ = made(raw)
+    assert (hops_ is None) == (got is None)
+    assert [slots(h) for h in hops_ or []] == [f for f in got or []]
+
+
+SLOT_NAMES = (
+    "upstream_cluster", "tls_version", "peer_principal", "method", "request_id", "path", "trace_id", "status",
+    "attempts", "start", "duration_ms",
+)  # fmt: skip
+
+
+def made(data: bytes) -> list[Any] | None:
+    """The scanner's hops of a message's HTTP entries (every start in range)."""
+    out: list[Any] | None = scan.http_hops(
+        data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None), decode._INDEX_SLOT,
+        -1e300, 1e300, float,
+    )  # fmt: skip
+    return out
+
+
+def slots(h: Any) -> tuple[Any, ...]:
+    return tuple(getattr(h, n) for n in SLOT_NAMES)
+
+
+def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
+    # It stores into an object by a slot's offset: anything but a writable object slot of the
+    # class (or one of its bases) is refused before any hop is made.
+    data = wire(als.http_message([als.inbound_http("frontend", path="/a")], als.identifier("reviews")))
+    args = [data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None)]
+    tail = [decode._INDEX_SLOT, 0.0, 1e300, float]
+    [h] = scan.http_hops(*args, *tail)
+    assert h.path == "/a" and h._i == 0 and h.origin == 1 and h.observer == "n"
+
+    class Other:
+        __slots__ = ("x",)
+
+    for bad in (Other.__dict__["x"], "path", Hop.__dict__["src"].__get__, type.__dict__["__name__"]):
+        with pytest.raises(TypeError):
+            scan.http_hops(data, decode.ScannedHop, (bad, *decode._HTTP_SLOTS[1:]), *args[3:], *tail)
+    with pytest.raises(TypeError):
+        scan.http_hops(data, decode.ScannedHop, decode._HTTP_SLOTS[1:], *args[3:], *tail)
+    # an out-of-range start is what the clamp gives
+    [h] = scan.http_hops(*args, decode._INDEX_SLOT, 0.0, 1.0, lambda t: -1.0)
+    assert h.start == -1.0
 
 
 def test_a_declined_message_is_read_through_protobuf_and_counted() -> None:

@@ -35,6 +35,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* PyMemberDef: the offset of a __slots__ member */
 #include <stdint.h>
 #include <string.h>
 
@@ -613,7 +614,81 @@ static PyObject *malformed(void)
 /* StreamAccessLogsMessage: oneof log_entries { HTTPAccessLogEntries http_logs = 2;
  * TCPAccessLogEntries tcp_logs = 3; }, each: repeated ... log_entry = 1. The tuples of the
  * entries of member `want` (2 or 3); None when the message's oneof ends on the other or none. */
-static PyObject *fields_of(PyObject *arg, uint32_t want)
+#define NITEMS 11 /* the items of an HTTP entry's tuple */
+#define NFIXED 4  /* _e, origin, observer, observer_service */
+
+/* How fields_of makes a hop of each entry instead of a tuple (NULL: tuples). */
+typedef struct {
+    PyTypeObject *cls;           /* the hop's class: a Python class with __slots__ */
+    Py_ssize_t item[NITEMS];     /* the slot each tuple item goes to (its offset in the object) */
+    Py_ssize_t fixed[NFIXED];    /* the slots set alike on every hop of the message */
+    PyObject *values[NFIXED];    /* (borrowed) their values */
+    Py_ssize_t index;            /* the slot of the entry's index in its message */
+    Py_ssize_t start;            /* the start's slot (HTTP item 9) */
+    double earliest, latest;     /* a start outside: clamp(start) is stored instead */
+    PyObject *clamp;
+} Maker;
+
+/* The offset of the object slot a __slots__ member descriptor of a base of cls stands for. */
+static int slot_offset(PyObject *d, PyTypeObject *cls, Py_ssize_t *out)
+{
+    if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyErr_SetString(PyExc_TypeError, "a slot is given by its member descriptor (Class.__dict__[name])");
+        return -1;
+    }
+    PyMemberDescrObject *m = (PyMemberDescrObject *)d;
+    if (m->d_member->type != T_OBJECT_EX || (m->d_member->flags & READONLY) ||
+        !PyType_IsSubtype(cls, m->d_common.d_type)) {
+        PyErr_SetString(PyExc_TypeError, "not a writable object slot of the hop's class");
+        return -1;
+    }
+    *out = m->d_member->offset;
+    return 0;
+}
+
+/* Store a new reference into the (still empty) slot at offset off of h. */
+static inline void put_slot(PyObject *h, Py_ssize_t off, PyObject *v)
+{
+    PyObject **at = (PyObject **)((char *)h + off);
+    Py_XSETREF(*at, v);
+}
+
+/* An entry's hop, made of its tuple t (whose items it takes) and the fixed slots. */
+static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
+{
+    PyObject *h = mk->cls->tp_alloc(mk->cls, 0);
+    if (h == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *v = PyTuple_GET_ITEM(t, k);
+        PyTuple_SET_ITEM(t, k, NULL); /* taken: the tuple is freed with NULL items */
+        if (mk->item[k] == mk->start) {
+            double when = PyFloat_AS_DOUBLE(v);
+            if (!(mk->earliest <= when && when <= mk->latest)) {
+                PyObject *c = PyObject_CallOneArg(mk->clamp, v);
+                Py_DECREF(v);
+                if (c == NULL) {
+                    Py_DECREF(h);
+                    return NULL;
+                }
+                v = c;
+            }
+        }
+        put_slot(h, mk->item[k], v);
+    }
+    for (int k = 0; k < NFIXED; k++)
+        put_slot(h, mk->fixed[k], Py_NewRef(mk->values[k]));
+    PyObject *idx = PyLong_FromSsize_t(i);
+    if (idx == NULL) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    put_slot(h, mk->index, idx);
+    return h;
+}
+
+static PyObject *fields_of(PyObject *arg, uint32_t want, Maker *mk)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
@@ -647,6 +722,13 @@ static PyObject *fields_of(PyObject *arg, uint32_t want)
             PyObject *t = want == 2 ? entry_tuple(&e, &cluster, &peer) : tcp_tuple(&e, &cluster, &peer);
             if (t == NULL)
                 goto fail;
+            if (mk != NULL) {
+                PyObject *h = hop_of(t, PyList_GET_SIZE(out), mk);
+                Py_DECREF(t);
+                if (h == NULL)
+                    goto fail;
+                t = h;
+            }
             int bad = PyList_Append(out, t);
             Py_DECREF(t);
             if (bad < 0)
@@ -678,13 +760,53 @@ fail:
 static PyObject *http_fields(PyObject *self, PyObject *arg)
 {
     (void)self;
-    return fields_of(arg, 2);
+    return fields_of(arg, 2, NULL);
 }
 
 static PyObject *tcp_fields(PyObject *self, PyObject *arg)
 {
     (void)self;
-    return fields_of(arg, 3);
+    return fields_of(arg, 3, NULL);
+}
+
+/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp): the hops of the
+ * message's HTTP entries (None: it holds none), each a new cls (tp_alloc: its slots empty) whose
+ * slots items[k] (member descriptors) hold the tuple http_fields gives, item by item, fixed[k]
+ * hold values[k], and index the entry's index in the message; a start (item 9) outside
+ * [earliest, latest] is stored as clamp(start). */
+static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    Maker mk;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "http_hops takes 9 arguments");
+        return NULL;
+    }
+    PyObject *items = args[2], *fixed = args[3], *values = args[4];
+    if (!PyType_Check(args[1]) || !PyTuple_Check(items) || PyTuple_GET_SIZE(items) != NITEMS ||
+        !PyTuple_Check(fixed) || PyTuple_GET_SIZE(fixed) != NFIXED || !PyTuple_Check(values) ||
+        PyTuple_GET_SIZE(values) != NFIXED) {
+        PyErr_SetString(PyExc_TypeError, "http_hops: a class, 11 item slots, 4 fixed slots and their 4 values");
+        return NULL;
+    }
+    mk.cls = (PyTypeObject *)args[1];
+    for (Py_ssize_t k = 0; k < NITEMS; k++)
+        if (slot_offset(PyTuple_GET_ITEM(items, k), mk.cls, &mk.item[k]) < 0)
+            return NULL;
+    for (Py_ssize_t k = 0; k < NFIXED; k++) {
+        if (slot_offset(PyTuple_GET_ITEM(fixed, k), mk.cls, &mk.fixed[k]) < 0)
+            return NULL;
+        mk.values[k] = PyTuple_GET_ITEM(values, k);
+    }
+    if (slot_offset(args[5], mk.cls, &mk.index) < 0)
+        return NULL;
+    mk.start = mk.item[9];
+    mk.earliest = PyFloat_AsDouble(args[6]);
+    mk.latest = PyFloat_AsDouble(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    mk.clamp = args[8];
+    return fields_of(args[0], 2, &mk);
 }
 
 static PyMethodDef methods[] = {
@@ -692,6 +814,8 @@ static PyMethodDef methods[] = {
      "http_fields(data) -> list of per-entry tuples, or None when the message holds no HTTP entries"},
     {"tcp_fields", tcp_fields, METH_O,
      "tcp_fields(data) -> list of per-entry tuples, or None when the message holds no TCP entries"},
+    {"http_hops", (PyCFunction)(void (*)(void))http_hops, METH_FASTCALL,
+     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp) -> list of hops, or None"},
     {NULL, NULL, 0, NULL},
 };
 
