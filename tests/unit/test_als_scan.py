@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from infra import als
 from infra.mutate import mutated
 from infra.protowire import delimited, varint
-from meshaudit import metrics
+from meshaudit import metrics, naming
 from meshaudit._proto.envoy.data.accesslog.v3 import accesslog_pb2
 from meshaudit._proto.envoy.service.accesslog.v3 import als_pb2
 from meshaudit.config import MeshConfig
@@ -359,6 +359,33 @@ def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
     assert h.start == -1.0
 
 
+def test_the_scanner_names_the_parties_where_the_caches_answer() -> None:
+    # An inbound mTLS entry whose certificate the namer knows and an outbound entry to a named
+    # service with a request id: the scanner sets their direction and parties; a plaintext inbound
+    # entry (its client's address is read through protobuf) is left to the decoder.
+    namer = Namer(MeshConfig())
+    es = [
+        als.inbound_http("frontend", path="/a", request_id="r1"),
+        als.outbound_http("ratings", request_id="r2"),
+        als.inbound_http(None, path="/b", request_id="r3"),
+    ]
+    data = wire(als.http_message(es, als.identifier("reviews")))
+    first = hops(data, True, namer)  # fills the caches
+    m = Msg.FromString(data)
+    ctx = StreamContext(namer, m.identifier.node.id, m.identifier.node.cluster, m.identifier.log_name)
+    pending: list[Any] = []
+    caches = (naming.CLUSTERS, namer.principals, ctx.observer, ctx.default_direction)
+    fixed = (m.http_logs.log_entry, 1, "n", ctx.observer)
+    made_ = scan.http_hops(
+        data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, fixed, decode._INDEX_SLOT, -1e300, 1e300,
+        float, caches, decode._PARTY_SLOTS, pending,
+    )  # fmt: skip
+    assert [h.path for h in pending] == ["/b"]
+    for h, g in zip(made_[:2], first[:2], strict=True):
+        assert (h.direction, h.src, h.dst, h.conn) == (g.direction, g.src, g.dst, g.conn)
+    assert first[0].src.service == "frontend" and first[1].dst.service == "ratings"
+
+
 def test_a_declined_message_is_read_through_protobuf_and_counted() -> None:
     # An unknown group inside an entry: upb keeps it as an unknown field, the scanner declines.
     m = als.http_message([als.inbound_http("frontend", path="/g", request_id="rid")], als.identifier("reviews"))
@@ -376,8 +403,8 @@ def test_a_declined_message_is_read_through_protobuf_and_counted() -> None:
     assert declined._value.get() == before + 1
 
 
-def hops(data: bytes, scan_it: bool) -> list[Hop]:
-    namer = Namer(MeshConfig())
+def hops(data: bytes, scan_it: bool, namer: Namer | None = None) -> list[Hop]:
+    namer = namer or Namer(MeshConfig())
     m = Msg.FromString(data)
     ctx = StreamContext(namer, m.identifier.node.id, m.identifier.node.cluster, m.identifier.log_name)
     out: list[Hop] = []
@@ -397,8 +424,13 @@ LATER = ("conn", "upstream_cluster", "status", "attempts", "authority", "respons
 def test_the_hops_are_the_same_either_way(es: list[Any]) -> None:
     m = als.http_message(es, als.identifier("reviews"))
     data = wire(m)
-    a, b = hops(data, True), hops(data, False)
-    assert [[getattr(h, f) for f in FIELDS + LATER] for h in a] == [[getattr(h, f) for f in FIELDS + LATER] for h in b]
+    # the scanner with the namer's and the clusters' caches cold (the decoder names the parties)
+    # and warm (the scanner names them where the caches answer), and protobuf
+    namer = Namer(MeshConfig())
+    a, warm, b = hops(data, True, namer), hops(data, True, namer), hops(data, False)
+    want = [[getattr(h, f) for f in FIELDS + LATER] for h in b]
+    assert [[getattr(h, f) for f in FIELDS + LATER] for h in a] == want
+    assert [[getattr(h, f) for f in FIELDS + LATER] for h in warm] == want
 
 
 @given(st.lists(tcp_entries(), min_size=1, max_size=4))

@@ -611,9 +611,6 @@ static PyObject *malformed(void)
     return NULL;
 }
 
-/* StreamAccessLogsMessage: oneof log_entries { HTTPAccessLogEntries http_logs = 2;
- * TCPAccessLogEntries tcp_logs = 3; }, each: repeated ... log_entry = 1. The tuples of the
- * entries of member `want` (2 or 3); None when the message's oneof ends on the other or none. */
 #define NITEMS 11 /* the items of an HTTP entry's tuple */
 #define NFIXED 4  /* _e, origin, observer, observer_service */
 
@@ -627,7 +624,69 @@ typedef struct {
     Py_ssize_t start;            /* the start's slot (HTTP item 9) */
     double earliest, latest;     /* a start outside: clamp(start) is stored instead */
     PyObject *clamp;
+    /* The direction and parties, set here when the caches answer (decode.decode_http's loop, for
+     * the common cases): else the hop goes to pending, for Python to set them. */
+    PyObject *clusters;   /* naming.CLUSTERS: cluster name -> (copy, direction, named service) */
+    PyObject *principals; /* Namer.principals: peer URI -> its Identity */
+    PyObject *observer;   /* the stream's Identity */
+    PyObject *default_direction;
+    Py_ssize_t party[4];  /* the slots of direction, src, dst, conn */
+    PyObject *pending;    /* a list */
 } Maker;
+
+enum { UNKNOWN = 0, INBOUND = 1 }; /* meshaudit.model's directions */
+
+static inline void put_slot(PyObject *h, Py_ssize_t off, PyObject *v);
+
+/* Set h's direction, src, dst and conn as decode.decode_http does when the caches answer
+ * (cluster known; inbound with a known peer certificate; outbound to a named service with a
+ * request id): 1; 0 when Python must (h untouched); -1 on error. cluster, peer and rid are h's
+ * items 0, 2 and 4. */
+static int resolve(PyObject *h, Maker *mk, PyObject *cluster, PyObject *peer, PyObject *rid)
+{
+    PyObject *found = PyDict_GetItemWithError(mk->clusters, cluster);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 3 || !PyLong_CheckExact(PyTuple_GET_ITEM(found, 1)))
+        return 0;
+    PyObject *direction = PyTuple_GET_ITEM(found, 1);
+    long d = PyLong_AsLong(direction);
+    if (d == -1 && PyErr_Occurred())
+        return -1;
+    if (d == 0) { /* `found[1] or default_direction` */
+        direction = mk->default_direction;
+        d = PyLong_AsLong(direction);
+        if (d == -1 && PyErr_Occurred())
+            return -1;
+    }
+    int has_peer = peer != Py_None && PyObject_IsTrue(peer);
+    PyObject *src, *dst;
+    if (d == UNKNOWN && has_peer) { /* the sidecar answered itself to a peer with a mesh certificate */
+        d = INBOUND;
+        direction = NULL;
+    }
+    if (d == INBOUND) {
+        if (!has_peer)
+            return 0; /* plaintext: the client's address is read through protobuf */
+        src = PyDict_GetItemWithError(mk->principals, peer);
+        if (src == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        dst = mk->observer;
+    } else {
+        dst = PyTuple_GET_ITEM(found, 2);
+        if (dst == Py_None || rid == Py_None)
+            return 0; /* an unnamed destination, or a connection key: through protobuf */
+        src = mk->observer;
+    }
+    PyObject *dir_obj = direction != NULL ? Py_NewRef(direction) : PyLong_FromLong(d);
+    if (dir_obj == NULL)
+        return -1;
+    put_slot(h, mk->party[0], dir_obj);
+    put_slot(h, mk->party[1], Py_NewRef(src));
+    put_slot(h, mk->party[2], Py_NewRef(dst));
+    put_slot(h, mk->party[3], Py_NewRef(Py_None));
+    return 1;
+}
 
 /* The offset of the object slot a __slots__ member descriptor of a base of cls stands for. */
 static int slot_offset(PyObject *d, PyTypeObject *cls, Py_ssize_t *out)
@@ -685,9 +744,23 @@ static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
         return NULL;
     }
     put_slot(h, mk->index, idx);
+    if (mk->clusters != NULL) {
+        PyObject **at = (PyObject **)((char *)h + mk->item[0]);
+        PyObject *cluster = at[0];
+        PyObject *peer = *(PyObject **)((char *)h + mk->item[2]);
+        PyObject *rid = *(PyObject **)((char *)h + mk->item[4]);
+        int r = resolve(h, mk, cluster, peer, rid);
+        if (r < 0 || (r == 0 && PyList_Append(mk->pending, h) < 0)) {
+            Py_DECREF(h);
+            return NULL;
+        }
+    }
     return h;
 }
 
+/* StreamAccessLogsMessage: oneof log_entries { HTTPAccessLogEntries http_logs = 2;
+ * TCPAccessLogEntries tcp_logs = 3; }, each: repeated ... log_entry = 1. The tuples of the
+ * entries of member `want` (2 or 3); None when the message's oneof ends on the other or none. */
 static PyObject *fields_of(PyObject *arg, uint32_t want, Maker *mk)
 {
     Py_buffer view;
@@ -769,17 +842,19 @@ static PyObject *tcp_fields(PyObject *self, PyObject *arg)
     return fields_of(arg, 3, NULL);
 }
 
-/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp): the hops of the
- * message's HTTP entries (None: it holds none), each a new cls (tp_alloc: its slots empty) whose
- * slots items[k] (member descriptors) hold the tuple http_fields gives, item by item, fixed[k]
- * hold values[k], and index the entry's index in the message; a start (item 9) outside
- * [earliest, latest] is stored as clamp(start). */
+/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp[, caches, party,
+ * pending]): the hops of the message's HTTP entries (None: it holds none), each a new cls
+ * (tp_alloc: its slots empty) whose slots items[k] (member descriptors) hold the tuple
+ * http_fields gives, item by item, fixed[k] hold values[k], and index the entry's index in the
+ * message; a start (item 9) outside [earliest, latest] is stored as clamp(start). With caches
+ * (clusters, principals, observer, default direction) the party slots (direction, src, dst,
+ * conn) are set where they answer (``resolve``); the other hops are appended to pending. */
 static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
     Maker mk;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "http_hops takes 9 arguments");
+    if (nargs != 9 && nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "http_hops takes 9 or 12 arguments");
         return NULL;
     }
     PyObject *items = args[2], *fixed = args[3], *values = args[4];
@@ -806,6 +881,25 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (PyErr_Occurred())
         return NULL;
     mk.clamp = args[8];
+    mk.clusters = NULL;
+    if (nargs == 12) {
+        PyObject *caches = args[9], *party = args[10];
+        if (!PyTuple_Check(caches) || PyTuple_GET_SIZE(caches) != 4 || !PyDict_Check(PyTuple_GET_ITEM(caches, 0)) ||
+            !PyDict_Check(PyTuple_GET_ITEM(caches, 1)) || !PyLong_Check(PyTuple_GET_ITEM(caches, 3)) ||
+            !PyTuple_Check(party) || PyTuple_GET_SIZE(party) != 4 || !PyList_Check(args[11])) {
+            PyErr_SetString(PyExc_TypeError,
+                            "http_hops: (clusters, principals, observer, default direction), 4 party slots, a list");
+            return NULL;
+        }
+        for (Py_ssize_t k = 0; k < 4; k++)
+            if (slot_offset(PyTuple_GET_ITEM(party, k), mk.cls, &mk.party[k]) < 0)
+                return NULL;
+        mk.clusters = PyTuple_GET_ITEM(caches, 0);
+        mk.principals = PyTuple_GET_ITEM(caches, 1);
+        mk.observer = PyTuple_GET_ITEM(caches, 2);
+        mk.default_direction = PyTuple_GET_ITEM(caches, 3);
+        mk.pending = args[11];
+    }
     return fields_of(args[0], 2, &mk);
 }
 
@@ -815,7 +909,8 @@ static PyMethodDef methods[] = {
     {"tcp_fields", tcp_fields, METH_O,
      "tcp_fields(data) -> list of per-entry tuples, or None when the message holds no TCP entries"},
     {"http_hops", (PyCFunction)(void (*)(void))http_hops, METH_FASTCALL,
-     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp) -> list of hops, or None"},
+     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp[, caches, party, pending]) "
+     "-> list of hops, or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -712,6 +712,9 @@ _MESSAGE_SLOTS: Final = (
     Hop.__dict__["observer_service"],
 )
 _INDEX_SLOT: Final = AlsHop.__dict__["_i"]
+# The slots ``http_hops`` sets itself when the caches answer (naming.CLUSTERS, Namer.principals):
+# nearly every entry of a mesh; decode_http's loop sets them for the others.
+_PARTY_SLOTS: Final = (Hop.__dict__["direction"], Hop.__dict__["src"], Hop.__dict__["dst"], Hop.__dict__["conn"])
 
 
 def _http_hop(
@@ -743,21 +746,29 @@ def decode_http(
 
     # Each entry's hop with the fields every rule reads set (a ScannedHop: see SCANNED), made by
     # the scanner, else of the fields read through protobuf; its direction and parties below.
-    def scan(d: bytes) -> Any:
-        assert SCANNER is not None
-        fixed = (entries, ALS_HTTP, node_id, observer)
-        return SCANNER.http_hops(
-            d, ScannedHop, _HTTP_SLOTS, _MESSAGE_SLOTS, fixed, _INDEX_SLOT, earliest, latest, _clamped_start
-        )
-
-    hops: list[ScannedHop] | None = _scanned(entries, data, scan if SCANNER is not None else None)
-    if hops is None:
-        hops = [_http_hop(read_http(e), entries, i, node_id, observer, earliest, latest) for i, e in enumerate(entries)]
+    # The scanner also sets the direction and parties where the caches answer (as this function's
+    # loop would: the scanner's equality tests compare the two ways); the rest are left to it.
     default_direction = ctx.default_direction
     clusters = CLUSTERS
     principals = namer.principals
+    pending: list[ScannedHop] = []
+
+    def scan(d: bytes) -> Any:
+        assert SCANNER is not None
+        fixed = (entries, ALS_HTTP, node_id, observer)
+        caches = (clusters, principals, observer, default_direction)
+        return SCANNER.http_hops(
+            d, ScannedHop, _HTTP_SLOTS, _MESSAGE_SLOTS, fixed, _INDEX_SLOT, earliest, latest, _clamped_start,
+            caches, _PARTY_SLOTS, pending,
+        )  # fmt: skip
+
+    hops: list[ScannedHop] | None = _scanned(entries, data, scan if SCANNER is not None else None)
+    if hops is None:
+        pending = hops = [
+            _http_hop(read_http(e), entries, i, node_id, observer, earliest, latest) for i, e in enumerate(entries)
+        ]
     has = _has
-    for h in hops:
+    for h in pending:
         cluster = h.upstream_cluster
         peer = h.peer_principal
         found = clusters.get(cluster) or cluster_of(cluster)
