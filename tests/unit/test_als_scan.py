@@ -124,11 +124,23 @@ def entries(draw: Any) -> Any:
             r.request_headers[k] = draw(traceparents)
     if draw(st.booleans()):
         e.response.response_code.value = draw(st.integers(0, 2**32 - 1))
-        e.response.response_code_details = draw(texts)
+        e.response.response_code_details = draw(st.one_of(st.sampled_from(["via_upstream", "direct_response"]), texts))
+    flags(draw, c)
     return e
 
 
 FLAGS = [fd for fd in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields]
+
+
+def flags(draw: Any, c: Any) -> None:
+    """Set, clear or leave some of an entry's response flags."""
+    for fd in draw(st.lists(st.sampled_from(FLAGS), max_size=3)):
+        f = c.response_flags
+        if fd.name == "unauthorized_details":
+            f.unauthorized_details.SetInParent()
+        else:
+            setattr(f, fd.name, draw(st.booleans()))
+            f.SetInParent()
 
 
 def address(draw: Any, a: Any) -> None:
@@ -167,13 +179,7 @@ def tcp_entries(draw: Any) -> Any:
         address(draw, c.downstream_remote_address)
     if draw(st.booleans()):
         address(draw, c.upstream_local_address)
-    for fd in draw(st.lists(st.sampled_from(FLAGS), max_size=3)):
-        f = c.response_flags
-        if fd.name == "unauthorized_details":
-            f.unauthorized_details.SetInParent()
-        else:
-            setattr(f, fd.name, draw(st.booleans()))
-            f.SetInParent()
+    flags(draw, c)
     if draw(st.booleans()):
         c.connection_termination_details = draw(st.sampled_from(["rbac_access_denied_matched_policy[x]", "", "ü"]))
     return e
@@ -320,7 +326,7 @@ def test_mutated_messages_equal_protobuf_or_are_declined(data: Any) -> None:
 
 SLOT_NAMES = (
     "upstream_cluster", "tls_version", "peer_principal", "method", "request_id", "path", "trace_id", "status",
-    "attempts", "start", "duration_ms",
+    "attempts", "start", "duration_ms", "response_flags", "response_code_details",
 )  # fmt: skip
 
 
@@ -328,13 +334,16 @@ def made(data: bytes) -> list[Any] | None:
     """The scanner's hops of a message's HTTP entries (every start in range)."""
     out: list[Any] | None = scan.http_hops(
         data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None), decode._INDEX_SLOT,
-        -1e300, 1e300, float,
+        -1e300, 1e300, float, flag_text,
     )  # fmt: skip
     return out
 
 
 def slots(h: Any) -> tuple[Any, ...]:
-    return tuple(getattr(h, n) for n in SLOT_NAMES)
+    """A hop's scanned slots as the scanner's tuple holds them (the flags as their mask)."""
+    out = [getattr(h, n) for n in SLOT_NAMES]
+    out[11] = sum(1 << n for n, name in decode._FLAG_BY_NUMBER if name in out[11].split(","))
+    return tuple(out)
 
 
 def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
@@ -342,7 +351,7 @@ def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
     # class (or one of its bases) is refused before any hop is made.
     data = wire(als.http_message([als.inbound_http("frontend", path="/a")], als.identifier("reviews")))
     args = [data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None)]
-    tail = [decode._INDEX_SLOT, 0.0, 1e300, float]
+    tail = [decode._INDEX_SLOT, 0.0, 1e300, float, flag_text]
     [h] = scan.http_hops(*args, *tail)
     assert h.path == "/a" and h._i == 0 and h.origin == 1 and h.observer == "n"
 
@@ -355,7 +364,7 @@ def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
     with pytest.raises(TypeError):
         scan.http_hops(data, decode.ScannedHop, decode._HTTP_SLOTS[1:], *args[3:], *tail)
     # an out-of-range start is what the clamp gives
-    [h] = scan.http_hops(*args, decode._INDEX_SLOT, 0.0, 1.0, lambda t: -1.0)
+    [h] = scan.http_hops(*args, decode._INDEX_SLOT, 0.0, 1.0, lambda t: -1.0, flag_text)
     assert h.start == -1.0
 
 
@@ -378,7 +387,7 @@ def test_the_scanner_names_the_parties_where_the_caches_answer() -> None:
     fixed = (m.http_logs.log_entry, 1, "n", ctx.observer)
     made_ = scan.http_hops(
         data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, fixed, decode._INDEX_SLOT, -1e300, 1e300,
-        float, caches, decode._PARTY_SLOTS, pending,
+        float, flag_text, caches, decode._PARTY_SLOTS, pending,
     )  # fmt: skip
     assert [h.path for h in pending] == ["/b"]
     for h, g in zip(made_[:2], first[:2], strict=True):
@@ -416,7 +425,10 @@ def hops(data: bytes, scan_it: bool, namer: Namer | None = None) -> list[Hop]:
 
 
 FIELDS = ("direction", "src", "dst", "tls_version", "peer_principal", "method", "path", "request_id", "trace_id")
-LATER = ("conn", "upstream_cluster", "status", "attempts", "authority", "response_flags", "user_agent", "duration_ms")
+LATER = (
+    "conn", "upstream_cluster", "status", "attempts", "authority", "response_flags", "response_code_details",
+    "user_agent", "duration_ms",
+)  # fmt: skip
 
 
 @given(st.lists(entries(), min_size=1, max_size=4))
@@ -462,7 +474,7 @@ def test_any_bytes_give_fields_none_or_value_error(raw: bytes) -> None:
         got = scanned(raw)
     except ValueError:
         return
-    assert got is None or all(len(f) == 11 for f in got)
+    assert got is None or all(len(f) == 13 for f in got)
     try:
         tcp = scanned(raw, "tcp_logs")
     except ValueError:
@@ -480,7 +492,7 @@ def test_a_time_and_a_duration_in_the_wrong_wire_type_are_no_value() -> None:
     common = b"\x2a" + delimited(odd) + b"\xba\x01" + delimited(odd)  # start_time = 5, duration = 23
     data = b"\x12" + delimited(b"\x0a" + delimited(wire(e) + b"\x0a" + delimited(common)))
     want = reference(data)
-    assert want is not None and want[0][9:] == (1_800_000_000.0, 5.0)
+    assert want is not None and want[0][9:11] == (1_800_000_000.0, 5.0)
     assert scanned(data) == want
 
 

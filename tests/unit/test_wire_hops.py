@@ -309,12 +309,13 @@ def test_the_receiver_reads_no_lazy_field_and_the_evaluator_reads_them_from_the_
     def lazy_set() -> list[list[str]]:
         return [[n for n in wire.ALS_LAZY if _is_set(h, n)] for h in originals]
 
-    # decoding set none but the times (the service graph reads every entry's duration) and a TCP
-    # entry's end (its flags and termination details: every rule judging a TCP entry reads them),
-    # all scanned with the eager fields
-    times = {"start", "duration_ms"}
-    tcp_end = times | {"response_flags", "connection_termination_details"}
-    want = [[n for n in wire.ALS_LAZY if n in (times if h.origin == ALS_HTTP else tcp_end)] for h in originals]
+    # decoding set none but the times (the service graph reads every entry's duration) and how it
+    # ended (its flags, and an HTTP entry's details or a TCP entry's termination details: the rules
+    # that judge a request by its end read them), all scanned with the eager fields
+    scanned = {"start", "duration_ms", "response_flags"}
+    http = scanned | {"response_code_details"}
+    tcp = scanned | {"connection_termination_details"}
+    want = [[n for n in wire.ALS_LAZY if n in (http if h.origin == ALS_HTTP else tcp)] for h in originals]
     assert lazy_set() == want
     batch = encode(originals)
     assert lazy_set() == want

@@ -23,7 +23,8 @@
  * peer certificate), method: str ("GET", ..., "OTHER"), request_id: str | None, path: str | None
  * (None when empty), trace_id: str | None (from the traceparent header, as decode._trace_of),
  * response_code: int, upstream_request_attempt_count: int, start: float (start_time's seconds +
- * nanos * 1e-9, not clamped), duration_ms: float | None (None: no duration)).
+ * nanos * 1e-9, not clamped), duration_ms: float | None (None: no duration), response_flags: int
+ * (as a TCP entry's), response_code_details: str).
  *
  * tcp_fields(data: bytes) -> list[tuple] | None, the same for TCP entries: (upstream_cluster,
  * tls_version, peer_uri, downstream_remote_address: str | None, upstream_local_address: str | None
@@ -72,6 +73,7 @@ typedef struct {
     int have_traceparent;
     Slice traceparent;
     uint32_t status;
+    Slice details; /* response_code_details */
     uint32_t attempts;
     Time start;       /* start_time (unset: 0 s 0 ns) */
     int has_duration; /* duration appeared (HasField), even empty */
@@ -234,9 +236,9 @@ static int scan_flags(Slice s, uint64_t *mask)
     return rc;
 }
 
-/* AccessLogCommon: tls_properties = 4, start_time = 5, upstream_cluster = 15, duration = 23,
- * upstream_request_attempt_count = 24; for TCP entries also downstream_remote_address = 2, upstream_local_address = 14,
- * response_flags = 16, connection_termination_details = 25 */
+/* AccessLogCommon: tls_properties = 4, start_time = 5, upstream_cluster = 15, response_flags = 16,
+ * duration = 23, upstream_request_attempt_count = 24; for TCP entries also
+ * downstream_remote_address = 2, upstream_local_address = 14, connection_termination_details = 25 */
 static int scan_common(Slice s, Entry *e)
 {
     Field f;
@@ -257,6 +259,9 @@ static int scan_common(Slice s, Entry *e)
                 return -1;
         } else if (f.num == 24 && f.wt == WT_VARINT) {
             e->attempts = (uint32_t)f.v;
+        } else if (f.num == 16 && f.wt == WT_LEN) {
+            if (scan_flags(f.s, &e->flags) < 0)
+                return -1;
         } else if (!e->tcp || f.wt != WT_LEN) {
             continue;
         } else if (f.num == 2) {
@@ -264,9 +269,6 @@ static int scan_common(Slice s, Entry *e)
                 return -1;
         } else if (f.num == 14) {
             if (scan_address(f.s, &e->local) < 0)
-                return -1;
-        } else if (f.num == 16) {
-            if (scan_flags(f.s, &e->flags) < 0)
                 return -1;
         } else if (f.num == 25) {
             e->termination = f.s;
@@ -327,6 +329,8 @@ static int scan_response(Slice s, Entry *e)
     int rc, rc2;
     FOR_FIELDS(s, f, rc)
     {
+        if (f.num == 6 && f.wt == WT_LEN)
+            e->details = f.s;
         if (f.num != 1 || f.wt != WT_LEN)
             continue;
         FOR_FIELDS(f.s, g, rc2)
@@ -343,7 +347,7 @@ static int scan_response(Slice s, Entry *e)
 static void entry_init(Entry *e, int tcp)
 {
     memset(e, 0, sizeof(*e));
-    e->cluster = e->peer = e->request_id = e->path = e->traceparent = e->termination = EMPTY;
+    e->cluster = e->peer = e->request_id = e->path = e->traceparent = e->termination = e->details = EMPTY;
     e->remote.ip = e->remote.path = e->local.ip = e->local.path = EMPTY;
     e->tcp = tcp;
 }
@@ -439,6 +443,7 @@ static const char *const TLS_NAMES[] = {"unknown", "TLSv1", "TLSv1.1", "TLSv1.2"
 static const char *const METHOD_NAMES[] = {"OTHER", "GET",     "HEAD",  "POST",  "PUT",
                                            "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"};
 static PyObject *tls_names[5], *method_names[10];
+static PyObject *empty_str;
 
 /* "TLSv1.3", ...; "unknown" for a version out of the enum's range; None for no tls_properties */
 static PyObject *tls_name(Entry *e)
@@ -523,9 +528,9 @@ fail:
     return -1;
 }
 
-static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
+static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer, Recent *details)
 {
-    PyObject *t = PyTuple_New(11);
+    PyObject *t = PyTuple_New(13);
     PyObject *v;
     if (t == NULL)
         return NULL;
@@ -539,6 +544,8 @@ static PyObject *entry_tuple(Entry *e, Recent *cluster, Recent *peer)
     SET(8, PyLong_FromUnsignedLong((unsigned long)e->attempts));
     SET(9, start_of(e));
     SET(10, duration_of(e));
+    SET(11, PyLong_FromUnsignedLongLong((unsigned long long)e->flags));
+    SET(12, recent_str(details, e->details));
     return t;
 fail:
     Py_DECREF(t);
@@ -611,7 +618,8 @@ static PyObject *malformed(void)
     return NULL;
 }
 
-#define NITEMS 11 /* the items of an HTTP entry's tuple */
+#define NITEMS 13 /* the items of an HTTP entry's tuple */
+#define FLAGS_ITEM 11 /* its response flags' mask, stored as flag_text(mask) */
 #define NFIXED 4  /* _e, origin, observer, observer_service */
 
 /* How fields_of makes a hop of each entry instead of a tuple (NULL: tuples). */
@@ -624,6 +632,7 @@ typedef struct {
     Py_ssize_t start;            /* the start's slot (HTTP item 9) */
     double earliest, latest;     /* a start outside: clamp(start) is stored instead */
     PyObject *clamp;
+    PyObject *flag_text;         /* decode.flag_text: a mask's text ("" for none: not called) */
     /* The direction and parties, set here when the caches answer (decode.decode_http's loop, for
      * the common cases): else the hop goes to pending, for Python to set them. */
     PyObject *clusters;   /* naming.CLUSTERS: cluster name -> (copy, direction, named service) */
@@ -722,7 +731,17 @@ static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *v = PyTuple_GET_ITEM(t, k);
         PyTuple_SET_ITEM(t, k, NULL); /* taken: the tuple is freed with NULL items */
-        if (mk->item[k] == mk->start) {
+        if (k == FLAGS_ITEM) {
+            /* a mask of bits 1-27 (scan_flags): 0 is no flag, "" */
+            int none = PyLong_AsUnsignedLongLong(v) == 0;
+            PyObject *text = none ? Py_NewRef(empty_str) : PyObject_CallOneArg(mk->flag_text, v);
+            Py_DECREF(v);
+            if (text == NULL) {
+                Py_DECREF(h);
+                return NULL;
+            }
+            v = text;
+        } else if (mk->item[k] == mk->start) {
             double when = PyFloat_AS_DOUBLE(v);
             if (!(mk->earliest <= when && when <= mk->latest)) {
                 PyObject *c = PyObject_CallOneArg(mk->clamp, v);
@@ -772,7 +791,7 @@ static PyObject *fields_of(PyObject *arg, uint32_t want, Maker *mk)
     Field f, g;
     int rc, rc2;
     Entry e;
-    Recent cluster = {EMPTY, NULL}, peer = {EMPTY, NULL};
+    Recent cluster = {EMPTY, NULL}, peer = {EMPTY, NULL}, details = {EMPTY, NULL};
     if (out == NULL)
         goto fail;
     FOR_FIELDS(msg, f, rc)
@@ -792,7 +811,7 @@ static PyObject *fields_of(PyObject *arg, uint32_t want, Maker *mk)
                 continue;
             if ((want == 2 ? scan_entry(g.s, &e) : scan_tcp_entry(g.s, &e)) < 0)
                 goto malformed;
-            PyObject *t = want == 2 ? entry_tuple(&e, &cluster, &peer) : tcp_tuple(&e, &cluster, &peer);
+            PyObject *t = want == 2 ? entry_tuple(&e, &cluster, &peer, &details) : tcp_tuple(&e, &cluster, &peer);
             if (t == NULL)
                 goto fail;
             if (mk != NULL) {
@@ -814,6 +833,7 @@ static PyObject *fields_of(PyObject *arg, uint32_t want, Maker *mk)
         goto malformed;
     Py_XDECREF(cluster.str);
     Py_XDECREF(peer.str);
+    Py_XDECREF(details.str);
     PyBuffer_Release(&view);
     if (member != want) {
         Py_DECREF(out);
@@ -825,6 +845,7 @@ malformed:
 fail:
     Py_XDECREF(cluster.str);
     Py_XDECREF(peer.str);
+    Py_XDECREF(details.str);
     Py_XDECREF(out);
     PyBuffer_Release(&view);
     return NULL;
@@ -842,26 +863,27 @@ static PyObject *tcp_fields(PyObject *self, PyObject *arg)
     return fields_of(arg, 3, NULL);
 }
 
-/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp[, caches, party,
- * pending]): the hops of the message's HTTP entries (None: it holds none), each a new cls
+/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp, flag_text[, caches,
+ * party, pending]): the hops of the message's HTTP entries (None: it holds none), each a new cls
  * (tp_alloc: its slots empty) whose slots items[k] (member descriptors) hold the tuple
  * http_fields gives, item by item, fixed[k] hold values[k], and index the entry's index in the
- * message; a start (item 9) outside [earliest, latest] is stored as clamp(start). With caches
+ * message; a start (item 9) outside [earliest, latest] is stored as clamp(start), the response
+ * flags' mask (item 11) as flag_text(mask) ("" for none). With caches
  * (clusters, principals, observer, default direction) the party slots (direction, src, dst,
  * conn) are set where they answer (``resolve``); the other hops are appended to pending. */
 static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
     Maker mk;
-    if (nargs != 9 && nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "http_hops takes 9 or 12 arguments");
+    if (nargs != 10 && nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "http_hops takes 10 or 13 arguments");
         return NULL;
     }
     PyObject *items = args[2], *fixed = args[3], *values = args[4];
     if (!PyType_Check(args[1]) || !PyTuple_Check(items) || PyTuple_GET_SIZE(items) != NITEMS ||
         !PyTuple_Check(fixed) || PyTuple_GET_SIZE(fixed) != NFIXED || !PyTuple_Check(values) ||
         PyTuple_GET_SIZE(values) != NFIXED) {
-        PyErr_SetString(PyExc_TypeError, "http_hops: a class, 11 item slots, 4 fixed slots and their 4 values");
+        PyErr_SetString(PyExc_TypeError, "http_hops: a class, 13 item slots, 4 fixed slots and their 4 values");
         return NULL;
     }
     mk.cls = (PyTypeObject *)args[1];
@@ -881,12 +903,13 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (PyErr_Occurred())
         return NULL;
     mk.clamp = args[8];
+    mk.flag_text = args[9];
     mk.clusters = NULL;
-    if (nargs == 12) {
-        PyObject *caches = args[9], *party = args[10];
+    if (nargs == 13) {
+        PyObject *caches = args[10], *party = args[11];
         if (!PyTuple_Check(caches) || PyTuple_GET_SIZE(caches) != 4 || !PyDict_Check(PyTuple_GET_ITEM(caches, 0)) ||
             !PyDict_Check(PyTuple_GET_ITEM(caches, 1)) || !PyLong_Check(PyTuple_GET_ITEM(caches, 3)) ||
-            !PyTuple_Check(party) || PyTuple_GET_SIZE(party) != 4 || !PyList_Check(args[11])) {
+            !PyTuple_Check(party) || PyTuple_GET_SIZE(party) != 4 || !PyList_Check(args[12])) {
             PyErr_SetString(PyExc_TypeError,
                             "http_hops: (clusters, principals, observer, default direction), 4 party slots, a list");
             return NULL;
@@ -898,7 +921,7 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
         mk.principals = PyTuple_GET_ITEM(caches, 1);
         mk.observer = PyTuple_GET_ITEM(caches, 2);
         mk.default_direction = PyTuple_GET_ITEM(caches, 3);
-        mk.pending = args[11];
+        mk.pending = args[12];
     }
     return fields_of(args[0], 2, &mk);
 }
@@ -909,7 +932,8 @@ static PyMethodDef methods[] = {
     {"tcp_fields", tcp_fields, METH_O,
      "tcp_fields(data) -> list of per-entry tuples, or None when the message holds no TCP entries"},
     {"http_hops", (PyCFunction)(void (*)(void))http_hops, METH_FASTCALL,
-     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp[, caches, party, pending]) "
+     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp, flag_text[, caches, party, "
+     "pending]) "
      "-> list of hops, or None"},
     {NULL, NULL, 0, NULL},
 };
@@ -930,5 +954,7 @@ PyMODINIT_FUNC PyInit__scan(void)
     for (int i = 0; i < 10; i++)
         if (method_names[i] == NULL && (method_names[i] = PyUnicode_InternFromString(METHOD_NAMES[i])) == NULL)
             return NULL;
+    if (empty_str == NULL && (empty_str = PyUnicode_FromString("")) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -572,7 +572,7 @@ class ScannedTcpHop(AlsTcpHop):
 
 # The lazy fields the decoders set at once (a TCP entry's attempts stay lazy: no rule reads them
 # but the service graph's, for an outbound TCP entry).
-SCANNED: Final = ("trace_id", "attempts", "start", "duration_ms")
+SCANNED: Final = ("trace_id", "attempts", "start", "duration_ms", "response_flags", "response_code_details")
 SCANNED_TCP: Final = ("trace_id", "start", "duration_ms", "response_flags", "connection_termination_details")
 for _name in SCANNED:
     setattr(ScannedHop, _name, Hop.__dict__[_name])
@@ -595,12 +595,15 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
 # What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, TLS version's name
 # (None: no tls_properties), peer URI SAN or None, method's name, request_id or None, path or None,
 # trace id or None, response code, upstream_request_attempt_count, start_time in epoch seconds (not
-# clamped: ``decode_http`` sets it when it is in range, else ``_start`` clamps and counts it on
-# first read), duration in ms or None; the last two are read by the service graph, exceptions and
-# windows, where a lazy read cost ~0.7 us an entry). The C scanner (``_scan.c``)
+# clamped: the decoder clamps and counts one out of range), duration in ms or None, response
+# flags (``_flag_mask``), response_code_details; the last four are read by the service graph,
+# exceptions, windows and the rules that judge a request by how it ended, where a lazy read
+# cost ~0.7 us an entry, several times that once its message is cold). The C scanner (``_scan.c``)
 # takes them from the message's bytes in one pass; ``read_http`` reads them through protobuf: the
 # reference the scanner must equal, and the way when the scanner is not built or declines a message.
-HttpFields = tuple[str, str | None, str | None, str, str | None, str | None, str | None, int, int, float, float | None]
+HttpFields = tuple[
+    str, str | None, str | None, str, str | None, str | None, str | None, int, int, float, float | None, int, str
+]
 
 
 def read_http(e: Any) -> HttpFields:
@@ -621,6 +624,8 @@ def read_http(e: Any) -> HttpFields:
         c.upstream_request_attempt_count,
         _raw_start(c),
         _duration_ms(c),
+        _flag_mask(c.response_flags) if _has(c, "response_flags") else 0,
+        e.response.response_code_details,
     )
 
 
@@ -702,7 +707,7 @@ _HTTP_SLOTS: Final = tuple(
     Hop.__dict__[n]
     for n in (
         "upstream_cluster", "tls_version", "peer_principal", "method", "request_id", "path", "trace_id", "status",
-        "attempts", "start", "duration_ms",
+        "attempts", "start", "duration_ms", "response_flags", "response_code_details",
     )
 )  # fmt: skip
 _MESSAGE_SLOTS: Final = (
@@ -729,8 +734,9 @@ def _http_hop(
     h.observer = node_id
     h.observer_service = observer
     h.upstream_cluster, h.tls_version, h.peer_principal, h.method, h.request_id, h.path = f[:6]
-    h.trace_id, h.status, h.attempts, start, h.duration_ms = f[6:]
+    h.trace_id, h.status, h.attempts, start, h.duration_ms, flags, h.response_code_details = f[6:]
     h.start = start if earliest <= start <= latest else _clamped_start(start)
+    h.response_flags = flag_text(flags)
     return h
 
 
@@ -759,7 +765,7 @@ def decode_http(
         caches = (clusters, principals, observer, default_direction)
         return SCANNER.http_hops(
             d, ScannedHop, _HTTP_SLOTS, _MESSAGE_SLOTS, fixed, _INDEX_SLOT, earliest, latest, _clamped_start,
-            caches, _PARTY_SLOTS, pending,
+            flag_text, caches, _PARTY_SLOTS, pending,
         )  # fmt: skip
 
     hops: list[ScannedHop] | None = _scanned(entries, data, scan if SCANNER is not None else None)
