@@ -256,9 +256,12 @@ class Meshaudit(Target):
         kafka: str | None = None,
         workers: int = 1,
         config: dict[str, Any] | None = None,
+        program: Path | None = None,
     ) -> Meshaudit:
-        if not MESHAUDIT.exists():
-            raise RuntimeError(f"{MESHAUDIT} is missing: run `make install`")
+        """``program``: another build's ``meshaudit`` (bench/ab.py), else this checkout's."""
+        exe = program or MESHAUDIT
+        if not exe.exists():
+            raise RuntimeError(f"{exe} is missing: run `make install`")
         alerts = s.log(f"{tag}.alerts.jsonl")
         alerts.unlink(missing_ok=True)
         cfg_path = s.log(f"{tag}.yaml")
@@ -266,7 +269,7 @@ class Meshaudit(Target):
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         gp, hp, mp = free_port(), free_port(), free_port()
         argv = [
-            *DAEMON_ARGV,
+            *([str(program)] if program else DAEMON_ARGV),
             "run",
             "--config",
             str(cfg_path),
