@@ -7,6 +7,7 @@ from typing import Any
 
 from meshaudit.config import Config, Policy
 from meshaudit.engine.core import Engine
+from meshaudit.engine.rules.plaintext_hop import PlaintextHop
 from meshaudit.engine.setup import build_engine
 from meshaudit.model import (
     ALS_HTTP,
@@ -151,6 +152,29 @@ def test_a_forwarded_request_id_pairs_each_call_with_its_own_destination() -> No
     assert rules(late) == ["plaintext_hop"] and late[0].source is ADDR
     assert e.corr.outbound_by_rid.get(("page-1", "reviews.default")) is FRONTEND
     assert e.corr.outbound_by_rid.get(("page-1", "ratings.default")) is None
+
+
+def test_a_plaintext_hops_wait_leaves_nothing_behind() -> None:
+    # A waiting hop is found by its request id or its client socket; every way its wait ends
+    # (paired by either key, expired, evicted) forgets both keys: nothing is kept past the wait.
+    e = engine()
+    rule = next(r for r in e.rules if isinstance(r, PlaintextHop))
+    paired = Hop(ALS_HTTP, NODE_REVIEWS, REVIEWS, INBOUND, ADDR, REVIEWS, T0, method="GET", path="/reviews/1",
+                 request_id="by-rid", conn="10.0.0.9:4000", upstream_cluster="inbound|9080||")  # fmt: skip
+    expiring = Hop(ALS_TCP, NODE_REVIEWS, REVIEWS, INBOUND, ADDR, REVIEWS, T0, conn="10.0.0.9:4001")
+    assert e.evaluate([paired, expiring], T0) == []
+    assert (len(rule.by_rid), len(rule.by_conn)) == (1, 2)
+    got = e.evaluate([outbound(rid="by-rid")], T0 + 0.5)
+    assert rules(got) == ["plaintext_hop"] and got[0].source is FRONTEND
+    assert (len(rule.by_rid), len(rule.by_conn)) == (0, 1)  # the paired hop's socket went with it
+    assert rules(e.tick(T0 + 1.6)) == ["plaintext_hop"]  # the other waited its 1.5 s
+    assert (len(rule.by_rid), len(rule.by_conn), len(rule.pending)) == (0, 0, 0)
+    cfg = Config.model_validate({"engine": {"store_max_items": 100}})  # a share of 12 per observer
+    small = build_engine(cfg, POLICY)  # a 13th waiting hop of one observer evicts its first
+    rule = next(r for r in small.rules if isinstance(r, PlaintextHop))
+    flood = [Hop(ALS_TCP, NODE_REVIEWS, REVIEWS, INBOUND, ADDR, REVIEWS, T0, conn=f"10.0.0.9:{p}") for p in range(13)]
+    small.evaluate(flood, T0)
+    assert len(rule.pending) == len(rule.by_conn) == 12 and "10.0.0.9:0" not in rule.by_conn
 
 
 def test_plaintext_tcp_paired_by_connection() -> None:

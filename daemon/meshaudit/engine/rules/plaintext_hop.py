@@ -16,7 +16,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
-from meshaudit.engine.store import TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, Hop, Identity
 
 
@@ -38,20 +37,19 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
         self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired, self._evicted)
-        # Waiting hops by the keys a client sidecar's entry will carry; same TTL as pending, and
-        # an entry goes with its hop when that is evicted (a flood of waiting hops from one
-        # observer would otherwise fill these and evict another observer's keys). By (request id,
-        # destination key): forwarded request ids are shared by a page's calls.
-        self.by_rid: TTLStore[tuple[str, str], int] = TTLStore("plaintext_pending_by_request_id", 0.0, ctx.max_items)
-        self.by_conn: TTLStore[str, int] = TTLStore("plaintext_pending_by_conn", 0.0, ctx.max_items)
-        self.store(self.by_rid)
-        self.store(self.by_conn)
+        # Waiting hops (their key in pending) by the keys a client sidecar's entry will carry. By
+        # (request id, destination key): forwarded request ids are shared by a page's calls. An
+        # entry goes with its hop (attributed, expired, evicted or released), so these hold at
+        # most what pending holds: plain dicts, not stores with their own expiry (which cost as
+        # much again as pending's, ~2 % of the daemon's time under load).
+        self.by_rid: dict[tuple[str, str], int] = {}
+        self.by_conn: dict[str, int] = {}
         self._seq = 0
         self.configure()
 
     def configure(self) -> None:
         self.wait = self.cfg.attribution_wait_ms / 1000
-        self.pending.ttl = self.by_rid.ttl = self.by_conn.ttl = self.wait
+        self.pending.ttl = self.wait
 
     def _check(self, h: Hop, src: Identity) -> None:
         if not self.exempt(src, h.dst, h):
@@ -64,7 +62,7 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
     def on_hops(self, hops: list[Hop], now: float) -> None:
         corr = self.ctx.corr
         pending = self.pending
-        waiting_rids, waiting_conns = self.by_rid.keys(), self.by_conn.keys()
+        waiting_rids, waiting_conns = self.by_rid, self.by_conn
         for h in hops:
             if h.direction == OUTBOUND:
                 # a client sidecar's entry of a waiting hop? (a membership test: most are not)
@@ -84,41 +82,51 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
                     self._seq += 1
                     pending.park(self._seq, h, now)
                     if h.request_id:
-                        self.by_rid.put((h.request_id, h.dst.key), self._seq, now)
+                        self.by_rid[h.request_id, h.dst.key] = self._seq
                     if h.conn:
-                        self.by_conn.put(h.conn, self._seq, now)
+                        self.by_conn[h.conn] = self._seq
                     continue
                 src = h.src
             self._check(h, src)
 
     def _attribute(self, out: Hop) -> None:
         """A client sidecar's entry names the source of a waiting plaintext hop."""
-        key = self.by_rid.pop((out.request_id, out.dst.key)) if out.request_id else None
+        key = self.by_rid.get((out.request_id, out.dst.key)) if out.request_id else None
         if key is None and out.conn:
-            key = self.by_conn.pop(out.conn)
+            key = self.by_conn.get(out.conn)
         if key is not None:
             h = self.pending.pop(key)
             if h is not None:
+                self._forget_keys(key, h)
                 self._check(h, out.src)
+            else:  # not waiting (every way out of pending forgets its keys: never, but never kept)
+                if out.request_id:
+                    self.by_rid.pop((out.request_id, out.dst.key), None)
+                if out.conn:
+                    self.by_conn.pop(out.conn, None)
 
     def _expired(self, key: int, h: Hop, now: float) -> None:
+        self._forget_keys(key, h)
         if self.ctx.peers:  # the client's entry may have reached another worker: ask first
             q = PeerQuery(h.request_id, None, h.dst.key, h.start, h.conn, None)
             self.ctx.deferred.append(Deferred(self, h, q))
         else:
             self._check(h, h.src)
 
-    def _evicted(self, key: int, h: Hop) -> None:
+    def _forget_keys(self, key: int, h: Hop) -> None:
+        """A waiting hop's wait ended (``key``: its key in pending): its entries by request id and
+        by socket go, unless a later hop's took their place."""
         pair = (h.request_id, h.dst.key) if h.request_id else None
         if pair and self.by_rid.get(pair) == key:
-            self.by_rid.pop(pair)
+            del self.by_rid[pair]
         if h.conn and self.by_conn.get(h.conn) == key:
-            self.by_conn.pop(h.conn)
+            del self.by_conn[h.conn]
+
+    def _evicted(self, key: int, h: Hop) -> None:
+        self._forget_keys(key, h)
 
     def finish(self, hop: Hop, answer: PeerAnswer) -> None:
         self._check(hop, answer.source or hop.src)
 
     def on_tick(self, now: float) -> None:
         self.pending.expire(now)
-        self.by_rid.expire(now)
-        self.by_conn.expire(now)
