@@ -751,9 +751,10 @@ def decode_http(
     earliest, latest = now - MAX_PAST_SECS, now + MAX_FUTURE_SECS  # a start outside is clamped (counted)
 
     # Each entry's hop with the fields every rule reads set (a ScannedHop: see SCANNED), made by
-    # the scanner, else of the fields read through protobuf; its direction and parties below.
-    # The scanner also sets the direction and parties where the caches answer (as this function's
-    # loop would: the scanner's equality tests compare the two ways); the rest are left to it.
+    # the scanner, else of the fields read through protobuf. The scanner also sets its direction
+    # and parties where the caches answer (as the loop below would: the scanner's tests compare
+    # the two ways); the loop sets them for the others (``pending``: every hop read through
+    # protobuf).
     default_direction = ctx.default_direction
     clusters = CLUSTERS
     principals = namer.principals
