@@ -334,7 +334,7 @@ def made(data: bytes) -> list[Any] | None:
     """The scanner's hops of a message's HTTP entries (every start in range)."""
     out: list[Any] | None = scan.http_hops(
         data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None), decode._INDEX_SLOT,
-        -1e300, 1e300, float, flag_text,
+        -1e300, 1e300, flag_text,
     )  # fmt: skip
     return out
 
@@ -351,7 +351,7 @@ def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
     # class (or one of its bases) is refused before any hop is made.
     data = wire(als.http_message([als.inbound_http("frontend", path="/a")], als.identifier("reviews")))
     args = [data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, ([], 1, "n", None)]
-    tail = [decode._INDEX_SLOT, 0.0, 1e300, float, flag_text]
+    tail = [decode._INDEX_SLOT, 0.0, 1e300, flag_text]
     [h] = scan.http_hops(*args, *tail)
     assert h.path == "/a" and h._i == 0 and h.origin == 1 and h.observer == "n"
 
@@ -363,9 +363,10 @@ def test_the_hop_maker_writes_only_slots_of_the_hops_class() -> None:
             scan.http_hops(data, decode.ScannedHop, (bad, *decode._HTTP_SLOTS[1:]), *args[3:], *tail)
     with pytest.raises(TypeError):
         scan.http_hops(data, decode.ScannedHop, decode._HTTP_SLOTS[1:], *args[3:], *tail)
-    # an out-of-range start is what the clamp gives
-    [h] = scan.http_hops(*args, decode._INDEX_SLOT, 0.0, 1.0, lambda t: -1.0, flag_text)
-    assert h.start == -1.0
+    # a start out of range is left to the hop's lazy read (which clamps and counts it)
+    [h] = scan.http_hops(*args, decode._INDEX_SLOT, 0.0, 1.0, flag_text)
+    with pytest.raises(AttributeError):
+        Hop.__dict__["start"].__get__(h)
 
 
 def test_the_scanner_names_the_parties_where_the_caches_answer() -> None:
@@ -387,7 +388,7 @@ def test_the_scanner_names_the_parties_where_the_caches_answer() -> None:
     fixed = (m.http_logs.log_entry, 1, "n", ctx.observer)
     made_ = scan.http_hops(
         data, decode.ScannedHop, decode._HTTP_SLOTS, decode._MESSAGE_SLOTS, fixed, decode._INDEX_SLOT, -1e300, 1e300,
-        float, flag_text, caches, decode._PARTY_SLOTS, pending,
+        flag_text, caches, decode._PARTY_SLOTS, pending,
     )  # fmt: skip
     assert [h.path for h in pending] == ["/b"]
     for h, g in zip(made_[:2], first[:2], strict=True):
@@ -500,8 +501,9 @@ def test_a_time_and_a_duration_in_the_wrong_wire_type_are_no_value() -> None:
 @settings(max_examples=150, deadline=None)
 def test_a_hops_start_and_duration_are_what_reading_its_entry_gives(es: list[Any]) -> None:
     # Set at decode (the service graph reads every entry's duration, an exception's count its
-    # start): the values the entry's lazy read gives; a start out of range is the time of the
-    # decode, counted there once.
+    # start): the values the entry's lazy read gives. A start out of range (or unset, as a
+    # synthetic client may send it) is left to the hop's first read, which clamps it to the time
+    # of the read and counts it, as before: an entry nothing reads the start of is not counted.
     tcp = [x for x in es if isinstance(x, TcpEntry)]
     http = [x for x in es if not isinstance(x, TcpEntry)]
     clamped = metrics.REJECTED.labels("envoy_als", "clamped_time")
@@ -512,19 +514,20 @@ def test_a_hops_start_and_duration_are_what_reading_its_entry_gives(es: list[Any
         data = wire(m)
         kind = m.WhichOneof("log_entries")
         sent = list(getattr(m, kind).log_entry) if kind else []
-        before = clamped._value.get()
         t0 = time.time()
+        before = clamped._value.get()
         got = hops(data, True)
-        out_of_range = 0
+        assert clamped._value.get() == before  # nothing counted at decode
         for h, e in zip(got, sent, strict=True):
             assert h.duration_ms == lazy["duration_ms"](e)
             t = decode._raw_start(e.common_properties)
+            before = clamped._value.get()
             if t0 - decode.MAX_PAST_SECS <= t <= t0 + decode.MAX_FUTURE_SECS:
                 assert h.start == t == lazy["start"](e)
+                assert clamped._value.get() == before
             else:
-                out_of_range += 1
                 assert t0 <= h.start <= time.time()
-        assert clamped._value.get() == before + out_of_range
+                assert clamped._value.get() == before + 1
 
 
 @pytest.mark.parametrize("secs,ns", [(417_612_917_817, 247_891_063), (-686_293_018_323, 523_832_096)])

@@ -630,8 +630,7 @@ typedef struct {
     PyObject *values[NFIXED];    /* (borrowed) their values */
     Py_ssize_t index;            /* the slot of the entry's index in its message */
     Py_ssize_t start;            /* the start's slot (HTTP item 9) */
-    double earliest, latest;     /* a start outside: clamp(start) is stored instead */
-    PyObject *clamp;
+    double earliest, latest;     /* a start outside is not stored: clamped (and counted) when read */
     PyObject *flag_text;         /* decode.flag_text: a mask's text ("" for none: not called) */
     /* The direction and parties, set here when the caches answer (decode.decode_http's loop, for
      * the common cases): else the hop goes to pending, for Python to set them. */
@@ -744,13 +743,8 @@ static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
         } else if (mk->item[k] == mk->start) {
             double when = PyFloat_AS_DOUBLE(v);
             if (!(mk->earliest <= when && when <= mk->latest)) {
-                PyObject *c = PyObject_CallOneArg(mk->clamp, v);
-                Py_DECREF(v);
-                if (c == NULL) {
-                    Py_DECREF(h);
-                    return NULL;
-                }
-                v = c;
+                Py_DECREF(v); /* the slot stays empty: the hop's lazy read clamps and counts it */
+                continue;
             }
         }
         put_slot(h, mk->item[k], v);
@@ -863,11 +857,12 @@ static PyObject *tcp_fields(PyObject *self, PyObject *arg)
     return fields_of(arg, 3, NULL);
 }
 
-/* http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp, flag_text[, caches,
+/* http_hops(data, cls, items, fixed, values, index, earliest, latest, flag_text[, caches,
  * party, pending]): the hops of the message's HTTP entries (None: it holds none), each a new cls
  * (tp_alloc: its slots empty) whose slots items[k] (member descriptors) hold the tuple
  * http_fields gives, item by item, fixed[k] hold values[k], and index the entry's index in the
- * message; a start (item 9) outside [earliest, latest] is stored as clamp(start), the response
+ * message; a start (item 9) outside [earliest, latest] is left unset (the hop's class reads it
+ * lazily: clamped and counted then, as an entry read through protobuf), the response
  * flags' mask (item 11) as flag_text(mask) ("" for none). With caches
  * (clusters, principals, observer, default direction) the party slots (direction, src, dst,
  * conn) are set where they answer (``resolve``); the other hops are appended to pending. */
@@ -875,8 +870,8 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
 {
     (void)self;
     Maker mk;
-    if (nargs != 10 && nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "http_hops takes 10 or 13 arguments");
+    if (nargs != 9 && nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "http_hops takes 9 or 12 arguments");
         return NULL;
     }
     PyObject *items = args[2], *fixed = args[3], *values = args[4];
@@ -902,14 +897,13 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
     mk.latest = PyFloat_AsDouble(args[7]);
     if (PyErr_Occurred())
         return NULL;
-    mk.clamp = args[8];
-    mk.flag_text = args[9];
+    mk.flag_text = args[8];
     mk.clusters = NULL;
-    if (nargs == 13) {
-        PyObject *caches = args[10], *party = args[11];
+    if (nargs == 12) {
+        PyObject *caches = args[9], *party = args[10];
         if (!PyTuple_Check(caches) || PyTuple_GET_SIZE(caches) != 4 || !PyDict_Check(PyTuple_GET_ITEM(caches, 0)) ||
             !PyDict_Check(PyTuple_GET_ITEM(caches, 1)) || !PyLong_Check(PyTuple_GET_ITEM(caches, 3)) ||
-            !PyTuple_Check(party) || PyTuple_GET_SIZE(party) != 4 || !PyList_Check(args[12])) {
+            !PyTuple_Check(party) || PyTuple_GET_SIZE(party) != 4 || !PyList_Check(args[11])) {
             PyErr_SetString(PyExc_TypeError,
                             "http_hops: (clusters, principals, observer, default direction), 4 party slots, a list");
             return NULL;
@@ -921,7 +915,7 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
         mk.principals = PyTuple_GET_ITEM(caches, 1);
         mk.observer = PyTuple_GET_ITEM(caches, 2);
         mk.default_direction = PyTuple_GET_ITEM(caches, 3);
-        mk.pending = args[12];
+        mk.pending = args[11];
     }
     return fields_of(args[0], 2, &mk);
 }
@@ -932,7 +926,7 @@ static PyMethodDef methods[] = {
     {"tcp_fields", tcp_fields, METH_O,
      "tcp_fields(data) -> list of per-entry tuples, or None when the message holds no TCP entries"},
     {"http_hops", (PyCFunction)(void (*)(void))http_hops, METH_FASTCALL,
-     "http_hops(data, cls, items, fixed, values, index, earliest, latest, clamp, flag_text[, caches, party, "
+     "http_hops(data, cls, items, fixed, values, index, earliest, latest, flag_text[, caches, party, "
      "pending]) "
      "-> list of hops, or None"},
     {NULL, NULL, 0, NULL},

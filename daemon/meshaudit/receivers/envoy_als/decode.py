@@ -177,23 +177,19 @@ def _duration_ms(c: Any) -> float | None:
 
 
 def _start(e: Any) -> float:
-    t = _raw_start(e.common_properties)
+    c = e.common_properties
+    t = _raw_start(c)
     now = time.time()
     if now - MAX_PAST_SECS <= t <= now + MAX_FUTURE_SECS:
         return t
-    return _clamped_start(t)
-
-
-def _clamped_start(t: float) -> float:
-    """The time used for an entry whose start_time ``t`` is out of range: now (counted, logged)."""
     _clamped.inc()
     _bad_input.warning(
         "clamped_time",
-        "An access-log entry's start_time (%.0f s) is more than ten years before or a day after now; "
+        "An access-log entry's start_time (%d s) is more than ten years before or a day after now; "
         'its receive time is used instead (counted in meshaudit_rejected_total{reason="clamped_time"}).',
-        t,
+        c.start_time.seconds,
     )
-    return time.time()
+    return now
 
 
 def _local_principal(e: Any) -> str | None:
@@ -570,10 +566,12 @@ class ScannedTcpHop(AlsTcpHop):
     __slots__ = ()
 
 
-# The lazy fields the decoders set at once (a TCP entry's attempts stay lazy: no rule reads them
-# but the service graph's, for an outbound TCP entry).
-SCANNED: Final = ("trace_id", "attempts", "start", "duration_ms", "response_flags", "response_code_details")
-SCANNED_TCP: Final = ("trace_id", "start", "duration_ms", "response_flags", "connection_termination_details")
+# The lazy fields the decoders always set (plain slots of their hops' classes). A TCP entry's
+# attempts stay lazy (only the service graph reads them, of an outbound TCP entry), and so does
+# ``start``: set at decode too, but only when in range, so that an entry whose start_time is not
+# (or is unset, as a synthetic client may send it) is clamped and counted only if read, as before.
+SCANNED: Final = ("trace_id", "attempts", "duration_ms", "response_flags", "response_code_details")
+SCANNED_TCP: Final = ("trace_id", "duration_ms", "response_flags", "connection_termination_details")
 for _name in SCANNED:
     setattr(ScannedHop, _name, Hop.__dict__[_name])
 for _name in SCANNED_TCP:
@@ -735,7 +733,8 @@ def _http_hop(
     h.observer_service = observer
     h.upstream_cluster, h.tls_version, h.peer_principal, h.method, h.request_id, h.path = f[:6]
     h.trace_id, h.status, h.attempts, start, h.duration_ms, flags, h.response_code_details = f[6:]
-    h.start = start if earliest <= start <= latest else _clamped_start(start)
+    if earliest <= start <= latest:  # else read (clamped, counted) on first use
+        h.start = start
     h.response_flags = flag_text(flags)
     return h
 
@@ -748,7 +747,7 @@ def decode_http(
     node_id = ctx.node_id
     observer = ctx.observer
     now = time.time()
-    earliest, latest = now - MAX_PAST_SECS, now + MAX_FUTURE_SECS  # a start outside is clamped (counted)
+    earliest, latest = now - MAX_PAST_SECS, now + MAX_FUTURE_SECS  # a start outside: clamped when read
 
     # Each entry's hop with the fields every rule reads set (a ScannedHop: see SCANNED), made by
     # the scanner, else of the fields read through protobuf. The scanner also sets its direction
@@ -765,8 +764,8 @@ def decode_http(
         fixed = (entries, ALS_HTTP, node_id, observer)
         caches = (clusters, principals, observer, default_direction)
         return SCANNER.http_hops(
-            d, ScannedHop, _HTTP_SLOTS, _MESSAGE_SLOTS, fixed, _INDEX_SLOT, earliest, latest, _clamped_start,
-            flag_text, caches, _PARTY_SLOTS, pending,
+            d, ScannedHop, _HTTP_SLOTS, _MESSAGE_SLOTS, fixed, _INDEX_SLOT, earliest, latest, flag_text, caches,
+            _PARTY_SLOTS, pending,
         )  # fmt: skip
 
     hops: list[ScannedHop] | None = _scanned(entries, data, scan if SCANNER is not None else None)
@@ -854,6 +853,7 @@ def decode_tcp(
         # how it ended: route_mismatch and authz_denied read both of every TCP entry
         h.response_flags = flag_text(flags)
         h.connection_termination_details = details
-        h.start = start if earliest <= start <= latest else _clamped_start(start)
+        if earliest <= start <= latest:  # else read (clamped, counted) on first use
+            h.start = start
         h.duration_ms = ms
         append(h)
