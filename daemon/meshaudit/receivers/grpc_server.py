@@ -67,7 +67,7 @@ class _Bad:
 class Received(NamedTuple):
     """A decoded request message and its wire bytes: their size bounds the ingest queue (asking
     protobuf for the size again would cost as much as parsing it), and the ALS and OTLP trace
-    receivers scan them for the fields every rule reads (``envoy_als.decode.http_fields``,
+    receivers scan them for the fields every rule reads (``envoy_als.decode.decode_http``,
     ``otlp.decode.span_fields``)."""
 
     msg: Any

@@ -593,7 +593,7 @@ def _outbound_fallback(e: Any, direction: int, cluster: str, authority: str | No
 # What decode_http reads of every HTTP entry, as a tuple: (upstream_cluster, TLS version's name
 # (None: no tls_properties), peer URI SAN or None, method's name, request_id or None, path or None,
 # trace id or None, response code, upstream_request_attempt_count, start_time in epoch seconds (not
-# clamped: the decoder clamps and counts one out of range), duration in ms or None, response
+# clamped: the decoder leaves one out of range to the hop's lazy read), duration in ms or None, response
 # flags (``_flag_mask``), response_code_details; the last four are read by the service graph,
 # exceptions, windows and the rules that judge a request by how it ended, where a lazy read
 # cost ~0.7 us an entry, several times that once its message is cold). The C scanner (``_scan.c``)
@@ -685,15 +685,9 @@ def _scanned(entries: Sequence[Any], data: bytes | None, scan: Callable[[bytes],
     return None
 
 
-def http_fields(entries: Sequence[Any], data: bytes | None) -> list[HttpFields]:
-    """``HttpFields`` of each entry of a message (``entries``: its parsed ``http_logs.log_entry``;
-    ``data``: its wire bytes, which upb parsed into ``entries``)."""
-    got = _scanned(entries, data, SCANNER.http_fields if SCANNER is not None else None)
-    return got if got is not None else [read_http(e) for e in entries]
-
-
 def tcp_fields(entries: Sequence[Any], data: bytes | None) -> list[TcpFields]:
-    """``TcpFields`` of each entry of a message, as ``http_fields``."""
+    """``TcpFields`` of each entry of a message (``entries``: its parsed ``tcp_logs.log_entry``;
+    ``data``: its wire bytes, which upb parsed into ``entries``)."""
     got = _scanned(entries, data, SCANNER.tcp_fields if SCANNER is not None else None)
     return got if got is not None else [read_tcp(e) for e in entries]
 
@@ -742,8 +736,8 @@ def _http_hop(
 def decode_http(
     entries: Sequence[Any], ctx: StreamContext, namer: Namer, out: list[Hop], data: bytes | None = None
 ) -> None:
-    """Hops of a message's HTTP entries (``data``: the message's wire bytes, see ``http_fields``;
-    None: read through protobuf)."""
+    """Hops of a message's HTTP entries (``data``: the message's wire bytes, which upb parsed into
+    ``entries``; None: read through protobuf)."""
     node_id = ctx.node_id
     observer = ctx.observer
     now = time.time()
