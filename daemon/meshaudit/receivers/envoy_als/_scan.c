@@ -619,6 +619,7 @@ static PyObject *malformed(void)
 }
 
 #define NITEMS 13 /* the items of an HTTP entry's tuple */
+#define START_ITEM 9  /* its start: not stored when out of range */
 #define FLAGS_ITEM 11 /* its response flags' mask, stored as flag_text(mask) */
 #define NFIXED 4  /* _e, origin, observer, observer_service */
 
@@ -629,7 +630,6 @@ typedef struct {
     Py_ssize_t fixed[NFIXED];    /* the slots set alike on every hop of the message */
     PyObject *values[NFIXED];    /* (borrowed) their values */
     Py_ssize_t index;            /* the slot of the entry's index in its message */
-    Py_ssize_t start;            /* the start's slot (HTTP item 9) */
     double earliest, latest;     /* a start outside is not stored: clamped (and counted) when read */
     PyObject *flag_text;         /* decode.flag_text: a mask's text ("" for none: not called) */
     /* The direction and parties, set here when the caches answer (decode.decode_http's loop, for
@@ -642,9 +642,37 @@ typedef struct {
     PyObject *pending;    /* a list */
 } Maker;
 
-enum { UNKNOWN = 0, INBOUND = 1 }; /* meshaudit.model's directions */
+/* The offset of the object slot a __slots__ member descriptor of a base of cls stands for. */
+static int slot_offset(PyObject *d, PyTypeObject *cls, Py_ssize_t *out)
+{
+    if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyErr_SetString(PyExc_TypeError, "a slot is given by its member descriptor (Class.__dict__[name])");
+        return -1;
+    }
+    PyMemberDescrObject *m = (PyMemberDescrObject *)d;
+    if (m->d_member->type != T_OBJECT_EX || (m->d_member->flags & READONLY) ||
+        !PyType_IsSubtype(cls, m->d_common.d_type)) {
+        PyErr_SetString(PyExc_TypeError, "not a writable object slot of the hop's class");
+        return -1;
+    }
+    *out = m->d_member->offset;
+    return 0;
+}
 
-static inline void put_slot(PyObject *h, Py_ssize_t off, PyObject *v);
+/* Store a new reference into the (still empty) slot at offset off of h. */
+static inline void put_slot(PyObject *h, Py_ssize_t off, PyObject *v)
+{
+    PyObject **at = (PyObject **)((char *)h + off);
+    Py_XSETREF(*at, v);
+}
+
+/* The (borrowed) value of the slot at offset off of h; NULL when empty. */
+static inline PyObject *slot_value(PyObject *h, Py_ssize_t off)
+{
+    return *(PyObject **)((char *)h + off);
+}
+
+enum { UNKNOWN = 0, INBOUND = 1 }; /* meshaudit.model's directions */
 
 /* Set h's direction, src, dst and conn as decode.decode_http does when the caches answer
  * (cluster known; inbound with a known peer certificate; outbound to a named service with a
@@ -696,30 +724,6 @@ static int resolve(PyObject *h, Maker *mk, PyObject *cluster, PyObject *peer, Py
     return 1;
 }
 
-/* The offset of the object slot a __slots__ member descriptor of a base of cls stands for. */
-static int slot_offset(PyObject *d, PyTypeObject *cls, Py_ssize_t *out)
-{
-    if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-        PyErr_SetString(PyExc_TypeError, "a slot is given by its member descriptor (Class.__dict__[name])");
-        return -1;
-    }
-    PyMemberDescrObject *m = (PyMemberDescrObject *)d;
-    if (m->d_member->type != T_OBJECT_EX || (m->d_member->flags & READONLY) ||
-        !PyType_IsSubtype(cls, m->d_common.d_type)) {
-        PyErr_SetString(PyExc_TypeError, "not a writable object slot of the hop's class");
-        return -1;
-    }
-    *out = m->d_member->offset;
-    return 0;
-}
-
-/* Store a new reference into the (still empty) slot at offset off of h. */
-static inline void put_slot(PyObject *h, Py_ssize_t off, PyObject *v)
-{
-    PyObject **at = (PyObject **)((char *)h + off);
-    Py_XSETREF(*at, v);
-}
-
 /* An entry's hop, made of its tuple t (whose items it takes) and the fixed slots. */
 static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
 {
@@ -740,7 +744,7 @@ static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
                 return NULL;
             }
             v = text;
-        } else if (mk->item[k] == mk->start) {
+        } else if (k == START_ITEM) {
             double when = PyFloat_AS_DOUBLE(v);
             if (!(mk->earliest <= when && when <= mk->latest)) {
                 Py_DECREF(v); /* the slot stays empty: the hop's lazy read clamps and counts it */
@@ -758,11 +762,8 @@ static PyObject *hop_of(PyObject *t, Py_ssize_t i, Maker *mk)
     }
     put_slot(h, mk->index, idx);
     if (mk->clusters != NULL) {
-        PyObject **at = (PyObject **)((char *)h + mk->item[0]);
-        PyObject *cluster = at[0];
-        PyObject *peer = *(PyObject **)((char *)h + mk->item[2]);
-        PyObject *rid = *(PyObject **)((char *)h + mk->item[4]);
-        int r = resolve(h, mk, cluster, peer, rid);
+        PyObject *cluster = slot_value(h, mk->item[0]), *peer = slot_value(h, mk->item[2]);
+        int r = resolve(h, mk, cluster, peer, slot_value(h, mk->item[4]));
         if (r < 0 || (r == 0 && PyList_Append(mk->pending, h) < 0)) {
             Py_DECREF(h);
             return NULL;
@@ -892,7 +893,6 @@ static PyObject *http_hops(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     if (slot_offset(args[5], mk.cls, &mk.index) < 0)
         return NULL;
-    mk.start = mk.item[9];
     mk.earliest = PyFloat_AsDouble(args[6]);
     mk.latest = PyFloat_AsDouble(args[7]);
     if (PyErr_Occurred())
