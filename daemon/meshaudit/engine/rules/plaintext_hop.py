@@ -36,7 +36,7 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
-        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired, self._evicted)
+        self.pending = self.parking("plaintext_pending_attribution", 0.0, self._expired, self._forget_keys)
         # Waiting hops (their key in pending) by the keys a client sidecar's entry will carry. By
         # (request id, destination key): forwarded request ids are shared by a page's calls. An
         # entry goes with its hop (attributed, expired, evicted or released), so these hold at
@@ -121,9 +121,6 @@ class PlaintextHop(Rule[PlaintextHopConfig]):
             del self.by_rid[pair]
         if h.conn and self.by_conn.get(h.conn) == key:
             del self.by_conn[h.conn]
-
-    def _evicted(self, key: int, h: Hop) -> None:
-        self._forget_keys(key, h)
 
     def finish(self, hop: Hop, answer: PeerAnswer) -> None:
         self._check(hop, answer.source or hop.src)
