@@ -56,7 +56,8 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
         self.edges.windows.ttl = self.inbound_counted.ttl = self.window_secs
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
-        add = self.edges.add
+        plain: list[Hop] = []  # requests that did not fail: counted in one call
+        counted = plain.append
         for h in hops:
             d = h.direction
             if h.method is None:
@@ -67,11 +68,12 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
                 continue
             status: int = h.status
             if 0 < status < 500:  # failed()'s first test, inlined: nearly every request
-                add(h.src, h.dst, h, now, 1, 0)
+                counted(h)
             elif failed(h) and not self.exempt(h.src, h.dst, h):
-                add(h.src, h.dst, h, now, 1, 1)
+                self.edges.add(h.src, h.dst, h, now, 1, 1)
             else:
-                add(h.src, h.dst, h, now, 1, 0)
+                counted(h)
+        self.edges.count(plain, now)
 
     def _no_client_sidecar(self, h: Hop, now: float) -> bool:
         """An inbound entry counts when no client sidecar logged the request (its outbound entry

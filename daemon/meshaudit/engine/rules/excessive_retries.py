@@ -55,7 +55,8 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
         self.edges.windows.ttl = self.window_secs
 
     def on_hops(self, hops: list[Hop], now: float) -> None:
-        add = self.edges.add
+        plain: list[Hop] = []  # requests with no retry: counted in one call
+        counted = plain.append
         for h in hops:
             if h.direction != OUTBOUND or h.method is None:
                 continue
@@ -64,12 +65,13 @@ class ExcessiveRetries(Rule[ExcessiveRetriesConfig]):
             except AttributeError:  # a lazy field not read yet
                 attempts = h.attempts
             if attempts == 1:  # nearly every request: no retry
-                add(h.src, h.dst, h, now, 1, 0)
+                counted(h)
                 continue
             n = retries_of(h)
             if n and self.exempt(h.src, h.dst, h):
                 n = 0  # an exempted request still counts as a request
-            add(h.src, h.dst, h, now, 1, n)
+            self.edges.add(h.src, h.dst, h, now, 1, n)
+        self.edges.count(plain, now)
 
     def _judge(self, w: Window, final: bool) -> None:
         retries, requests = w.hits, w.total
