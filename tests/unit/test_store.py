@@ -5,6 +5,7 @@ it dropped (the store gauges and eviction counters read ``len``, ``expired`` and
 
 from __future__ import annotations
 
+import pytest
 from meshaudit.engine.store import GenStore, PairStore
 
 T0 = 1_800_000_000.0
@@ -66,9 +67,11 @@ def test_a_group_over_its_share_rotates_alone_and_the_others_keep_their_pairs() 
     assert s.evicted_capacity == s.fair.evicted_by["flood"]
 
 
-def test_a_generational_store_with_owners_evicts_the_flooding_owner_first() -> None:
+@pytest.mark.parametrize("fingerprints", [False, True])
+def test_a_generational_store_with_owners_evicts_the_flooding_owner_first(fingerprints: bool) -> None:
     # The outbound index: request id -> the client sidecar that logged it (the value's owner).
-    s: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v)  # 40 per generation, share 10
+    # 40 per generation, share 10; the outbound indexes keep fingerprints (engine/fpmap.py).
+    s: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v, fingerprints=fingerprints)
     s.put("rid-real", "reviews-v1-1", T0)
     for i in range(5000):
         s.put(f"rid-{i}", "flood-9", T0 + 1)
@@ -77,7 +80,18 @@ def test_a_generational_store_with_owners_evicts_the_flooding_owner_first() -> N
     assert len(s) <= 80
     assert s.fair is not None and s.fair.evicted_by["flood-9"] >= 4900 and "reviews-v1-1" not in s.fair.evicted_by
     # Many owners within their shares: the store rotates whole, as without owners.
-    t: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v)
+    t: GenStore[str, str] = GenStore("t", 60, 80, owner=lambda v: v, fingerprints=fingerprints)
     for i in range(80):
         t.put(f"k{i}", f"owner{i % 8}", T0)
     assert t.evicted_capacity == 40 and t.fair is not None and t.fair.evicted_by == {}
+
+
+def test_a_store_of_fingerprints_has_no_keys_to_give() -> None:
+    s: GenStore[str, str] = GenStore("outbound_by_conn", 60, 80, owner=lambda v: v, fingerprints=True)
+    s.put("10.0.0.1:4242", "reviews-v1-1", T0)
+    assert "10.0.0.1:4242" in s and s.get("10.0.0.1:4242") == "reviews-v1-1" and len(s) == 1
+    with pytest.raises(TypeError, match="outbound_by_conn"):
+        s.items()
+    with pytest.raises(TypeError, match="outbound_by_conn"):
+        s.pop("10.0.0.1:4242")
+    assert s.expire(T0) == 0 and s.expire(T0 + 60) == 0 and s.expire(T0 + 120) == 1 and len(s) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshaudit.engine.fpmap import IdMap
 from meshaudit.engine.store import GenStore, PairStore
 from meshaudit.model import OUTBOUND, SPAN, Hop, Identity, slot_trace_id
 
@@ -59,11 +60,15 @@ class Correlation:
         # (request id, destination service key) -> the client. The destination is part of the key:
         # applications forward x-request-id (bookinfo's do), so every call a request causes
         # shares it, and only the destination tells them apart.
+        # Both outbound indexes keep a key's hash, not the key (``fingerprints``): a minute of
+        # request ids and sockets kept alive slowed every entry (engine/_fpmap.c).
         self.outbound_by_rid: GenStore[tuple[str, str], Identity] = GenStore(
-            "outbound_by_request_id", ttl, max_items, sidecar
+            "outbound_by_request_id", ttl, max_items, sidecar, fingerprints=True
         )
         # connection key -> outbound hop (pairs TCP entries, which have no request id)
-        self.outbound_by_conn: GenStore[str, Identity] = GenStore("outbound_by_conn", ttl, max_items, sidecar)
+        self.outbound_by_conn: GenStore[str, Identity] = GenStore(
+            "outbound_by_conn", ttl, max_items, sidecar, fingerprints=True
+        )
         # (observer service, request id) and (observer service, trace id) the access logs showed:
         # a span's access log (missing_access_log, and a peer's question with ``workers: N``).
         self.logged_rid: PairStore[str, str, bool] = PairStore("logged_request_ids", ttl, max_items)
@@ -121,8 +126,8 @@ class Correlation:
             self.index_logged_until = now + self.ttl
         logged = now < self.index_logged_until
         logged_rid, logged_trace = self.logged_rid, self.logged_trace
-        rids: dict[str, bool] = {}
-        traces: dict[str, Identity] = {}
+        rids: IdMap[str, bool] = {}  # the groups being written (placeholders until one is)
+        traces: IdMap[str, Identity] = {}
         nr = nt = added_r = added_t = 0
         last = None
         for h in hops:

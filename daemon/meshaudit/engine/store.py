@@ -24,8 +24,10 @@ generation of everyone's go. ``Parking`` (engine/api.py) enforces it at every in
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, KeysView
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from collections.abc import Callable, Hashable, Iterable, KeysView
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+
+from meshaudit.engine.fpmap import FingerprintMap, IdMap, new_map
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -163,20 +165,33 @@ class GenStore(Generic[K, V]):
     With ``owner`` (the observer a value came from) the store is shared fairly: when the current
     dict is full, the entries of every observer holding more than its share go first (counted in
     ``fair.evicted_by``), and the generation rotates only if that did not make room. Nothing is
-    added to a write: the owners are counted only when the store is full."""
+    added to a write: the owners are counted only when the store is full.
+
+    With ``fingerprints`` the generations are :mod:`meshaudit.engine.fpmap` maps, which keep a
+    key's 64-bit hash and not the key (for a store written per entry, whose keys would otherwise
+    stay alive for its TTL): two keys with one hash are one key, and the store has no ``items``
+    and no ``pop``."""
 
     __slots__ = (
-        "_cur", "_half", "_old", "_owner", "_rotated_at", "evicted_capacity", "expired", "fair", "max_items", "name",
-        "ttl",
+        "_cur", "_half", "_new", "_old", "_owner", "_rotated_at", "evicted_capacity", "expired", "fair", "max_items",
+        "name", "ttl",
     )  # fmt: skip
 
-    def __init__(self, name: str, ttl: float, max_items: int, owner: Callable[[V], str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        ttl: float,
+        max_items: int,
+        owner: Callable[[V], str] | None = None,
+        fingerprints: bool = False,
+    ) -> None:
         self.name = name
         self.ttl = ttl
         self.max_items = max_items
         self._half = max(1, max_items // 2)
-        self._cur: dict[K, V] = {}
-        self._old: dict[K, V] = {}
+        self._new: Callable[[], IdMap[K, V]] = new_map if fingerprints else dict
+        self._cur: IdMap[K, V] = self._new()
+        self._old: IdMap[K, V] = self._new()
         self._rotated_at: float | None = None
         self.expired = 0
         self.evicted_capacity = 0
@@ -199,11 +214,11 @@ class GenStore(Generic[K, V]):
         if len(cur) >= self._half:
             self._spill(now)
 
-    def writable(self) -> dict[K, V]:
+    def writable(self) -> IdMap[K, V]:
         """The current generation, for a batch of writes in place; call ``settle`` after."""
         return self._cur
 
-    def generations(self) -> tuple[dict[K, V], dict[K, V]]:
+    def generations(self) -> tuple[IdMap[K, V], IdMap[K, V]]:
         """(current, previous) dicts, for look-ups inlined in a per-entry loop (current first);
         valid until the next write through ``put``, ``settle`` or ``expire``."""
         return self._cur, self._old
@@ -220,10 +235,10 @@ class GenStore(Generic[K, V]):
             return
         self.evicted_capacity += len(self._old)
         self._old = self._cur
-        self._cur = {}
+        self._cur = self._new()
         self._rotated_at = now
 
-    def _held(self, *gens: dict[K, V]) -> tuple[Counter[str], dict[V, str]]:
+    def _held(self, *gens: IdMap[K, V]) -> tuple[Counter[str], dict[V, str]]:
         """Entries per owner in ``gens``, and each distinct value's owner. The values repeat
         (interned parties, one a sidecar): they are counted as they are, at C speed, and
         ``owner`` runs once a distinct value, not once an entry (an f-string for the outbound
@@ -233,7 +248,7 @@ class GenStore(Generic[K, V]):
         assert owner is not None
         per_value: Counter[V] = Counter()
         for gen in gens:
-            per_value.update(gen.values())
+            per_value.update(_values(gen))
         names = {v: owner(v) for v in per_value}
         held: Counter[str] = Counter()
         for v, n in per_value.items():
@@ -251,14 +266,14 @@ class GenStore(Generic[K, V]):
         over = {o for o, n in held.items() if n > fair.quota}
         if not over:
             return False
-        kept_old = {k: v for k, v in old.items() if names[v] not in over}
-        moved = {k: v for k, v in cur.items() if names[v] in over}
-        dropped = Counter(names[v] for k, v in old.items() if k not in kept_old)
+        kept_old, gone = _split(old, lambda v: names[v] not in over)
+        moved, stay = _split(cur, lambda v: names[v] in over)
+        dropped = Counter(names[v] for v in _values(gone))
         if len(kept_old) + len(moved) <= len(cur):
-            kept_old.update(moved)
+            _merge(kept_old, moved)
         else:  # no room: its current entries go too
-            dropped.update(names[v] for v in moved.values())
-        self._cur = {k: v for k, v in cur.items() if k not in moved}
+            dropped.update(names[v] for v in _values(moved))
+        self._cur = stay
         self._old = kept_old
         for o, n in dropped.items():
             fair.evicted(str(o), n)
@@ -266,8 +281,11 @@ class GenStore(Generic[K, V]):
         return True
 
     def pop(self, key: K) -> V | None:
-        v = self._cur.pop(key, None)
-        w = self._old.pop(key, None)
+        cur, old = self._cur, self._old
+        if not isinstance(cur, dict) or not isinstance(old, dict):
+            raise TypeError(f"{self.name}: a store of fingerprints cannot pop a key")
+        v: V | None = cur.pop(key, None)
+        w: V | None = old.pop(key, None)
         return w if v is None else v
 
     def expire(self, now: float) -> int:
@@ -276,28 +294,53 @@ class GenStore(Generic[K, V]):
             return 0
         n = len(self._old)
         self._old = self._cur
-        self._cur = {}
+        self._cur = self._new()
         self._rotated_at = now
         self.expired += n
         return n
 
     def items(self) -> list[tuple[K, V]]:
-        merged = dict(self._old)
-        merged.update(self._cur)
+        cur, old = self._cur, self._old
+        if not isinstance(cur, dict) or not isinstance(old, dict):
+            raise TypeError(f"{self.name}: a store of fingerprints has no keys")
+        merged = dict(old)
+        merged.update(cur)
         return list(merged.items())
+
+
+def _values(m: IdMap[K, V]) -> Iterable[V]:
+    return m.values() if isinstance(m, dict) else cast("FingerprintMap[K, V]", m).values()
+
+
+def _split(m: IdMap[K, V], keep: Callable[[V], bool]) -> tuple[IdMap[K, V], IdMap[K, V]]:
+    """New maps of ``m``'s entries whose value ``keep`` finds true, and of the others."""
+    if isinstance(m, dict):
+        kept = {k: v for k, v in m.items() if keep(v)}
+        return kept, {k: v for k, v in m.items() if k not in kept}
+    return cast("FingerprintMap[K, V]", m).partition(keep)
+
+
+def _merge(into: IdMap[K, V], other: IdMap[K, V]) -> None:
+    """Every entry of ``other`` (a map of the same kind) set in ``into``."""
+    if isinstance(into, dict):
+        into.update(cast("dict[K, V]", other))
+    else:
+        cast("FingerprintMap[K, V]", into).update(cast("FingerprintMap[K, V]", other))
 
 
 G = TypeVar("G", bound=Hashable)
 
 
 class PairStore(Generic[G, K, V]):
-    """A :class:`GenStore` keyed by pairs (group, key), held as one dict per group: what the
+    """A :class:`GenStore` keyed by pairs (group, key), held as one map per group: what the
     correlation index writes for nearly every entry, (service, request id) and (service, trace
     id). A tuple key per write cost a tuple allocation, its hash and its tracking by the garbage
     collector, and made the index the largest single cost of an entry; here a write is one store
-    into the group's dict (a batch comes from one sidecar: one group), keyed by the id string,
-    whose hash Python caches. Same generations, TTL and capacity as a GenStore; the capacity
-    counts pairs.
+    into the group's map (a batch comes from one sidecar: one group), keyed by the id string,
+    whose hash Python caches. The group's map keeps the key's 64-bit hash, not the key
+    (:mod:`meshaudit.engine.fpmap`: keeping a minute of id strings alive slowed every entry,
+    engine/_fpmap.c): two keys of one group with the same hash are one key. Same generations,
+    TTL and capacity as a GenStore; the capacity counts pairs.
 
     Groups are observers (the service whose sidecar logged the entries), and the store is shared
     fairly among them: when the current generation is full, every group holding more than its
@@ -314,8 +357,8 @@ class PairStore(Generic[G, K, V]):
         self.ttl = ttl
         self.fair = FairShare(max_items)
         self._half = max(1, max_items // 2)
-        self._cur: dict[G, dict[K, V]] = {}
-        self._old: dict[G, dict[K, V]] = {}
+        self._cur: dict[G, FingerprintMap[K, V]] = {}
+        self._old: dict[G, FingerprintMap[K, V]] = {}
         self._n_cur = 0  # pairs in the current generation (kept by ``settle``)
         self._n_old = 0
         self._rotated_at: float | None = None
@@ -346,17 +389,17 @@ class PairStore(Generic[G, K, V]):
         d[key] = value
         self.settle(now, len(d) - n)
 
-    def writable(self, group: G) -> dict[K, V]:
-        """The group's dict in the current generation, for writes in place; then ``settle``
+    def writable(self, group: G) -> FingerprintMap[K, V]:
+        """The group's map in the current generation, for writes in place; then ``settle``
         with the number of pairs added."""
         d = self._cur.get(group)
         if d is None:
-            d = self._cur[group] = {}
+            d = self._cur[group] = new_map()
         return d
 
-    def generations(self) -> tuple[dict[G, dict[K, V]], dict[G, dict[K, V]]]:
-        """(current, previous) dicts of groups, for look-ups inlined in a per-entry loop; valid
-        until the next ``put``, ``settle`` or ``expire``."""
+    def generations(self) -> tuple[dict[G, FingerprintMap[K, V]], dict[G, FingerprintMap[K, V]]]:
+        """(current, previous) dicts of the groups' maps, for look-ups inlined in a per-entry
+        loop; valid until the next ``put``, ``settle`` or ``expire``."""
         return self._cur, self._old
 
     def settle(self, now: float, added: int) -> None:
@@ -377,10 +420,11 @@ class PairStore(Generic[G, K, V]):
             return False
         room = self._n_cur  # what a whole rotation would leave in the previous generation
         for group in over:
-            mine, before = cur.pop(group, {}), old.pop(group, {})
+            mine = cur.pop(group) if group in cur else new_map()
+            before = old.pop(group, None)
+            dropped = len(before) if before is not None else 0
             self._n_cur -= len(mine)
-            self._n_old -= len(before)
-            dropped = len(before)
+            self._n_old -= dropped
             if self._n_old + len(mine) <= room:
                 old[group] = mine
                 self._n_old += len(mine)

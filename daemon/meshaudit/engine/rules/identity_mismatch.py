@@ -32,6 +32,7 @@ import re
 from pydantic import Field
 
 from meshaudit.engine.api import Deferred, EngineContext, PeerAnswer, PeerQuery, Rule, RuleConfig, Severity
+from meshaudit.engine.fpmap import IdMap
 from meshaudit.engine.matchers import PartyMatcher
 from meshaudit.engine.store import GenStore, PairStore, TTLStore
 from meshaudit.model import INBOUND, OUTBOUND, SPAN, SPAN_KIND_CLIENT, Hop, Identity
@@ -161,7 +162,7 @@ class IdentityMismatch(Rule[IdentityMismatchConfig]):
         shown_store = self.shown
         shown_cur, shown_old = shown_store.generations()
         any_shown = len(shown_store) > 0
-        shown_to: dict[str, str] = {}  # the group written last, its service, its size then
+        shown_to: IdMap[str, str] = {}  # the group written last, its service, its size then
         shown_svc = None
         added = before = 0
         peers = self.ctx.peers
