@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 
 from meshaudit.config import Exemption, PolicyException
+from meshaudit.engine.fpmap import FingerprintMap, new_map
 from meshaudit.engine.matchers import PartyMatcher, PathMatcher
 from meshaudit.model import Hop, Identity
 
@@ -124,8 +125,9 @@ class Exceptions:
         self.now = float("-inf")  # the engine's clock, set on every batch and tick
         self._matches: dict[str, int] = {}
         self._requests: dict[str, int] = {}  # distinct requests (hops) each exception excused
-        # the requests excused recently: (exception, observer, request id or socket, start)
-        self._excused: dict[tuple[str, str, str | None, float], None] = {}
+        # the requests excused recently: (exception, observer, request id or socket, start), by
+        # fingerprint (nothing of them kept alive: one for each excused entry, up to the limit)
+        self._excused: FingerprintMap[tuple[str, str, str | None, float], bool] = new_map()
         self._expired: list[CompiledException] = []
 
     def exempt(self, rule: str, src: Identity, dst: Identity, hop: Hop | None) -> bool:
@@ -141,8 +143,8 @@ class Exceptions:
             request = (name, hop.observer, hop.request_id or hop.conn, hop.start)
             if request not in seen:
                 if len(seen) >= EXCUSED_LIMIT:
-                    seen.clear()
-                seen[request] = None
+                    seen = self._excused = new_map()
+                seen[request] = True
                 self._requests[name] = self._requests.get(name, 0) + 1
         return True
 

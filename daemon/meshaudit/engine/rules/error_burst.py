@@ -47,7 +47,9 @@ class ErrorBurst(Rule[ErrorBurstConfig]):
         super().__init__(ctx)
         self.edges = self.edge_windows(0.0, self._judge)
         # Request ids counted from inbound entries (sources without a sidecar), once each.
-        self.inbound_counted: GenStore[str, bool] = GenStore("error_burst_inbound_request_ids", 0.0, ctx.max_items)
+        self.inbound_counted: GenStore[str, bool] = GenStore(
+            "error_burst_inbound_request_ids", 0.0, ctx.max_items, fingerprints=True
+        )
         self.store(self.inbound_counted)
         self.configure()
 
