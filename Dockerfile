@@ -5,9 +5,9 @@
 # directory /var/lib/meshaudit (spools, learn-mode state; a volume in Kubernetes) and /tmp.
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# A C compiler for meshaudit's own extensions (the ALS entry and OTLP span scanners, setup.py);
-# the final stage takes only the built venv. Debian's compiler packages are not pinned: the base
-# image pins the release, and a point release of gcc builds the same code.
+# A C compiler for meshaudit's own extensions (the ALS entry and OTLP span scanners, the id
+# indexes' map: setup.py); the final stage takes only the built venv. Debian's compiler packages
+# are not pinned: the base image pins the release, and a point release of gcc builds the same code.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \

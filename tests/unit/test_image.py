@@ -132,14 +132,19 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -
             for src in sources:
                 assert (REPO / src).exists(), f"COPY {src}: no such file"
                 assert not _ignored(src, patterns), f"COPY {src}: excluded by .dockerignore"
-    scanners = ("daemon/meshaudit/receivers/envoy_als/_scan.c", "daemon/meshaudit/receivers/otlp/_spanscan.c")
+    scanners = (
+        "daemon/meshaudit/receivers/envoy_als/_scan.c",
+        "daemon/meshaudit/receivers/otlp/_spanscan.c",
+        "daemon/meshaudit/engine/_fpmap.c",
+    )
     for kept in ("daemon/meshaudit/cli.py", "pyproject.toml", "setup.py", *scanners):
         assert not _ignored(kept, patterns)
     for left_out in (".venv/bin/python", ".tools/bin/envoy", "tests/unit/test_image.py", "var/demo/x",
                      ".git/HEAD", "daemon/meshaudit/__pycache__/cli.cpython-311.pyc", "bench/run.py",
                      "daemon/meshaudit.egg-info/PKG-INFO",
                      "daemon/meshaudit/receivers/envoy_als/_scan.cpython-311-x86_64-linux-gnu.so",
-                     "daemon/meshaudit/receivers/otlp/_spanscan.cpython-311-x86_64-linux-gnu.so"):  # fmt: skip
+                     "daemon/meshaudit/receivers/otlp/_spanscan.cpython-311-x86_64-linux-gnu.so",
+                     "daemon/meshaudit/engine/_fpmap.cpython-311-x86_64-linux-gnu.so"):  # fmt: skip
         assert _ignored(left_out, patterns), f"{left_out} would be sent to the build"
 
 
@@ -183,9 +188,13 @@ def test_a_plain_pip_install_runs_the_daemon_without_dev_extras(tmp_path: Path) 
     assert runtime <= {n.replace("_", "-") for n in installed}
     assert dev_only.isdisjoint(n.replace("_", "-") for n in installed), "a dev extra was installed"
 
-    # meshaudit's C extensions (the ALS entry scanner, the OTLP span scanner) were built by that
-    # install, not copied
-    for module in ("meshaudit.receivers.envoy_als._scan", "meshaudit.receivers.otlp._spanscan"):
+    # meshaudit's C extensions (the ALS entry scanner, the OTLP span scanner, the id indexes' map)
+    # were built by that install, not copied
+    for module in (
+        "meshaudit.receivers.envoy_als._scan",
+        "meshaudit.receivers.otlp._spanscan",
+        "meshaudit.engine._fpmap",
+    ):
         scanner = f"import {module} as s; print(s.__file__)"
         built = subprocess.run([str(bin_ / "python"), "-c", scanner], capture_output=True, text=True, timeout=60)
         assert built.returncode == 0 and str(venv) in built.stdout, built.stdout + built.stderr
