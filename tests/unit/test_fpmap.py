@@ -125,6 +125,8 @@ def test_values_partition_and_update(make: Callable[[], Any]) -> None:
     other["rid-5000"] = "new"
     rest.update(other)
     assert len(rest) == 752 and rest["rid-3"] == "moved" and rest["rid-5000"] == "new"
+    rest.update(rest)  # itself: nothing changes
+    assert len(rest) == 752 and rest["rid-3"] == "moved"
     with pytest.raises(TypeError):
         rest.update({"rid-1": "x"})
     with pytest.raises(ZeroDivisionError):

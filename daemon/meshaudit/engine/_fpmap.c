@@ -36,7 +36,8 @@ typedef struct {
 } Slot;
 
 typedef struct {
-    PyObject_HEAD Py_ssize_t used;
+    PyObject_HEAD
+    Py_ssize_t used;
     size_t mask; /* slots - 1; the slots a power of two, at most half of them used */
     Slot *slots;
 } FpMap;
@@ -242,6 +243,8 @@ static PyObject *fpmap_update(FpMap *m, PyObject *other)
         return NULL;
     }
     FpMap *o = (FpMap *)other;
+    if (o == m) /* nothing to add; and a growing map must not be read while it grows */
+        Py_RETURN_NONE;
     for (size_t i = 0; i <= o->mask; i++)
         if (o->slots[i].fp != 0 && put_fp(m, o->slots[i].fp, o->slots[i].value) < 0)
             return NULL;

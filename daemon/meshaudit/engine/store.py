@@ -219,7 +219,7 @@ class GenStore(Generic[K, V]):
         return self._cur
 
     def generations(self) -> tuple[IdMap[K, V], IdMap[K, V]]:
-        """(current, previous) dicts, for look-ups inlined in a per-entry loop (current first);
+        """(current, previous) maps, for look-ups inlined in a per-entry loop (current first);
         valid until the next write through ``put``, ``settle`` or ``expire``."""
         return self._cur, self._old
 
