@@ -187,3 +187,24 @@ def test_a_pair_store_keeps_no_key_alive() -> None:
     gc.collect()
     assert ref() is None
     assert s.has("reviews.default", Key(99))  # found by its hash
+
+
+def test_start_up_warns_of_a_fixed_hash_seed_and_of_a_map_not_built(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With PYTHONHASHSEED fixed, ids that collide in the indexes can be computed in advance.
+    from meshaudit.runtime.common import check_id_maps
+
+    monkeypatch.setattr(fpmap, "NATIVE", True)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    assert check_id_maps() == []
+    monkeypatch.setenv("PYTHONHASHSEED", "random")
+    assert check_id_maps() == []
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    with caplog.at_level("WARNING", logger="meshaudit"):
+        [warned] = check_id_maps()
+    assert "PYTHONHASHSEED is fixed ('0')" in warned and warned in caplog.text
+    monkeypatch.delenv("PYTHONHASHSEED")
+    monkeypatch.setattr(fpmap, "NATIVE", False)
+    [warned] = check_id_maps()
+    assert "not built" in warned and "_fpmap.c" in warned

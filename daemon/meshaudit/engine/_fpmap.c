@@ -14,7 +14,8 @@
  * What it gives up: two keys with the same 64-bit hash are one key. Python hashes a string with
  * SipHash under a key drawn at start-up, so a collision between ids of the store's ~10^5 is a
  * chance of ~10^-14 a look-up, and nobody outside can aim one; the ids themselves come from the
- * client (x-request-id, traceparent), who can send any id it likes anyway.
+ * client (x-request-id, traceparent), who can send any id it likes anyway. (With the key fixed,
+ * PYTHONHASHSEED set, collisions could be computed, as for any dict: the daemon warns at start.)
  *
  * The same holds for the outbound index (request id and destination -> the client sidecar), a
  * GenStore of these maps, whose fair share among sidecars counts and splits its entries by value.

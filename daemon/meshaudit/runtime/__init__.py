@@ -56,7 +56,7 @@ from meshaudit.config import Config, ConfigError, Policy
 from meshaudit.loading import load
 from meshaudit.pipeline import with_listen
 from meshaudit.receivers.sockets import raise_fd_limit
-from meshaudit.runtime.common import check_protobuf_backend, setup_logging
+from meshaudit.runtime.common import check_id_maps, check_protobuf_backend, setup_logging
 
 
 def run(config_path: str | None, overrides: dict[str, str], alerts_format: str | None = None, role: str = "all") -> int:
@@ -79,6 +79,7 @@ def run(config_path: str | None, overrides: dict[str, str], alerts_format: str |
     setup_logging(config.log_level)
     raise_fd_limit()
     check_protobuf_backend()
+    check_id_maps()
     import uvloop
 
     path = str(Path(config_path).resolve()) if config_path else None

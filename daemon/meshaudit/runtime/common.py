@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -123,6 +124,31 @@ def check_protobuf_backend() -> str:
             kind,
         )
     return kind
+
+
+def check_id_maps() -> list[str]:
+    """The correlation's id indexes keep an id's hash, not the id (engine/_fpmap.c): warn when
+    the C map is not built, and when the hash seed is fixed (``PYTHONHASHSEED``), since then ids
+    sent to collide (two ids one entry, a probe chain made long) can be computed in advance, as
+    for any dict of the process. Returns the warnings."""
+    from meshaudit.engine.fpmap import NATIVE
+
+    out: list[str] = []
+    if not NATIVE:
+        out.append(
+            "meshaudit's C map of the id indexes is not built (pip install builds it from _fpmap.c): "
+            "a Python map stands in, slower."
+        )
+    seed = os.environ.get("PYTHONHASHSEED")
+    if seed not in (None, "", "random"):
+        out.append(
+            f"PYTHONHASHSEED is fixed ({seed!r}): whoever can send request or trace ids could compute "
+            "ids whose hashes collide in the correlation indexes; unset it (Python then draws a "
+            "hash key at start)."
+        )
+    for w in out:
+        log.warning(w)
+    return out
 
 
 def tune_gc() -> None:
