@@ -333,6 +333,12 @@ EVALUATOR_EDGES_PARTITIONS = Gauge(
     "Partitions of the edges topic (stage 2: the (rule, source, destination) keys it judges) this evaluator owns now.",
     registry=REGISTRY,
 )
+WINDOW_DELTAS_LATE = Counter(
+    "meshaudit_worker_window_deltas_late_total",
+    "workers: N: a worker's per-edge window counts that reached the coordinator after their window "
+    "had closed there (lateness: two ticks and 2 s), dropped.",
+    registry=REGISTRY,
+)
 EVALUATOR_EDGES = Counter(
     "meshaudit_evaluator_edges_records_total",
     "Records of the edges topic (stage 2: per-edge window deltas and violations, keyed by rule|source|"

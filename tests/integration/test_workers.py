@@ -187,3 +187,24 @@ async def test_the_alert_budget_holds_with_workers(tmp_path: Path) -> None:
         [summary] = _by_rule(got, "alert_budget_exceeded")
         assert summary["evidence"]["count"] == 7, summary
         assert d.metric("meshaudit_alerts_suppressed_total") == 7
+
+
+async def test_an_edge_whose_requests_reach_both_workers_is_judged_on_all_of_them(tmp_path: Path) -> None:
+    """Eight pods of frontend, each with its own stream (so the kernel spreads them over both
+    workers), each log 4 requests to reviews that needed a retry: 32 retries over 32 requests,
+    the threshold. No worker alone sees them all (unless all eight streams reach one worker: a
+    chance of 1 in 128); the coordinator sums the workers' window counts and judges the edge once."""
+    cfg = deep_merge(WORKERS_CONFIG, {"rules": {"excessive_retries": {"enabled": True, "min_retries": 32}}})
+    with running(tmp_path, cfg) as d:
+        for pod in range(8):
+            calls = [
+                als.outbound_http("reviews", request_id=f"r-{pod}-{i}", path="/reviews/1", attempts=2) for i in range(4)
+            ]
+            frontend = als.identifier("frontend", ip=f"10.0.1.{pod + 1}")
+            await als.stream(d.grpc, [als.http_message(calls, frontend)])
+        got = await asyncio.to_thread(d.wait_alerts, lambda a: bool(_by_rule(a, "excessive_retries")), 10)
+        [retries] = _by_rule(got, "excessive_retries")
+        assert retries["source"]["service"] == "frontend" and retries["destination"]["service"] == "reviews"
+        assert retries["evidence"]["detail"].startswith("32 retries over 32 requests (ratio 1.00)"), retries
+        assert d.wait_metric("meshaudit_hops_evaluated_total", 32) == 32
+        assert d.metric("meshaudit_worker_window_deltas_late_total") == 0

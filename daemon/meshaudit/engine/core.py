@@ -250,7 +250,9 @@ class Engine:
         - the aggregator takes the violations ``absorb_stage2`` is given (every process's, of the
           keys this one owns).
 
-        The rules know nothing of it: one process and ``workers: N`` never call it."""
+        The rules know nothing of it; one process never calls it. The evaluators of the
+        distributed mode run it across their group, the workers of ``workers: N`` with their
+        coordinator (which judges with an engine of its own that evaluates no hop)."""
         self.splits = True
         self.lateness = lateness
         self._emit = self._forward

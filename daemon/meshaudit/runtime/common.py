@@ -96,6 +96,15 @@ class Alone:
 
 
 SHUTDOWN_SECS = 10.0
+LATENESS_SECS = 2.0  # plus two ticks: how long after its end a judged window takes deltas
+
+
+def lateness(tick_ms: int) -> float:
+    """How long after its end a per-edge window summed from several processes' counts (stage 2
+    split: the evaluators, the workers) still takes their deltas."""
+    return LATENESS_SECS + 2 * tick_ms / 1000
+
+
 GC_THRESHOLD_0 = 20_000  # young objects between collections (CPython default: 700)
 
 

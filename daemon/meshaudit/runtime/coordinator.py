@@ -32,6 +32,7 @@ from meshaudit.engine.api import NO_ANSWER, Edge, PeerAnswer, PeerQuery, Route
 from meshaudit.engine.core import Facts
 from meshaudit.engine.policy import CompiledPolicy
 from meshaudit.engine.rules import SUMMARIES
+from meshaudit.engine.setup import build_engine
 from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert
 from meshaudit.pipeline import load_for_reload, publish_stores, publish_violations
@@ -40,6 +41,7 @@ from meshaudit.receivers.sockets import ensure_free
 from meshaudit.runtime.common import (
     SHUTDOWN_SECS,
     dispatch_to,
+    lateness,
     mesh_graph,
     print_ready,
     readiness_of,
@@ -64,6 +66,7 @@ from meshaudit.runtime.messages import (
     Shared,
     ToWorker,
     Violations,
+    delta_from_wire,
     frame,
     read_frame,
     violation_from_wire,
@@ -138,6 +141,15 @@ class Coordinator:
         self._listen_as_started = config.listen  # before the ports are bound (port 0 stays 0)
         self.n = config.workers
         self.agg = Aggregator.from_config(config.engine, SUMMARIES)
+        # Stage 2 of the per-edge rules (excessive_retries, error_burst): every worker's window
+        # counts are summed and judged here, as the evaluators do between them, since an edge's
+        # requests may reach several workers (each of the source service's pods has its stream).
+        # This engine judges no hop: it absorbs the workers' deltas and ticks.
+        # (``baseline_shared``: its unexpected_edge never reads or writes learn mode's state file,
+        # which is the coordinator's own.)
+        self.windows = build_engine(config, policy, baseline_shared=True)
+        self.windows.split(lateness(config.engine.tick_ms))
+        self._late_seen = 0
         self.sinks = build_sinks(config.sinks)
         self.workers = {i: _Worker(i) for i in range(self.n)}
         self.fanouts: dict[int, _Fanout] = {}
@@ -305,6 +317,8 @@ class Coordinator:
             ):
                 continue  # learned by another worker (or still learning): not new after all
             self.agg.add(v, now)
+        if msg.deltas:
+            self.windows.absorb_stage2([delta_from_wire(d) for d in msg.deltas], [], now)
         self.dispatch(self.agg.drain())
 
     def _on_query(self, index: int, msg: Query) -> None:
@@ -466,6 +480,16 @@ class Coordinator:
         """Every ``engine.tick_ms``: alert windows that closed, the learning window, peer
         questions that timed out."""
         try:
+            self.windows.tick(now)  # the summed per-edge windows: judged, and closed
+            for v in self.windows.take_forwarded():
+                self.agg.add(v, now)
+            late = self.windows.stage2_late()
+            if late > self._late_seen:
+                metrics.WINDOW_DELTAS_LATE.inc(late - self._late_seen)
+                self._late_seen = late
+        except Exception as exc:  # judged again on the next tick
+            ERRORS.record("tick", exc, "the per-edge windows")
+        try:
             self.agg.counted.expire(now)
             self.agg.states.expire(now)
         except Exception as exc:  # windows are checked again on the next tick
@@ -497,6 +521,7 @@ class Coordinator:
                 "Changed keys that apply only on restart (the running values stay until then): %s", ", ".join(waiting)
             )
         self.agg.reconfigure(config.engine)  # open windows and the learned baseline are kept
+        self.windows.reconfigure(config, loaded[1])
         self.config = config
         self.policy = loaded[1]
         self.graph.policy = CompiledPolicy(self.policy)

@@ -59,9 +59,18 @@ from meshaudit.guard import ERRORS, CoreTasks
 from meshaudit.model import Alert, Hop
 from meshaudit.pipeline import MAX_BATCH, Pipeline
 from meshaudit.runtime.baseline_topic import SharedBaseline
-from meshaudit.runtime.common import SHUTDOWN_SECS, Alone, dispatch_to, readiness_of, serve_http, start_sinks, tune_gc
+from meshaudit.runtime.common import (
+    SHUTDOWN_SECS,
+    Alone,
+    dispatch_to,
+    lateness,
+    readiness_of,
+    serve_http,
+    start_sinks,
+    tune_gc,
+)
 from meshaudit.runtime.kafka import connection, forgotten
-from meshaudit.runtime.stage2 import Stage2, lateness
+from meshaudit.runtime.stage2 import Stage2
 from meshaudit.sinks import build_sinks
 from meshaudit.wire import hops as wire
 from meshaudit.wire.partition import partition

@@ -19,7 +19,7 @@ from meshaudit.engine.core import Engine
 from meshaudit.guard import ERRORS
 from meshaudit.model import Alert
 from meshaudit.pipeline import Pipeline
-from meshaudit.runtime.common import SHUTDOWN_SECS, dispatch_to, setup_logging, tune_gc
+from meshaudit.runtime.common import SHUTDOWN_SECS, dispatch_to, lateness, setup_logging, tune_gc
 from meshaudit.runtime.messages import (
     Answer,
     AskSeed,
@@ -34,6 +34,7 @@ from meshaudit.runtime.messages import (
     Shared,
     ToCoordinator,
     Violations,
+    delta_to_wire,
     frame,
     read_frame,
     violation_to_wire,
@@ -84,6 +85,9 @@ class WorkerLink:
         coordinator. At start the answer to hello is here already; after a reload the worker
         asks, and until the answer comes the rule alerts as if learning were over (the
         coordinator drops what its own baseline knows, and everything while it still learns)."""
+        # Per-edge windows are summed and judged by the coordinator (stage 2 split, as between
+        # evaluators): a window here counts only this worker's connections.
+        engine.split(lateness(engine.config.engine.tick_ms))
         seed, self.seed = self.seed, None
         if not engine.learns():
             return
@@ -94,9 +98,11 @@ class WorkerLink:
             self.send(AskSeed())
 
     def share(self, engine: Engine) -> None:
-        """After each batch or tick: violations to the aggregator, deferred decisions to the peers."""
-        if engine.forwarded:
-            self.send(Violations([violation_to_wire(v) for v in engine.take_forwarded()]))
+        """After each batch or tick: violations to the aggregator and the per-edge window counts
+        of the last tick to the coordinator, deferred decisions to the peers."""
+        deltas, violations = engine.take_stage2()
+        if deltas or violations:
+            self.send(Violations([violation_to_wire(v) for v in violations], [delta_to_wire(d) for d in deltas]))
         deferred = engine.take_deferred()
         if deferred:
             qid = next(self._qids)

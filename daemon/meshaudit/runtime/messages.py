@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeAlias, cast
 
-from meshaudit.engine.api import Edge, PeerAnswer, PeerQuery, Violation
+from meshaudit.engine.api import Edge, PeerAnswer, PeerQuery, Violation, WindowDelta
 from meshaudit.engine.core import Facts
 from meshaudit.model import NOBODY, UNKNOWN, Hop, Identity
 from meshaudit.runtime.summed import Snapshot
@@ -66,6 +66,32 @@ def violation_from_wire(w: WireViolation) -> Violation:
     return Violation(w.rule, w.severity, w.src, w.dst, hop, w.detail, w.when, w.summary, w.blocked, extra)
 
 
+# --- per-edge window counts (stage 2): summed and judged by the coordinator -------------------
+class WireDelta(NamedTuple):
+    """A :class:`~meshaudit.engine.api.WindowDelta`, its example hops as their example fields."""
+
+    windows: str
+    rule: str
+    src: Identity
+    dst: Identity
+    start: float
+    total: int
+    hits: int
+    seen_first: float
+    seen_last: float
+    examples: tuple[Example, ...]
+
+
+def delta_to_wire(d: WindowDelta) -> WireDelta:
+    examples = tuple(_example_to_wire(h) for h in d.examples)
+    return WireDelta(d.windows, d.rule, d.src, d.dst, d.start, d.total, d.hits, d.seen_first, d.seen_last, examples)
+
+
+def delta_from_wire(w: WireDelta) -> WindowDelta:
+    examples = tuple(_example_from_wire(ex, w.src, w.dst, w.seen_first) for ex in w.examples)
+    return WindowDelta(w.windows, w.rule, w.src, w.dst, w.start, w.total, w.hits, w.seen_first, w.seen_last, examples)
+
+
 # --- the messages --------------------------------------------------------------------------------
 @dataclass(slots=True, frozen=True)
 class Hello:
@@ -98,9 +124,13 @@ class Ready:
 
 @dataclass(slots=True, frozen=True)
 class Violations:
-    """Worker -> coordinator: violations for the one aggregator."""
+    """Worker -> coordinator: violations for the one aggregator, and the worker's per-edge
+    window counts since its last tick (``deltas``), which the coordinator sums and judges: an
+    edge's requests may reach several workers (the source service's pods, each with its own
+    stream)."""
 
     items: list[WireViolation]
+    deltas: list[WireDelta] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

@@ -71,7 +71,6 @@ _limited = RateLimited(log, interval=30.0)
 
 RETRY_SECS: Final = 2.0
 BACKOFF_SECS: Final = (0.25, 5.0)
-LATENESS_SECS: Final = 2.0  # plus two ticks: how long after its end a judged window takes deltas
 FETCH_WAIT_MS: Final = 50
 
 
@@ -109,10 +108,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.stage2.assigned(set(assigned))
-
-
-def lateness(tick_ms: int) -> float:
-    return LATENESS_SECS + 2 * tick_ms / 1000
 
 
 class Stage2:
