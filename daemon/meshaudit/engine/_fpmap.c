@@ -1,6 +1,7 @@
 /*
  * meshaudit.engine._fpmap: FpMap, a map from a key's 64-bit hash (its fingerprint) to a value,
- * for the correlation's per-service indexes of request and trace ids (PairStore, engine/store.py).
+ * for the stores written per entry (engine/fpmap.py lists them), first of all the correlation's
+ * per-service indexes of request and trace ids (PairStore, engine/store.py).
  *
  * Why: those indexes take a write for nearly every access-log entry (the request id each
  * service's sidecar logged, the trace id of each inbound entry) and keep it for a minute. In a

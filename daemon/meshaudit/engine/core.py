@@ -108,6 +108,7 @@ class Engine:
         self.lateness = 0.0
         self._muted = False
         self.deltas_unknown = 0  # deltas of a counter no enabled rule here has (a rule disabled here)
+        self._late_taken = 0  # late deltas given out (``take_stage2_late``)
 
     def _sections(self, config: Config, policy: CompiledPolicy) -> dict[type[Rule[Any]], Any]:
         """Each rule's options: its ``rules.<name>`` section, under the policy's overrides."""
@@ -320,9 +321,14 @@ class Engine:
         longest = max((w.windows.ttl for w in self._counters().values()), default=0.0)
         return longest + self.lateness + self.agg.window
 
-    def stage2_late(self) -> int:
-        """Split: deltas dropped since start because their window had closed."""
-        return sum(w.late for w in self._counters().values())
+    def take_stage2_late(self) -> int:
+        """Split: deltas dropped because their window had closed, since the last call (the
+        count of the rules enabled now; one disabled by a reload takes its count with it)."""
+        late = sum(w.late for w in self._counters().values())
+        if late <= self._late_taken:
+            return 0
+        new, self._late_taken = late - self._late_taken, late
+        return new
 
     # --- peers (``workers: N``) ---------------------------------------------------------------
     def take_forwarded(self) -> list[Violation]:

@@ -1,7 +1,10 @@
-"""Maps keyed by a key's 64-bit hash alone (its fingerprint): the inner maps of the correlation's
-per-service id indexes (:class:`meshaudit.engine.store.PairStore`). Nothing of a key is kept, so
-a minute of request and trace ids does not keep a minute of id strings alive (``_fpmap.c`` says
-why that matters, and why a fingerprint is enough for ids the client chooses anyway).
+"""Maps keyed by a key's 64-bit hash alone (its fingerprint), for the stores written per entry:
+the inner maps of the correlation's per-service id indexes (:class:`meshaudit.engine.store.PairStore`),
+the generations of the outbound indexes and of error_burst's inbound request ids
+(``GenStore(fingerprints=True)``), and the excused requests of policy exceptions. Nothing of a
+key is kept, so a minute of request and trace ids does not keep a minute of id strings alive
+(``_fpmap.c`` says why that matters, and why a fingerprint is enough for ids the client chooses
+anyway).
 
 :func:`new_map` makes one: the C ``FpMap`` that ``pip install`` builds, else (a source tree where
 it was not built) :class:`HashMap`, the same in Python and the reference its tests compare with.

@@ -149,7 +149,6 @@ class Coordinator:
         # which is the coordinator's own.)
         self.windows = build_engine(config, policy, baseline_shared=True)
         self.windows.split(lateness(config.engine.tick_ms))
-        self._late_seen = 0
         self.sinks = build_sinks(config.sinks)
         self.workers = {i: _Worker(i) for i in range(self.n)}
         self.fanouts: dict[int, _Fanout] = {}
@@ -483,10 +482,9 @@ class Coordinator:
             self.windows.tick(now)  # the summed per-edge windows: judged, and closed
             for v in self.windows.take_forwarded():
                 self.agg.add(v, now)
-            late = self.windows.stage2_late()
-            if late > self._late_seen:
-                metrics.WINDOW_DELTAS_LATE.inc(late - self._late_seen)
-                self._late_seen = late
+            late = self.windows.take_stage2_late()
+            if late:
+                metrics.WINDOW_DELTAS_LATE.inc(late)
         except Exception as exc:  # judged again on the next tick
             ERRORS.record("tick", exc, "the per-edge windows")
         try:

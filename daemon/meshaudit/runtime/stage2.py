@@ -139,7 +139,6 @@ class Stage2:
         # Set once the edges topic can be produced to: the evaluator judges no hop before (every
         # violation goes through this topic; the hops wait in theirs, retained, meanwhile).
         self.ready = asyncio.Event()
-        self._late_seen = 0
         self._backoff = BACKOFF_SECS[0]
 
     # --- producing --------------------------------------------------------------------------------
@@ -148,10 +147,9 @@ class Stage2:
         deltas, violations = engine.take_stage2()
         if deltas or violations:
             self.add(deltas, violations)
-        late = engine.stage2_late()
-        if late > self._late_seen:
-            metrics.EVALUATOR_EDGES.labels("late").inc(late - self._late_seen)
-            self._late_seen = late
+        late = engine.take_stage2_late()
+        if late:
+            metrics.EVALUATOR_EDGES.labels("late").inc(late)
 
     def add(self, deltas: Sequence[WindowDelta], violations: Sequence[Violation]) -> None:
         limit = self.cfg.max_in_flight_bytes
